@@ -5,4 +5,12 @@
 #![warn(missing_docs)]
 
 pub mod config;
+pub mod mesh;
 pub mod wire;
+
+pub use config::{ClusterConfig, NodeAddr};
+pub use mesh::{
+    Event, Events, FlushReason, InvalidateError, Mesh, MeshBuilder, MeshHandle, PeerId, Status,
+    Tuning, WaitOutcome,
+};
+pub use wire::Item;

@@ -23,9 +23,11 @@ const HEADER: usize = 4;
 const MAX_NODE_ID: usize = 512;
 
 fn config() -> impl bincode::config::Config {
-    // Decoding never allocates more than a frame could hold, whatever a
-    // length field inside the frame claims.
-    bincode::config::standard().with_limit::<MAX_FRAME>()
+    // Bounds what a length field inside a frame can make the decoder
+    // allocate. bincode charges in-memory sizes (8 bytes per u64 or length,
+    // 4 per enum tag) against the limit, never more than 8 times the wire
+    // bytes, so this admits every valid frame.
+    bincode::config::standard().with_limit::<{ 8 * MAX_FRAME }>()
 }
 
 /// Why a frame could not be encoded or decoded. Any of these closes the
@@ -89,6 +91,13 @@ fn check(msg: &Message) -> Result<(), CodecError> {
             Err(CodecError::NodeIdTooLong(h.node.len()))
         }
         Message::Batch(b) => {
+            if b.first_seq == 0 {
+                return Err(CodecError::Malformed("batch numbered from 0".into()));
+            }
+            let span = (b.items.len() as u64).saturating_sub(1);
+            if b.first_seq.checked_add(span).is_none() {
+                return Err(CodecError::Malformed("batch numbers overflow u64".into()));
+            }
             for item in &b.items {
                 item.check()?;
             }
@@ -117,15 +126,25 @@ impl Decoder for FrameCodec {
     type Error = CodecError;
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Message>, CodecError> {
-        // Check the prefix ourselves, so the error can name the length.
-        if src.len() >= HEADER {
-            let len = u32::from_be_bytes([src[0], src[1], src[2], src[3]]) as u64;
-            if len > MAX_FRAME as u64 {
-                return Err(CodecError::FrameTooLarge { len });
-            }
+        // The inner codec is only called once the whole frame is buffered,
+        // so it never keeps a half-read header between calls and `src`
+        // always starts at a length prefix here. Checking the prefix first
+        // also lets the error name the length.
+        if src.len() < HEADER {
+            return Ok(None);
+        }
+        let len = u32::from_be_bytes([src[0], src[1], src[2], src[3]]) as usize;
+        if len > MAX_FRAME {
+            return Err(CodecError::FrameTooLarge { len: len as u64 });
+        }
+        if src.len() < HEADER + len {
+            // Not all here yet: make room, and leave the header in place.
+            src.reserve(HEADER + len - src.len());
+            return Ok(None);
         }
         match self.frames.decode(src)? {
             Some(payload) => decode_payload(&payload).map(Some),
+            // Unreachable: the whole frame is buffered.
             None => Ok(None),
         }
     }

@@ -1,0 +1,272 @@
+//! The receiver's side of delivery, as a synchronous state machine: per
+//! origin, which incarnation it is in and what was applied, so that
+//! duplicates are dropped, restarts are noticed and gaps are never silent.
+
+use std::sync::Arc;
+
+use crate::wire::{Item, Position};
+
+use super::event::{Event, FlushReason, PeerId};
+
+#[derive(Debug, Clone, Copy)]
+struct Origin {
+    incarnation: u64,
+    last_applied: u64,
+    /// `last_seq` of the origin's goodbye, if it said one.
+    goodbye: Option<u64>,
+    /// Nothing applied yet from this incarnation: its first batch may start
+    /// anywhere (what came before was not meant for this node's caches).
+    fresh: bool,
+}
+
+/// A batch for an incarnation that is no longer the origin's current one:
+/// the connection carrying it has been superseded.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct Superseded;
+
+/// What this node applied from each peer.
+#[derive(Debug)]
+pub(crate) struct Origins {
+    ids: Vec<PeerId>,
+    states: Vec<Option<Origin>>,
+}
+
+impl Origins {
+    pub(crate) fn new(ids: Vec<PeerId>) -> Self {
+        let states = vec![None; ids.len()];
+        Origins { ids, states }
+    }
+
+    /// A peer's hello announces `incarnation`. Returns the position to put
+    /// in our hello (what we hold from that peer, any incarnation) and emits
+    /// a flush when a new incarnation follows one that did not end cleanly.
+    pub(crate) fn hello(
+        &mut self,
+        peer: usize,
+        incarnation: u64,
+        emit: &mut impl FnMut(Event),
+    ) -> Option<Position> {
+        let state = &mut self.states[peer];
+        let reply = state.map(|s| Position {
+            incarnation: s.incarnation,
+            seq: s.last_applied,
+        });
+        match state {
+            Some(s) if s.incarnation == incarnation => {}
+            Some(s) => {
+                let clean = s.goodbye.is_some_and(|last| s.last_applied >= last);
+                if !clean {
+                    emit(Event::Flush {
+                        origin: Some(self.ids[peer].clone()),
+                        reason: FlushReason::PeerRestarted,
+                    });
+                }
+                *s = Origin::new(incarnation);
+            }
+            None => *state = Some(Origin::new(incarnation)),
+        }
+        reply
+    }
+
+    /// Applies a batch from `incarnation` of `peer`, emitting an event per
+    /// new item; returns the position to acknowledge.
+    pub(crate) fn batch(
+        &mut self,
+        peer: usize,
+        incarnation: u64,
+        first_seq: u64,
+        items: Vec<Item>,
+        emit: &mut impl FnMut(Event),
+    ) -> Result<Position, Superseded> {
+        let origin = &self.ids[peer];
+        let Some(s) = self.states[peer]
+            .as_mut()
+            .filter(|s| s.incarnation == incarnation)
+        else {
+            return Err(Superseded);
+        };
+        for (i, item) in items.into_iter().enumerate() {
+            let seq = first_seq.saturating_add(i as u64);
+            if seq <= s.last_applied {
+                continue; // a replayed duplicate
+            }
+            if seq > s.last_applied + 1 && !s.fresh && item != Item::Flush {
+                emit(Event::Flush {
+                    origin: Some(origin.clone()),
+                    reason: FlushReason::Gap {
+                        expected: s.last_applied + 1,
+                        got: seq,
+                    },
+                });
+            }
+            s.fresh = false;
+            s.last_applied = seq;
+            emit(event(origin, seq, item));
+        }
+        Ok(Position {
+            incarnation,
+            seq: s.last_applied,
+        })
+    }
+
+    /// The peer's current incarnation said goodbye after `last_seq`.
+    pub(crate) fn goodbye(&mut self, peer: usize, incarnation: u64, last_seq: u64) {
+        if let Some(s) = self.states[peer]
+            .as_mut()
+            .filter(|s| s.incarnation == incarnation)
+        {
+            s.goodbye = Some(last_seq);
+        }
+    }
+
+    /// What was applied from `peer`'s current incarnation.
+    pub(crate) fn applied(&self, peer: usize) -> Option<Position> {
+        self.states[peer].map(|s| Position {
+            incarnation: s.incarnation,
+            seq: s.last_applied,
+        })
+    }
+}
+
+impl Origin {
+    fn new(incarnation: u64) -> Self {
+        Origin {
+            incarnation,
+            last_applied: 0,
+            goodbye: None,
+            fresh: true,
+        }
+    }
+}
+
+fn event(origin: &PeerId, seq: u64, item: Item) -> Event {
+    let origin = Arc::clone(origin);
+    match item {
+        Item::Key { cache, key } => Event::Invalidated {
+            origin,
+            seq,
+            cache,
+            key,
+        },
+        Item::Cache { cache } => Event::CacheCleared { origin, seq, cache },
+        Item::Flush => Event::Flush {
+            origin: Some(origin),
+            reason: FlushReason::FromPeer { seq },
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(k: &str) -> Item {
+        Item::Key {
+            cache: Arc::from("c"),
+            key: Arc::from(k),
+        }
+    }
+
+    fn origins() -> Origins {
+        Origins::new(vec![Arc::from("a:1")])
+    }
+
+    fn run(
+        o: &mut Origins,
+        inc: u64,
+        first: u64,
+        items: Vec<Item>,
+    ) -> (Vec<Event>, Result<Position, Superseded>) {
+        let mut evs = Vec::new();
+        let r = o.batch(0, inc, first, items, &mut |e| evs.push(e));
+        (evs, r)
+    }
+
+    fn flushes(evs: &[Event]) -> usize {
+        evs.iter()
+            .filter(|e| matches!(e, Event::Flush { .. }))
+            .count()
+    }
+
+    #[test]
+    fn duplicates_are_dropped() {
+        let mut o = origins();
+        assert_eq!(o.hello(0, 5, &mut |_| panic!("no event")), None);
+        let (evs, ack) = run(&mut o, 5, 1, vec![key("a"), key("b")]);
+        assert_eq!(evs.len(), 2);
+        assert_eq!(ack.expect("ack").seq, 2);
+        let (evs, ack) = run(&mut o, 5, 1, vec![key("a"), key("b"), key("c")]);
+        assert_eq!(evs.len(), 1, "only c is new");
+        assert_eq!(ack.expect("ack").seq, 3);
+    }
+
+    #[test]
+    fn a_gap_is_never_silent() {
+        let mut o = origins();
+        o.hello(0, 5, &mut |_| {});
+        run(&mut o, 5, 1, vec![key("a")]);
+        let (evs, _) = run(&mut o, 5, 3, vec![key("c")]);
+        assert_eq!(flushes(&evs), 1);
+        assert!(matches!(
+            evs[0],
+            Event::Flush {
+                reason: FlushReason::Gap {
+                    expected: 2,
+                    got: 3
+                },
+                ..
+            }
+        ));
+        // A flush at the gap covers it: no extra flush.
+        let (evs, _) = run(&mut o, 5, 10, vec![Item::Flush, key("k")]);
+        assert_eq!(flushes(&evs), 1);
+        assert_eq!(evs.len(), 2);
+    }
+
+    #[test]
+    fn first_batch_of_an_incarnation_may_start_anywhere() {
+        let mut o = origins();
+        o.hello(0, 5, &mut |_| {});
+        let (evs, _) = run(&mut o, 5, 40, vec![key("a")]);
+        assert_eq!(flushes(&evs), 0);
+    }
+
+    #[test]
+    fn crash_restart_flushes_and_clean_restart_does_not() {
+        let mut o = origins();
+        o.hello(0, 5, &mut |_| {});
+        run(&mut o, 5, 1, vec![key("a")]);
+        let mut evs = Vec::new();
+        let reply = o.hello(0, 6, &mut |e| evs.push(e));
+        assert_eq!(
+            reply,
+            Some(Position {
+                incarnation: 5,
+                seq: 1
+            })
+        );
+        assert_eq!(flushes(&evs), 1, "no goodbye: flush");
+
+        run(&mut o, 6, 1, vec![key("b"), key("c")]);
+        o.goodbye(0, 6, 2);
+        let mut evs = Vec::new();
+        o.hello(0, 7, &mut |e| evs.push(e));
+        assert!(evs.is_empty(), "goodbye and all applied: no flush");
+
+        run(&mut o, 7, 1, vec![key("d")]);
+        o.goodbye(0, 7, 3); // said goodbye after 3, but 2 and 3 never arrived
+        let mut evs = Vec::new();
+        o.hello(0, 8, &mut |e| evs.push(e));
+        assert_eq!(flushes(&evs), 1);
+    }
+
+    #[test]
+    fn batches_of_an_old_incarnation_are_refused() {
+        let mut o = origins();
+        o.hello(0, 5, &mut |_| {});
+        o.hello(0, 6, &mut |_| {});
+        let (evs, r) = run(&mut o, 5, 1, vec![key("a")]);
+        assert!(evs.is_empty());
+        assert_eq!(r, Err(Superseded));
+    }
+}

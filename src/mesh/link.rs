@@ -1,0 +1,365 @@
+//! One task per peer: dials it, says hello, and writes this node's
+//! invalidations to it; reconnects with capped exponential backoff.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use futures_util::StreamExt;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::time::{Instant, sleep, sleep_until, timeout};
+use tokio_util::codec::{Encoder, FramedRead};
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use super::conn::{hello_for, identity_matches};
+use super::{Dir, Shared, lock};
+use crate::config::NodeAddr;
+use crate::wire::{CodecError, FrameCodec, Hello, MAGIC, Message, PROTOCOL_VERSION};
+
+/// Bytes of frames encoded per write while busy: large enough for one
+/// syscall to carry thousands of invalidations, small enough to hold the
+/// ring's lock only briefly.
+const WRITE_CHUNK: usize = 256 * 1024;
+
+/// Why a link ended.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum LinkError {
+    #[error("connect failed: {0}")]
+    Connect(String),
+    #[error("{0}")]
+    Codec(#[from] CodecError),
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("no hello within {0:?}")]
+    HelloTimeout(Duration),
+    #[error("nothing heard for {0:?} (dead or half-open link)")]
+    Dead(Duration),
+    #[error("connection closed by the peer")]
+    Closed,
+    #[error("peer refused the connection: {0}")]
+    Rejected(String),
+    #[error("protocol error: {0}")]
+    Protocol(String),
+}
+
+/// Capped exponential backoff with ±20% jitter, so that nodes restarted
+/// together do not dial in lockstep.
+struct Backoff {
+    first: Duration,
+    cap: Duration,
+    failures: u32,
+}
+
+impl Backoff {
+    fn next(&mut self) -> Duration {
+        let base = self
+            .first
+            .saturating_mul(1u32 << self.failures.min(16))
+            .min(self.cap);
+        self.failures = self.failures.saturating_add(1);
+        base.mul_f64(rand::random_range(0.8..1.2))
+    }
+}
+
+/// The link task for `peer`.
+pub(super) async fn run(shared: Arc<Shared>, peer: usize) {
+    let id = shared.peers[peer].id.clone();
+    let span = info_span!("link", peer = %id);
+    async move {
+        let mut backoff = Backoff {
+            first: shared.tuning.backoff_first,
+            cap: shared.tuning.backoff_cap,
+            failures: 0,
+        };
+        // Log a failure when it differs from the last one, or once a
+        // minute, so an unreachable peer does not flood the log.
+        let mut last_logged: Option<(String, Instant)> = None;
+        loop {
+            let attempt = tokio::select! {
+                r = connect(&shared, peer) => r,
+                _ = shared.token.cancelled() => return,
+            };
+            match attempt {
+                Ok((reader, writer, hello)) => {
+                    backoff.failures = 0;
+                    last_logged = None;
+                    let behind = lock(&shared.out).connected(peer, hello.last_applied);
+                    {
+                        let mut links = lock(&shared.links);
+                        if links[peer].ever_connected {
+                            shared.stats.reconnects.fetch_add(1, Ordering::Relaxed);
+                        }
+                        links[peer].ever_connected = true;
+                    }
+                    if hello
+                        .last_applied
+                        .is_some_and(|p| p.incarnation == lock(&shared.out).incarnation())
+                    {
+                        shared.stats.replayed.fetch_add(1, Ordering::Relaxed);
+                    }
+                    info!(
+                        incarnation = format_args!("{:016x}", hello.incarnation),
+                        behind, "outbound link up"
+                    );
+                    shared.set_link(peer, Dir::Out, true, "");
+                    // Sending may be due already.
+                    shared.peers[peer].notify.notify_one();
+                    let result = session(&shared, peer, reader, writer).await;
+                    lock(&shared.out).disconnected(peer);
+                    match result {
+                        Ok(()) => {
+                            shared.set_link(peer, Dir::Out, false, "shutting down");
+                            return;
+                        }
+                        Err(e) => {
+                            if matches!(e, LinkError::Codec(_) | LinkError::Protocol(_)) {
+                                shared.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
+                            }
+                            warn!(error = %e, "outbound link down");
+                            shared.set_link(peer, Dir::Out, false, &e.to_string());
+                        }
+                    }
+                }
+                Err(e) => {
+                    let text = e.to_string();
+                    let due = match &last_logged {
+                        Some((prev, at)) => *prev != text || at.elapsed() > Duration::from_secs(60),
+                        None => true,
+                    };
+                    if due {
+                        warn!(error = %text, "cannot reach peer; retrying");
+                        last_logged = Some((text, Instant::now()));
+                    } else {
+                        debug!(error = %text, "cannot reach peer; retrying");
+                    }
+                }
+            }
+            let delay = backoff.next();
+            tokio::select! {
+                _ = sleep(delay) => {}
+                _ = shared.token.cancelled() => return,
+            }
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+/// Dials the peer (resolving its name afresh) and completes the handshake.
+async fn connect(
+    shared: &Shared,
+    peer: usize,
+) -> Result<(FramedRead<OwnedReadHalf, FrameCodec>, OwnedWriteHalf, Hello), LinkError> {
+    let info = &shared.peers[peer];
+    let stream = match info.dial {
+        Some(via) => timeout(shared.tuning.connect_timeout, TcpStream::connect(via))
+            .await
+            .map_err(|_| LinkError::Connect(format!("{via}: no answer")))?
+            .map_err(|e| LinkError::Connect(format!("{via}: {e}")))?,
+        None => dial(&info.addr, shared.tuning.connect_timeout).await?,
+    };
+    // Latency matters more than packet count; writes are batched anyway.
+    stream.set_nodelay(true)?;
+    let (rd, mut wr) = stream.into_split();
+    let mut reader = FramedRead::new(rd, FrameCodec::new());
+    let applied = lock(&shared.origins).applied(peer);
+    let mut buf = BytesMut::new();
+    FrameCodec::new().encode(hello_for(shared, applied), &mut buf)?;
+    wr.write_all(&buf).await?;
+    let hello_timeout = shared.tuning.hello_timeout;
+    let msg = match timeout(hello_timeout, reader.next()).await {
+        Err(_) => return Err(LinkError::HelloTimeout(hello_timeout)),
+        Ok(None) => return Err(LinkError::Closed),
+        Ok(Some(r)) => r?,
+    };
+    let hello = match msg {
+        Message::Hello(h) => h,
+        Message::Reject { reason } => return Err(LinkError::Rejected(reason)),
+        other => {
+            return Err(LinkError::Protocol(format!(
+                "expected Hello, got {}",
+                other.kind()
+            )));
+        }
+    };
+    if hello.magic != MAGIC {
+        return Err(LinkError::Protocol("bad magic in hello".into()));
+    }
+    if hello.version != PROTOCOL_VERSION {
+        return Err(LinkError::Protocol(format!(
+            "peer speaks protocol version {}, this node {PROTOCOL_VERSION}",
+            hello.version
+        )));
+    }
+    let claimed: Option<NodeAddr> = hello.node.parse().ok();
+    let matches = match &claimed {
+        Some(c) => identity_matches(c, &info.addr).await,
+        None => false,
+    };
+    if !matches {
+        return Err(LinkError::Protocol(format!(
+            "dialed {} but the node there says it is {:?}; check both nodes' cluster.instance0",
+            info.addr, hello.node
+        )));
+    }
+    if hello.auth {
+        return Err(LinkError::Protocol(
+            "the peer requires a shared secret (cachecast.secret) and this node has none".into(),
+        ));
+    }
+    Ok((reader, wr, hello))
+}
+
+/// Connects to the first address of `addr` that answers.
+async fn dial(addr: &NodeAddr, connect_timeout: Duration) -> Result<TcpStream, LinkError> {
+    let addrs: Vec<_> = tokio::net::lookup_host((addr.host.as_str(), addr.port))
+        .await
+        .map_err(|e| LinkError::Connect(format!("cannot resolve {}: {e}", addr.host)))?
+        .collect();
+    let mut last = format!("{} resolves to no address", addr.host);
+    for a in addrs {
+        match timeout(connect_timeout, TcpStream::connect(a)).await {
+            Ok(Ok(s)) => return Ok(s),
+            Ok(Err(e)) => last = format!("{a}: {e}"),
+            Err(_) => last = format!("{a}: no answer within {connect_timeout:?}"),
+        }
+    }
+    Err(LinkError::Connect(last))
+}
+
+/// Moves bytes until the link fails (an error) or the node shuts down
+/// (`Ok`). Reading and writing run side by side, so that acks are read
+/// while a large write is under way.
+async fn session(
+    shared: &Shared,
+    peer: usize,
+    mut reader: FramedRead<OwnedReadHalf, FrameCodec>,
+    mut wr: OwnedWriteHalf,
+) -> Result<(), LinkError> {
+    let info = &shared.peers[peer];
+    let dead_after = shared.tuning.dead_after;
+    let read = async {
+        loop {
+            let msg = match timeout(dead_after, reader.next()).await {
+                Err(_) => return Err(LinkError::Dead(dead_after)),
+                Ok(None) => return Err(LinkError::Closed),
+                Ok(Some(r)) => r?,
+            };
+            shared.heard(peer);
+            match msg {
+                Message::Ack(pos) => {
+                    let acked = lock(&shared.out)
+                        .ack(peer, pos)
+                        .map_err(LinkError::Protocol)?;
+                    info.acked.send_if_modified(|a| {
+                        let changed = *a != acked;
+                        *a = acked;
+                        changed
+                    });
+                }
+                Message::Pong => {}
+                Message::Reject { reason } => return Err(LinkError::Rejected(reason)),
+                other => {
+                    return Err(LinkError::Protocol(format!(
+                        "unexpected {} from the receiving side",
+                        other.kind()
+                    )));
+                }
+            }
+        }
+    };
+    let write = async {
+        let mut buf = BytesMut::with_capacity(WRITE_CHUNK + 64 * 1024);
+        let mut codec = FrameCodec::new();
+        let mut last_write = Instant::now();
+        loop {
+            let filled = {
+                let mut out = lock(&shared.out);
+                out.fill(peer, &mut buf, WRITE_CHUNK)?
+            };
+            if filled.items > 0 {
+                shared
+                    .stats
+                    .sent
+                    .fetch_add(filled.items as u64, Ordering::Relaxed);
+                if filled.gap_flush {
+                    shared
+                        .stats
+                        .gap_flushes_sent
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+                wr.write_all(&buf).await?;
+                buf.clear();
+                last_write = Instant::now();
+                continue;
+            }
+            tokio::select! {
+                biased;
+                _ = shared.token.cancelled() => break,
+                _ = info.notify.notified() => {}
+                _ = sleep_until(last_write + shared.tuning.ping_every) => {
+                    codec.encode(&Message::Ping, &mut buf)?;
+                    wr.write_all(&buf).await?;
+                    buf.clear();
+                    last_write = Instant::now();
+                }
+            }
+        }
+        if shared.aborted.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        // Graceful shutdown: drain, say goodbye, wait for the acks.
+        let deadline = Instant::now() + shared.tuning.shutdown_timeout;
+        let drain = async {
+            loop {
+                let filled = lock(&shared.out).fill(peer, &mut buf, WRITE_CHUNK)?;
+                if filled.items == 0 {
+                    break;
+                }
+                wr.write_all(&buf).await?;
+                buf.clear();
+            }
+            let last_seq = lock(&shared.out).last_seq();
+            codec.encode(&Message::Goodbye { last_seq }, &mut buf)?;
+            wr.write_all(&buf).await?;
+            buf.clear();
+            let mut acked = info.acked.subscribe();
+            let _ = acked.wait_for(|a| *a >= last_seq).await;
+            Ok::<(), LinkError>(())
+        };
+        match tokio::time::timeout_at(deadline, drain).await {
+            Ok(r) => r?,
+            Err(_) => warn!("peer did not acknowledge everything before the shutdown deadline"),
+        }
+        let _ = wr.shutdown().await;
+        Ok(())
+    };
+    // The reader never ends by itself without an error; the writer ends on
+    // shutdown.
+    tokio::select! {
+        r = read => r,
+        w = write => w,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_to_the_cap_with_jitter() {
+        let mut b = Backoff {
+            first: Duration::from_millis(100),
+            cap: Duration::from_secs(5),
+            failures: 0,
+        };
+        let first = b.next();
+        assert!(first >= Duration::from_millis(80) && first <= Duration::from_millis(120));
+        let later: Vec<Duration> = (0..20).map(|_| b.next()).collect();
+        assert!(later.iter().all(|d| *d <= Duration::from_secs(6)));
+        assert!(later.last().is_some_and(|d| *d >= Duration::from_secs(4)));
+    }
+}

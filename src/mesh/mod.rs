@@ -1,0 +1,715 @@
+//! The node runtime: a listener for peers' inbound streams, one task per
+//! outbound peer link, the replay buffer, event fan-out and shutdown.
+//!
+//! Data flows one way: [`MeshHandle::invalidate`] numbers an invalidation
+//! into the replay ring ([`outlog`]) and wakes each peer's link task
+//! ([`link`]), which encodes what its peer has not seen into frames and
+//! writes them. On the peer, the connection task ([`conn`]) decodes, drops
+//! duplicates by sequence number ([`inbound`]), hands events to the
+//! application and acknowledges. No lock is held across an `.await`.
+
+mod conn;
+mod event;
+mod inbound;
+mod link;
+mod outlog;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio::sync::{Notify, Semaphore, broadcast, watch};
+use tokio_stream::wrappers::BroadcastStream;
+use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use crate::config::{ClusterConfig, NodeAddr};
+use crate::wire::{Item, ItemError};
+
+pub use event::{Event, FlushReason, PeerId};
+use inbound::Origins;
+use outlog::OutLog;
+
+/// Timers and bounds of the runtime. The defaults suit production; tests
+/// may shorten them.
+#[derive(Debug, Clone)]
+pub struct Tuning {
+    /// Send a `Ping` after this long without writing anything.
+    pub ping_every: Duration,
+    /// Close a link after this long without hearing anything.
+    pub dead_after: Duration,
+    /// The peer's `Hello` must arrive within this long.
+    pub hello_timeout: Duration,
+    /// Give up a TCP connect after this long.
+    pub connect_timeout: Duration,
+    /// First reconnect delay; doubles per failure.
+    pub backoff_first: Duration,
+    /// Largest reconnect delay.
+    pub backoff_cap: Duration,
+    /// How long shutdown waits for peers to acknowledge what is queued.
+    pub shutdown_timeout: Duration,
+    /// Events buffered per subscriber before it lags (and gets a flush).
+    pub event_capacity: usize,
+    /// Inbound connections open at once, all sources together.
+    pub max_connections: usize,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Tuning {
+            ping_every: Duration::from_secs(1),
+            dead_after: Duration::from_secs(3),
+            hello_timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(2),
+            backoff_first: Duration::from_millis(100),
+            backoff_cap: Duration::from_secs(5),
+            shutdown_timeout: Duration::from_secs(2),
+            event_capacity: 8192,
+            max_connections: 64,
+        }
+    }
+}
+
+/// Why the mesh could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The listening socket could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// What the system said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The configuration cannot run (e.g. more peers than allowed).
+    #[error("invalid configuration: {0}")]
+    Config(String),
+}
+
+/// Why an invalidation was not accepted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidateError {
+    /// It breaks the protocol's limits (empty cache name, string too long).
+    #[error(transparent)]
+    Invalid(#[from] ItemError),
+    /// The mesh is shutting down.
+    #[error("the mesh is shut down")]
+    Closed,
+}
+
+/// Which peers acknowledged, after [`MeshHandle::invalidate_and_wait`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct WaitOutcome {
+    /// The sequence number waited for.
+    pub seq: u64,
+    /// Peers that applied it.
+    pub acked: Vec<PeerId>,
+    /// Peers that did not within the timeout (down ones included; they
+    /// get it on reconnect, or a flush).
+    pub not_acked: Vec<PeerId>,
+}
+
+impl WaitOutcome {
+    /// Whether every peer acknowledged.
+    pub fn all_acked(&self) -> bool {
+        self.not_acked.is_empty()
+    }
+}
+
+/// Counters since start.
+#[derive(Debug, Default)]
+struct Stats {
+    originated: AtomicU64,
+    sent: AtomicU64,
+    received: AtomicU64,
+    flushes_received: AtomicU64,
+    gap_flushes_sent: AtomicU64,
+    replayed: AtomicU64,
+    reconnects: AtomicU64,
+    rejected_connections: AtomicU64,
+    protocol_errors: AtomicU64,
+}
+
+/// Counters since start, as in [`Status`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Counters {
+    /// Invalidations this node originated.
+    pub originated: u64,
+    /// Items written to peers (replays and retries included).
+    pub sent: u64,
+    /// Items applied from peers (duplicates excluded).
+    pub received: u64,
+    /// Flush events delivered to the application.
+    pub flushes_received: u64,
+    /// Flushes sent in place of invalidations a peer missed (buffer full).
+    pub gap_flushes_sent: u64,
+    /// Reconnections that resumed a peer from the replay buffer.
+    pub replayed: u64,
+    /// Outbound links established after the first.
+    pub reconnects: u64,
+    /// Inbound connections refused (strangers, bad hellos, limits).
+    pub rejected_connections: u64,
+    /// Connections closed for a malformed or unexpected frame.
+    pub protocol_errors: u64,
+}
+
+/// One peer's state, as in [`Status`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PeerStatus {
+    /// The peer's identity.
+    pub id: PeerId,
+    /// Both links are up.
+    pub connected: bool,
+    /// Our outbound link (our invalidations to it) is up.
+    pub outbound: bool,
+    /// Its inbound link (its invalidations to us) is up.
+    pub inbound: bool,
+    /// Milliseconds since anything was heard from it, if ever.
+    pub last_heard_ms: Option<u64>,
+    /// Our invalidations it has not acknowledged that are still held.
+    pub queued: u64,
+    /// The last of our sequence numbers it acknowledged.
+    pub acked_seq: u64,
+    /// What we applied from it: its incarnation (hex) and sequence number.
+    pub applied: Option<(String, u64)>,
+}
+
+/// A snapshot of the node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Status {
+    /// This node's identity.
+    pub node: PeerId,
+    /// This run's incarnation, in hex.
+    pub incarnation: String,
+    /// The last sequence number this node assigned.
+    pub last_seq: u64,
+    /// Invalidations held in the replay buffer.
+    pub buffered: usize,
+    /// The replay buffer's bound.
+    pub buffer_capacity: usize,
+    /// Times the buffer overflowed and a flush replaced what a peer missed.
+    pub buffer_overflows: u64,
+    /// Each peer.
+    pub peers: Vec<PeerStatus>,
+    /// Counters.
+    pub counters: Counters,
+}
+
+/// Which of a peer's two links.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dir {
+    Out,
+    In,
+}
+
+/// A peer's links, as the runtime tracks them.
+#[derive(Debug, Default)]
+struct LinkState {
+    outbound: bool,
+    inbound: bool,
+    last_heard: Option<Instant>,
+    /// Generation of the current inbound connection; a newer connection
+    /// from the same peer supersedes the older one.
+    inbound_gen: u64,
+    inbound_cancel: Option<CancellationToken>,
+    /// Whether the outbound link was ever up (to count reconnects).
+    ever_connected: bool,
+}
+
+/// A configured peer, as the runtime needs it.
+#[derive(Debug)]
+struct PeerInfo {
+    id: PeerId,
+    addr: NodeAddr,
+    /// Where to dial instead of `addr`, if set.
+    dial: Option<SocketAddr>,
+    /// Wakes the link task when there is something to send.
+    notify: Notify,
+    /// The peer's acknowledged sequence number, for waiters.
+    acked: watch::Sender<u64>,
+}
+
+type Callback = Arc<dyn Fn(&Event) + Send + Sync>;
+
+/// State shared by the handle and every task.
+struct Shared {
+    me: PeerId,
+    config: ClusterConfig,
+    tuning: Tuning,
+    peers: Vec<PeerInfo>,
+    out: Mutex<OutLog>,
+    origins: Mutex<Origins>,
+    links: Mutex<Vec<LinkState>>,
+    events: broadcast::Sender<Event>,
+    callbacks: RwLock<Vec<Callback>>,
+    stats: Stats,
+    closed: AtomicBool,
+    /// Set by [`MeshHandle::abort`]: links close without draining or
+    /// saying goodbye, as in a crash.
+    aborted: AtomicBool,
+    token: CancellationToken,
+    conn_limit: Arc<Semaphore>,
+}
+
+/// Locks a mutex; a panic elsewhere while holding it (a bug) must not take
+/// the node down with it, and the state machines stay consistent between
+/// calls, so a poisoned lock is used as is.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Shared {
+    fn emit(&self, event: Event) {
+        if matches!(event, Event::Flush { .. }) {
+            self.stats.flushes_received.fetch_add(1, Ordering::Relaxed);
+        }
+        let callbacks = self.callbacks.read().unwrap_or_else(|e| e.into_inner());
+        for cb in callbacks.iter() {
+            cb(&event);
+        }
+        // No subscriber is not an error.
+        let _ = self.events.send(event);
+    }
+
+    /// Records a link going up or down, and emits peer-up / peer-down on
+    /// the transitions of "both links up".
+    fn set_link(&self, peer: usize, dir: Dir, up: bool, reason: &str) {
+        let mut links = lock(&self.links);
+        let l = &mut links[peer];
+        let was = l.outbound && l.inbound;
+        match dir {
+            Dir::Out => l.outbound = up,
+            Dir::In => l.inbound = up,
+        }
+        if up {
+            l.last_heard = Some(Instant::now());
+        }
+        let now = l.outbound && l.inbound;
+        let id = self.peers[peer].id.clone();
+        if !was && now {
+            info!(peer = %id, "peer up");
+            self.emit(Event::PeerUp { peer: id });
+        } else if was && !now {
+            warn!(peer = %id, reason, "peer down");
+            self.emit(Event::PeerDown {
+                peer: id,
+                reason: reason.to_string(),
+            });
+        }
+    }
+
+    fn heard(&self, peer: usize) {
+        lock(&self.links)[peer].last_heard = Some(Instant::now());
+    }
+}
+
+/// Starts nodes.
+pub struct Mesh;
+
+impl Mesh {
+    /// Binds `config.bind` and starts the node with default tuning.
+    pub async fn start(config: ClusterConfig) -> Result<MeshHandle, StartError> {
+        Self::builder(config).start().await
+    }
+
+    /// A node to start with more options.
+    pub fn builder(config: ClusterConfig) -> MeshBuilder {
+        MeshBuilder {
+            config,
+            tuning: Tuning::default(),
+            listener: None,
+            connect_via: HashMap::new(),
+            callbacks: Vec::new(),
+        }
+    }
+}
+
+/// Options of a node before it starts; see [`Mesh::builder`].
+pub struct MeshBuilder {
+    config: ClusterConfig,
+    tuning: Tuning,
+    listener: Option<TcpListener>,
+    connect_via: HashMap<NodeAddr, SocketAddr>,
+    callbacks: Vec<Callback>,
+}
+
+impl MeshBuilder {
+    /// Registers a callback before the node starts, so that it sees every
+    /// event from the first (see [`MeshHandle::on_event`]).
+    pub fn on_event(mut self, f: impl Fn(&Event) + Send + Sync + 'static) -> Self {
+        self.callbacks.push(Arc::new(f));
+        self
+    }
+
+    /// Timers and bounds.
+    pub fn tuning(mut self, tuning: Tuning) -> Self {
+        self.tuning = tuning;
+        self
+    }
+
+    /// Accept peers on this already-bound listener instead of binding
+    /// `config.bind` (tests bind port 0 first, to learn the port).
+    pub fn listener(mut self, listener: TcpListener) -> Self {
+        self.listener = Some(listener);
+        self
+    }
+
+    /// Dial `peer` at `addr` instead of its configured address (a proxy or
+    /// port mapping in between); its identity stays `peer`.
+    pub fn connect_via(mut self, peer: NodeAddr, addr: SocketAddr) -> Self {
+        self.connect_via.insert(peer, addr);
+        self
+    }
+
+    /// Starts the node: binds (unless given a listener), then spawns the
+    /// listener task and one link task per peer.
+    pub async fn start(self) -> Result<MeshHandle, StartError> {
+        let MeshBuilder {
+            config,
+            tuning,
+            listener,
+            connect_via,
+            callbacks,
+        } = self;
+        if config.peers.len() >= crate::config::MAX_INSTANCES {
+            return Err(StartError::Config(format!(
+                "{} peers; at most {}",
+                config.peers.len(),
+                crate::config::MAX_INSTANCES - 1
+            )));
+        }
+        let listener = match listener {
+            Some(l) => l,
+            None => TcpListener::bind(config.bind)
+                .await
+                .map_err(|source| StartError::Bind {
+                    addr: config.bind,
+                    source,
+                })?,
+        };
+        let incarnation: u64 = rand::random();
+        let me: PeerId = Arc::from(config.node.to_string());
+        let peers: Vec<PeerInfo> = config
+            .peers
+            .iter()
+            .map(|p| PeerInfo {
+                id: Arc::from(p.addr.to_string()),
+                addr: p.addr.clone(),
+                dial: connect_via.get(&p.addr).copied(),
+                notify: Notify::new(),
+                acked: watch::channel(0).0,
+            })
+            .collect();
+        let ids: Vec<PeerId> = peers.iter().map(|p| p.id.clone()).collect();
+        let (events, _) = broadcast::channel(tuning.event_capacity.max(16));
+        let token = CancellationToken::new();
+        let shared = Arc::new(Shared {
+            me,
+            out: Mutex::new(OutLog::new(incarnation, peers.len(), config.buffer)),
+            origins: Mutex::new(Origins::new(ids)),
+            links: Mutex::new((0..peers.len()).map(|_| LinkState::default()).collect()),
+            peers,
+            events,
+            callbacks: RwLock::new(callbacks),
+            stats: Stats::default(),
+            closed: AtomicBool::new(false),
+            aborted: AtomicBool::new(false),
+            token: token.clone(),
+            conn_limit: Arc::new(Semaphore::new(tuning.max_connections.max(1))),
+            tuning,
+            config,
+        });
+        let local = listener.local_addr().ok();
+        info!(
+            node = %shared.me,
+            incarnation = format_args!("{incarnation:016x}"),
+            listen = ?local,
+            peers = shared.peers.len(),
+            "mesh started"
+        );
+        let tracker = TaskTracker::new();
+        tracker.spawn(conn::accept_loop(shared.clone(), listener, tracker.clone()));
+        for peer in 0..shared.peers.len() {
+            tracker.spawn(link::run(shared.clone(), peer));
+        }
+        Ok(MeshHandle {
+            shared,
+            tracker,
+            local_addr: local,
+        })
+    }
+}
+
+/// The application's handle on a running node. Cheap to clone.
+#[derive(Clone)]
+pub struct MeshHandle {
+    shared: Arc<Shared>,
+    tracker: TaskTracker,
+    local_addr: Option<SocketAddr>,
+}
+
+impl std::fmt::Debug for MeshHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MeshHandle")
+            .field("node", &self.shared.me)
+            .finish()
+    }
+}
+
+impl MeshHandle {
+    /// This node's identity.
+    pub fn node(&self) -> &PeerId {
+        &self.shared.me
+    }
+
+    /// The address the listener is bound to.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.local_addr
+    }
+
+    /// This run's incarnation.
+    pub fn incarnation(&self) -> u64 {
+        lock(&self.shared.out).incarnation()
+    }
+
+    /// Tells every peer that entry `key` of cache `cache` is stale. Never
+    /// waits on the network; returns the invalidation's sequence number.
+    pub fn invalidate(&self, cache: &str, key: &str) -> Result<u64, InvalidateError> {
+        self.send(Item::Key {
+            cache: Arc::from(cache),
+            key: Arc::from(key),
+        })
+    }
+
+    /// Tells every peer that the whole of cache `cache` is stale.
+    pub fn invalidate_cache(&self, cache: &str) -> Result<u64, InvalidateError> {
+        self.send(Item::Cache {
+            cache: Arc::from(cache),
+        })
+    }
+
+    /// Tells every peer to drop every cache.
+    pub fn flush(&self) -> Result<u64, InvalidateError> {
+        self.send(Item::Flush)
+    }
+
+    /// Sends any item; the other methods are shorthands of this one.
+    pub fn send(&self, item: Item) -> Result<u64, InvalidateError> {
+        item.check()?;
+        self.send_checked(std::iter::once(item)).map(|r| r.0)
+    }
+
+    /// Sends several items under one lock, numbered consecutively; returns
+    /// the first and last sequence numbers. Nothing is sent if one is
+    /// invalid.
+    pub fn send_all(&self, items: Vec<Item>) -> Result<(u64, u64), InvalidateError> {
+        for item in &items {
+            item.check()?;
+        }
+        self.send_checked(items.into_iter())
+    }
+
+    fn send_checked(
+        &self,
+        items: impl Iterator<Item = Item>,
+    ) -> Result<(u64, u64), InvalidateError> {
+        if self.shared.closed.load(Ordering::Acquire) {
+            return Err(InvalidateError::Closed);
+        }
+        let (mut first, mut last, mut n) = (0, 0, 0);
+        {
+            let mut out = lock(&self.shared.out);
+            for item in items {
+                last = out.push(item);
+                if n == 0 {
+                    first = last;
+                }
+                n += 1;
+            }
+        }
+        if n == 0 {
+            let last = lock(&self.shared.out).last_seq();
+            return Ok((last + 1, last));
+        }
+        self.shared.stats.originated.fetch_add(n, Ordering::Relaxed);
+        for p in &self.shared.peers {
+            p.notify.notify_one();
+        }
+        Ok((first, last))
+    }
+
+    /// Sends `item` and waits until every peer acknowledged it, at most
+    /// `timeout`; says which peers did not.
+    pub async fn invalidate_and_wait(
+        &self,
+        item: Item,
+        timeout: Duration,
+    ) -> Result<WaitOutcome, InvalidateError> {
+        let seq = self.send(item)?;
+        Ok(self.wait_acked(seq, timeout).await)
+    }
+
+    /// Waits until every peer acknowledged `seq`, at most `timeout`.
+    pub async fn wait_acked(&self, seq: u64, timeout: Duration) -> WaitOutcome {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let waits = self.shared.peers.iter().map(|p| {
+            let mut rx = p.acked.subscribe();
+            async move {
+                let ok = tokio::time::timeout_at(deadline, rx.wait_for(|a| *a >= seq))
+                    .await
+                    .is_ok_and(|r| r.is_ok());
+                (p.id.clone(), ok)
+            }
+        });
+        let results = futures_util::future::join_all(waits).await;
+        let (acked, not_acked): (Vec<_>, Vec<_>) = results.into_iter().partition(|r| r.1);
+        WaitOutcome {
+            seq,
+            acked: acked.into_iter().map(|r| r.0).collect(),
+            not_acked: not_acked.into_iter().map(|r| r.0).collect(),
+        }
+    }
+
+    /// A stream of events from now on. A subscriber that falls more than
+    /// [`Tuning::event_capacity`] events behind gets a
+    /// [`FlushReason::Lagged`] flush in place of what it missed.
+    pub fn subscribe(&self) -> Events {
+        Events {
+            inner: BroadcastStream::new(self.shared.events.subscribe()),
+        }
+    }
+
+    /// Calls `f` for every event, on the task that produced it, in order.
+    /// `f` must be quick and must not block: it runs on the network path.
+    pub fn on_event(&self, f: impl Fn(&Event) + Send + Sync + 'static) {
+        self.shared
+            .callbacks
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Arc::new(f));
+    }
+
+    /// A snapshot of the node's state.
+    pub fn status(&self) -> Status {
+        let s = &self.shared;
+        let now = Instant::now();
+        let (last_seq, buffered, overflows, per_peer) = {
+            let out = lock(&s.out);
+            let per: Vec<(u64, u64)> = (0..s.peers.len())
+                .map(|i| (out.queued(i), out.acked(i)))
+                .collect();
+            (out.last_seq(), out.held(), out.overflows(), per)
+        };
+        let applied: Vec<_> = {
+            let o = lock(&s.origins);
+            (0..s.peers.len()).map(|i| o.applied(i)).collect()
+        };
+        let links = lock(&s.links);
+        let peers = s
+            .peers
+            .iter()
+            .enumerate()
+            .map(|(i, p)| PeerStatus {
+                id: p.id.clone(),
+                connected: links[i].outbound && links[i].inbound,
+                outbound: links[i].outbound,
+                inbound: links[i].inbound,
+                last_heard_ms: links[i]
+                    .last_heard
+                    .map(|t| now.saturating_duration_since(t).as_millis() as u64),
+                queued: per_peer[i].0,
+                acked_seq: per_peer[i].1,
+                applied: applied[i].map(|p| (format!("{:016x}", p.incarnation), p.seq)),
+            })
+            .collect();
+        let c = &s.stats;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        Status {
+            node: s.me.clone(),
+            incarnation: format!("{:016x}", self.incarnation()),
+            last_seq,
+            buffered,
+            buffer_capacity: s.config.buffer,
+            buffer_overflows: overflows,
+            peers,
+            counters: Counters {
+                originated: get(&c.originated),
+                sent: get(&c.sent),
+                received: get(&c.received),
+                flushes_received: get(&c.flushes_received),
+                gap_flushes_sent: get(&c.gap_flushes_sent),
+                replayed: get(&c.replayed),
+                reconnects: get(&c.reconnects),
+                rejected_connections: get(&c.rejected_connections),
+                protocol_errors: get(&c.protocol_errors),
+            },
+        }
+    }
+
+    /// Starts a graceful shutdown without waiting for it: new invalidations
+    /// are refused, links drain what is queued, say goodbye and close.
+    pub fn initiate_shutdown(&self) {
+        self.shared.closed.store(true, Ordering::Release);
+        self.shared.token.cancel();
+        self.tracker.close();
+    }
+
+    /// Shuts down gracefully and waits until every task has ended (at most
+    /// about [`Tuning::shutdown_timeout`] plus a little).
+    pub async fn shutdown(self) {
+        self.initiate_shutdown();
+        self.tracker.wait().await;
+        info!(node = %self.shared.me, "mesh stopped");
+    }
+
+    /// Stops at once, as a crash would: no draining, no goodbye. For tests
+    /// and the demo.
+    pub async fn abort(self) {
+        self.shared.closed.store(true, Ordering::Release);
+        let shared = self.shared.clone();
+        // Links check this flag and skip the goodbye.
+        shared.aborted.store(true, Ordering::Release);
+        shared.token.cancel();
+        self.tracker.close();
+        self.tracker.wait().await;
+    }
+}
+
+/// A stream of [`Event`]s; see [`MeshHandle::subscribe`].
+pub struct Events {
+    inner: BroadcastStream<Event>,
+}
+
+impl Events {
+    /// The next event; `None` once the mesh has shut down.
+    pub async fn recv(&mut self) -> Option<Event> {
+        use futures_util::StreamExt;
+        self.next().await
+    }
+}
+
+impl futures_util::Stream for Events {
+    type Item = Event;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Event>> {
+        std::pin::Pin::new(&mut self.inner).poll_next(cx).map(|r| {
+            r.map(|r| match r {
+                Ok(ev) => ev,
+                Err(BroadcastStreamRecvError::Lagged(missed)) => Event::Flush {
+                    origin: None,
+                    reason: FlushReason::Lagged { missed },
+                },
+            })
+        })
+    }
+}

@@ -1,0 +1,412 @@
+//! The origin's side of delivery, as a synchronous state machine: sequence
+//! numbers, the bounded replay buffer, and where each peer stands.
+//!
+//! One ring holds every invalidation some peer has not acknowledged; each
+//! peer has a cursor into it. That is the per-peer replay buffer of the
+//! design without a copy per peer: its bound is the same (`capacity`
+//! invalidations), and so is the rule when it is full — the oldest entries
+//! go, and a peer that still needed them gets one flush in their place.
+
+use std::collections::VecDeque;
+
+use bytes::BytesMut;
+
+use crate::wire::{CodecError, Item, Position, encode_batch_frame};
+
+/// Bytes of items after which a `Batch` frame is closed: small frames let
+/// the receiver start applying sooner; one maximal item (two 64 KiB
+/// strings) after a full batch still fits the 1 MiB frame limit.
+const BATCH_BYTES: usize = 64 * 1024;
+/// Most items in one `Batch` frame.
+const BATCH_ITEMS: usize = 4096;
+
+/// Where one peer stands.
+#[derive(Debug, Clone, Copy, Default)]
+struct Cursor {
+    /// Everything up to here is applied by the peer (acknowledged, or said
+    /// in its hello).
+    acked: u64,
+    /// Everything up to here has been written on the current connection.
+    sent: u64,
+    /// Whether a connection is up (only then is anything written).
+    connected: bool,
+}
+
+/// Sequence numbers, the replay ring and the peers' cursors.
+#[derive(Debug)]
+pub(crate) struct OutLog {
+    incarnation: u64,
+    /// The number the next invalidation gets.
+    next_seq: u64,
+    /// The sequence number of `items[0]`.
+    front_seq: u64,
+    items: VecDeque<Item>,
+    capacity: usize,
+    peers: Vec<Cursor>,
+    /// How many times the ring overflowed (dropped an entry a peer needed).
+    overflows: u64,
+}
+
+/// What [`OutLog::fill`] wrote.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Filled {
+    /// Items written (a flush standing in for dropped ones included).
+    pub items: usize,
+    /// Whether a flush was written in place of entries no longer held.
+    pub gap_flush: bool,
+}
+
+impl OutLog {
+    pub(crate) fn new(incarnation: u64, peers: usize, capacity: usize) -> Self {
+        OutLog {
+            incarnation,
+            next_seq: 1,
+            front_seq: 1,
+            items: VecDeque::new(),
+            capacity: capacity.max(1),
+            peers: vec![Cursor::default(); peers],
+            overflows: 0,
+        }
+    }
+
+    pub(crate) fn incarnation(&self) -> u64 {
+        self.incarnation
+    }
+
+    /// The last sequence number assigned (0 before the first).
+    pub(crate) fn last_seq(&self) -> u64 {
+        self.next_seq - 1
+    }
+
+    /// Numbers an invalidation and keeps it for every peer; returns its
+    /// sequence number. Never blocks: when the ring is full, the oldest
+    /// entry goes and peers that still needed it will get a flush.
+    pub(crate) fn push(&mut self, item: Item) -> u64 {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        if self.peers.is_empty() {
+            self.front_seq = self.next_seq;
+            return seq;
+        }
+        if item == Item::Flush {
+            // A flush makes everything before it moot.
+            self.items.clear();
+            self.front_seq = seq;
+        }
+        self.items.push_back(item);
+        if self.items.len() > self.capacity {
+            self.items.pop_front();
+            self.front_seq += 1;
+            if self.peers.iter().any(|c| c.acked < self.front_seq - 1) {
+                self.overflows += 1;
+            }
+        }
+        seq
+    }
+
+    /// A connection to `peer` is up; `last_applied` is what its hello says
+    /// it applied from us. Returns whether it is behind what is still held
+    /// (it will get a flush first).
+    pub(crate) fn connected(&mut self, peer: usize, last_applied: Option<Position>) -> bool {
+        let last = self.last_seq();
+        let incarnation = self.incarnation;
+        let c = &mut self.peers[peer];
+        if let Some(p) = last_applied
+            && p.incarnation == incarnation
+        {
+            c.acked = c.acked.max(p.seq.min(last));
+        }
+        c.sent = c.acked;
+        c.connected = true;
+        let behind = c.acked + 1 < self.front_seq;
+        self.trim();
+        behind
+    }
+
+    /// The connection to `peer` is down.
+    pub(crate) fn disconnected(&mut self, peer: usize) {
+        let c = &mut self.peers[peer];
+        c.connected = false;
+        c.sent = c.acked;
+    }
+
+    /// A cumulative ack from `peer`. Returns the peer's acked sequence
+    /// number, or an error text for an ack that cannot be right.
+    pub(crate) fn ack(&mut self, peer: usize, pos: Position) -> Result<u64, String> {
+        if pos.incarnation != self.incarnation {
+            return Err(format!(
+                "ack for incarnation {:016x}, ours is {:016x}",
+                pos.incarnation, self.incarnation
+            ));
+        }
+        if pos.seq > self.peers[peer].sent.max(self.peers[peer].acked) {
+            return Err(format!(
+                "ack of seq {} beyond what was sent ({})",
+                pos.seq, self.peers[peer].sent
+            ));
+        }
+        let c = &mut self.peers[peer];
+        c.acked = c.acked.max(pos.seq);
+        let acked = c.acked;
+        self.trim();
+        Ok(acked)
+    }
+
+    /// Drops entries every peer has applied.
+    fn trim(&mut self) {
+        let min = self
+            .peers
+            .iter()
+            .map(|c| c.acked)
+            .min()
+            .unwrap_or(self.last_seq());
+        while self.front_seq <= min && self.items.pop_front().is_some() {
+            self.front_seq += 1;
+        }
+    }
+
+    /// Whether `peer` has something not yet written.
+    pub(crate) fn has_unsent(&self, peer: usize) -> bool {
+        let c = &self.peers[peer];
+        c.connected && c.sent < self.last_seq()
+    }
+
+    /// Acked sequence number of `peer`.
+    pub(crate) fn acked(&self, peer: usize) -> u64 {
+        self.peers[peer].acked
+    }
+
+    /// Invalidations `peer` has not acknowledged that are still held (a
+    /// pending flush counts as one).
+    pub(crate) fn queued(&self, peer: usize) -> u64 {
+        let c = &self.peers[peer];
+        let from = (c.acked + 1).max(self.front_seq);
+        let gap = u64::from(c.acked + 1 < self.front_seq);
+        self.next_seq.saturating_sub(from) + gap
+    }
+
+    /// Entries held in the ring.
+    pub(crate) fn held(&self) -> usize {
+        self.items.len()
+    }
+
+    /// Times the ring dropped an entry a peer still needed.
+    pub(crate) fn overflows(&self) -> u64 {
+        self.overflows
+    }
+
+    /// Encodes what `peer` has not been sent, as `Batch` frames appended to
+    /// `dst`, up to about `max_bytes`; marks it sent.
+    pub(crate) fn fill(
+        &mut self,
+        peer: usize,
+        dst: &mut BytesMut,
+        max_bytes: usize,
+    ) -> Result<Filled, CodecError> {
+        let mut filled = Filled::default();
+        let start_len = dst.len();
+        while self.has_unsent(peer) && dst.len() - start_len < max_bytes {
+            let mut from = self.peers[peer].sent + 1;
+            if from < self.front_seq {
+                // Entries this peer needs were dropped. A flush at the front
+                // covers them itself; otherwise a flush numbered with the
+                // last dropped entry stands in for them.
+                if self.items.front() != Some(&Item::Flush) {
+                    let flush_seq = self.front_seq - 1;
+                    let flush = [Item::Flush];
+                    encode_batch_frame(flush_seq, (&flush, &[]), dst)?;
+                    filled.items += 1;
+                    filled.gap_flush = true;
+                    self.peers[peer].sent = flush_seq;
+                }
+                from = self.front_seq;
+            }
+            let offset = (from - self.front_seq) as usize;
+            let mut end = offset;
+            let mut bytes = 0;
+            while end < self.items.len() && end - offset < BATCH_ITEMS && bytes < BATCH_BYTES {
+                bytes += self.items[end].encoded_len_bound();
+                end += 1;
+            }
+            if end == offset {
+                break;
+            }
+            let (a, b) = self.items.as_slices();
+            let slices = if end <= a.len() {
+                (&a[offset..end], &b[..0])
+            } else if offset >= a.len() {
+                (&b[offset - a.len()..end - a.len()], &b[..0])
+            } else {
+                (&a[offset..], &b[..end - a.len()])
+            };
+            encode_batch_frame(from, slices, dst)?;
+            filled.items += end - offset;
+            self.peers[peer].sent = from + (end - offset) as u64 - 1;
+        }
+        Ok(filled)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::{FrameCodec, Message};
+    use std::sync::Arc;
+    use tokio_util::codec::Decoder;
+
+    fn key(k: &str) -> Item {
+        Item::Key {
+            cache: Arc::from("c"),
+            key: Arc::from(k),
+        }
+    }
+
+    /// Decodes frames into (seq, item) pairs.
+    fn sent(buf: &mut BytesMut) -> Vec<(u64, Item)> {
+        let mut codec = FrameCodec::new();
+        let mut out = Vec::new();
+        while let Some(msg) = codec.decode(buf).expect("valid frames") {
+            let Message::Batch(b) = msg else {
+                panic!("not a batch: {msg:?}")
+            };
+            for (i, item) in b.items.into_iter().enumerate() {
+                out.push((b.first_seq + i as u64, item));
+            }
+        }
+        out
+    }
+
+    fn drain(log: &mut OutLog, peer: usize) -> Vec<(u64, Item)> {
+        let mut buf = BytesMut::new();
+        log.fill(peer, &mut buf, usize::MAX).expect("fill");
+        sent(&mut buf)
+    }
+
+    fn pos(log: &OutLog, seq: u64) -> Position {
+        Position {
+            incarnation: log.incarnation(),
+            seq,
+        }
+    }
+
+    #[test]
+    fn sends_in_order_and_trims_on_ack() {
+        let mut log = OutLog::new(7, 2, 100);
+        log.connected(0, None);
+        log.connected(1, None);
+        for i in 0..5 {
+            assert_eq!(log.push(key(&i.to_string())), i + 1);
+        }
+        let got = drain(&mut log, 0);
+        assert_eq!(got.iter().map(|x| x.0).collect::<Vec<_>>(), [1, 2, 3, 4, 5]);
+        assert!(drain(&mut log, 0).is_empty());
+        log.ack(0, pos(&log, 5)).expect("ack");
+        assert_eq!(log.held(), 5, "peer 1 has not acked");
+        drain(&mut log, 1);
+        log.ack(1, pos(&log, 3)).expect("ack");
+        assert_eq!(log.held(), 2);
+        assert_eq!(log.queued(1), 2);
+        assert_eq!(log.queued(0), 0);
+    }
+
+    #[test]
+    fn replays_after_reconnect_from_last_applied() {
+        let mut log = OutLog::new(7, 1, 100);
+        log.connected(0, None);
+        for i in 0..10 {
+            log.push(key(&i.to_string()));
+        }
+        drain(&mut log, 0);
+        // The peer applied 6 before the link broke, but acked only 2.
+        log.ack(0, pos(&log, 2)).expect("ack");
+        log.disconnected(0);
+        log.connected(0, Some(pos(&log, 6)));
+        let got = drain(&mut log, 0);
+        assert_eq!(got.iter().map(|x| x.0).collect::<Vec<_>>(), [7, 8, 9, 10]);
+    }
+
+    #[test]
+    fn overflow_becomes_one_flush() {
+        let mut log = OutLog::new(7, 2, 4);
+        log.connected(0, None);
+        for i in 0..10 {
+            log.push(key(&i.to_string()));
+            // Peer 0 keeps up.
+            drain(&mut log, 0);
+            log.ack(0, pos(&log, log.last_seq())).expect("ack");
+        }
+        assert_eq!(log.held(), 4, "bounded by capacity");
+        assert!(log.overflows() > 0);
+        assert_eq!(log.queued(1), 5, "four held plus one flush");
+        log.connected(1, None);
+        let got = drain(&mut log, 1);
+        assert_eq!(got[0], (6, Item::Flush));
+        assert_eq!(
+            got[1..].iter().map(|x| x.0).collect::<Vec<_>>(),
+            [7, 8, 9, 10]
+        );
+        // Peer 0, never behind, got no flush.
+        assert_eq!(log.queued(0), 0);
+    }
+
+    #[test]
+    fn a_local_flush_replaces_what_came_before() {
+        let mut log = OutLog::new(7, 1, 100);
+        for i in 0..10 {
+            log.push(key(&i.to_string()));
+        }
+        log.push(Item::Flush);
+        log.push(key("after"));
+        log.connected(0, None);
+        let got = drain(&mut log, 0);
+        assert_eq!(got, vec![(11, Item::Flush), (12, key("after"))]);
+    }
+
+    #[test]
+    fn bogus_acks_are_refused() {
+        let mut log = OutLog::new(7, 1, 100);
+        log.connected(0, None);
+        log.push(key("a"));
+        assert!(
+            log.ack(
+                0,
+                Position {
+                    incarnation: 8,
+                    seq: 1
+                }
+            )
+            .is_err()
+        );
+        assert!(log.ack(0, pos(&log, 1)).is_err(), "not sent yet");
+        drain(&mut log, 0);
+        assert_eq!(log.ack(0, pos(&log, 1)), Ok(1));
+    }
+
+    #[test]
+    fn batches_stay_below_the_frame_limit() {
+        let mut log = OutLog::new(7, 1, 100_000);
+        log.connected(0, None);
+        let big = "x".repeat(60_000);
+        for _ in 0..40 {
+            log.push(key(&big));
+        }
+        for i in 0..20_000 {
+            log.push(key(&i.to_string()));
+        }
+        let mut buf = BytesMut::new();
+        log.fill(0, &mut buf, usize::MAX).expect("fill");
+        let got = sent(&mut buf);
+        assert_eq!(got.len(), 20_040);
+        assert!(got.windows(2).all(|w| w[1].0 == w[0].0 + 1));
+    }
+
+    #[test]
+    fn no_peers_keeps_nothing() {
+        let mut log = OutLog::new(7, 0, 10);
+        for _ in 0..100 {
+            log.push(key("a"));
+        }
+        assert_eq!(log.held(), 0);
+        assert_eq!(log.last_seq(), 100);
+    }
+}

@@ -1,0 +1,397 @@
+//! Test harness: N real nodes on loopback (ephemeral ports), an event
+//! recorder per node, and a fault-injecting TCP proxy.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use cachecast::{ClusterConfig, Event, Mesh, MeshHandle, NodeAddr, Tuning};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
+
+/// Everything one node received, in order.
+#[derive(Clone, Default)]
+pub struct Recorder {
+    events: Arc<Mutex<Vec<Event>>>,
+    changed: Arc<Notify>,
+}
+
+impl Recorder {
+    /// A recorder and the callback that feeds it.
+    pub fn new() -> (Recorder, impl Fn(&Event) + Send + Sync + 'static) {
+        let r = Recorder::default();
+        let r2 = r.clone();
+        let f = move |e: &Event| {
+            r2.events.lock().unwrap().push(e.clone());
+            r2.changed.notify_waiters();
+        };
+        (r, f)
+    }
+
+    pub fn events(&self) -> Vec<Event> {
+        self.events.lock().unwrap().clone()
+    }
+
+    pub fn clear(&self) {
+        self.events.lock().unwrap().clear();
+    }
+
+    /// Waits until `pred` holds over the events, or panics after `limit`.
+    pub async fn wait_for(&self, what: &str, limit: Duration, pred: impl Fn(&[Event]) -> bool) {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let notified = self.changed.notified();
+            if pred(&self.events.lock().unwrap()) {
+                return;
+            }
+            // Also re-check now and then, for conditions on other state.
+            let tick = tokio::time::sleep(Duration::from_millis(50));
+            tokio::select! {
+                _ = notified => {}
+                _ = tick => {}
+                _ = tokio::time::sleep_until(deadline) => {
+                    let evs = self.events.lock().unwrap();
+                    panic!("timed out after {limit:?} waiting for {what}; {} events, last: {:?}", evs.len(), evs.iter().rev().take(5).collect::<Vec<_>>());
+                }
+            }
+        }
+    }
+
+    /// Invalidation sequence numbers received from `origin`, in order.
+    pub fn seqs_from(&self, origin: &str) -> Vec<u64> {
+        self.events
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|e| match e {
+                Event::Invalidated { origin: o, seq, .. }
+                | Event::CacheCleared { origin: o, seq, .. }
+                    if &**o == origin =>
+                {
+                    Some(*seq)
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    pub fn flushes(&self) -> usize {
+        self.events
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|e| matches!(e, Event::Flush { .. }))
+            .count()
+    }
+
+    pub fn count(&self, pred: impl Fn(&Event) -> bool) -> usize {
+        self.events
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|e| pred(e))
+            .count()
+    }
+}
+
+/// Checks the guarantee on one receiver's event log for one origin whose
+/// invalidations were numbered 1..=last: every number arrives, in order,
+/// once, unless a flush came in its place. Returns (missing, flushes).
+pub fn check_no_silent_gap(events: &[Event], origin: &str, last: u64) -> (u64, usize) {
+    let mut applied = 0u64;
+    let mut covered = false;
+    let mut missing = 0;
+    let mut flushes = 0;
+    for e in events {
+        match e {
+            Event::Flush { origin: o, .. } if o.as_deref().is_none_or(|o| o == origin) => {
+                covered = true;
+                flushes += 1;
+            }
+            Event::Invalidated { origin: o, seq, .. }
+            | Event::CacheCleared { origin: o, seq, .. }
+                if &**o == origin =>
+            {
+                assert!(
+                    *seq > applied,
+                    "{seq} arrived after {applied}: duplicate or out of order"
+                );
+                if *seq > applied + 1 {
+                    assert!(
+                        covered,
+                        "silent gap: {} to {} never arrived and no flush came",
+                        applied + 1,
+                        seq - 1
+                    );
+                    missing += seq - applied - 1;
+                }
+                applied = *seq;
+                covered = false;
+            }
+            _ => {}
+        }
+    }
+    if applied < last {
+        assert!(
+            covered,
+            "silent gap at the end: {} to {last} never arrived",
+            applied + 1
+        );
+        missing += last - applied;
+    }
+    (missing, flushes)
+}
+
+/// Test tuning: the defaults, with a larger event buffer.
+pub fn tuning() -> Tuning {
+    Tuning {
+        event_capacity: 1 << 16,
+        ..Tuning::default()
+    }
+}
+
+pub fn node(port: u16) -> NodeAddr {
+    NodeAddr::new("127.0.0.1", port)
+}
+
+/// A cluster of nodes on loopback.
+pub struct Cluster {
+    pub ports: Vec<u16>,
+    pub nodes: Vec<Option<MeshHandle>>,
+    pub recorders: Vec<Recorder>,
+    pub buffer: usize,
+    pub tuning: Tuning,
+    /// `via[(from, to)]`: node `from` dials node `to` at this address.
+    pub via: HashMap<(usize, usize), SocketAddr>,
+}
+
+/// Binds a listener on an ephemeral loopback port.
+pub async fn bind() -> TcpListener {
+    TcpListener::bind("127.0.0.1:0").await.expect("bind")
+}
+
+impl Cluster {
+    /// Reserves `n` ports (the listeners stay bound), starts nothing yet.
+    pub async fn reserve(n: usize) -> (Cluster, Vec<TcpListener>) {
+        let mut listeners = Vec::new();
+        for _ in 0..n {
+            listeners.push(bind().await);
+        }
+        let ports = listeners
+            .iter()
+            .map(|l| l.local_addr().unwrap().port())
+            .collect();
+        let c = Cluster {
+            ports,
+            nodes: (0..n).map(|_| None).collect(),
+            recorders: (0..n).map(|_| Recorder::default()).collect(),
+            buffer: 65_536,
+            tuning: tuning(),
+            via: HashMap::new(),
+        };
+        (c, listeners)
+    }
+
+    /// Starts `n` nodes, all connected to each other.
+    pub async fn start(n: usize) -> Cluster {
+        let (mut c, listeners) = Cluster::reserve(n).await;
+        for (i, l) in listeners.into_iter().enumerate() {
+            c.start_node(i, Some(l)).await;
+        }
+        c
+    }
+
+    pub fn id(&self, i: usize) -> String {
+        format!("127.0.0.1:{}", self.ports[i])
+    }
+
+    pub fn config(&self, i: usize) -> ClusterConfig {
+        let peers = (0..self.ports.len())
+            .filter(|&j| j != i)
+            .map(|j| node(self.ports[j]));
+        let mut c = ClusterConfig::new(node(self.ports[i]), peers);
+        c.bind = SocketAddr::from(([127, 0, 0, 1], self.ports[i]));
+        c.buffer = self.buffer;
+        c
+    }
+
+    /// Starts (or restarts) node `i`, on `listener` or on its port.
+    pub async fn start_node(&mut self, i: usize, listener: Option<TcpListener>) -> &MeshHandle {
+        let listener = match listener {
+            Some(l) => l,
+            None => TcpListener::bind(("127.0.0.1", self.ports[i]))
+                .await
+                .expect("rebind"),
+        };
+        let (recorder, callback) = Recorder::new();
+        let mut b = Mesh::builder(self.config(i))
+            .tuning(self.tuning.clone())
+            .listener(listener)
+            .on_event(callback);
+        for (&(from, to), &addr) in &self.via {
+            if from == i {
+                b = b.connect_via(node(self.ports[to]), addr);
+            }
+        }
+        let handle = b.start().await.expect("start");
+        self.recorders[i] = recorder;
+        self.nodes[i] = Some(handle);
+        self.nodes[i].as_ref().unwrap()
+    }
+
+    pub fn h(&self, i: usize) -> &MeshHandle {
+        self.nodes[i].as_ref().expect("node running")
+    }
+
+    /// Waits until every running node sees every other running node up.
+    pub async fn wait_connected(&self, limit: Duration) {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let all = self.nodes.iter().flatten().all(|h| {
+                let st = h.status();
+                st.peers.iter().all(|p| {
+                    let running = self.nodes.iter().flatten().any(|o| **o.node() == *p.id);
+                    !running || p.connected
+                })
+            });
+            if all {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "cluster not connected within {limit:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    pub async fn shutdown_all(&mut self) {
+        for n in self.nodes.iter_mut() {
+            if let Some(h) = n.take() {
+                h.shutdown().await;
+            }
+        }
+    }
+}
+
+/// Polls `cond` until it holds, or panics after `limit`.
+pub async fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + limit;
+    while !cond() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// What the proxy does with bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Mode {
+    /// Pass everything.
+    Forward = 0,
+    /// Keep the sockets but pass nothing (a half-open link).
+    Stall = 1,
+}
+
+/// A TCP proxy between two nodes that can cut, stall or corrupt the link.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    mode: Arc<AtomicU8>,
+    /// Bumped to close every current connection.
+    cut: Arc<tokio::sync::watch::Sender<u64>>,
+    /// Bytes still to drop from the client-to-server direction.
+    drop_bytes: Arc<AtomicU64>,
+    pub connections: Arc<AtomicU64>,
+}
+
+impl Proxy {
+    pub async fn start(target: SocketAddr) -> Proxy {
+        let listener = bind().await;
+        let addr = listener.local_addr().unwrap();
+        let mode = Arc::new(AtomicU8::new(Mode::Forward as u8));
+        let (cut, _) = tokio::sync::watch::channel(0u64);
+        let cut = Arc::new(cut);
+        let drop_bytes = Arc::new(AtomicU64::new(0));
+        let connections = Arc::new(AtomicU64::new(0));
+        let (m, c, d, n) = (
+            mode.clone(),
+            cut.clone(),
+            drop_bytes.clone(),
+            connections.clone(),
+        );
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = TcpStream::connect(target).await else {
+                    continue;
+                };
+                n.fetch_add(1, Ordering::SeqCst);
+                let (cr, cw) = client.into_split();
+                let (sr, sw) = server.into_split();
+                tokio::spawn(pump(cr, sw, m.clone(), c.subscribe(), Some(d.clone())));
+                tokio::spawn(pump(sr, cw, m.clone(), c.subscribe(), None));
+            }
+        });
+        Proxy {
+            addr,
+            mode,
+            cut,
+            drop_bytes,
+            connections,
+        }
+    }
+
+    pub fn set(&self, mode: Mode) {
+        self.mode.store(mode as u8, Ordering::SeqCst);
+    }
+
+    /// Closes every connection through the proxy now.
+    pub fn cut(&self) {
+        self.cut.send_modify(|g| *g += 1);
+    }
+
+    /// Drops the next `n` bytes going from dialer to acceptor.
+    pub fn drop_next(&self, n: u64) {
+        self.drop_bytes.store(n, Ordering::SeqCst);
+    }
+}
+
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mode: Arc<AtomicU8>,
+    mut cut: tokio::sync::watch::Receiver<u64>,
+    drop_bytes: Option<Arc<AtomicU64>>,
+) {
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        if mode.load(Ordering::SeqCst) == Mode::Stall as u8 {
+            tokio::select! {
+                _ = cut.changed() => return,
+                _ = tokio::time::sleep(Duration::from_millis(5)) => continue,
+            }
+        }
+        let n = tokio::select! {
+            r = from.read(&mut buf) => match r { Ok(0) | Err(_) => return, Ok(n) => n },
+            _ = cut.changed() => return,
+        };
+        let mut data = &buf[..n];
+        if let Some(d) = &drop_bytes {
+            let want = d.load(Ordering::SeqCst);
+            if want > 0 {
+                let k = want.min(data.len() as u64);
+                d.fetch_sub(k, Ordering::SeqCst);
+                data = &data[k as usize..];
+            }
+        }
+        if to.write_all(data).await.is_err() {
+            return;
+        }
+    }
+}
