@@ -44,10 +44,16 @@ impl NodeAddr {
         }
     }
 
-    /// Whether both name the same node by their text alone: equal ports and
-    /// host names equal ignoring ASCII case.
+    /// Whether both name the same node by their text alone (no lookup):
+    /// equal ports, and host names equal ignoring ASCII case or equal IP
+    /// addresses however written (`::1` and `0:0::1`).
     pub fn same_name(&self, other: &NodeAddr) -> bool {
-        self.port == other.port && self.host.eq_ignore_ascii_case(&other.host)
+        self.port == other.port
+            && (self.host.eq_ignore_ascii_case(&other.host)
+                || matches!(
+                    (self.host.parse::<IpAddr>(), other.host.parse::<IpAddr>()),
+                    (Ok(a), Ok(b)) if a.to_canonical() == b.to_canonical()
+                ))
     }
 
     /// Resolves the host (an IP literal needs no lookup). Blocking.
@@ -88,6 +94,7 @@ impl FromStr for NodeAddr {
     fn from_str(s: &str) -> Result<Self, AddrError> {
         let s = s.trim();
         if s.parse::<IpAddr>().is_ok() {
+            check_host(s).map_err(AddrError)?;
             return Ok(NodeAddr::new(s, DEFAULT_PORT));
         }
         let (host, port) = if let Some(rest) = s.strip_prefix('[') {
@@ -305,7 +312,9 @@ pub enum ConfigError {
 
 fn describe_io(e: &std::io::Error) -> String {
     match e.kind() {
-        std::io::ErrorKind::NotFound => "no such file (give --config PATH or set DHIS2_HOME)".into(),
+        std::io::ErrorKind::NotFound => {
+            "no such file (give --config PATH or set DHIS2_HOME)".into()
+        }
         std::io::ErrorKind::PermissionDenied => {
             "permission denied (the file must be readable by the user cachecast runs as)".into()
         }
@@ -358,6 +367,9 @@ pub fn parse_str(text: &str) -> Result<Loaded, ConfigError> {
 const CLUSTER: &str = "cluster.";
 const OURS: &str = "cachecast.";
 
+/// The keys of the `cluster.hostname` / `cluster.members` format.
+const MEMBERS_KEYS: [&str; 3] = ["cluster.hostname", "cluster.members", "cluster.cache.port"];
+
 /// Keys of ours outside `cluster.instanceN.`; with instance keys
 /// normalised to `cluster.instanceN.*`, the list typos are matched against.
 const KNOWN_KEYS: &[&str] = &[
@@ -380,11 +392,26 @@ const KNOWN_KEYS: &[&str] = &[
     "cachecast.webhook.url",
 ];
 
+const NOT_SET_INSTANCE0: &str = "not set: clustering is off (set it to this node's host name or IP address, as its peers reach it)";
+
 /// A value read from the file, with its line.
 #[derive(Debug, Clone)]
 struct Entry {
+    /// The value, unescaped and trimmed.
     value: String,
+    /// The first physical line of the entry.
     line: usize,
+    /// The line could not be read (bad UTF-8, a malformed escape); an
+    /// error was reported, and the value must not be used.
+    broken: bool,
+}
+
+impl Entry {
+    /// Whether the key counts as set: a non-empty value, or one that was
+    /// there but could not be read.
+    fn present(&self) -> bool {
+        self.broken || !self.value.is_empty()
+    }
 }
 
 /// Collects problems while the file is read.
@@ -416,101 +443,288 @@ impl Report {
 /// Parses a configuration from the file's bytes.
 pub fn parse_bytes(bytes: &[u8]) -> Result<Loaded, ConfigError> {
     let mut report = Report::default();
-    let text = decode_utf8(bytes, &mut report);
-    let keys = read_keys(&text, &mut report);
+    let keys = read_keys(bytes, &mut report);
     let config = build(&keys, &mut report);
-    let (errors, warnings): (Vec<Problem>, Vec<Problem>) = report
+    // In file order; problems without a line (a key not set) last.
+    report
+        .problems
+        .sort_by_key(|p| p.line.unwrap_or(usize::MAX));
+    let (mut errors, warnings): (Vec<Problem>, Vec<Problem>) = report
         .problems
         .into_iter()
         .partition(|p| p.severity == Severity::Error);
     match config {
         Some(config) if errors.is_empty() => Ok(Loaded { config, warnings }),
-        _ => Err(ConfigError::Invalid { errors, warnings }),
+        _ => {
+            // Every path that yields no configuration reports why; should
+            // one ever fail to, say so rather than fail with no reason.
+            if errors.is_empty() {
+                errors.push(Problem {
+                    severity: Severity::Error,
+                    key: None,
+                    line: None,
+                    message: "no usable cluster configuration (internal: no reason recorded)"
+                        .into(),
+                });
+            }
+            Err(ConfigError::Invalid { errors, warnings })
+        }
     }
 }
 
-/// The file as text. dhis.conf is UTF-8 in practice; a line that is not
-/// is an error if it holds one of our keys, else only a warning (it may be a
-/// Latin-1 password of the application's, which is none of our business).
-fn decode_utf8(bytes: &[u8], report: &mut Report) -> String {
-    if let Ok(s) = std::str::from_utf8(bytes) {
-        return s.to_string();
-    }
-    for (i, line) in bytes.split(|&b| b == b'\n').enumerate() {
-        if std::str::from_utf8(line).is_err() {
-            let lossy = String::from_utf8_lossy(line);
-            let start = lossy.trim_start();
-            if start.starts_with(CLUSTER) || start.starts_with(OURS) {
-                report.error(
-                    "",
-                    Some(i + 1),
-                    "not valid UTF-8 (save the file as UTF-8)",
-                );
-            } else {
-                report.warn(
-                    "",
-                    Some(i + 1),
-                    "not valid UTF-8; not a cluster key, so it is ignored",
-                );
-            }
+/// The file's physical lines. As in Java, `\n`, `\r\n` and a lone `\r`
+/// each end a line. (`str::split_inclusive` and `contains` search with
+/// `memchr`, which keeps a 10 MB file quick even in a debug build.)
+fn physical_lines(text: &str) -> Vec<&str> {
+    let mut lines = Vec::new();
+    for piece in text.split_inclusive('\n') {
+        let body = match piece.strip_suffix('\n') {
+            Some(body) => body.strip_suffix('\r').unwrap_or(body),
+            None => piece,
+        };
+        if body.contains('\r') {
+            lines.extend(body.split('\r'));
+        } else {
+            lines.push(body);
         }
     }
-    String::from_utf8_lossy(bytes).into_owned()
+    lines
+}
+
+/// Java's white space in a properties file: space, tab, form feed.
+const WHITE: [char; 3] = [' ', '\t', '\x0c'];
+
+/// Whether a physical line continues on the next (an odd number of
+/// trailing backslashes).
+fn continues(line: &str) -> bool {
+    (line.len() - line.trim_end_matches('\\').len()) % 2 == 1
+}
+
+/// The key of a logical line as written (escapes not yet undone): up to
+/// the first unescaped `=`, `:` or white space.
+fn raw_key(line: &str) -> &str {
+    let mut escaped = false;
+    for (i, c) in line.char_indices() {
+        if escaped {
+            escaped = false;
+            continue;
+        }
+        match c {
+            '\\' => escaped = true,
+            '=' | ':' | ' ' | '\t' | '\x0c' => return &line[..i],
+            _ => {}
+        }
+    }
+    line
+}
+
+/// Whether `key` starts with `prefix`, ignoring ASCII case.
+fn starts_with_ci(key: &str, prefix: &str) -> bool {
+    key.len() >= prefix.len()
+        && key.as_bytes()[..prefix.len()].eq_ignore_ascii_case(prefix.as_bytes())
+}
+
+/// Whether a key is ours to read: under `cluster.` or `cachecast.`. The
+/// case is ignored here so that `Cluster.instance0.hostname` is reported
+/// (keys are case-sensitive) rather than silently skipped.
+fn is_ours(key: &str) -> bool {
+    starts_with_ci(key, CLUSTER) || starts_with_ci(key, OURS)
+}
+
+/// Whether a key written with escapes may turn out to be ours: the text
+/// before its first `\` is literal, so `redis.pass\u` cannot be, while
+/// `\u0063luster.x` or `cluster.instance0.host\u006eame` can.
+fn could_be_ours(raw: &str) -> bool {
+    let literal = raw.split('\\').next().unwrap_or_default();
+    [CLUSTER, OURS]
+        .iter()
+        .any(|p| starts_with_ci(literal, p) || starts_with_ci(p, literal))
+}
+
+/// One logical line, parsed by `java-properties`: its key and value with
+/// escapes undone.
+fn parse_entry(text: &str) -> Result<(String, String), String> {
+    let mut lines =
+        java_properties::PropertiesIter::new_with_encoding(text.as_bytes(), encoding_rs::UTF_8);
+    match lines.next() {
+        Some(Ok(line)) => match line.consume_content() {
+            java_properties::LineContent::KVPair(key, value) => Ok((key, value)),
+            java_properties::LineContent::Comment(_) => Err("not a `key = value` line".into()),
+        },
+        Some(Err(e)) => {
+            // The crate's message ends with its own line number, which
+            // counts from this one line: drop it, ours is in the problem.
+            let text = e.to_string();
+            Err(match text.find(" (line_number") {
+                Some(i) => text[..i].to_string(),
+                None => text,
+            })
+        }
+        None => Err("not a `key = value` line".into()),
+    }
 }
 
 /// Our keys with their values and lines; the last of a repeated key wins,
 /// with a warning.
-fn read_keys(text: &str, report: &mut Report) -> BTreeMap<String, Entry> {
+///
+/// The file is split into logical lines here (comments, `\` continuations,
+/// any line ending); only a line whose key is ours goes through the
+/// `java-properties` parser. So nothing in the rest of the file (a comment
+/// holding `C:\users`, a password with a stray `\u`) can stop the cluster
+/// keys from being read, and a 10 MB file costs little.
+fn read_keys(bytes: &[u8], report: &mut Report) -> BTreeMap<String, Entry> {
+    let (text, lossy) = match std::str::from_utf8(bytes) {
+        Ok(text) => (std::borrow::Cow::Borrowed(text), false),
+        Err(_) => (String::from_utf8_lossy(bytes), true),
+    };
+    let text = text.strip_prefix('\u{FEFF}').unwrap_or(&text);
+    let lines = physical_lines(text);
+    // dhis.conf is UTF-8 in practice. A line that is not is an error if it
+    // belongs to one of our keys, else only a warning (it may be a Latin-1
+    // comment or password of the application's, which is none of ours).
+    let bad_utf8: Vec<usize> = if lossy {
+        lines
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| l.contains(char::REPLACEMENT_CHARACTER))
+            .map(|(i, _)| i + 1)
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let mut bad_ours: Vec<usize> = Vec::new();
     let mut keys: BTreeMap<String, Entry> = BTreeMap::new();
-    let iter = java_properties::PropertiesIter::new_with_encoding(
-        text.as_bytes(),
-        encoding_rs::UTF_8,
-    );
-    for line in iter {
-        let line = match line {
-            Ok(line) => line,
-            Err(e) => {
-                // The crate's errors (a malformed \uXXXX escape) end its
-                // iteration, so what follows the bad line is not read.
-                report.error(
-                    "",
-                    e.line_number(),
-                    format!("{e}; the rest of the file was not read"),
-                );
+    let mut i = 0;
+    while i < lines.len() {
+        let number = i + 1;
+        let first = lines[i].trim_start_matches(WHITE);
+        if first.is_empty() || first.starts_with(['#', '!']) {
+            i += 1;
+            continue;
+        }
+        // Join continuation lines; a `\` on the file's last line is
+        // dropped, as Java does.
+        let mut last = i;
+        let mut logical = std::borrow::Cow::Borrowed(first);
+        while continues(lines[last]) {
+            logical.to_mut().pop();
+            if last + 1 == lines.len() {
                 break;
             }
-        };
-        let number = line.line_number();
-        if let java_properties::LineContent::KVPair(key, value) = line.consume_content() {
-            if !(key.starts_with(CLUSTER) || key.starts_with(OURS)) {
+            last += 1;
+            logical
+                .to_mut()
+                .push_str(lines[last].trim_start_matches(WHITE));
+        }
+        i = last + 1;
+
+        let raw = raw_key(&logical);
+        let key = if raw.contains('\\') {
+            if !could_be_ours(raw) {
                 continue;
             }
-            let entry = Entry {
-                value: value.trim().to_string(),
-                line: number,
-            };
-            if let Some(old) = keys.insert(key.clone(), entry) {
-                report.warn(
-                    &key,
-                    Some(number),
-                    format!("set again (first on line {}); the last value wins", old.line),
-                );
+            match parse_entry(raw) {
+                Ok((key, _)) => key,
+                Err(e) => {
+                    report.warn(
+                        "",
+                        Some(number),
+                        format!(
+                            "the key `{raw}` has a malformed escape ({e}); the line is ignored"
+                        ),
+                    );
+                    continue;
+                }
             }
+        } else if is_ours(raw) {
+            raw.to_string()
+        } else {
+            continue;
+        };
+        if !is_ours(&key) {
+            continue;
         }
+        let span = number..=last + 1;
+        let entry = if bad_utf8.iter().any(|l| span.contains(l)) {
+            bad_ours.extend(bad_utf8.iter().filter(|l| span.contains(l)));
+            report.error(
+                &key,
+                Some(number),
+                "not valid UTF-8 (save the file as UTF-8); the value is not used",
+            );
+            if key.contains(char::REPLACEMENT_CHARACTER) {
+                continue;
+            }
+            Entry {
+                value: String::new(),
+                line: number,
+                broken: true,
+            }
+        } else {
+            match parse_entry(&logical) {
+                Ok((_, value)) => Entry {
+                    value: value.trim().to_string(),
+                    line: number,
+                    broken: false,
+                },
+                Err(e) => {
+                    report.error(&key, Some(number), format!("{e}; the value is not used"));
+                    Entry {
+                        value: String::new(),
+                        line: number,
+                        broken: true,
+                    }
+                }
+            }
+        };
+        if let Some(old) = keys.insert(key.clone(), entry) {
+            report.warn(
+                &key,
+                Some(number),
+                format!(
+                    "set again (first on line {}); the last value wins",
+                    old.line
+                ),
+            );
+        }
+    }
+    let others: Vec<usize> = bad_utf8
+        .into_iter()
+        .filter(|l| !bad_ours.contains(l))
+        .collect();
+    if let Some((&first, rest)) = others.split_first() {
+        let also = match rest.len() {
+            0 => String::new(),
+            n if n <= 10 => format!(
+                " (also line{} {})",
+                if n == 1 { "" } else { "s" },
+                rest.iter()
+                    .map(usize::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            n => format!(" (and {n} more lines)"),
+        };
+        report.warn(
+            "",
+            Some(first),
+            format!("not valid UTF-8{also}; not a cluster key, so it is ignored"),
+        );
     }
     keys
 }
 
-/// The value of a key; an empty value means "not set" and is reported.
-fn value<'a>(keys: &'a BTreeMap<String, Entry>, key: &str, report: &mut Report) -> Option<&'a Entry> {
-    let entry = keys.get(key)?;
-    if entry.value.is_empty() {
-        report.warn(key, Some(entry.line), "empty value: treated as not set");
-        return None;
+/// The value of a key: `Ok(None)` when absent or empty ("not set", warned
+/// about once, in [`build`]); `Err` when it could not be read (reported).
+fn value<'a>(keys: &'a BTreeMap<String, Entry>, key: &str) -> Result<Option<&'a Entry>, ()> {
+    match keys.get(key) {
+        Some(e) if e.broken => Err(()),
+        Some(e) if !e.value.is_empty() => Ok(Some(e)),
+        _ => Ok(None),
     }
-    Some(entry)
 }
 
+/// A port number, 1..65535, digits only (no sign).
 fn parse_port(s: &str) -> Result<u16, String> {
     let s = s.trim();
     if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
@@ -528,7 +742,17 @@ fn check_host(host: &str) -> Result<(), String> {
     if host.is_empty() {
         return Err("empty host name".into());
     }
-    if host.parse::<IpAddr>().is_ok() {
+    if let Ok(ip) = host.parse::<IpAddr>() {
+        if ip.is_unspecified() {
+            return Err(format!(
+                "`{host}` is the unspecified address, which peers cannot reach; give the address peers reach this node by (cachecast.bind says where to listen)"
+            ));
+        }
+        if ip.is_multicast() {
+            return Err(format!(
+                "`{host}` is a multicast address, not a node's address"
+            ));
+        }
         return Ok(());
     }
     if host.contains("://") {
@@ -538,6 +762,11 @@ fn check_host(host: &str) -> Result<(), String> {
         return Err(format!(
             "`{host}` holds a `:`; give the port in its own key (or bracket an IPv6 address)"
         ));
+    }
+    // Digits and dots only, yet not an IPv4 address (`10.0.0.256`,
+    // `10.0.1`): a mistyped address, never a host name.
+    if host.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
+        return Err(format!("`{host}` is not a valid IPv4 address"));
     }
     if host.len() > 253 {
         return Err("host name longer than 253 characters".into());
@@ -571,13 +800,20 @@ fn parse_host(entry: &Entry, key: &str, report: &mut Report) -> Option<String> {
     }
 }
 
-fn port_of(keys: &BTreeMap<String, Entry>, key: &str, report: &mut Report) -> Option<u16> {
-    let entry = value(keys, key, report)?;
+/// A port key: `Ok(None)` when not set, `Err` when invalid (reported).
+fn port_of(
+    keys: &BTreeMap<String, Entry>,
+    key: &str,
+    report: &mut Report,
+) -> Result<Option<u16>, ()> {
+    let Some(entry) = value(keys, key)? else {
+        return Ok(None);
+    };
     match parse_port(&entry.value) {
-        Ok(p) => Some(p),
+        Ok(p) => Ok(Some(p)),
         Err(msg) => {
             report.error(key, Some(entry.line), msg);
-            None
+            Err(())
         }
     }
 }
@@ -626,98 +862,198 @@ fn distance(a: &str, b: &str) -> usize {
     prev[b.len()]
 }
 
-fn suggestion(key: &str) -> Option<&'static str> {
+/// The key of ours an unknown key was probably meant to be, concrete:
+/// `cluster.instance1.hostnme` → `cluster.instance1.hostname`.
+fn suggestion(key: &str) -> Option<String> {
+    let lower = key.to_ascii_lowercase();
     // Compare `cluster.instance3.hostnme` as `cluster.instanceN.hostnme`.
-    let normalised = match key.strip_prefix("cluster.instance") {
+    let (normalised, number) = match lower.strip_prefix("cluster.instance") {
         Some(rest) => {
             let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
-            format!("cluster.instanceN{}", &rest[digits..])
+            let n = rest[..digits].trim_start_matches('0');
+            let n = if n.is_empty() { "0" } else { n };
+            (
+                format!("cluster.instanceN{}", &rest[digits..]),
+                (digits > 0).then(|| n.to_string()),
+            )
         }
-        None => key.to_string(),
+        None => (lower.clone(), None),
     };
-    KNOWN_KEYS
+    let (_, best) = KNOWN_KEYS
         .iter()
         .map(|k| (distance(&normalised, k), *k))
         .filter(|(d, _)| *d <= 3)
-        .min()
-        .map(|(_, k)| k)
+        .min()?;
+    let concrete = match (best.strip_prefix("cluster.instanceN"), number) {
+        (Some(field), Some(n)) => format!("cluster.instance{n}{field}"),
+        _ => best.to_string(),
+    };
+    (concrete != key).then_some(concrete)
+}
+
+/// An unknown key under one of our prefixes: a warning when it looks like
+/// one of ours (a typo, a case slip) or sits in our own namespace, else a
+/// note (`cluster.` is DHIS 2's, which may have keys we do not read).
+fn unknown_key(key: &str, entry: &Entry, report: &mut Report) {
+    const IGNORED: &str = "not a key cachecast reads, ignored";
+    match suggestion(key) {
+        Some(s) => report.warn(
+            key,
+            Some(entry.line),
+            format!("{IGNORED} (did you mean `{s}`?)"),
+        ),
+        None if starts_with_ci(key, OURS) || starts_with_ci(key, "cluster.instance") => {
+            report.warn(key, Some(entry.line), IGNORED)
+        }
+        None => report.note(key, Some(entry.line), IGNORED),
+    }
+}
+
+fn warn_empty(key: &str, entry: &Entry, report: &mut Report) {
+    if !entry.present() {
+        report.warn(key, Some(entry.line), "empty value: treated as not set");
+    }
+}
+
+/// Keeps the entry with the lowest line.
+fn first_of<'a>(seen: &mut Option<(&'a str, usize)>, key: &'a str, line: usize) {
+    if seen.is_none_or(|(_, l)| line < l) {
+        *seen = Some((key, line));
+    }
 }
 
 fn build(keys: &BTreeMap<String, Entry>, report: &mut Report) -> Option<ClusterConfig> {
     // Sort every key into: an instance field, a members-format key, one of
-    // our extensions, or unknown.
-    let members_keys = ["cluster.hostname", "cluster.members", "cluster.cache.port"];
+    // our extensions, or unknown. Only keys that are set decide the format
+    // (an empty value means "not set").
     let mut instance_seen: Option<(&str, usize)> = None;
     let mut members_seen: Option<(&str, usize)> = None;
+    // With nothing set, the format whose keys are present (empty) decides
+    // which key the "not set" error names.
+    let mut members_empty = false;
     for (key, entry) in keys {
+        let line = Some(entry.line);
         match instance_key(key) {
             InstanceKey::Field(n, field) => {
                 if n >= MAX_INSTANCES as u64 {
-                    report.error(
-                        key,
-                        Some(entry.line),
-                        format!(
-                            "at most {MAX_INSTANCES} instances (cluster.instance0 to cluster.instance4)"
-                        ),
+                    let range = format!(
+                        "at most {MAX_INSTANCES} instances (cluster.instance0 to cluster.instance{})",
+                        MAX_INSTANCES - 1
                     );
+                    if entry.present() {
+                        report.error(key, line, range);
+                    } else {
+                        report.warn(
+                            key,
+                            line,
+                            format!("empty value: treated as not set ({range})"),
+                        );
+                    }
                 } else if field == "cache.remote.object.port" {
                     report.note(
                         key,
-                        Some(entry.line),
+                        line,
                         "RMI object port: ignored (cachecast needs one port only)",
                     );
+                    continue;
+                } else {
+                    warn_empty(key, entry, report);
                 }
-                instance_seen.get_or_insert((key, entry.line));
+                if entry.present() {
+                    first_of(&mut instance_seen, key, entry.line);
+                }
             }
-            InstanceKey::Other if members_keys.contains(&key.as_str()) => {
-                members_seen.get_or_insert((key, entry.line));
+            InstanceKey::Other if MEMBERS_KEYS.contains(&key.as_str()) => {
+                warn_empty(key, entry, report);
+                if entry.present() {
+                    first_of(&mut members_seen, key, entry.line);
+                } else {
+                    members_empty = true;
+                }
             }
             InstanceKey::Other if key == "cluster.cache.remote.object.port" => {
                 report.note(
                     key,
-                    Some(entry.line),
+                    line,
                     "RMI object port: ignored (cachecast needs one port only)",
                 );
             }
-            InstanceKey::Other if KNOWN_KEYS.contains(&key.as_str()) => {}
-            InstanceKey::Other => {
-                let hint = match suggestion(key) {
-                    Some(k) => format!("unknown key, ignored (did you mean `{k}`?)"),
-                    None => "unknown key, ignored".to_string(),
-                };
-                report.warn(key, Some(entry.line), hint);
+            InstanceKey::Other if KNOWN_KEYS.contains(&key.as_str()) => {
+                warn_empty(key, entry, report);
+            }
+            InstanceKey::Other => unknown_key(key, entry, report),
+        }
+    }
+    let cluster = match (instance_seen, members_seen) {
+        (Some((a, la)), Some((b, lb))) => {
+            let (a, la, b, lb) = if la <= lb {
+                (a, la, b, lb)
+            } else {
+                (b, lb, a, la)
+            };
+            report.error(
+                b,
+                Some(lb),
+                format!(
+                    "the file mixes both cluster formats (`{a}` on line {la} and `{b}`); use one of them"
+                ),
+            );
+            None
+        }
+        (None, Some(_)) => Some((members_format(keys, report), Format::Members)),
+        (None, None)
+            if members_empty
+                && !keys
+                    .keys()
+                    .any(|k| matches!(instance_key(k), InstanceKey::Field(..))) =>
+        {
+            Some((members_format(keys, report), Format::Members))
+        }
+        _ => Some((instances_format(keys, report), Format::Instances)),
+    };
+    if let Some((nodes, _)) = &cluster {
+        if let Some(node) = &nodes.node {
+            check_duplicates(node, &nodes.peers, report);
+            check_loopback(node, &nodes.peers, report);
+            if nodes.ok && nodes.peers.is_empty() {
+                report.warn(
+                    &node.source,
+                    node.line,
+                    "no peers configured: this node has nobody to keep coherent with",
+                );
             }
         }
     }
-    if let (Some((a, la)), Some((b, lb))) = (instance_seen, members_seen) {
+    // Our extensions are checked even when the cluster keys failed, so
+    // that every problem is listed at once.
+    let node_port = cluster
+        .as_ref()
+        .and_then(|(n, _)| n.node.as_ref())
+        .map_or(DEFAULT_PORT, |n| n.addr.port);
+    let ext = extensions(keys, node_port, report);
+    let (nodes, format) = cluster?;
+    let ext = ext?;
+    let node = nodes.node.filter(|_| nodes.ok)?;
+    if ext.api.port() == ext.bind.port()
+        && (ext.api.ip() == ext.bind.ip()
+            || ext.api.ip().is_unspecified()
+            || ext.bind.ip().is_unspecified())
+    {
         report.error(
-            b,
-            Some(lb),
+            "cachecast.api.port",
+            keys.get("cachecast.api.port").map(|e| e.line),
             format!(
-                "the file mixes both cluster formats (`{a}` on line {la} and `{b}`); use one of them"
+                "the sidecar's API ({}) and the listener for peers ({}) would share port {}; set cachecast.api.port to another port",
+                ext.api,
+                ext.bind,
+                ext.api.port()
             ),
         );
         return None;
     }
-    let (node, peers, format) = if members_seen.is_some() {
-        let (node, peers) = members_format(keys, report)?;
-        (node, peers, Format::Members)
-    } else {
-        let (node, peers) = instances_format(keys, report)?;
-        (node, peers, Format::Instances)
-    };
-    check_duplicates(&node, &peers, report);
-    if peers.is_empty() {
-        report.warn(
-            "",
-            node.line,
-            "no peers configured: this node has nobody to keep coherent with",
-        );
-    }
-    let ext = extensions(keys, node.addr.port, report)?;
     Some(ClusterConfig {
         node: node.addr,
-        peers,
+        peers: nodes.peers,
         format,
         bind: ext.bind,
         secret: ext.secret,
@@ -729,133 +1065,163 @@ fn build(keys: &BTreeMap<String, Entry>, report: &mut Report) -> Option<ClusterC
     })
 }
 
-type NodeAndPeers = (Peer, Vec<Peer>);
+/// What the cluster keys gave: this node (if it could be read), the peers
+/// that could be read, and whether everything could.
+struct Nodes {
+    node: Option<Peer>,
+    peers: Vec<Peer>,
+    ok: bool,
+}
 
-fn instances_format(keys: &BTreeMap<String, Entry>, report: &mut Report) -> Option<NodeAndPeers> {
-    let mut nodes: Vec<Option<Peer>> = vec![None; MAX_INSTANCES];
-    let mut failed = false;
-    for (n, slot) in nodes.iter_mut().enumerate() {
+fn instances_format(keys: &BTreeMap<String, Entry>, report: &mut Report) -> Nodes {
+    let mut nodes = Nodes {
+        node: None,
+        peers: Vec::new(),
+        ok: true,
+    };
+    for n in 0..MAX_INSTANCES {
         let host_key = format!("cluster.instance{n}.hostname");
         let port_key = format!("cluster.instance{n}.cache.port");
-        let host = value(keys, &host_key, report);
         let port = port_of(keys, &port_key, report);
-        match (host, keys.get(&port_key)) {
-            (Some(entry), _) => {
-                let Some(host) = parse_host(entry, &host_key, report) else {
-                    failed = true;
+        match value(keys, &host_key) {
+            Err(()) => nodes.ok = false,
+            Ok(Some(entry)) => {
+                let (Some(host), Ok(port)) = (parse_host(entry, &host_key, report), port) else {
+                    nodes.ok = false;
                     continue;
                 };
-                if keys.get(&port_key).is_some_and(|e| !e.value.is_empty()) && port.is_none() {
-                    failed = true;
-                    continue;
-                }
-                *slot = Some(Peer {
+                let peer = Peer {
                     addr: NodeAddr::new(host, port.unwrap_or(DEFAULT_PORT)),
                     source: format!("cluster.instance{n}"),
                     line: Some(entry.line),
-                });
+                };
+                if n == 0 {
+                    nodes.node = Some(peer);
+                } else {
+                    nodes.peers.push(peer);
+                }
             }
-            (None, Some(port_entry)) if !port_entry.value.is_empty() => {
-                report.error(
-                    &port_key,
-                    Some(port_entry.line),
-                    format!("a port without its host name (set {host_key})"),
-                );
-                failed = true;
-            }
-            _ => {}
-        }
-    }
-    let mut nodes = nodes.into_iter();
-    let node = nodes.next().flatten();
-    let peers: Vec<Peer> = nodes.flatten().collect();
-    let Some(node) = node else {
-        let unset = keys
-            .get("cluster.instance0.hostname")
-            .is_none_or(|e| e.value.is_empty());
-        if unset {
-            report.error(
-                "cluster.instance0.hostname",
-                None,
-                "not set: clustering is off (set it to this node's host name or IP address, as its peers reach it)",
-            );
-        }
-        return None;
-    };
-    if failed {
-        return None;
-    }
-    Some((node, peers))
-}
-
-fn members_format(keys: &BTreeMap<String, Entry>, report: &mut Report) -> Option<NodeAndPeers> {
-    let port = port_of(keys, "cluster.cache.port", report);
-    let port_failed = keys
-        .get("cluster.cache.port")
-        .is_some_and(|e| !e.value.is_empty())
-        && port.is_none();
-    let host = value(keys, "cluster.hostname", report);
-    let node = match host {
-        Some(entry) => parse_host(entry, "cluster.hostname", report).map(|h| Peer {
-            addr: NodeAddr::new(h, port.unwrap_or(DEFAULT_PORT)),
-            source: "cluster.hostname".into(),
-            line: Some(entry.line),
-        }),
-        None => {
-            if !keys.contains_key("cluster.hostname") {
-                report.error(
-                    "cluster.hostname",
-                    None,
-                    "not set: clustering is off (set it to this node's host name or IP address, as its peers reach it)",
-                );
-            }
-            None
-        }
-    };
-    let mut peers = Vec::new();
-    let mut failed = port_failed || node.is_none();
-    if let Some(entry) = value(keys, "cluster.members", report) {
-        for (i, member) in entry.value.split(',').map(str::trim).enumerate() {
-            if member.is_empty() {
-                report.warn(
-                    "cluster.members",
-                    Some(entry.line),
-                    format!("entry {} is empty (a stray comma?)", i + 1),
-                );
-                continue;
-            }
-            match member.parse::<NodeAddr>() {
-                Ok(addr) => peers.push(Peer {
-                    addr,
-                    source: format!("cluster.members[{}]", i + 1),
-                    line: Some(entry.line),
-                }),
-                Err(e) => {
-                    report.error("cluster.members", Some(entry.line), format!("entry {}: {e}", i + 1));
-                    failed = true;
+            Ok(None) => {
+                if let Some(port_entry) = keys.get(&port_key).filter(|e| e.present()) {
+                    report.error(
+                        &port_key,
+                        Some(port_entry.line),
+                        format!("a port without its host name (set {host_key})"),
+                    );
+                    nodes.ok = false;
+                }
+                if n == 0 {
+                    report.error(
+                        &host_key,
+                        keys.get(&host_key).map(|e| e.line),
+                        NOT_SET_INSTANCE0,
+                    );
+                    nodes.ok = false;
                 }
             }
         }
-        if peers.len() + 1 > MAX_INSTANCES {
-            report.error(
-                "cluster.members",
-                Some(entry.line),
-                format!(
-                    "{} members: at most {MAX_INSTANCES} instances (this node and {} members)",
-                    peers.len(),
-                    MAX_INSTANCES - 1
-                ),
-            );
-            failed = true;
-        }
     }
-    if failed {
-        return None;
-    }
-    node.map(|n| (n, peers))
+    nodes
 }
 
-/// Two entries naming the same `host:port` (by text) are an error.
+fn members_format(keys: &BTreeMap<String, Entry>, report: &mut Report) -> Nodes {
+    let mut nodes = Nodes {
+        node: None,
+        peers: Vec::new(),
+        ok: true,
+    };
+    let port = port_of(keys, "cluster.cache.port", report);
+    match value(keys, "cluster.hostname") {
+        Err(()) => nodes.ok = false,
+        Ok(Some(entry)) => match (parse_host(entry, "cluster.hostname", report), port) {
+            (Some(host), Ok(port)) => {
+                nodes.node = Some(Peer {
+                    addr: NodeAddr::new(host, port.unwrap_or(DEFAULT_PORT)),
+                    source: "cluster.hostname".into(),
+                    line: Some(entry.line),
+                });
+            }
+            _ => nodes.ok = false,
+        },
+        Ok(None) => {
+            report.error(
+                "cluster.hostname",
+                keys.get("cluster.hostname").map(|e| e.line),
+                NOT_SET_INSTANCE0,
+            );
+            if let Some(port_entry) = keys.get("cluster.cache.port").filter(|e| e.present()) {
+                report.error(
+                    "cluster.cache.port",
+                    Some(port_entry.line),
+                    "a port without its host name (set cluster.hostname)",
+                );
+            }
+            nodes.ok = false;
+        }
+    }
+    if port.is_err() {
+        nodes.ok = false;
+    }
+    let entry = match value(keys, "cluster.members") {
+        Ok(Some(entry)) => entry,
+        Ok(None) => return nodes,
+        Err(()) => {
+            nodes.ok = false;
+            return nodes;
+        }
+    };
+    let line = Some(entry.line);
+    let mut count = 0;
+    for (i, member) in entry.value.split(',').map(str::trim).enumerate() {
+        if member.is_empty() {
+            report.warn(
+                "cluster.members",
+                line,
+                format!("entry {} is empty (a stray comma?)", i + 1),
+            );
+            continue;
+        }
+        count += 1;
+        match member.parse::<NodeAddr>() {
+            Ok(addr) => {
+                if member.parse::<std::net::Ipv6Addr>().is_ok() {
+                    report.warn(
+                        "cluster.members",
+                        line,
+                        format!(
+                            "entry {}: write an IPv6 address in brackets (`[{member}]:port`), so that a port cannot be read as part of it; port {DEFAULT_PORT} applies",
+                            i + 1
+                        ),
+                    );
+                }
+                nodes.peers.push(Peer {
+                    addr,
+                    source: format!("cluster.members[{}]", i + 1),
+                    line,
+                });
+            }
+            Err(e) => {
+                report.error("cluster.members", line, format!("entry {}: {e}", i + 1));
+                nodes.ok = false;
+            }
+        }
+    }
+    if count + 1 > MAX_INSTANCES {
+        report.error(
+            "cluster.members",
+            line,
+            format!(
+                "{count} members: at most {MAX_INSTANCES} instances (this node and {} members)",
+                MAX_INSTANCES - 1
+            ),
+        );
+        nodes.ok = false;
+    }
+    nodes
+}
+
+/// Two entries naming the same `host:port` (by text, or as equal IP
+/// addresses however written) are an error.
 fn check_duplicates(node: &Peer, peers: &[Peer], report: &mut Report) {
     let all: Vec<&Peer> = std::iter::once(node).chain(peers).collect();
     for (i, a) in all.iter().enumerate() {
@@ -876,6 +1242,35 @@ fn check_duplicates(node: &Peer, peers: &[Peer], report: &mut Report) {
     }
 }
 
+/// `Some(true)` for a loopback address or `localhost`, `Some(false)` for
+/// any other IP address, `None` for a name (unknown until resolved).
+fn loopback(host: &str) -> Option<bool> {
+    if host.eq_ignore_ascii_case("localhost") {
+        return Some(true);
+    }
+    host.parse::<IpAddr>()
+        .ok()
+        .map(|ip| ip.to_canonical().is_loopback())
+}
+
+/// This node named by a loopback address while a peer is on another
+/// machine: that peer cannot reach this node by its identity.
+fn check_loopback(node: &Peer, peers: &[Peer], report: &mut Report) {
+    if loopback(&node.addr.host) != Some(true) {
+        return;
+    }
+    if let Some(p) = peers.iter().find(|p| loopback(&p.addr.host) == Some(false)) {
+        report.warn(
+            &node.source,
+            node.line,
+            format!(
+                "this node is {}, a loopback address, but {} ({}) is another machine, which cannot reach it there; give the address peers reach this node by",
+                node.addr, p.addr, p.source
+            ),
+        );
+    }
+}
+
 struct Extensions {
     bind: SocketAddr,
     secret: Option<SecretSource>,
@@ -886,52 +1281,76 @@ struct Extensions {
     webhook_url: Option<String>,
 }
 
-fn parse_ip(keys: &BTreeMap<String, Entry>, key: &str, report: &mut Report) -> Option<Option<IpAddr>> {
-    let Some(entry) = value(keys, key, report) else {
-        return Some(None);
-    };
-    let text = entry.value.trim_start_matches('[').trim_end_matches(']');
-    match text.parse::<IpAddr>() {
-        Ok(ip) => Some(Some(ip)),
-        Err(_) => {
-            report.error(key, Some(entry.line), format!("`{}` is not an IP address", entry.value));
-            None
-        }
+/// An IP address, IPv6 optionally in brackets.
+fn ip_literal(text: &str) -> Option<IpAddr> {
+    let inner = text
+        .strip_prefix('[')
+        .and_then(|t| t.strip_suffix(']'))
+        .unwrap_or(text);
+    match inner.parse::<IpAddr>() {
+        Ok(IpAddr::V4(_)) if inner.len() != text.len() => None, // `[10.0.0.1]`
+        Ok(ip) => Some(ip),
+        Err(_) => None,
     }
 }
 
-fn extensions(keys: &BTreeMap<String, Entry>, node_port: u16, report: &mut Report) -> Option<Extensions> {
+/// `cachecast.bind`: `addr` or `addr:port`, an IP address (no name).
+fn parse_bind(text: &str) -> Result<(IpAddr, Option<u16>), String> {
+    if let Some(ip) = ip_literal(text) {
+        return Ok((ip, None));
+    }
+    if let Some((host, port)) = text.rsplit_once(':') {
+        if let Some(ip) = ip_literal(host).filter(|ip| ip.is_ipv4() || host.starts_with('[')) {
+            return Ok((ip, Some(parse_port(port)?)));
+        }
+    }
+    Err(format!(
+        "`{text}` is not `address` or `address:port` (an IP address, not a name; IPv6 in brackets with a port)"
+    ))
+}
+
+fn extensions(
+    keys: &BTreeMap<String, Entry>,
+    node_port: u16,
+    report: &mut Report,
+) -> Option<Extensions> {
     let mut ok = true;
+    // Each lookup: Ok(None) when not set, Err when already reported.
+    let get = |key: &str, ok: &mut bool| match value(keys, key) {
+        Ok(v) => v,
+        Err(()) => {
+            *ok = false;
+            None
+        }
+    };
     // cachecast.bind: `addr` or `addr:port`.
     let mut bind = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), node_port);
-    if let Some(entry) = value(keys, "cachecast.bind", report) {
-        let v = entry.value.as_str();
-        if let Ok(sa) = v.parse::<SocketAddr>() {
-            if sa.port() == 0 {
-                report.error("cachecast.bind", Some(entry.line), "port 0 is not allowed (1..65535)");
+    if let Some(entry) = get("cachecast.bind", &mut ok) {
+        match parse_bind(&entry.value) {
+            Ok((ip, port)) => {
+                bind.set_ip(ip);
+                if let Some(port) = port {
+                    bind.set_port(port);
+                }
+            }
+            Err(msg) => {
+                report.error("cachecast.bind", Some(entry.line), msg);
                 ok = false;
             }
-            bind = sa;
-        } else if let Ok(ip) = v.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>() {
-            bind.set_ip(ip);
-        } else {
-            report.error(
-                "cachecast.bind",
-                Some(entry.line),
-                format!("`{v}` is not `address` or `address:port` (an IP address, not a name)"),
-            );
-            ok = false;
         }
     }
     let secret = match (
-        value(keys, "cachecast.secret", report),
-        value(keys, "cachecast.secret.file", report),
+        get("cachecast.secret", &mut ok),
+        get("cachecast.secret.file", &mut ok),
     ) {
-        (Some(a), Some(_)) => {
+        (Some(a), Some(f)) => {
             report.error(
                 "cachecast.secret",
                 Some(a.line),
-                "both cachecast.secret and cachecast.secret.file are set; keep one",
+                format!(
+                    "both cachecast.secret and cachecast.secret.file (line {}) are set; keep one",
+                    f.line
+                ),
             );
             ok = false;
             None
@@ -940,8 +1359,12 @@ fn extensions(keys: &BTreeMap<String, Entry>, node_port: u16, report: &mut Repor
         (None, Some(f)) => Some(SecretSource::File(PathBuf::from(&f.value))),
         (None, None) => None,
     };
-    let tls_keys = ["cachecast.tls.cert", "cachecast.tls.key", "cachecast.tls.ca"];
-    let tls_values: Vec<Option<&Entry>> = tls_keys.iter().map(|k| value(keys, k, report)).collect();
+    let tls_keys = [
+        "cachecast.tls.cert",
+        "cachecast.tls.key",
+        "cachecast.tls.ca",
+    ];
+    let tls_values: Vec<Option<&Entry>> = tls_keys.iter().map(|k| get(k, &mut ok)).collect();
     let tls = match tls_values.as_slice() {
         [Some(c), Some(k), Some(a)] => Some(TlsFiles {
             cert: PathBuf::from(&c.value),
@@ -950,39 +1373,68 @@ fn extensions(keys: &BTreeMap<String, Entry>, node_port: u16, report: &mut Repor
         }),
         [None, None, None] => None,
         _ => {
-            let missing: Vec<&str> = tls_keys
+            let set: Vec<String> = tls_keys
+                .iter()
+                .zip(&tls_values)
+                .filter_map(|(k, v)| v.map(|e| format!("{k} (line {})", e.line)))
+                .collect();
+            for (key, _) in tls_keys
                 .iter()
                 .zip(&tls_values)
                 .filter(|(_, v)| v.is_none())
-                .map(|(k, _)| *k)
-                .collect();
-            let line = tls_values.iter().flatten().map(|e| e.line).next();
-            report.error(
-                "cachecast.tls",
-                line,
-                format!("mutual TLS needs all three files; missing {}", missing.join(", ")),
-            );
+            {
+                report.error(
+                    key,
+                    None,
+                    format!(
+                        "not set, but {} is: mutual TLS needs all three of cachecast.tls.cert, cachecast.tls.key and cachecast.tls.ca",
+                        set.join(" and ")
+                    ),
+                );
+            }
             ok = false;
             None
         }
     };
-    let api_port = port_of(keys, "cachecast.api.port", report);
-    if keys.get("cachecast.api.port").is_some_and(|e| !e.value.is_empty()) && api_port.is_none() {
-        ok = false;
-    }
-    let api_ip = parse_ip(keys, "cachecast.api.bind", report);
-    let api_bind_explicit = matches!(api_ip, Some(Some(_)));
-    let api = SocketAddr::new(
-        api_ip.flatten().unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST)),
-        api_port.unwrap_or(DEFAULT_API_PORT),
-    );
-    if api_ip.is_none() {
-        ok = false;
+    let api_port = match port_of(keys, "cachecast.api.port", report) {
+        Ok(p) => p.unwrap_or(DEFAULT_API_PORT),
+        Err(()) => {
+            ok = false;
+            DEFAULT_API_PORT
+        }
+    };
+    let mut api = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), api_port);
+    let mut api_bind_explicit = false;
+    if let Some(entry) = get("cachecast.api.bind", &mut ok) {
+        match ip_literal(&entry.value) {
+            Some(ip) => {
+                api.set_ip(ip);
+                api_bind_explicit = true;
+                if !ip.to_canonical().is_loopback() {
+                    report.warn(
+                        "cachecast.api.bind",
+                        Some(entry.line),
+                        format!(
+                            "{ip} is not a loopback address: the sidecar's API (which can invalidate every cache) is open to the network"
+                        ),
+                    );
+                }
+            }
+            None => {
+                report.error(
+                    "cachecast.api.bind",
+                    Some(entry.line),
+                    format!("`{}` is not an IP address", entry.value),
+                );
+                ok = false;
+            }
+        }
     }
     let mut buffer = DEFAULT_BUFFER;
-    if let Some(entry) = value(keys, "cachecast.buffer", report) {
+    if let Some(entry) = get("cachecast.buffer", &mut ok) {
+        let digits = entry.value.bytes().all(|b| b.is_ascii_digit());
         match entry.value.parse::<usize>() {
-            Ok(n) if (1..=MAX_BUFFER).contains(&n) => buffer = n,
+            Ok(n) if digits && (1..=MAX_BUFFER).contains(&n) => buffer = n,
             _ => {
                 report.error(
                     "cachecast.buffer",
@@ -996,7 +1448,7 @@ fn extensions(keys: &BTreeMap<String, Entry>, node_port: u16, report: &mut Repor
             }
         }
     }
-    let webhook_url = value(keys, "cachecast.webhook.url", report).map(|e| e.value.clone());
+    let webhook_url = get("cachecast.webhook.url", &mut ok).map(|e| e.value.clone());
     ok.then_some(Extensions {
         bind,
         secret,
@@ -1024,7 +1476,12 @@ pub struct Resolved {
 pub fn resolve(config: &ClusterConfig, timeout: Duration) -> (Vec<Resolved>, Vec<Problem>) {
     let all: Vec<(NodeAddr, String, Option<usize>)> =
         std::iter::once((config.node.clone(), node_source(config), None))
-            .chain(config.peers.iter().map(|p| (p.addr.clone(), p.source.clone(), p.line)))
+            .chain(
+                config
+                    .peers
+                    .iter()
+                    .map(|p| (p.addr.clone(), p.source.clone(), p.line)),
+            )
             .collect();
     let (tx, rx) = std::sync::mpsc::channel();
     for (i, (addr, _, _)) in all.iter().enumerate() {

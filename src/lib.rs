@@ -5,6 +5,7 @@
 #![warn(missing_docs)]
 
 pub mod config;
+pub mod demo;
 pub mod mesh;
 pub mod wire;
 

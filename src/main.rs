@@ -17,6 +17,9 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Start three nodes in this process on loopback and show invalidations,
+    /// a crash with replay and flush, and a clean restart. Ends by itself.
+    Demo,
     /// Validate dhis.conf and print the resolved cluster (exit 0 valid, 2 invalid).
     Check {
         /// The configuration file (default: $DHIS2_HOME/dhis.conf, else /opt/dhis2/dhis.conf).
@@ -29,14 +32,19 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Check { config } => check(config),
+        Command::Demo => demo(),
     }
 }
 
-fn config_path(explicit: Option<PathBuf>) -> PathBuf {
-    config::locate(
-        explicit.as_deref(),
-        std::env::var_os("DHIS2_HOME").as_deref(),
-    )
+/// The configuration file, and why that one (for messages).
+fn config_path(explicit: Option<PathBuf>) -> (PathBuf, &'static str) {
+    let home = std::env::var_os("DHIS2_HOME");
+    let why = match (&explicit, &home) {
+        (Some(_), _) => "given with --config",
+        (None, Some(h)) if !h.is_empty() => "from $DHIS2_HOME",
+        _ => "the default location; --config and DHIS2_HOME were not given",
+    };
+    (config::locate(explicit.as_deref(), home.as_deref()), why)
 }
 
 fn print_problems(problems: &[Problem]) {
@@ -46,7 +54,7 @@ fn print_problems(problems: &[Problem]) {
 }
 
 fn check(explicit: Option<PathBuf>) -> ExitCode {
-    let path = config_path(explicit);
+    let (path, why) = config_path(explicit);
     let Loaded { config, warnings } = match config::load(&path) {
         Ok(loaded) => loaded,
         Err(ConfigError::Invalid { errors, warnings }) => {
@@ -58,6 +66,7 @@ fn check(explicit: Option<PathBuf>) -> ExitCode {
         }
         Err(e) => {
             eprintln!("error: {e}");
+            eprintln!("  (the path {} is {why})", path.display());
             return ExitCode::from(2);
         }
     };
@@ -117,4 +126,29 @@ fn check(explicit: Option<PathBuf>) -> ExitCode {
     }
     println!("valid");
     ExitCode::SUCCESS
+}
+
+fn demo() -> ExitCode {
+    // Only problems are logged: the demo prints its own story on stdout.
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(cachecast::demo::run(Box::new(std::io::stdout()))) {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("demo failed: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }

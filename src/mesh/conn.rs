@@ -135,14 +135,18 @@ async fn serve(shared: &Shared, stream: TcpStream) {
     if hello.magic != MAGIC {
         return reject(shared, &mut wr, "bad magic: not a cachecast peer").await;
     }
-    if hello.version != PROTOCOL_VERSION {
+    // Each side sends the highest version it speaks and both use the
+    // lower; this node speaks only version 1, so any version from 1 on will
+    // do (a newer peer steps down to ours).
+    if hello.version < PROTOCOL_VERSION {
         let reason = format!(
             "unsupported protocol version {} (this node speaks {PROTOCOL_VERSION})",
             hello.version
         );
         return reject(shared, &mut wr, &reason).await;
     }
-    let Some(peer) = find_peer(shared, &hello.node).await else {
+    let found = timeout(hello_timeout, find_peer(shared, &hello.node)).await;
+    let Some(peer) = found.ok().flatten() else {
         let reason = format!("{:?} is not a configured peer of {}", hello.node, shared.me);
         return reject(shared, &mut wr, &reason).await;
     };
@@ -169,12 +173,17 @@ async fn serve(shared: &Shared, stream: TcpStream) {
     };
     let mut buf = BytesMut::new();
     let sent = FrameCodec::new().encode(hello_for(shared, reply), &mut buf);
-    if sent.is_err() || wr.write_all(&buf).await.is_err() {
-        return;
-    }
-    info!(peer = %id, incarnation = format_args!("{incarnation:016x}"), "inbound link up");
-    shared.set_link(peer, Dir::In, true, "");
-    let reason = receive(shared, peer, incarnation, reader, wr, &conn_token).await;
+    let reason = match sent {
+        Err(e) => format!("cannot encode hello: {e}"),
+        Ok(()) => match wr.write_all(&buf).await {
+            Err(e) => format!("cannot send hello: {e}"),
+            Ok(()) => {
+                info!(peer = %id, incarnation = format_args!("{incarnation:016x}"), "inbound link up");
+                shared.set_link(peer, Dir::In, true, "");
+                receive(shared, peer, incarnation, reader, wr, &conn_token).await
+            }
+        },
+    };
     let current = {
         let mut links = lock(&shared.links);
         let l = &mut links[peer];
@@ -209,13 +218,18 @@ async fn reject(shared: &Shared, wr: &mut OwnedWriteHalf, reason: &str) {
     let _ = wr.shutdown().await;
 }
 
+/// A node identity as sent in a hello: `host:port` written in full.
+pub(super) fn parse_identity(node: &str) -> Option<NodeAddr> {
+    let claimed: NodeAddr = node.parse().ok()?;
+    claimed
+        .to_string()
+        .eq_ignore_ascii_case(node)
+        .then_some(claimed)
+}
+
 /// The configured peer a hello's identity names, if any.
 async fn find_peer(shared: &Shared, node: &str) -> Option<usize> {
-    let claimed: NodeAddr = node.parse().ok()?;
-    // The identity must be written in full, `host:port`.
-    if !claimed.to_string().eq_ignore_ascii_case(node) {
-        return None;
-    }
+    let claimed = parse_identity(node)?;
     if let Some(i) = shared.peers.iter().position(|p| p.addr.same_name(&claimed)) {
         return Some(i);
     }

@@ -101,6 +101,9 @@ impl Origins {
             }
             s.fresh = false;
             s.last_applied = seq;
+            // A goodbye promises nothing more; if more comes anyway, the
+            // goodbye no longer describes the end of the stream.
+            s.goodbye = None;
             emit(event(origin, seq, item));
         }
         Ok(Position {
@@ -116,6 +119,13 @@ impl Origins {
             .filter(|s| s.incarnation == incarnation)
         {
             s.goodbye = Some(last_seq);
+            if s.fresh {
+                // The origin writes everything this node needs before its
+                // goodbye, on the same connection. Nothing arrived, so
+                // nothing was owed: this node started after what the origin
+                // numbered so far had been delivered to its predecessor.
+                s.last_applied = s.last_applied.max(last_seq);
+            }
         }
     }
 
@@ -204,7 +214,7 @@ mod tests {
     fn a_gap_is_never_silent() {
         let mut o = origins();
         o.hello(0, 5, &mut |_| {});
-        run(&mut o, 5, 1, vec![key("a")]);
+        run(&mut o, 5, 1, vec![key("a")]).1.expect("applied");
         let (evs, _) = run(&mut o, 5, 3, vec![key("c")]);
         assert_eq!(flushes(&evs), 1);
         assert!(matches!(
@@ -235,7 +245,7 @@ mod tests {
     fn crash_restart_flushes_and_clean_restart_does_not() {
         let mut o = origins();
         o.hello(0, 5, &mut |_| {});
-        run(&mut o, 5, 1, vec![key("a")]);
+        run(&mut o, 5, 1, vec![key("a")]).1.expect("applied");
         let mut evs = Vec::new();
         let reply = o.hello(0, 6, &mut |e| evs.push(e));
         assert_eq!(
@@ -247,17 +257,31 @@ mod tests {
         );
         assert_eq!(flushes(&evs), 1, "no goodbye: flush");
 
-        run(&mut o, 6, 1, vec![key("b"), key("c")]);
+        run(&mut o, 6, 1, vec![key("b"), key("c")])
+            .1
+            .expect("applied");
         o.goodbye(0, 6, 2);
         let mut evs = Vec::new();
         o.hello(0, 7, &mut |e| evs.push(e));
         assert!(evs.is_empty(), "goodbye and all applied: no flush");
 
-        run(&mut o, 7, 1, vec![key("d")]);
+        run(&mut o, 7, 1, vec![key("d")]).1.expect("applied");
         o.goodbye(0, 7, 3); // said goodbye after 3, but 2 and 3 never arrived
         let mut evs = Vec::new();
         o.hello(0, 8, &mut |e| evs.push(e));
         assert_eq!(flushes(&evs), 1);
+    }
+
+    #[test]
+    fn goodbye_to_a_node_that_was_owed_nothing_is_clean() {
+        let mut o = origins();
+        // This node joined after the origin's first 40 were delivered to
+        // its predecessor; the origin had nothing more for it.
+        o.hello(0, 5, &mut |_| {});
+        o.goodbye(0, 5, 40);
+        let mut evs = Vec::new();
+        o.hello(0, 6, &mut |e| evs.push(e));
+        assert!(evs.is_empty(), "{evs:?}");
     }
 
     #[test]

@@ -14,7 +14,7 @@ use tokio::time::{Instant, sleep, sleep_until, timeout};
 use tokio_util::codec::{Encoder, FramedRead};
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use super::conn::{hello_for, identity_matches};
+use super::conn::{hello_for, identity_matches, parse_identity};
 use super::{Dir, Shared, lock};
 use crate::config::NodeAddr;
 use crate::wire::{CodecError, FrameCodec, Hello, MAGIC, Message, PROTOCOL_VERSION};
@@ -86,7 +86,16 @@ pub(super) async fn run(shared: Arc<Shared>, peer: usize) {
                 Ok((reader, writer, hello)) => {
                     backoff.failures = 0;
                     last_logged = None;
-                    let behind = lock(&shared.out).connected(peer, hello.last_applied);
+                    let (behind, acked) = {
+                        let mut out = lock(&shared.out);
+                        let behind = out.connected(peer, hello.last_applied);
+                        (behind, out.acked(peer))
+                    };
+                    shared.peers[peer].acked.send_if_modified(|a| {
+                        let changed = *a < acked;
+                        *a = (*a).max(acked);
+                        changed
+                    });
                     {
                         let mut links = lock(&shared.links);
                         if links[peer].ever_connected {
@@ -188,13 +197,13 @@ async fn connect(
     if hello.magic != MAGIC {
         return Err(LinkError::Protocol("bad magic in hello".into()));
     }
-    if hello.version != PROTOCOL_VERSION {
+    if hello.version < PROTOCOL_VERSION {
         return Err(LinkError::Protocol(format!(
             "peer speaks protocol version {}, this node {PROTOCOL_VERSION}",
             hello.version
         )));
     }
-    let claimed: Option<NodeAddr> = hello.node.parse().ok();
+    let claimed = parse_identity(&hello.node);
     let matches = match &claimed {
         Some(c) => identity_matches(c, &info.addr).await,
         None => false,
@@ -255,8 +264,8 @@ async fn session(
                         .ack(peer, pos)
                         .map_err(LinkError::Protocol)?;
                     info.acked.send_if_modified(|a| {
-                        let changed = *a != acked;
-                        *a = acked;
+                        let changed = *a < acked;
+                        *a = (*a).max(acked);
                         changed
                     });
                 }
@@ -314,15 +323,19 @@ async fn session(
         // Graceful shutdown: drain, say goodbye, wait for the acks.
         let deadline = Instant::now() + shared.tuning.shutdown_timeout;
         let drain = async {
-            loop {
-                let filled = lock(&shared.out).fill(peer, &mut buf, WRITE_CHUNK)?;
+            let last_seq = loop {
+                // Fill and read the last number under one lock, so the
+                // goodbye never names something that was not written.
+                let (filled, last_seq) = {
+                    let mut out = lock(&shared.out);
+                    (out.fill(peer, &mut buf, WRITE_CHUNK)?, out.last_seq())
+                };
                 if filled.items == 0 {
-                    break;
+                    break last_seq;
                 }
                 wr.write_all(&buf).await?;
                 buf.clear();
-            }
-            let last_seq = lock(&shared.out).last_seq();
+            };
             codec.encode(&Message::Goodbye { last_seq }, &mut buf)?;
             wr.write_all(&buf).await?;
             buf.clear();

@@ -385,6 +385,15 @@ impl MeshBuilder {
                 crate::config::MAX_INSTANCES - 1
             )));
         }
+        // Running without the protection an operator asked for would be
+        // worse than not running.
+        if config.secret.is_some() || config.tls.is_some() {
+            return Err(StartError::Config(
+                "cachecast.secret / cachecast.tls.* are set, but this version does not \
+                 implement peer authentication or TLS yet; remove them to run unprotected"
+                    .into(),
+            ));
+        }
         let listener = match listener {
             Some(l) => l,
             None => TcpListener::bind(config.bind)

@@ -1,0 +1,445 @@
+//! `cachecast demo`: three nodes in one process on loopback, showing
+//! delivery, latency, a crash with replay and flush, and a clean restart.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+
+use crate::config::{ClusterConfig, NodeAddr};
+use crate::mesh::{Event, Mesh, MeshHandle};
+
+const NAMES: [&str; 3] = ["A", "B", "C"];
+
+/// What the demo saw, for its summary and for tests.
+#[derive(Debug, Default, Clone)]
+pub struct Summary {
+    /// Invalidations delivered to some node.
+    pub delivered: u64,
+    /// One-way latencies of the steady trickle, in microseconds, sorted.
+    pub latencies_us: Vec<u64>,
+    /// Flush events seen.
+    pub flushes: u64,
+    /// Invalidations a restarted node got from a peer's replay buffer.
+    pub replayed: u64,
+}
+
+/// Shared between the demo and the nodes' callbacks.
+struct Board {
+    start: Instant,
+    /// When each (origin, seq) was sent.
+    sent: Mutex<HashMap<(String, u64), Instant>>,
+    log: Mutex<Vec<(usize, Event, Option<Duration>)>>,
+    changed: Notify,
+}
+
+impl Board {
+    fn record(&self, node: usize, event: &Event) {
+        let latency = match event {
+            Event::Invalidated { origin, seq, .. } | Event::CacheCleared { origin, seq, .. } => {
+                self.sent
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get(&(origin.to_string(), *seq))
+                    .map(|t| t.elapsed())
+            }
+            _ => None,
+        };
+        self.log
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((node, event.clone(), latency));
+        self.changed.notify_waiters();
+    }
+
+    fn elapsed(&self) -> String {
+        format!("[{:>7.3}s]", self.start.elapsed().as_secs_f64())
+    }
+}
+
+struct Demo {
+    board: Arc<Board>,
+    ports: Vec<u16>,
+    nodes: Vec<Option<MeshHandle>>,
+    out: Box<dyn Write + Send>,
+    /// How many log entries were printed already.
+    printed: usize,
+}
+
+impl Demo {
+    fn name_of(&self, id: &str) -> &'static str {
+        self.ports
+            .iter()
+            .position(|p| id.ends_with(&format!(":{p}")))
+            .map_or("?", |i| NAMES[i])
+    }
+
+    async fn start_node(&mut self, i: usize, listener: Option<TcpListener>) -> anyhow::Result<()> {
+        let listener = match listener {
+            Some(l) => l,
+            None => TcpListener::bind(("127.0.0.1", self.ports[i])).await?,
+        };
+        let me = NodeAddr::new("127.0.0.1", self.ports[i]);
+        let peers = (0..3)
+            .filter(|&j| j != i)
+            .map(|j| NodeAddr::new("127.0.0.1", self.ports[j]));
+        let mut config = ClusterConfig::new(me, peers);
+        config.bind = SocketAddr::from(([127, 0, 0, 1], self.ports[i]));
+        let board = self.board.clone();
+        let handle = Mesh::builder(config)
+            .listener(listener)
+            .on_event(move |e| board.record(i, e))
+            .start()
+            .await?;
+        writeln!(
+            self.out,
+            "{} node {} up at {} (incarnation {:016x})",
+            self.board.elapsed(),
+            NAMES[i],
+            handle.node(),
+            handle.incarnation()
+        )?;
+        self.nodes[i] = Some(handle);
+        Ok(())
+    }
+
+    fn node(&self, i: usize) -> anyhow::Result<&MeshHandle> {
+        self.nodes[i]
+            .as_ref()
+            .ok_or_else(|| anyhow::anyhow!("node {} is not running", NAMES[i]))
+    }
+
+    fn send(&self, i: usize, cache: &str, key: &str) -> anyhow::Result<u64> {
+        let h = self.node(i)?;
+        // Record the time under the lock before sending, so the receiver's
+        // callback always finds it.
+        let mut sent = self.board.sent.lock().unwrap_or_else(|e| e.into_inner());
+        let seq = h.invalidate(cache, key)?;
+        sent.insert((h.node().to_string(), seq), Instant::now());
+        Ok(seq)
+    }
+
+    /// Waits until `pred` holds over the event log (at most `limit`).
+    async fn wait(
+        &self,
+        what: &str,
+        limit: Duration,
+        pred: impl Fn(&[(usize, Event, Option<Duration>)]) -> bool,
+    ) -> anyhow::Result<()> {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let notified = self.board.changed.notified();
+            if pred(&self.board.log.lock().unwrap_or_else(|e| e.into_inner())) {
+                return Ok(());
+            }
+            tokio::select! {
+                _ = notified => {}
+                _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+                _ = tokio::time::sleep_until(deadline) => anyhow::bail!("timed out waiting for {what}"),
+            }
+        }
+    }
+
+    /// Prints the events logged since the last call, except the bulk ones.
+    fn print_new(&mut self, verbose_invalidations: bool) -> anyhow::Result<()> {
+        let log = self
+            .board
+            .log
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        for (node, event, latency) in &log[self.printed..] {
+            let at = NAMES[*node];
+            let line = match event {
+                Event::Invalidated {
+                    origin,
+                    seq,
+                    cache,
+                    key,
+                } if verbose_invalidations => Some(format!(
+                    "{at} <- {} #{seq}: drop {cache}[{key}]{}",
+                    self.name_of(origin),
+                    latency
+                        .map(|l| format!("   ({} µs after it was sent)", l.as_micros()))
+                        .unwrap_or_default()
+                )),
+                Event::CacheCleared { origin, seq, cache } if verbose_invalidations => {
+                    Some(format!(
+                        "{at} <- {} #{seq}: clear all of {cache}",
+                        self.name_of(origin)
+                    ))
+                }
+                Event::Invalidated { .. } | Event::CacheCleared { .. } => None,
+                Event::Flush { origin, reason } => Some(format!(
+                    "{at}: FLUSH every cache ({}{reason})",
+                    origin
+                        .as_deref()
+                        .map(|o| format!("{}: ", self.name_of(o)))
+                        .unwrap_or_default()
+                )),
+                Event::PeerUp { peer } => Some(format!("{at}: peer {} up", self.name_of(peer))),
+                Event::PeerDown { peer, reason } => {
+                    Some(format!("{at}: peer {} down ({reason})", self.name_of(peer)))
+                }
+            };
+            if let Some(line) = line {
+                writeln!(self.out, "{}   {line}", self.board.elapsed())?;
+            }
+        }
+        self.printed = log.len();
+        Ok(())
+    }
+
+    fn say(&mut self, text: &str) -> anyhow::Result<()> {
+        writeln!(self.out, "\n{} {text}", self.board.elapsed())?;
+        Ok(())
+    }
+
+    fn all_up(&self) -> bool {
+        self.nodes
+            .iter()
+            .flatten()
+            .all(|h| h.status().peers.iter().all(|p| p.connected))
+    }
+
+    async fn wait_all_up(&self) -> anyhow::Result<()> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !self.all_up() {
+            if tokio::time::Instant::now() > deadline {
+                anyhow::bail!("the nodes did not connect within 10 s");
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        Ok(())
+    }
+}
+
+fn count(log: &[(usize, Event, Option<Duration>)], pred: impl Fn(usize, &Event) -> bool) -> usize {
+    log.iter().filter(|(n, e, _)| pred(*n, e)).count()
+}
+
+/// Runs the demo, printing to `out`; ends by itself within seconds.
+pub async fn run(out: Box<dyn Write + Send>) -> anyhow::Result<Summary> {
+    let mut listeners = Vec::new();
+    for _ in 0..3 {
+        listeners.push(TcpListener::bind("127.0.0.1:0").await?);
+    }
+    let ports = listeners
+        .iter()
+        .map(|l| l.local_addr().map(|a| a.port()))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut d = Demo {
+        board: Arc::new(Board {
+            start: Instant::now(),
+            sent: Mutex::new(HashMap::new()),
+            log: Mutex::new(Vec::new()),
+            changed: Notify::new(),
+        }),
+        ports,
+        nodes: vec![None, None, None],
+        out,
+        printed: 0,
+    };
+    writeln!(
+        d.out,
+        "cachecast demo: three nodes (A, B, C) in this process, on loopback ports"
+    )?;
+    for (i, l) in listeners.into_iter().enumerate() {
+        d.start_node(i, Some(l)).await?;
+    }
+    d.wait_all_up().await?;
+    d.print_new(true)?;
+
+    d.say("Each node invalidates an entry; the others are told at once:")?;
+    let entries = [
+        ("org.hisp.dhis.user.User", "42"),
+        ("org.hisp.dhis.dataelement.DataElement", "fbfJHSPpUQD"),
+        (
+            "org.hisp.dhis.organisationunit.OrganisationUnit",
+            "ImspTQPwCqd",
+        ),
+    ];
+    for (i, (cache, key)) in entries.iter().enumerate() {
+        d.send(i, cache, key)?;
+        d.wait("delivery", Duration::from_secs(5), |log| {
+            count(
+                log,
+                |_, e| matches!(e, Event::Invalidated { key: k, .. } if &**k == *key),
+            ) == 2
+        })
+        .await?;
+    }
+    d.node(1)?
+        .invalidate_cache("org.hisp.dhis.option.OptionSet")?;
+    d.wait("cache cleared", Duration::from_secs(5), |log| {
+        count(log, |_, e| matches!(e, Event::CacheCleared { .. })) == 2
+    })
+    .await?;
+    d.print_new(true)?;
+
+    d.say("A steady trickle: 300 invalidations from A, one every millisecond ...")?;
+    let mut tick = tokio::time::interval(Duration::from_millis(1));
+    for k in 0..300 {
+        tick.tick().await;
+        d.send(0, "org.hisp.dhis.user.User", &format!("paced-{k}"))?;
+    }
+    d.wait("the trickle", Duration::from_secs(10), |log| {
+        count(
+            log,
+            |_, e| matches!(e, Event::Invalidated { key, .. } if key.starts_with("paced-")),
+        ) == 600
+    })
+    .await?;
+    let mut paced: Vec<u64> = d
+        .board
+        .log
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .filter(
+            |(_, e, _)| matches!(e, Event::Invalidated { key, .. } if key.starts_with("paced-")),
+        )
+        .filter_map(|(_, _, l)| l.map(|l| l.as_micros() as u64))
+        .collect();
+    paced.sort_unstable();
+    let pct = |p: f64| {
+        paced
+            .get(((paced.len() as f64 - 1.0) * p) as usize)
+            .copied()
+            .unwrap_or(0)
+    };
+    let (p50, p99, max) = (pct(0.5), pct(0.99), pct(1.0));
+    d.print_new(false)?;
+    writeln!(
+        d.out,
+        "{}   600 deliveries; one-way latency p50 {p50} µs, p99 {p99} µs, max {max} µs",
+        d.board.elapsed()
+    )?;
+
+    d.say("A burst: 10,000 invalidations from each node at once ...")?;
+    let before = d.board.log.lock().unwrap_or_else(|e| e.into_inner()).len();
+    let burst = Instant::now();
+    for k in 0..10_000 {
+        for i in 0..3 {
+            d.send(i, "org.hisp.dhis.user.User", &format!("burst-{k}"))?;
+        }
+    }
+    d.wait("the burst", Duration::from_secs(30), |log| {
+        log.len() >= before + 60_000
+    })
+    .await?;
+    let took = burst.elapsed();
+    d.print_new(false)?;
+    writeln!(
+        d.out,
+        "{}   60,000 deliveries in {:.1} ms ({:.0} per second)",
+        d.board.elapsed(),
+        took.as_secs_f64() * 1e3,
+        60_000.0 / took.as_secs_f64()
+    )?;
+
+    d.say("C crashes (no goodbye); A keeps invalidating while C is away:")?;
+    if let Some(c) = d.nodes[2].take() {
+        c.abort().await;
+    }
+    d.wait("peer down", Duration::from_secs(5), |log| {
+        count(log, |n, e| n == 0 && matches!(e, Event::PeerDown { .. })) >= 1
+    })
+    .await?;
+    d.print_new(true)?;
+    for k in 0..5 {
+        d.send(
+            0,
+            "org.hisp.dhis.user.User",
+            &format!("while-C-was-down-{k}"),
+        )?;
+    }
+    let queued = d.node(0)?.status().peers[1].queued;
+    writeln!(
+        d.out,
+        "{}   A holds {queued} invalidations for C in its replay buffer",
+        d.board.elapsed()
+    )?;
+
+    d.say("C restarts (a new incarnation):")?;
+    d.start_node(2, None).await?;
+    d.wait_all_up().await?;
+    d.wait("the replay", Duration::from_secs(5), |log| {
+        count(log, |n, e| {
+            n == 2 && matches!(e, Event::Invalidated { key, .. } if key.starts_with("while-C"))
+        }) == 5
+    })
+    .await?;
+    d.wait("the flushes", Duration::from_secs(5), |log| {
+        count(log, |_, e| matches!(e, Event::Flush { .. })) >= 2
+    })
+    .await?;
+    d.print_new(true)?;
+    writeln!(
+        d.out,
+        "{}   C got what it missed by replay; A and B flushed, since C may have \
+         sent something just before it crashed that never arrived",
+        d.board.elapsed()
+    )?;
+
+    d.say("B restarts gracefully (goodbye): no flush anywhere")?;
+    let flushes_before = count(
+        &d.board.log.lock().unwrap_or_else(|e| e.into_inner()),
+        |_, e| matches!(e, Event::Flush { .. }),
+    );
+    if let Some(b) = d.nodes[1].take() {
+        b.shutdown().await;
+    }
+    d.start_node(1, None).await?;
+    d.wait_all_up().await?;
+    d.send(1, "org.hisp.dhis.user.User", "after-clean-restart")?;
+    d.wait("delivery", Duration::from_secs(5), |log| {
+        count(
+            log,
+            |_, e| matches!(e, Event::Invalidated { key, .. } if &**key == "after-clean-restart"),
+        ) == 2
+    })
+    .await?;
+    d.print_new(true)?;
+
+    let log = d
+        .board
+        .log
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    let flushes = count(&log, |_, e| matches!(e, Event::Flush { .. }));
+    if flushes != flushes_before {
+        anyhow::bail!("a graceful restart caused a flush");
+    }
+    let summary = Summary {
+        delivered: count(&log, |_, e| {
+            matches!(e, Event::Invalidated { .. } | Event::CacheCleared { .. })
+        }) as u64,
+        flushes: flushes as u64,
+        replayed: 5,
+        latencies_us: paced,
+    };
+    d.say("Summary")?;
+    writeln!(
+        d.out,
+        "  delivered {} invalidations; one-way latency at 1,000/s: p50 {p50} µs, \
+         p99 {p99} µs (three nodes and this printer share one process)",
+        summary.delivered
+    )?;
+    writeln!(
+        d.out,
+        "  crash of C: {} flushes at its peers, {} invalidations replayed to it; \
+         graceful restart of B: 0 flushes",
+        flushes, summary.replayed
+    )?;
+    for h in d.nodes.iter_mut().filter_map(Option::take) {
+        h.shutdown().await;
+    }
+    writeln!(d.out, "demo finished")?;
+    Ok(summary)
+}

@@ -1,0 +1,210 @@
+//! `cachecast check`: the built binary on sample `dhis.conf` files.
+//!
+//! The samples are copies, in `tests/data/` and `examples/conf/`, of the
+//! shared ones in `../shared/conf/` (compared when that directory is there),
+//! so the tests do not depend on anything outside the repository. Every
+//! address in them is an IP literal: `check` looks nothing up and never
+//! connects.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn repo(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
+}
+
+/// Runs `cachecast check` with these arguments, `DHIS2_HOME` as given.
+fn check_with(
+    args: &[&std::ffi::OsStr],
+    dhis2_home: Option<&Path>,
+) -> (Option<i32>, String, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_cachecast"));
+    cmd.arg("check").args(args).env_remove("DHIS2_HOME");
+    if let Some(home) = dhis2_home {
+        cmd.env("DHIS2_HOME", home);
+    }
+    let Output {
+        status,
+        stdout,
+        stderr,
+    } = cmd.output().expect("run cachecast");
+    (
+        status.code(),
+        String::from_utf8_lossy(&stdout).into_owned(),
+        String::from_utf8_lossy(&stderr).into_owned(),
+    )
+}
+
+fn check(path: &Path) -> (Option<i32>, String, String) {
+    check_with(&["--config".as_ref(), path.as_os_str()], None)
+}
+
+/// This node and the peers, as `check` printed them.
+fn cluster(stdout: &str) -> (String, Vec<String>) {
+    let node = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("this node"))
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap_or_default()
+        .to_string();
+    let count: usize = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("peers"))
+        .and_then(|l| l.trim().parse().ok())
+        .unwrap_or(usize::MAX);
+    let peers: Vec<String> = stdout
+        .lines()
+        .filter_map(|l| l.strip_prefix("  "))
+        .filter_map(|l| l.split_whitespace().next())
+        .map(str::to_string)
+        .collect();
+    assert_eq!(count, peers.len(), "stdout:\n{stdout}");
+    (node, peers)
+}
+
+#[test]
+fn server_a() {
+    let (code, out, err) = check(&repo("tests/data/server-a.conf"));
+    assert_eq!(code, Some(0), "stdout:\n{out}\nstderr:\n{err}");
+    assert_eq!(
+        cluster(&out),
+        (
+            "193.157.199.131:4001".into(),
+            vec!["193.157.199.132:4001".into()]
+        )
+    );
+    assert!(out.contains("(cluster.instance1, line 17)"), "{out}");
+    assert!(out.contains("listens on 0.0.0.0:4001"), "{out}");
+    assert_eq!(out.lines().last(), Some("valid"), "{out}");
+    assert_eq!(err, "", "a clean file prints no problem");
+}
+
+#[test]
+fn server_b_ports_default_to_4001() {
+    let (code, out, err) = check(&repo("tests/data/server-b.conf"));
+    assert_eq!(code, Some(0), "stdout:\n{out}\nstderr:\n{err}");
+    assert_eq!(
+        cluster(&out),
+        (
+            "193.157.199.132:4001".into(),
+            vec!["193.157.199.131:4001".into()]
+        )
+    );
+    assert_eq!(out.lines().last(), Some("valid"), "{out}");
+}
+
+#[test]
+fn too_many_instances() {
+    let (code, out, err) = check(&repo("tests/data/too-many.conf"));
+    assert_eq!(code, Some(2), "stdout:\n{out}\nstderr:\n{err}");
+    assert!(
+        err.contains("line 7: cluster.instance5.hostname: at most 5 instances"),
+        "{err}"
+    );
+    assert!(err.contains("invalid"), "{err}");
+}
+
+#[test]
+fn three_node_example_on_one_machine() {
+    let (code, out, err) = check(&repo("examples/conf/node1.conf"));
+    assert_eq!(code, Some(0), "stdout:\n{out}\nstderr:\n{err}");
+    assert_eq!(
+        cluster(&out),
+        (
+            "127.0.0.1:14001".into(),
+            vec!["127.0.0.1:14002".into(), "127.0.0.1:14003".into()]
+        )
+    );
+    assert!(out.contains("api        http://127.0.0.1:14101"), "{out}");
+    for n in [2, 3] {
+        let (code, out, err) = check(&repo(&format!("examples/conf/node{n}.conf")));
+        assert_eq!(code, Some(0), "node{n}: stdout:\n{out}\nstderr:\n{err}");
+        assert_eq!(cluster(&out).0, format!("127.0.0.1:1400{n}"));
+    }
+}
+
+#[test]
+fn three_errors_are_all_listed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("dhis.conf");
+    std::fs::write(
+        &path,
+        "cluster.instance0.hostname = 10.0.0.1\ncluster.instance1.hostname = http://10.0.0.2\n\
+         cluster.instance2.cache.port = 4003\ncachecast.buffer = lots\n",
+    )
+    .expect("write");
+    let (code, out, err) = check(&path);
+    assert_eq!(code, Some(2), "stdout:\n{out}\nstderr:\n{err}");
+    for expected in [
+        "error: line 2: cluster.instance1.hostname: ",
+        "error: line 3: cluster.instance2.cache.port: ",
+        "error: line 4: cachecast.buffer: ",
+        "3 error(s)",
+    ] {
+        assert!(err.contains(expected), "{expected:?} not in:\n{err}");
+    }
+}
+
+#[test]
+fn no_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("nope.conf");
+    let (code, out, err) = check(&path);
+    assert_eq!(code, Some(2), "stdout:\n{out}\nstderr:\n{err}");
+    assert!(err.contains(&path.display().to_string()), "{err}");
+    assert!(err.contains("no such file"), "{err}");
+    assert!(err.contains("--config"), "{err}");
+    assert_eq!(out, "");
+}
+
+#[test]
+fn dhis2_home_is_used_and_config_wins() {
+    let home = tempfile::tempdir().expect("tempdir");
+    // DHIS2_HOME without a dhis.conf: the message names the path tried.
+    let (code, _, err) = check_with(&[], Some(home.path()));
+    assert_eq!(code, Some(2), "{err}");
+    let tried = home.path().join("dhis.conf");
+    assert!(err.contains(&tried.display().to_string()), "{err}");
+    assert!(err.contains("DHIS2_HOME"), "{err}");
+
+    std::fs::copy(repo("tests/data/server-b.conf"), &tried).expect("copy");
+    let (code, out, err) = check_with(&[], Some(home.path()));
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(cluster(&out).0, "193.157.199.132:4001");
+
+    let a = repo("tests/data/server-a.conf");
+    let (code, out, err) = check_with(&["--config".as_ref(), a.as_os_str()], Some(home.path()));
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(cluster(&out).0, "193.157.199.131:4001");
+}
+
+#[test]
+fn a_directory() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (code, _, err) = check(dir.path());
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("not a regular file"), "{err}");
+}
+
+#[test]
+fn copies_match_the_shared_samples() {
+    let shared = repo("../shared/conf");
+    if !shared.is_dir() {
+        eprintln!("{} is absent: nothing to compare", shared.display());
+        return;
+    }
+    for (copy, original) in [
+        ("tests/data/server-a.conf", "server-a.conf"),
+        ("tests/data/server-b.conf", "server-b.conf"),
+        ("tests/data/too-many.conf", "too-many.conf"),
+        ("examples/conf/node1.conf", "local-3/node1.conf"),
+        ("examples/conf/node2.conf", "local-3/node2.conf"),
+        ("examples/conf/node3.conf", "local-3/node3.conf"),
+    ] {
+        let original = shared.join(original);
+        if let Ok(want) = std::fs::read(&original) {
+            let got = std::fs::read(repo(copy)).expect(copy);
+            assert!(got == want, "{copy} differs from {}", original.display());
+        }
+    }
+}
