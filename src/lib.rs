@@ -2,6 +2,49 @@
 //! coherent: when one server changes data, every other server learns which
 //! cache entries are stale, over plain TCP between static peers read from
 //! DHIS 2's `dhis.conf`.
+//!
+//! # Use
+//!
+//! ```no_run
+//! use cachecast::{Event, Mesh, config};
+//!
+//! # async fn run() -> anyhow::Result<()> {
+//! let loaded = config::load("/opt/dhis2/dhis.conf".as_ref())?;
+//! for warning in &loaded.warnings {
+//!     eprintln!("{warning}");
+//! }
+//! let mesh = Mesh::start(loaded.config).await?;
+//! let mut events = mesh.subscribe();
+//! mesh.invalidate("org.hisp.dhis.user.User", "42")?; // never blocks
+//! while let Some(event) = events.recv().await {
+//!     match event {
+//!         Event::Invalidated { cache, key, .. } => { /* drop cache[key] */ }
+//!         Event::CacheCleared { cache, .. } => { /* empty that cache */ }
+//!         Event::Flush { .. } => { /* empty every cache */ }
+//!         Event::PeerUp { .. } | Event::PeerDown { .. } => {}
+//!     }
+//! }
+//! mesh.shutdown().await; // drains what is queued, says goodbye
+//! # Ok(()) }
+//! ```
+//!
+//! # Guarantee
+//!
+//! Every invalidation is delivered to every peer, at least once, deduplicated
+//! by sequence number and in origin order, or replaced by a flush that
+//! covers it. Nothing waits on the network: replay buffers are bounded and
+//! collapse into one flush when full.
+//!
+//! # Layout
+//!
+//! - [`config`]: `dhis.conf` → [`ClusterConfig`]; pure, every problem named
+//!   by key and line.
+//! - [`wire`]: the protocol's messages and codec (`proto/PROTOCOL.md` is the
+//!   normative description of the bytes).
+//! - [`mesh`]: the runtime. Delivery logic lives in two synchronous state
+//!   machines (the origin's replay ring and the receiver's per-origin
+//!   state); tasks only move bytes and timers around them.
+//! - [`demo`]: `cachecast demo`.
 #![warn(missing_docs)]
 
 pub mod config;
