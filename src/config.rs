@@ -390,6 +390,7 @@ const KNOWN_KEYS: &[&str] = &[
     "cachecast.api.bind",
     "cachecast.buffer",
     "cachecast.webhook.url",
+    "cachecast.webhook.remote",
 ];
 
 const NOT_SET_INSTANCE0: &str = "not set: clustering is off (set it to this node's host name or IP address, as its peers reach it)";
@@ -1448,7 +1449,34 @@ fn extensions(
             }
         }
     }
-    let webhook_url = get("cachecast.webhook.url", &mut ok).map(|e| e.value.clone());
+    let remote = match get("cachecast.webhook.remote", &mut ok) {
+        None => false,
+        Some(e) if e.value.eq_ignore_ascii_case("true") => true,
+        Some(e) if e.value.eq_ignore_ascii_case("false") => false,
+        Some(e) => {
+            report.error(
+                "cachecast.webhook.remote",
+                Some(e.line),
+                format!("`{}` is not `true` or `false`", e.value),
+            );
+            ok = false;
+            false
+        }
+    };
+    let mut webhook_url = None;
+    if let Some(entry) = get("cachecast.webhook.url", &mut ok) {
+        match check_webhook(&entry.value, remote) {
+            Ok(None) => webhook_url = Some(entry.value.clone()),
+            Ok(Some(warning)) => {
+                report.warn("cachecast.webhook.url", Some(entry.line), warning);
+                webhook_url = Some(entry.value.clone());
+            }
+            Err(msg) => {
+                report.error("cachecast.webhook.url", Some(entry.line), msg);
+                ok = false;
+            }
+        }
+    }
     ok.then_some(Extensions {
         bind,
         secret,
@@ -1458,6 +1486,37 @@ fn extensions(
         buffer,
         webhook_url,
     })
+}
+
+/// Checks a webhook URL: plain `http://` to a loopback host, unless
+/// `remote` allows another host (then with a warning).
+fn check_webhook(url: &str, remote: bool) -> Result<Option<String>, String> {
+    let Some(rest) = url.strip_prefix("http://") else {
+        return Err(format!(
+            "`{url}` is not an http:// URL (the webhook goes to the local application; https is not supported)"
+        ));
+    };
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    let host = match authority.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or_default(),
+        None => authority.rsplit_once(':').map_or(authority, |(h, _)| h),
+    };
+    if host.is_empty() {
+        return Err(format!("`{url}` names no host"));
+    }
+    let loopback = host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<IpAddr>()
+            .is_ok_and(|ip| ip.to_canonical().is_loopback());
+    match (loopback, remote) {
+        (true, _) => Ok(None),
+        (false, true) => Ok(Some(format!(
+            "the webhook goes to {host}, off this machine: invalidations (cache names and keys) leave it in clear text"
+        ))),
+        (false, false) => Err(format!(
+            "{host} is not a loopback address; the webhook is for the local application (set cachecast.webhook.remote = true to allow another host)"
+        )),
+    }
 }
 
 /// What name resolution found for one node.

@@ -50,11 +50,12 @@
 pub mod config;
 pub mod demo;
 pub mod mesh;
+pub mod sidecar;
 pub mod wire;
 
 pub use config::{ClusterConfig, NodeAddr};
 pub use mesh::{
-    Event, Events, FlushReason, InvalidateError, Mesh, MeshBuilder, MeshHandle, PeerId, Status,
-    Tuning, WaitOutcome,
+    Counters, Event, EventCounters, Events, FlushReason, HistogramSnapshot, InvalidateError, Mesh,
+    MeshBuilder, MeshHandle, PeerId, PeerStatus, Status, Tuning, WaitOutcome,
 };
 pub use wire::Item;

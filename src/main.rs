@@ -15,8 +15,37 @@ struct Cli {
     command: Command,
 }
 
+/// How log lines look.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default)]
+enum LogFormat {
+    /// One readable line per event.
+    #[default]
+    Human,
+    /// One JSON object per line, for log collectors.
+    Json,
+}
+
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Run the sidecar: join the mesh from dhis.conf and serve the local
+    /// HTTP API (POST /v1/invalidate, GET /v1/events, /v1/status, /metrics).
+    Run {
+        /// The configuration file (default: $DHIS2_HOME/dhis.conf, else /opt/dhis2/dhis.conf).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Log format; the level comes from RUST_LOG (default: info).
+        #[arg(long, value_enum, default_value_t)]
+        log_format: LogFormat,
+    },
+    /// Print a running sidecar's state (peers, queues, last heard).
+    Status {
+        /// The configuration file, to find the sidecar's API address.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Print the raw JSON of /v1/status instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Start three nodes in this process on loopback and show invalidations,
     /// a crash with replay and flush, and a clean restart. Ends by itself.
     Demo,
@@ -33,6 +62,8 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Check { config } => check(config),
         Command::Demo => demo(),
+        Command::Run { config, log_format } => run(config, log_format),
+        Command::Status { config, json } => status(config, json),
     }
 }
 
@@ -151,4 +182,156 @@ fn demo() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn init_logs(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// Loads the configuration for `run` and `status`, printing every problem;
+/// `None` when it cannot be used.
+fn load_for_run(explicit: Option<PathBuf>) -> Option<config::ClusterConfig> {
+    let (path, why) = config_path(explicit);
+    match config::load(&path) {
+        Ok(Loaded { config, warnings }) => {
+            for w in &warnings {
+                tracing::warn!(config = %path.display(), "{w}");
+            }
+            Some(config)
+        }
+        Err(ConfigError::Invalid { errors, warnings }) => {
+            tracing::error!(config = %path.display(), "invalid configuration");
+            for p in errors.iter().chain(&warnings) {
+                eprintln!("{p}");
+            }
+            None
+        }
+        Err(e) => {
+            tracing::error!("{e} (the path {} is {why})", path.display());
+            None
+        }
+    }
+}
+
+fn runtime() -> Option<tokio::runtime::Runtime> {
+    match tokio::runtime::Runtime::new() {
+        Ok(rt) => Some(rt),
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            None
+        }
+    }
+}
+
+fn run(explicit: Option<PathBuf>, format: LogFormat) -> ExitCode {
+    init_logs(format);
+    let Some(config) = load_for_run(explicit) else {
+        return ExitCode::from(2);
+    };
+    let (_, problems) = config::resolve(&config, Duration::from_secs(3));
+    let mut fatal = false;
+    for p in &problems {
+        if p.severity == config::Severity::Error {
+            tracing::error!("{p}");
+            fatal = true;
+        } else {
+            tracing::warn!("{p}");
+        }
+    }
+    if fatal {
+        return ExitCode::from(2);
+    }
+    if config.secret.is_none() {
+        tracing::warn!(
+            "no cachecast.secret: any host that can reach port {} and claims a peer's identity can inject invalidations",
+            config.bind.port()
+        );
+    }
+    let Some(rt) = runtime() else {
+        return ExitCode::FAILURE;
+    };
+    rt.block_on(async move {
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let on_signal = shutdown.clone();
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            tracing::info!("signal received: shutting down gracefully");
+            on_signal.cancel();
+        });
+        match cachecast::sidecar::run(config, Default::default(), shutdown).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                tracing::error!("{e}");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+/// SIGTERM or SIGINT (Ctrl-C).
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+fn status(explicit: Option<PathBuf>, raw: bool) -> ExitCode {
+    let (path, why) = config_path(explicit);
+    let config = match config::load(&path) {
+        Ok(l) => l.config,
+        Err(e) => {
+            eprintln!("error: {e}");
+            eprintln!("  (the path {} is {why})", path.display());
+            return ExitCode::from(2);
+        }
+    };
+    let Some(rt) = runtime() else {
+        return ExitCode::FAILURE;
+    };
+    let url = format!("http://{}/v1/status", config.api);
+    let fetched = rt.block_on(async {
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(5))
+            .no_proxy()
+            .build()?;
+        client
+            .get(&url)
+            .send()
+            .await?
+            .error_for_status()?
+            .json::<serde_json::Value>()
+            .await
+    });
+    let body = match fetched {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("error: cannot read {url}: {e}");
+            eprintln!("  is `cachecast run` running with this configuration?");
+            return ExitCode::FAILURE;
+        }
+    };
+    if raw {
+        println!("{body:#}");
+        return ExitCode::SUCCESS;
+    }
+    print!("{}", cachecast::sidecar::status_table(&body));
+    ExitCode::SUCCESS
 }

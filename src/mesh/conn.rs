@@ -254,11 +254,13 @@ async fn receive(
     let (owed_tx, mut owed_rx) = watch::channel(Owed::default());
     let dead_after = shared.tuning.dead_after;
     let read = async {
+        let mut said_goodbye = false;
         loop {
             let msg = match timeout(dead_after, reader.next()).await {
                 Err(_) => {
                     return format!("nothing heard for {dead_after:?} (dead or half-open link)");
                 }
+                Ok(None) if said_goodbye => return "the peer shut down (goodbye)".to_string(),
                 Ok(None) => return "connection closed by the peer".to_string(),
                 Ok(Some(Err(e))) => {
                     shared.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
@@ -284,6 +286,10 @@ async fn receive(
                             },
                         );
                         shared.stats.received.fetch_add(applied, Ordering::Relaxed);
+                        shared.peers[peer]
+                            .stats
+                            .received
+                            .fetch_add(applied, Ordering::Relaxed);
                         r
                     };
                     match result {
@@ -297,6 +303,7 @@ async fn receive(
                 Message::Ping => owed_tx.send_modify(|o| o.pongs += 1),
                 Message::Goodbye { last_seq } => {
                     lock(&shared.origins).goodbye(peer, incarnation, last_seq);
+                    said_goodbye = true;
                     info!(last_seq, "peer said goodbye");
                 }
                 other => {

@@ -1,8 +1,9 @@
 //! One task per peer: dials it, says hello, and writes this node's
 //! invalidations to it; reconnects with capped exponential backoff.
 
-use std::sync::Arc;
+use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -100,6 +101,10 @@ pub(super) async fn run(shared: Arc<Shared>, peer: usize) {
                         let mut links = lock(&shared.links);
                         if links[peer].ever_connected {
                             shared.stats.reconnects.fetch_add(1, Ordering::Relaxed);
+                            shared.peers[peer]
+                                .stats
+                                .reconnects
+                                .fetch_add(1, Ordering::Relaxed);
                         }
                         links[peer].ever_connected = true;
                     }
@@ -250,6 +255,9 @@ async fn session(
 ) -> Result<(), LinkError> {
     let info = &shared.peers[peer];
     let dead_after = shared.tuning.dead_after;
+    // (last seq of a write, when it was written), to time acks. Both halves
+    // run in this task and never hold it across an await.
+    let in_flight: Mutex<VecDeque<(u64, Instant)>> = Mutex::new(VecDeque::new());
     let read = async {
         loop {
             let msg = match timeout(dead_after, reader.next()).await {
@@ -263,6 +271,17 @@ async fn session(
                     let acked = lock(&shared.out)
                         .ack(peer, pos)
                         .map_err(LinkError::Protocol)?;
+                    {
+                        let mut flying = lock(&in_flight);
+                        let now = Instant::now();
+                        while let Some(&(seq, at)) = flying.front() {
+                            if seq > acked {
+                                break;
+                            }
+                            info.stats.ack_latency.record(now - at);
+                            flying.pop_front();
+                        }
+                    }
                     info.acked.send_if_modified(|a| {
                         let changed = *a < acked;
                         *a = (*a).max(acked);
@@ -285,13 +304,16 @@ async fn session(
         let mut codec = FrameCodec::new();
         let mut last_write = Instant::now();
         loop {
-            let filled = {
+            let (filled, last_written) = {
                 let mut out = lock(&shared.out);
-                out.fill(peer, &mut buf, WRITE_CHUNK)?
+                (out.fill(peer, &mut buf, WRITE_CHUNK)?, out.sent(peer))
             };
             if filled.items > 0 {
                 shared
                     .stats
+                    .sent
+                    .fetch_add(filled.items as u64, Ordering::Relaxed);
+                info.stats
                     .sent
                     .fetch_add(filled.items as u64, Ordering::Relaxed);
                 if filled.gap_flush {
@@ -303,6 +325,12 @@ async fn session(
                 wr.write_all(&buf).await?;
                 buf.clear();
                 last_write = Instant::now();
+                let mut flying = lock(&in_flight);
+                // A sample per write is plenty; keep the queue bounded.
+                if flying.len() >= 1024 {
+                    flying.pop_front();
+                }
+                flying.push_back((last_written, last_write));
                 continue;
             }
             tokio::select! {

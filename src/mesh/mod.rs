@@ -12,6 +12,7 @@ mod conn;
 mod event;
 mod inbound;
 mod link;
+mod metrics;
 mod outlog;
 
 use std::collections::HashMap;
@@ -34,6 +35,8 @@ use crate::wire::{Item, ItemError};
 
 pub use event::{Event, FlushReason, PeerId};
 use inbound::Origins;
+use metrics::Histogram;
+pub use metrics::{BUCKETS_US, HistogramSnapshot};
 use outlog::OutLog;
 
 /// Timers and bounds of the runtime. The defaults suit production; tests
@@ -135,6 +138,21 @@ struct Stats {
     reconnects: AtomicU64,
     rejected_connections: AtomicU64,
     protocol_errors: AtomicU64,
+    /// Events delivered to the application, by kind.
+    ev_invalidated: AtomicU64,
+    ev_cache_cleared: AtomicU64,
+    ev_peer_up: AtomicU64,
+    ev_peer_down: AtomicU64,
+}
+
+/// Per-peer counters.
+#[derive(Debug, Default)]
+struct PeerStats {
+    sent: AtomicU64,
+    received: AtomicU64,
+    reconnects: AtomicU64,
+    /// From writing an invalidation to the peer's ack covering it.
+    ack_latency: Histogram,
 }
 
 /// Counters since start, as in [`Status`].
@@ -158,6 +176,24 @@ pub struct Counters {
     pub rejected_connections: u64,
     /// Connections closed for a malformed or unexpected frame.
     pub protocol_errors: u64,
+    /// Events delivered to the application, by kind.
+    pub events: EventCounters,
+}
+
+/// Events delivered to the application since start, by kind.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct EventCounters {
+    /// [`Event::Invalidated`].
+    pub invalidated: u64,
+    /// [`Event::CacheCleared`].
+    pub cache_cleared: u64,
+    /// [`Event::Flush`] (lagging subscribers' flushes excluded: those are
+    /// made per subscriber).
+    pub flush: u64,
+    /// [`Event::PeerUp`].
+    pub peer_up: u64,
+    /// [`Event::PeerDown`].
+    pub peer_down: u64,
 }
 
 /// One peer's state, as in [`Status`].
@@ -179,6 +215,14 @@ pub struct PeerStatus {
     pub acked_seq: u64,
     /// What we applied from it: its incarnation (hex) and sequence number.
     pub applied: Option<(String, u64)>,
+    /// Items written to it (replays included).
+    pub sent: u64,
+    /// Items applied from it.
+    pub received: u64,
+    /// Times our outbound link to it was re-established.
+    pub reconnects: u64,
+    /// Time from writing an invalidation to its acknowledgement.
+    pub ack_latency: HistogramSnapshot,
 }
 
 /// A snapshot of the node.
@@ -234,6 +278,7 @@ struct PeerInfo {
     notify: Notify,
     /// The peer's acknowledged sequence number, for waiters.
     acked: watch::Sender<u64>,
+    stats: PeerStats,
 }
 
 type Callback = Arc<dyn Fn(&Event) + Send + Sync>;
@@ -267,9 +312,14 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Shared {
     fn emit(&self, event: Event) {
-        if matches!(event, Event::Flush { .. }) {
-            self.stats.flushes_received.fetch_add(1, Ordering::Relaxed);
-        }
+        let counter = match event {
+            Event::Invalidated { .. } => &self.stats.ev_invalidated,
+            Event::CacheCleared { .. } => &self.stats.ev_cache_cleared,
+            Event::Flush { .. } => &self.stats.flushes_received,
+            Event::PeerUp { .. } => &self.stats.ev_peer_up,
+            Event::PeerDown { .. } => &self.stats.ev_peer_down,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
         let callbacks = self.callbacks.read().unwrap_or_else(|e| e.into_inner());
         for cb in callbacks.iter() {
             cb(&event);
@@ -414,6 +464,7 @@ impl MeshBuilder {
                 dial: connect_via.get(&p.addr).copied(),
                 notify: Notify::new(),
                 acked: watch::channel(0).0,
+                stats: PeerStats::default(),
             })
             .collect();
         let ids: Vec<PeerId> = peers.iter().map(|p| p.id.clone()).collect();
@@ -636,6 +687,10 @@ impl MeshHandle {
                 queued: per_peer[i].0,
                 acked_seq: per_peer[i].1,
                 applied: applied[i].map(|p| (format!("{:016x}", p.incarnation), p.seq)),
+                sent: p.stats.sent.load(Ordering::Relaxed),
+                received: p.stats.received.load(Ordering::Relaxed),
+                reconnects: p.stats.reconnects.load(Ordering::Relaxed),
+                ack_latency: p.stats.ack_latency.snapshot(),
             })
             .collect();
         let c = &s.stats;
@@ -658,6 +713,13 @@ impl MeshHandle {
                 reconnects: get(&c.reconnects),
                 rejected_connections: get(&c.rejected_connections),
                 protocol_errors: get(&c.protocol_errors),
+                events: EventCounters {
+                    invalidated: get(&c.ev_invalidated),
+                    cache_cleared: get(&c.ev_cache_cleared),
+                    flush: get(&c.flushes_received),
+                    peer_up: get(&c.ev_peer_up),
+                    peer_down: get(&c.ev_peer_down),
+                },
             },
         }
     }

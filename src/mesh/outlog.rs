@@ -176,6 +176,11 @@ impl OutLog {
         c.connected && c.sent < self.last_seq()
     }
 
+    /// The last sequence number written to `peer` on this connection.
+    pub(crate) fn sent(&self, peer: usize) -> u64 {
+        self.peers[peer].sent
+    }
+
     /// Acked sequence number of `peer`.
     pub(crate) fn acked(&self, peer: usize) -> u64 {
         self.peers[peer].acked

@@ -1,0 +1,600 @@
+//! The local HTTP API: invalidate, events (SSE), status, metrics, health.
+
+use std::convert::Infallible;
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use futures_util::Stream;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::App;
+use super::hub::{Read, flush_json};
+use crate::mesh::{BUCKETS_US, Status};
+use crate::wire::Item;
+
+/// Largest request body accepted.
+pub const MAX_BODY: usize = 4 * 1024 * 1024;
+/// Most invalidations in one request.
+pub const MAX_ITEMS: usize = 10_000;
+/// Longest `?wait=`.
+pub const MAX_WAIT: Duration = Duration::from_secs(60);
+/// Entries an SSE stream takes from the ring per pass.
+const SSE_CHUNK: usize = 256;
+
+pub(crate) fn router(app: Arc<App>) -> Router {
+    Router::new()
+        .route("/v1/invalidate", post(invalidate))
+        .route("/v1/events", get(events))
+        .route("/v1/status", get(status))
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .fallback(not_found)
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
+        .with_state(app)
+}
+
+/// A JSON error response.
+fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    (status, Json(json!({"error": message.into()}))).into_response()
+}
+
+async fn not_found() -> Response {
+    error(
+        StatusCode::NOT_FOUND,
+        "no such endpoint; see POST /v1/invalidate, GET /v1/events, /v1/status, /metrics, /healthz",
+    )
+}
+
+/// One element of a `POST /v1/invalidate` body.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Request {
+    cache: Option<String>,
+    key: Option<String>,
+    flush: Option<bool>,
+}
+
+fn to_item(v: Value) -> Result<Item, String> {
+    if !v.is_object() {
+        return Err(format!(
+            "expected an object like {{\"cache\":\"C\",\"key\":\"K\"}}, got {}",
+            kind_of(&v)
+        ));
+    }
+    let r: Request = serde_json::from_value(v).map_err(|e| e.to_string())?;
+    let item = match (r.flush, r.cache, r.key) {
+        (Some(true), None, None) => Item::Flush,
+        (Some(true), _, _) => return Err("`flush` cannot be combined with `cache` or `key`".into()),
+        (Some(false), _, _) => return Err("`flush` must be true when given".into()),
+        (None, None, _) => return Err("missing `cache` (or `\"flush\": true`)".into()),
+        (None, Some(cache), None) => Item::Cache {
+            cache: Arc::from(cache),
+        },
+        (None, Some(cache), Some(key)) => Item::Key {
+            cache: Arc::from(cache),
+            key: Arc::from(key),
+        },
+    };
+    item.check().map_err(|e| e.to_string())?;
+    Ok(item)
+}
+
+fn kind_of(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// Parses `500ms`, `2s`, `1.5s`, `1m`, or a bare number of milliseconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| !(c.is_ascii_digit() || c == '.')) {
+        Some(i) => s.split_at(i),
+        None => (s, "ms"),
+    };
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a duration (try 500ms or 2s)"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        _ => return Err(format!("`{s}`: unknown unit (use ms, s or m)")),
+    };
+    let d = Duration::try_from_secs_f64(secs).map_err(|_| format!("`{s}` is out of range"))?;
+    if d > MAX_WAIT {
+        return Err(format!("`{s}` is longer than the limit of {MAX_WAIT:?}"));
+    }
+    Ok(d)
+}
+
+async fn invalidate(
+    State(app): State<Arc<App>>,
+    Query(query): Query<std::collections::HashMap<String, String>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let json_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"));
+    if !json_type {
+        return error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "the body must be JSON, with Content-Type: application/json",
+        );
+    }
+    let body = match body {
+        Ok(b) => b,
+        Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            return error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("the body is larger than {MAX_BODY} bytes"),
+            );
+        }
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text()),
+    };
+    let wait = match query.get("wait").map(|w| parse_duration(w)) {
+        None => None,
+        Some(Ok(d)) => Some(d),
+        Some(Err(msg)) => return error(StatusCode::BAD_REQUEST, format!("wait: {msg}")),
+    };
+    let value: Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("invalid JSON: {e}")),
+    };
+    let items: Vec<Item> = match value {
+        Value::Array(list) => {
+            if list.is_empty() {
+                return error(StatusCode::BAD_REQUEST, "the array is empty");
+            }
+            if list.len() > MAX_ITEMS {
+                return error(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!(
+                        "{} invalidations in one request; at most {MAX_ITEMS}",
+                        list.len()
+                    ),
+                );
+            }
+            let mut items = Vec::with_capacity(list.len());
+            for (i, v) in list.into_iter().enumerate() {
+                match to_item(v) {
+                    Ok(item) => items.push(item),
+                    Err(msg) => return error(StatusCode::BAD_REQUEST, format!("item {i}: {msg}")),
+                }
+            }
+            items
+        }
+        v => match to_item(v) {
+            Ok(item) => vec![item],
+            Err(msg) => return error(StatusCode::BAD_REQUEST, msg),
+        },
+    };
+    let n = items.len() as u64;
+    let (first, last) = match app.mesh.send_all(items) {
+        Ok(r) => r,
+        Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    };
+    let seqs: Vec<u64> = (first..first + n).collect();
+    app.api_invalidations.fetch_add(n, Ordering::Relaxed);
+    match wait {
+        None => (StatusCode::ACCEPTED, Json(json!({ "seqs": seqs }))).into_response(),
+        Some(d) => {
+            let out = app.mesh.wait_acked(last, d).await;
+            let body = json!({
+                "seqs": seqs,
+                "all_acked": out.all_acked(),
+                "acked": out.acked,
+                "not_acked": out.not_acked,
+            });
+            (StatusCode::OK, Json(body)).into_response()
+        }
+    }
+}
+
+/// Where a new SSE client starts, and the flush it gets first, if any.
+fn start_point(app: &App, headers: &HeaderMap) -> (u64, Option<&'static str>) {
+    let last = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim);
+    let Some(last) = last.filter(|l| !l.is_empty()) else {
+        return (
+            app.hub.next(),
+            Some("new subscriber: caches may hold anything"),
+        );
+    };
+    match last.rsplit_once('-') {
+        Some((run, n)) if run == app.hub.run => match n.parse::<u64>() {
+            Ok(n) if app.hub.can_resume_at(n + 1) => (n + 1, None),
+            _ => (
+                app.hub.next(),
+                Some("the events missed since Last-Event-ID are no longer held"),
+            ),
+        },
+        _ => (
+            app.hub.next(),
+            Some("Last-Event-ID is from an earlier run of the sidecar"),
+        ),
+    }
+}
+
+struct SseState {
+    app: Arc<App>,
+    /// Number of the next ring entry to send.
+    cursor: u64,
+    pending: std::collections::VecDeque<SseEvent>,
+    newest: tokio::sync::watch::Receiver<u64>,
+    _guard: ClientGuard,
+}
+
+/// Counts connected SSE clients.
+struct ClientGuard(Arc<App>);
+
+impl Drop for ClientGuard {
+    fn drop(&mut self) {
+        self.0.sse_clients.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+fn sse_event(app: &App, n: u64, kind: &str, json: &str) -> SseEvent {
+    SseEvent::default()
+        .id(format!("{}-{n}", app.hub.run))
+        .event(kind)
+        .data(json)
+}
+
+async fn events(State(app): State<Arc<App>>, headers: HeaderMap) -> impl IntoResponse {
+    let (cursor, flush) = start_point(&app, &headers);
+    app.sse_clients.fetch_add(1, Ordering::Relaxed);
+    let mut pending = std::collections::VecDeque::new();
+    if let Some(reason) = flush {
+        // Numbered with the entry before the cursor: resuming from it
+        // continues exactly here.
+        pending.push_back(sse_event(
+            &app,
+            cursor - 1,
+            "flush",
+            &flush_json(reason).to_string(),
+        ));
+    }
+    let state = SseState {
+        newest: app.hub.subscribe(),
+        _guard: ClientGuard(app.clone()),
+        app,
+        cursor,
+        pending,
+    };
+    Sse::new(sse_stream(state)).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+}
+
+fn sse_stream(state: SseState) -> impl Stream<Item = Result<SseEvent, Infallible>> {
+    futures_util::stream::unfold(state, |mut st| async move {
+        loop {
+            if let Some(ev) = st.pending.pop_front() {
+                return Some((Ok(ev), st));
+            }
+            match st.app.hub.read(st.cursor, SSE_CHUNK) {
+                Read::Lagged { missed, resume } => {
+                    st.app.sse_lagged.fetch_add(1, Ordering::Relaxed);
+                    let lagged = json!({"type": "lagged", "missed": missed}).to_string();
+                    st.pending
+                        .push_back(sse_event(&st.app, resume - 1, "lagged", &lagged));
+                    let flush = flush_json("this client fell behind and missed events");
+                    st.pending.push_back(sse_event(
+                        &st.app,
+                        resume - 1,
+                        "flush",
+                        &flush.to_string(),
+                    ));
+                    st.cursor = resume;
+                }
+                Read::Entries(entries) if !entries.is_empty() => {
+                    for e in entries {
+                        st.cursor = e.n + 1;
+                        st.pending
+                            .push_back(sse_event(&st.app, e.n, e.kind, &e.json));
+                    }
+                }
+                Read::Entries(_) => {
+                    // Caught up: wait for more, or for shutdown.
+                    tokio::select! {
+                        changed = st.newest.changed() => if changed.is_err() { return None },
+                        _ = st.app.shutdown.cancelled() => return None,
+                    }
+                }
+            }
+        }
+    })
+}
+
+async fn status(State(app): State<Arc<App>>) -> Response {
+    let st = app.mesh.status();
+    let (held, capacity) = app.hub.held();
+    let mut body = serde_json::to_value(&st).unwrap_or_else(|_| json!({}));
+    if let Value::Object(map) = &mut body {
+        map.insert(
+            "sidecar".into(),
+            json!({
+                "run": app.hub.run,
+                "api": app.api_addr.to_string(),
+                "sse_clients": app.sse_clients.load(Ordering::Relaxed),
+                "events_held": held,
+                "events_capacity": capacity,
+                "webhook": app.webhook.as_ref().map(|w| w.snapshot()),
+            }),
+        );
+    }
+    Json(body).into_response()
+}
+
+async fn healthz(State(app): State<Arc<App>>) -> Response {
+    Json(json!({"status": "ok", "node": &**app.mesh.node()})).into_response()
+}
+
+/// Escapes a Prometheus label value.
+fn label(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+fn render_metrics(app: &App, st: &Status) -> String {
+    let mut out = String::new();
+    let mut metric = |name: &str, kind: &str, help: &str, lines: Vec<(String, u64)>| {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} {kind}");
+        for (labels, v) in lines {
+            let _ = writeln!(out, "{name}{labels} {v}");
+        }
+    };
+    let c = &st.counters;
+    let plain = |v: u64| vec![(String::new(), v)];
+    metric(
+        "cachecast_originated_total",
+        "counter",
+        "Invalidations this node originated.",
+        plain(c.originated),
+    );
+    metric(
+        "cachecast_received_total",
+        "counter",
+        "Items applied from peers.",
+        plain(c.received),
+    );
+    metric(
+        "cachecast_sent_total",
+        "counter",
+        "Items written to peers, replays included.",
+        plain(c.sent),
+    );
+    metric(
+        "cachecast_events_total",
+        "counter",
+        "Events delivered to the application, by kind.",
+        vec![
+            ("{kind=\"invalidated\"}".into(), c.events.invalidated),
+            ("{kind=\"cache_cleared\"}".into(), c.events.cache_cleared),
+            ("{kind=\"flush\"}".into(), c.events.flush),
+            ("{kind=\"peer_up\"}".into(), c.events.peer_up),
+            ("{kind=\"peer_down\"}".into(), c.events.peer_down),
+        ],
+    );
+    metric(
+        "cachecast_gap_flushes_sent_total",
+        "counter",
+        "Flushes sent in place of invalidations a peer missed.",
+        plain(c.gap_flushes_sent),
+    );
+    metric(
+        "cachecast_reconnects_total",
+        "counter",
+        "Outbound links re-established.",
+        plain(c.reconnects),
+    );
+    metric(
+        "cachecast_rejected_connections_total",
+        "counter",
+        "Inbound connections refused.",
+        plain(c.rejected_connections),
+    );
+    metric(
+        "cachecast_protocol_errors_total",
+        "counter",
+        "Connections closed for a bad frame.",
+        plain(c.protocol_errors),
+    );
+    metric(
+        "cachecast_buffer_held",
+        "gauge",
+        "Invalidations held in the replay buffer.",
+        plain(st.buffered as u64),
+    );
+    metric(
+        "cachecast_buffer_capacity",
+        "gauge",
+        "Bound of the replay buffer.",
+        plain(st.buffer_capacity as u64),
+    );
+    metric(
+        "cachecast_buffer_overflows_total",
+        "counter",
+        "Times the buffer overflowed into a flush.",
+        plain(st.buffer_overflows),
+    );
+    let per_peer = |f: &dyn Fn(&crate::mesh::PeerStatus) -> u64| {
+        st.peers
+            .iter()
+            .map(|p| (format!("{{peer=\"{}\"}}", label(&p.id)), f(p)))
+            .collect::<Vec<_>>()
+    };
+    metric(
+        "cachecast_peer_up",
+        "gauge",
+        "1 when both links with the peer are up.",
+        per_peer(&|p| u64::from(p.connected)),
+    );
+    metric(
+        "cachecast_peer_outbound_up",
+        "gauge",
+        "1 when our link to the peer is up.",
+        per_peer(&|p| u64::from(p.outbound)),
+    );
+    metric(
+        "cachecast_peer_inbound_up",
+        "gauge",
+        "1 when the peer's link to us is up.",
+        per_peer(&|p| u64::from(p.inbound)),
+    );
+    metric(
+        "cachecast_peer_queued",
+        "gauge",
+        "Our invalidations the peer has not acknowledged.",
+        per_peer(&|p| p.queued),
+    );
+    metric(
+        "cachecast_peer_acked_seq",
+        "gauge",
+        "Our last sequence number the peer acknowledged.",
+        per_peer(&|p| p.acked_seq),
+    );
+    metric(
+        "cachecast_peer_sent_total",
+        "counter",
+        "Items written to the peer.",
+        per_peer(&|p| p.sent),
+    );
+    metric(
+        "cachecast_peer_received_total",
+        "counter",
+        "Items applied from the peer.",
+        per_peer(&|p| p.received),
+    );
+    metric(
+        "cachecast_peer_reconnects_total",
+        "counter",
+        "Times our link to the peer was re-established.",
+        per_peer(&|p| p.reconnects),
+    );
+    metric(
+        "cachecast_peer_last_heard_milliseconds",
+        "gauge",
+        "Time since anything was heard from the peer.",
+        st.peers
+            .iter()
+            .filter_map(|p| {
+                p.last_heard_ms
+                    .map(|ms| (format!("{{peer=\"{}\"}}", label(&p.id)), ms))
+            })
+            .collect(),
+    );
+    metric(
+        "cachecast_sse_clients",
+        "gauge",
+        "Connected event-stream clients.",
+        plain(app.sse_clients.load(Ordering::Relaxed)),
+    );
+    metric(
+        "cachecast_sse_lagged_total",
+        "counter",
+        "Times an event-stream client fell behind the ring.",
+        plain(app.sse_lagged.load(Ordering::Relaxed)),
+    );
+    metric(
+        "cachecast_api_invalidations_total",
+        "counter",
+        "Invalidations received over the HTTP API.",
+        plain(app.api_invalidations.load(Ordering::Relaxed)),
+    );
+    if let Some(w) = &app.webhook {
+        let s = w.snapshot();
+        metric(
+            "cachecast_webhook_delivered_total",
+            "counter",
+            "Events delivered to the webhook.",
+            plain(s.delivered),
+        );
+        metric(
+            "cachecast_webhook_failures_total",
+            "counter",
+            "Failed webhook deliveries.",
+            plain(s.failures),
+        );
+    }
+    // The ack latency histogram, cumulative as Prometheus wants.
+    let _ = writeln!(
+        out,
+        "# HELP cachecast_ack_latency_seconds Time from writing an invalidation to the peer's ack."
+    );
+    let _ = writeln!(out, "# TYPE cachecast_ack_latency_seconds histogram");
+    for p in &st.peers {
+        let peer = label(&p.id);
+        let mut cumulative = 0;
+        for (i, count) in p.ack_latency.counts.iter().enumerate() {
+            cumulative += count;
+            let le = BUCKETS_US
+                .get(i)
+                .map_or("+Inf".to_string(), |us| format!("{}", *us as f64 / 1e6));
+            let _ = writeln!(
+                out,
+                "cachecast_ack_latency_seconds_bucket{{peer=\"{peer}\",le=\"{le}\"}} {cumulative}"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "cachecast_ack_latency_seconds_sum{{peer=\"{peer}\"}} {}",
+            p.ack_latency.sum_us as f64 / 1e6
+        );
+        let _ = writeln!(
+            out,
+            "cachecast_ack_latency_seconds_count{{peer=\"{peer}\"}} {}",
+            p.ack_latency.count
+        );
+    }
+    out
+}
+
+async fn metrics(State(app): State<Arc<App>>) -> Response {
+    let st = app.mesh.status();
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        render_metrics(&app, &st),
+    )
+        .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2s"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("250"), Ok(Duration::from_millis(250)));
+        assert!(parse_duration("abc").is_err());
+        assert!(parse_duration("5h").is_err());
+        assert!(parse_duration("-1s").is_err());
+        assert!(parse_duration("10m").is_err(), "over the limit");
+        assert!(parse_duration("1e400s").is_err());
+    }
+}

@@ -1,0 +1,196 @@
+//! The sidecar's event ring: every event the mesh delivers, numbered and
+//! kept in a bounded ring that SSE clients and the webhook read from at
+//! their own pace. The mesh only ever appends (it never waits for a
+//! reader); a reader that falls off the ring's tail gets a flush instead of
+//! what it missed.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+
+use serde_json::{Value, json};
+use tokio::sync::watch;
+
+use crate::mesh::Event;
+
+/// One event as the API shows it.
+#[derive(Debug, Clone)]
+pub(crate) struct Entry {
+    /// Its number in this run (the part of the SSE id after the dash).
+    pub n: u64,
+    /// The SSE event name, also the JSON `type`.
+    pub kind: &'static str,
+    /// The JSON object, serialised once for every reader.
+    pub json: Arc<str>,
+}
+
+/// What a reader gets from [`Hub::read`].
+#[derive(Debug)]
+pub(crate) enum Read {
+    /// Entries from the cursor on (possibly none yet).
+    Entries(Vec<Entry>),
+    /// The cursor fell off the ring: `missed` entries are gone; go on from
+    /// `resume` after flushing.
+    Lagged { missed: u64, resume: u64 },
+}
+
+struct Ring {
+    entries: VecDeque<Entry>,
+    /// The number the next entry gets (the first is 1).
+    next: u64,
+    capacity: usize,
+}
+
+/// The ring, shared by the mesh callback and every reader.
+pub(crate) struct Hub {
+    ring: Mutex<Ring>,
+    /// The number of the newest entry, so readers can wait for more.
+    newest: watch::Sender<u64>,
+    /// This sidecar run's id (the mesh incarnation, in hex): SSE ids are
+    /// `run-n`, so a client can tell a resumed stream from a new run.
+    pub run: String,
+}
+
+fn lock(m: &Mutex<Ring>) -> std::sync::MutexGuard<'_, Ring> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Hub {
+    pub(crate) fn new(run: String, capacity: usize) -> Self {
+        Hub {
+            ring: Mutex::new(Ring {
+                entries: VecDeque::with_capacity(capacity.min(1024)),
+                next: 1,
+                capacity: capacity.max(1),
+            }),
+            newest: watch::channel(0).0,
+            run,
+        }
+    }
+
+    /// Appends an event; never blocks on readers.
+    pub(crate) fn push(&self, event: &Event) {
+        let (kind, value) = to_json(event);
+        let json: Arc<str> = Arc::from(value.to_string());
+        let n = {
+            let mut ring = lock(&self.ring);
+            let n = ring.next;
+            ring.next += 1;
+            ring.entries.push_back(Entry { n, kind, json });
+            if ring.entries.len() > ring.capacity {
+                ring.entries.pop_front();
+            }
+            n
+        };
+        self.newest.send_replace(n);
+    }
+
+    /// The number the next event will get: a reader starting "now" starts
+    /// here.
+    pub(crate) fn next(&self) -> u64 {
+        lock(&self.ring).next
+    }
+
+    /// Up to `max` entries from number `from` on.
+    pub(crate) fn read(&self, from: u64, max: usize) -> Read {
+        let ring = lock(&self.ring);
+        let oldest = ring.entries.front().map_or(ring.next, |e| e.n);
+        if from < oldest {
+            return Read::Lagged {
+                missed: oldest - from,
+                resume: oldest,
+            };
+        }
+        let skip = (from - oldest) as usize;
+        Read::Entries(ring.entries.iter().skip(skip).take(max).cloned().collect())
+    }
+
+    /// Whether entry `n` (and everything after it) is still held or yet to
+    /// come, i.e. a reader can resume right after `n - 1`.
+    pub(crate) fn can_resume_at(&self, n: u64) -> bool {
+        let ring = lock(&self.ring);
+        let oldest = ring.entries.front().map_or(ring.next, |e| e.n);
+        n >= oldest && n <= ring.next
+    }
+
+    /// Waits for entries newer than `seen`.
+    pub(crate) fn subscribe(&self) -> watch::Receiver<u64> {
+        self.newest.subscribe()
+    }
+
+    /// Entries held, and the ring's bound.
+    pub(crate) fn held(&self) -> (usize, usize) {
+        let ring = lock(&self.ring);
+        (ring.entries.len(), ring.capacity)
+    }
+}
+
+/// The API's JSON for an event, with its type name.
+pub(crate) fn to_json(event: &Event) -> (&'static str, Value) {
+    match event {
+        Event::Invalidated {
+            origin,
+            seq,
+            cache,
+            key,
+        } => (
+            "invalidate",
+            json!({"type": "invalidate", "origin": &**origin, "seq": seq, "cache": &**cache, "key": &**key}),
+        ),
+        Event::CacheCleared { origin, seq, cache } => (
+            "invalidate",
+            json!({"type": "invalidate", "origin": &**origin, "seq": seq, "cache": &**cache}),
+        ),
+        Event::Flush { origin, reason } => (
+            "flush",
+            json!({"type": "flush", "origin": origin.as_deref(), "reason": reason.to_string()}),
+        ),
+        Event::PeerUp { peer } => ("peer-up", json!({"type": "peer-up", "peer": &**peer})),
+        Event::PeerDown { peer, reason } => (
+            "peer-down",
+            json!({"type": "peer-down", "peer": &**peer, "reason": reason}),
+        ),
+    }
+}
+
+/// A flush made for one reader (it is not in the ring).
+pub(crate) fn flush_json(reason: &str) -> Value {
+    json!({"type": "flush", "origin": null, "reason": reason})
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(k: u64) -> Event {
+        Event::Invalidated {
+            origin: Arc::from("a:1"),
+            seq: k,
+            cache: Arc::from("c"),
+            key: Arc::from(k.to_string()),
+        }
+    }
+
+    #[test]
+    fn readers_resume_or_lag() {
+        let hub = Hub::new("r".into(), 4);
+        for k in 1..=3 {
+            hub.push(&ev(k));
+        }
+        match hub.read(2, 10) {
+            Read::Entries(e) => assert_eq!(e.iter().map(|e| e.n).collect::<Vec<_>>(), [2, 3]),
+            other => panic!("{other:?}"),
+        }
+        for k in 4..=10 {
+            hub.push(&ev(k));
+        }
+        match hub.read(2, 10) {
+            Read::Lagged { missed, resume } => assert_eq!((missed, resume), (5, 7)),
+            other => panic!("{other:?}"),
+        }
+        assert!(hub.can_resume_at(7));
+        assert!(hub.can_resume_at(11), "caught up exactly");
+        assert!(!hub.can_resume_at(6));
+        assert!(!hub.can_resume_at(12), "from the future");
+        assert_eq!(hub.held(), (4, 4));
+    }
+}

@@ -1,0 +1,850 @@
+//! Integration tests of the sidecar: real `cachecast run` processes (the
+//! built binary) on ephemeral loopback ports, driven over HTTP by a real
+//! client (reqwest) and by curl.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use serde_json::{Value, json};
+
+const LONG: Duration = Duration::from_secs(20);
+
+/// A free loopback port (bound, then released for the sidecar to take).
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr").port()
+}
+
+/// One sidecar process and its configuration.
+struct Sidecar {
+    child: Option<Child>,
+    conf: PathBuf,
+    api: SocketAddr,
+    port: u16,
+    log: PathBuf,
+}
+
+impl Sidecar {
+    fn spawn(&mut self) {
+        let log = std::fs::File::create(&self.log).expect("log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_cachecast"))
+            .args(["run", "--config"])
+            .arg(&self.conf)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn cachecast run");
+        self.child = Some(child);
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.api)
+    }
+
+    fn id(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    async fn wait_healthy(&self) {
+        let client = client();
+        let deadline = tokio::time::Instant::now() + LONG;
+        loop {
+            if let Ok(r) = client.get(self.url("/healthz")).send().await
+                && r.status().is_success()
+            {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "sidecar never became healthy; log:\n{}",
+                self.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, then wait for the process to exit.
+    fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut c = self.child.take().expect("running");
+        let pid = c.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let deadline = std::time::Instant::now() + LONG;
+        loop {
+            if let Ok(Some(status)) = c.try_wait() {
+                return status;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no exit after SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    async fn status(&self) -> Value {
+        client()
+            .get(self.url("/v1/status"))
+            .send()
+            .await
+            .expect("status")
+            .json()
+            .await
+            .expect("json")
+    }
+}
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("client")
+}
+
+/// `n` sidecar configurations in a temp dir, each node peering with all.
+struct Cluster {
+    _dir: tempfile::TempDir,
+    nodes: Vec<Sidecar>,
+}
+
+impl Cluster {
+    fn new(n: usize, extra: &str) -> Cluster {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        let apis: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        let mut nodes = Vec::new();
+        for i in 0..n {
+            let mut text = format!(
+                "cluster.instance0.hostname = 127.0.0.1\ncluster.instance0.cache.port = {}\ncachecast.api.port = {}\n{extra}\n",
+                ports[i], apis[i]
+            );
+            for (k, j) in (1..).zip((0..n).filter(|&j| j != i)) {
+                text.push_str(&format!(
+                    "cluster.instance{k}.hostname = 127.0.0.1\ncluster.instance{k}.cache.port = {}\n",
+                    ports[j]
+                ));
+            }
+            let conf = dir.path().join(format!("node{i}.conf"));
+            std::fs::write(&conf, text).expect("write conf");
+            nodes.push(Sidecar {
+                child: None,
+                conf,
+                api: SocketAddr::from(([127, 0, 0, 1], apis[i])),
+                port: ports[i],
+                log: dir.path().join(format!("node{i}.log")),
+            });
+        }
+        Cluster { _dir: dir, nodes }
+    }
+
+    async fn start_all(&mut self) {
+        for n in &mut self.nodes {
+            n.spawn();
+        }
+        for n in &self.nodes {
+            n.wait_healthy().await;
+        }
+    }
+
+    async fn wait_connected(&self) {
+        let deadline = tokio::time::Instant::now() + LONG;
+        for n in &self.nodes {
+            loop {
+                let st = n.status().await;
+                let all = st["peers"]
+                    .as_array()
+                    .is_some_and(|ps| ps.iter().all(|p| p["connected"] == json!(true)));
+                if all {
+                    break;
+                }
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "not connected: {st}"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+}
+
+/// One parsed SSE event.
+#[derive(Debug, Clone)]
+struct Sse {
+    id: String,
+    event: String,
+    data: Value,
+}
+
+/// A live SSE subscription, collecting events in the background.
+struct Subscription {
+    events: Arc<Mutex<Vec<Sse>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Subscription {
+    async fn open(url: String, last_event_id: Option<String>) -> Subscription {
+        let mut req = client().get(url).timeout(Duration::from_secs(3600));
+        if let Some(id) = last_event_id {
+            req = req.header("Last-Event-ID", id);
+        }
+        let resp = req.send().await.expect("subscribe");
+        assert_eq!(resp.status(), 200);
+        assert!(
+            resp.headers()["content-type"]
+                .to_str()
+                .unwrap()
+                .starts_with("text/event-stream")
+        );
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let sink = events.clone();
+        let task = tokio::spawn(async move {
+            let mut stream = resp.bytes_stream();
+            let mut buf = String::new();
+            while let Some(Ok(chunk)) = stream.next().await {
+                buf.push_str(&String::from_utf8_lossy(&chunk));
+                while let Some(end) = buf.find("\n\n") {
+                    let block: String = buf.drain(..end + 2).collect();
+                    let (mut id, mut event, mut data) =
+                        (String::new(), String::new(), String::new());
+                    for line in block.lines() {
+                        if let Some(v) = line.strip_prefix("id:") {
+                            id = v.trim().to_string();
+                        } else if let Some(v) = line.strip_prefix("event:") {
+                            event = v.trim().to_string();
+                        } else if let Some(v) = line.strip_prefix("data:") {
+                            data.push_str(v.trim());
+                        }
+                    }
+                    if event.is_empty() {
+                        continue; // a keep-alive comment
+                    }
+                    let data = serde_json::from_str(&data).expect("event data is JSON");
+                    sink.lock().unwrap().push(Sse { id, event, data });
+                }
+            }
+        });
+        Subscription { events, task }
+    }
+
+    fn events(&self) -> Vec<Sse> {
+        self.events.lock().unwrap().clone()
+    }
+
+    async fn wait_for(&self, what: &str, pred: impl Fn(&[Sse]) -> bool) -> Vec<Sse> {
+        let deadline = tokio::time::Instant::now() + LONG;
+        loop {
+            let evs = self.events();
+            if pred(&evs) {
+                return evs;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out waiting for {what}; got {evs:#?}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn keys(evs: &[Sse]) -> Vec<String> {
+    evs.iter()
+        .filter(|e| e.event == "invalidate")
+        .filter_map(|e| e.data["key"].as_str().map(str::to_string))
+        .collect()
+}
+
+async fn post(node: &Sidecar, path: &str, body: Value) -> (u16, Value) {
+    let r = client()
+        .post(node.url(path))
+        .json(&body)
+        .send()
+        .await
+        .expect("post");
+    let status = r.status().as_u16();
+    (status, r.json().await.expect("json body"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_sidecars_deliver_over_http_and_wait_returns_acks() {
+    let mut c = Cluster::new(3, "");
+    c.start_all().await;
+    c.wait_connected().await;
+    let s1 = Subscription::open(c.nodes[1].url("/v1/events"), None).await;
+    let s2 = Subscription::open(c.nodes[2].url("/v1/events"), None).await;
+    // A subscriber without Last-Event-ID is told to flush first.
+    for s in [&s1, &s2] {
+        let evs = s.wait_for("initial flush", |e| !e.is_empty()).await;
+        assert_eq!(evs[0].event, "flush");
+    }
+    let (code, body) = post(
+        &c.nodes[0],
+        "/v1/invalidate",
+        json!({"cache": "org.hisp.dhis.user.User", "key": "42"}),
+    )
+    .await;
+    assert_eq!(code, 202, "{body}");
+    assert_eq!(body["seqs"], json!([1]));
+    let (code, body) = post(
+        &c.nodes[0],
+        "/v1/invalidate?wait=2s",
+        json!([{"cache": "c", "key": "a"}, {"cache": "c", "key": "b"}, {"cache": "whole"}]),
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["seqs"], json!([2, 3, 4]));
+    assert_eq!(body["all_acked"], json!(true));
+    assert_eq!(body["acked"].as_array().map(Vec::len), Some(2));
+    for s in [&s1, &s2] {
+        let evs = s
+            .wait_for("four invalidations", |e| {
+                e.iter().filter(|e| e.event == "invalidate").count() == 4
+            })
+            .await;
+        assert_eq!(keys(&evs), ["42", "a", "b"]);
+        let whole = evs
+            .iter()
+            .find(|e| e.data["cache"] == "whole")
+            .expect("whole-cache event");
+        assert!(whole.data.get("key").is_none(), "whole cache: no key");
+        assert_eq!(whole.data["origin"], json!(c.nodes[0].id()));
+        // Every event carries an id of this run.
+        assert!(evs.iter().all(|e| e.id.contains('-')));
+    }
+    // `cachecast status` prints the table.
+    let out = Command::new(env!("CARGO_BIN_EXE_cachecast"))
+        .args(["status", "--config"])
+        .arg(&c.nodes[0].conf)
+        .output()
+        .expect("status");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains(&c.nodes[1].id()) && text.contains(" up "),
+        "{text}"
+    );
+    // And the metrics are Prometheus text.
+    let m = client()
+        .get(c.nodes[0].url("/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(m.contains("cachecast_originated_total 4"), "{m}");
+    assert!(m.contains(&format!(
+        "cachecast_peer_up{{peer=\"{}\"}} 1",
+        c.nodes[1].id()
+    )));
+    assert!(m.contains("cachecast_ack_latency_seconds_bucket"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill9_then_restart_shows_down_up_flush_and_replay() {
+    let mut c = Cluster::new(3, "");
+    c.start_all().await;
+    c.wait_connected().await;
+    let s0 = Subscription::open(c.nodes[0].url("/v1/events"), None).await;
+    c.nodes[2].kill9();
+    s0.wait_for("peer-down", |e| {
+        e.iter()
+            .any(|e| e.event == "peer-down" && e.data["peer"] == json!(c.nodes[2].id()))
+    })
+    .await;
+    // Invalidate while node 2 is down: it gets these on return (replay).
+    let (code, body) = post(
+        &c.nodes[0],
+        "/v1/invalidate",
+        json!([{"cache": "c", "key": "while-down-1"}, {"cache": "c", "key": "while-down-2"}]),
+    )
+    .await;
+    assert_eq!(code, 202, "{body}");
+    c.nodes[2].spawn();
+    c.nodes[2].wait_healthy().await;
+    let s2 = Subscription::open(c.nodes[2].url("/v1/events"), None).await;
+    let evs = s0
+        .wait_for("peer-up and a flush for the crash", |e| {
+            let up = e
+                .iter()
+                .any(|e| e.event == "peer-up" && e.data["peer"] == json!(c.nodes[2].id()));
+            let flush = e.iter().any(|e| {
+                e.event == "flush"
+                    && e.data["origin"] == json!(c.nodes[2].id())
+                    && e.data["reason"]
+                        .as_str()
+                        .unwrap_or("")
+                        .contains("restarted")
+            });
+            up && flush
+        })
+        .await;
+    assert!(evs.iter().any(|e| e.event == "peer-down"));
+    let evs2 = s2.wait_for("the replay", |e| keys(e).len() == 2).await;
+    assert_eq!(keys(&evs2), ["while-down-1", "while-down-2"]);
+    assert_eq!(evs2[0].event, "flush", "a new subscriber flushes first");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn last_event_id_resumes_without_a_flush_and_a_foreign_one_flushes() {
+    let mut c = Cluster::new(2, "");
+    c.start_all().await;
+    c.wait_connected().await;
+    let s = Subscription::open(c.nodes[1].url("/v1/events"), None).await;
+    post(
+        &c.nodes[0],
+        "/v1/invalidate",
+        json!({"cache": "c", "key": "one"}),
+    )
+    .await;
+    let evs = s.wait_for("one", |e| keys(e) == ["one"]).await;
+    let last_id = evs.last().expect("event").id.clone();
+    drop(s);
+    // Missed while away.
+    post(
+        &c.nodes[0],
+        "/v1/invalidate",
+        json!({"cache": "c", "key": "two"}),
+    )
+    .await;
+    post(
+        &c.nodes[0],
+        "/v1/invalidate?wait=2s",
+        json!({"cache": "c", "key": "three"}),
+    )
+    .await;
+    let resumed = Subscription::open(c.nodes[1].url("/v1/events"), Some(last_id.clone())).await;
+    let evs = resumed
+        .wait_for("two and three", |e| keys(e).len() == 2)
+        .await;
+    assert_eq!(keys(&evs), ["two", "three"]);
+    assert!(evs.iter().all(|e| e.event != "flush"), "{evs:?}");
+    // An id from another run (or garbage) gets a flush first.
+    for foreign in ["0000000000000000-5", "garbage"] {
+        let s = Subscription::open(c.nodes[1].url("/v1/events"), Some(foreign.into())).await;
+        let evs = s.wait_for("a flush", |e| !e.is_empty()).await;
+        assert_eq!(evs[0].event, "flush", "{foreign}");
+    }
+    // After a restart of the sidecar, the old id is from an earlier run.
+    c.nodes[1].terminate();
+    c.nodes[1].spawn();
+    c.nodes[1].wait_healthy().await;
+    let s = Subscription::open(c.nodes[1].url("/v1/events"), Some(last_id)).await;
+    let evs = s.wait_for("a flush", |e| !e.is_empty()).await;
+    assert_eq!(evs[0].event, "flush");
+    assert!(
+        evs[0].data["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("earlier run"),
+        "{:?}",
+        evs[0]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_json_errors_and_the_node_keeps_serving() {
+    let mut c = Cluster::new(2, "");
+    c.start_all().await;
+    let n = &c.nodes[0];
+    let big_key = "k".repeat(64 * 1024 + 1);
+    let huge = "x".repeat(5 * 1024 * 1024);
+    let many: Vec<Value> = (0..10_001)
+        .map(|i| json!({"cache": "c", "key": i.to_string()}))
+        .collect();
+    let cases: Vec<(&str, Option<&str>, String, u16, &str)> = vec![
+        (
+            "not JSON",
+            Some("application/json"),
+            "{nope".into(),
+            400,
+            "invalid JSON",
+        ),
+        (
+            "empty body",
+            Some("application/json"),
+            String::new(),
+            400,
+            "invalid JSON",
+        ),
+        (
+            "wrong type",
+            Some("application/json"),
+            r#"{"cache": 5}"#.into(),
+            400,
+            "invalid type",
+        ),
+        (
+            "key wrong type",
+            Some("application/json"),
+            r#"{"cache": "c", "key": [1]}"#.into(),
+            400,
+            "invalid type",
+        ),
+        (
+            "empty cache",
+            Some("application/json"),
+            r#"{"cache": ""}"#.into(),
+            400,
+            "empty",
+        ),
+        (
+            "missing cache",
+            Some("application/json"),
+            r#"{"key": "k"}"#.into(),
+            400,
+            "missing `cache`",
+        ),
+        (
+            "unknown field",
+            Some("application/json"),
+            r#"{"cache": "c", "kee": "k"}"#.into(),
+            400,
+            "unknown field",
+        ),
+        (
+            "flush false",
+            Some("application/json"),
+            r#"{"flush": false}"#.into(),
+            400,
+            "must be true",
+        ),
+        (
+            "flush with cache",
+            Some("application/json"),
+            r#"{"flush": true, "cache": "c"}"#.into(),
+            400,
+            "cannot be combined",
+        ),
+        (
+            "a number",
+            Some("application/json"),
+            "42".into(),
+            400,
+            "expected an object",
+        ),
+        (
+            "empty array",
+            Some("application/json"),
+            "[]".into(),
+            400,
+            "empty",
+        ),
+        (
+            "bad item in array",
+            Some("application/json"),
+            r#"[{"cache": "c"}, 7]"#.into(),
+            400,
+            "item 1",
+        ),
+        (
+            "key over 64 KiB",
+            Some("application/json"),
+            format!(r#"{{"cache": "c", "key": "{big_key}"}}"#),
+            400,
+            "at most 65536",
+        ),
+        (
+            "too many items",
+            Some("application/json"),
+            serde_json::to_string(&many).unwrap(),
+            413,
+            "at most 10000",
+        ),
+        (
+            "body over the limit",
+            Some("application/json"),
+            format!(r#"{{"cache": "{huge}"}}"#),
+            413,
+            "larger than",
+        ),
+        (
+            "form content type",
+            Some("application/x-www-form-urlencoded"),
+            r#"{"cache": "c"}"#.into(),
+            415,
+            "Content-Type",
+        ),
+        (
+            "no content type",
+            None,
+            r#"{"cache": "c"}"#.into(),
+            415,
+            "Content-Type",
+        ),
+        (
+            "invalid UTF-8",
+            Some("application/json"),
+            String::from_utf8_lossy(b"{\"cache\": \"\xff\"}").into_owned(),
+            202,
+            "",
+        ),
+    ];
+    for (name, ctype, body, want, needle) in cases {
+        let mut req = client().post(n.url("/v1/invalidate")).body(body);
+        if let Some(t) = ctype {
+            req = req.header("content-type", t);
+        }
+        let r = req.send().await.expect(name);
+        let status = r.status().as_u16();
+        let text = r.text().await.unwrap_or_default();
+        assert_eq!(status, want, "{name}: {text}");
+        if want >= 400 {
+            let v: Value =
+                serde_json::from_str(&text).unwrap_or_else(|_| panic!("{name}: not JSON: {text}"));
+            let msg = v["error"]
+                .as_str()
+                .unwrap_or_else(|| panic!("{name}: no error field: {text}"));
+            assert!(msg.contains(needle), "{name}: {msg}");
+        }
+    }
+    // Raw invalid UTF-8 bytes in the body.
+    let r = client()
+        .post(n.url("/v1/invalidate"))
+        .header("content-type", "application/json")
+        .body(&b"{\"cache\": \"\xff\xfe\"}"[..])
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 400);
+    // Bad ?wait values.
+    for w in ["abc", "5h", "-1s", "10m"] {
+        let r = client()
+            .post(n.url(&format!("/v1/invalidate?wait={w}")))
+            .json(&json!({"cache": "c"}))
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(r.status(), 400, "wait={w}");
+    }
+    // Unknown endpoint, wrong method.
+    let r = client().get(n.url("/nope")).send().await.expect("send");
+    assert_eq!(r.status(), 404);
+    let r = client()
+        .get(n.url("/v1/invalidate"))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 405);
+    // Still serving.
+    let (code, _) = post(n, "/v1/invalidate", json!({"cache": "c", "key": "after"})).await;
+    assert_eq!(code, 202);
+    n.wait_healthy().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn curl_posts_and_streams() {
+    if Command::new("curl").arg("--version").output().is_err() {
+        panic!("curl is required for this test (CI installs it)");
+    }
+    let mut c = Cluster::new(2, "");
+    c.start_all().await;
+    c.wait_connected().await;
+    let mut stream = Command::new("curl")
+        .args(["-sN", "--max-time", "10", &c.nodes[1].url("/v1/events")])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("curl -N");
+    let stdout = stream.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    // Wait for the stream to be up (its first event is the flush).
+    let first = rx.recv_timeout(LONG).expect("first line from curl");
+    assert!(
+        first.starts_with("id:") || first.starts_with("event:"),
+        "{first}"
+    );
+    let out = Command::new("curl")
+        .args([
+            "-s",
+            "-X",
+            "POST",
+            "-H",
+            "Content-Type: application/json",
+            "-d",
+            r#"{"cache":"org.hisp.dhis.user.User","key":"from-curl"}"#,
+            &c.nodes[0].url("/v1/invalidate?wait=2s"),
+        ])
+        .output()
+        .expect("curl POST");
+    let body: Value = serde_json::from_slice(&out.stdout).expect("JSON answer");
+    assert_eq!(body["all_acked"], json!(true), "{body}");
+    let deadline = std::time::Instant::now() + LONG;
+    loop {
+        let line = rx
+            .recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
+            .expect("the invalidation on curl's stream");
+        if line.contains("from-curl") {
+            break;
+        }
+    }
+    let _ = stream.kill();
+    let _ = stream.wait();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_gets_a_flush_first_then_batches() {
+    use axum::routing::post as axum_post;
+    let received: Arc<Mutex<Vec<Value>>> = Arc::default();
+    let sink = received.clone();
+    let app = axum::Router::new().route(
+        "/hook",
+        axum_post(move |axum::Json(batch): axum::Json<Vec<Value>>| {
+            let sink = sink.clone();
+            async move {
+                sink.lock().unwrap().extend(batch);
+                "ok"
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let hook = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    let extra = format!("cachecast.webhook.url = http://{hook}/hook");
+    let mut c = Cluster::new(2, &extra);
+    c.start_all().await;
+    c.wait_connected().await;
+    for k in 0..50 {
+        post(
+            &c.nodes[0],
+            "/v1/invalidate",
+            json!({"cache": "c", "key": format!("k{k}")}),
+        )
+        .await;
+    }
+    let deadline = tokio::time::Instant::now() + LONG;
+    loop {
+        let got = received.lock().unwrap().clone();
+        let keys: Vec<&str> = got.iter().filter_map(|v| v["key"].as_str()).collect();
+        if keys.len() == 50 {
+            assert_eq!(
+                got[0]["type"], "flush",
+                "first delivery is a flush: {:?}",
+                got[0]
+            );
+            let want: Vec<String> = (0..50).map(|k| format!("k{k}")).collect();
+            assert_eq!(keys, want.iter().map(String::as_str).collect::<Vec<_>>());
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "webhook got {got:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // A webhook pointing nowhere is retried and counted; the node serves on.
+    let mut c2 = Cluster::new(
+        1,
+        &format!(
+            "cachecast.webhook.url = http://127.0.0.1:{}/gone",
+            free_port()
+        ),
+    );
+    c2.start_all().await;
+    let deadline = tokio::time::Instant::now() + LONG;
+    loop {
+        let st = c2.nodes[0].status().await;
+        if st["sidecar"]["webhook"]["failures"].as_u64().unwrap_or(0) >= 2 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{st}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    c2.nodes[0].wait_healthy().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_is_graceful_and_costs_no_flush() {
+    let mut c = Cluster::new(2, "");
+    c.start_all().await;
+    c.wait_connected().await;
+    let s0 = Subscription::open(c.nodes[0].url("/v1/events"), None).await;
+    post(
+        &c.nodes[1],
+        "/v1/invalidate",
+        json!({"cache": "c", "key": "before"}),
+    )
+    .await;
+    s0.wait_for("before", |e| keys(e) == ["before"]).await;
+    let status = c.nodes[1].terminate();
+    assert!(
+        status.success(),
+        "exit {status:?}\n{}",
+        c.nodes[1].log_text()
+    );
+    assert!(c.nodes[1].log_text().contains("shutting down gracefully"));
+    c.nodes[1].spawn();
+    c.nodes[1].wait_healthy().await;
+    c.wait_connected().await;
+    post(
+        &c.nodes[1],
+        "/v1/invalidate",
+        json!({"cache": "c", "key": "after"}),
+    )
+    .await;
+    let evs = s0
+        .wait_for("after", |e| keys(e) == ["before", "after"])
+        .await;
+    let flushes = evs.iter().filter(|e| e.event == "flush").count();
+    assert_eq!(flushes, 1, "only the subscriber's initial flush: {evs:#?}");
+    assert!(
+        evs.iter().any(|e| e.event == "peer-down"
+            && e.data["reason"].as_str().unwrap_or("").contains("goodbye"))
+    );
+}
+
+#[test]
+fn run_refuses_a_bad_config_with_exit_2() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let conf = dir.path().join("dhis.conf");
+    std::fs::write(&conf, "cluster.instance1.hostname = 10.0.0.2\n").expect("write");
+    let out = Command::new(env!("CARGO_BIN_EXE_cachecast"))
+        .args(["run", "--config"])
+        .arg(&conf)
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("clustering is off"), "{err}");
+}
