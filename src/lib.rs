@@ -47,10 +47,12 @@
 //! - [`demo`]: `cachecast demo`.
 #![warn(missing_docs)]
 
+pub mod auth;
 pub mod config;
 pub mod demo;
 pub mod mesh;
 pub mod sidecar;
+pub mod tls;
 pub mod wire;
 
 pub use config::{ClusterConfig, NodeAddr};

@@ -1,40 +1,43 @@
 //! The listener, and one task per inbound connection: a peer's stream of
 //! invalidations to this node.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::BytesMut;
 use futures_util::StreamExt;
-use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::OwnedWriteHalf;
+use rustls_pki_types::CertificateDer;
+use tokio::io::{AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
-use tokio::time::timeout;
+use tokio::time::{Instant, timeout, timeout_at};
 use tokio_util::codec::{Encoder, FramedRead};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use super::{Dir, Shared, lock};
+use super::io::Io;
+use super::limits::IpSlot;
+use super::{Dir, Rejected, Shared, lock};
+use crate::auth;
 use crate::config::NodeAddr;
 use crate::wire::{FrameCodec, Hello, MAGIC, Message, NONCE_LEN, PROTOCOL_VERSION, Position};
 
 /// Our hello, carrying what we applied from the peer.
-pub(super) fn hello_for(shared: &Shared, last_applied: Option<Position>) -> Message {
+pub(super) fn hello_for(shared: &Shared, last_applied: Option<Position>) -> Hello {
     let mut nonce = [0u8; NONCE_LEN];
     rand::fill(&mut nonce);
-    Message::Hello(Hello {
+    Hello {
         magic: MAGIC,
         version: PROTOCOL_VERSION,
         node: shared.me.to_string(),
         incarnation: lock(&shared.out).incarnation(),
         nonce,
         last_applied,
-        auth: false,
-    })
+        auth: shared.secret.is_some(),
+    }
 }
 
 async fn resolve(addr: &NodeAddr) -> Vec<IpAddr> {
@@ -63,34 +66,48 @@ pub(super) async fn identity_matches(claimed: &NodeAddr, configured: &NodeAddr) 
 /// Accepts connections until shutdown.
 pub(super) async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, tracker: TaskTracker) {
     loop {
-        // Take a permit first, so that a flood of connections cannot grow
-        // the number of tasks without bound.
-        let permit = tokio::select! {
-            p = shared.conn_limit.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => return,
-            },
-            _ = shared.token.cancelled() => return,
-        };
         let accepted = tokio::select! {
             r = listener.accept() => r,
             _ = shared.token.cancelled() => return,
         };
-        match accepted {
-            Ok((stream, remote)) => {
-                let shared = shared.clone();
-                tracker.spawn(async move {
-                    let span = info_span!("inbound", remote = %remote);
-                    serve(&shared, stream).instrument(span).await;
-                    drop(permit);
-                });
-            }
+        let (stream, remote) = match accepted {
+            Ok(a) => a,
             Err(e) => {
                 // Typically out of file descriptors: wait instead of spinning.
                 warn!(error = %e, "accept failed");
                 tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
             }
+        };
+        // Strangers are closed before anything is read from them.
+        if !shared.allowlist.permits(remote.ip()).await {
+            shared.reject_quietly(
+                Rejected::NotAllowed,
+                remote,
+                "source address is not a configured peer's",
+            );
+            continue;
         }
+        // Bounded work per source and in total, taken before spawning, so
+        // that a flood cannot grow the number of tasks.
+        let Ok(permit) = shared.conn_limit.clone().try_acquire_owned() else {
+            shared.reject_quietly(Rejected::Limit, remote, "too many connections open");
+            continue;
+        };
+        let shared = shared.clone();
+        tracker.spawn(async move {
+            let Some(slot) = shared.per_ip.enter(remote.ip()) else {
+                shared.reject_quietly(
+                    Rejected::Limit,
+                    remote,
+                    "too many handshakes from this address",
+                );
+                return;
+            };
+            let span = info_span!("inbound", remote = %remote);
+            serve(&shared, stream, remote, slot).instrument(span).await;
+            drop(permit);
+        });
     }
 }
 
@@ -101,39 +118,110 @@ struct Owed {
     pongs: u64,
 }
 
-/// Serves one inbound connection to its end; every error stays here.
-async fn serve(shared: &Shared, stream: TcpStream) {
+/// Waits for the first byte and sets up TLS or plain TCP as configured;
+/// refuses a peer that speaks the other.
+async fn transport(
+    shared: &Shared,
+    stream: TcpStream,
+    remote: SocketAddr,
+    deadline: Instant,
+) -> Option<(Io, Option<CertificateDer<'static>>)> {
     let _ = stream.set_nodelay(true);
-    let (rd, mut wr) = stream.into_split();
-    let mut reader = FramedRead::new(rd, FrameCodec::new());
+    let mut first = [0u8; 1];
+    match timeout_at(deadline, stream.peek(&mut first)).await {
+        Err(_) => {
+            shared.reject_quietly(
+                Rejected::Handshake,
+                remote,
+                "sent nothing before the hello deadline",
+            );
+            return None;
+        }
+        Ok(Ok(0)) | Ok(Err(_)) => {
+            shared.reject_quietly(Rejected::Handshake, remote, "closed before saying hello");
+            return None;
+        }
+        Ok(Ok(_)) => {}
+    }
+    // A TLS record starts with 0x16 (handshake); a frame's length prefix,
+    // at most 1 MiB, starts with 0x00.
+    let speaks_tls = first[0] == 0x16;
+    match (&shared.tls, speaks_tls) {
+        (Some(tls), true) => match timeout_at(deadline, tls.accept(stream)).await {
+            Ok(Ok(s)) => {
+                let cert = crate::tls::peer_certificate(&s);
+                Some((Io::Server(Box::new(s)), cert))
+            }
+            Ok(Err(e)) => {
+                shared.reject_quietly(Rejected::Tls, remote, &format!("TLS handshake failed: {e}"));
+                None
+            }
+            Err(_) => {
+                shared.reject_quietly(
+                    Rejected::Tls,
+                    remote,
+                    "TLS handshake not finished before the deadline",
+                );
+                None
+            }
+        },
+        (Some(_), false) => {
+            let mut wr = stream;
+            let reason = "this node requires TLS (cachecast.tls.*) and the peer spoke plain TCP";
+            reject(shared, &mut wr, Rejected::Tls, reason).await;
+            None
+        }
+        (None, true) => {
+            shared.reject_quietly(
+                Rejected::Tls,
+                remote,
+                "the peer speaks TLS and this node has no cachecast.tls configured",
+            );
+            None
+        }
+        (None, false) => Some((Io::Plain(stream), None)),
+    }
+}
+
+/// Serves one inbound connection to its end; every error stays here.
+async fn serve(shared: &Shared, stream: TcpStream, remote: SocketAddr, slot: IpSlot<'_>) {
     let hello_timeout = shared.tuning.hello_timeout;
+    let deadline = Instant::now() + hello_timeout;
+    let Some((io, cert)) = transport(shared, stream, remote, deadline).await else {
+        return;
+    };
+    serve_io(shared, io, cert, deadline, slot).await;
+}
+
+/// The handshake and the session over an established transport.
+pub(super) async fn serve_io(
+    shared: &Shared,
+    io: Io,
+    cert: Option<CertificateDer<'static>>,
+    deadline: Instant,
+    slot: IpSlot<'_>,
+) {
+    let (rd, mut wr) = tokio::io::split(io);
+    let mut reader = FramedRead::new(rd, FrameCodec::new());
     let first = tokio::select! {
-        r = timeout(hello_timeout, reader.next()) => r,
+        r = timeout_at(deadline, reader.next()) => r,
         _ = shared.token.cancelled() => return,
     };
+    let hs = Rejected::Handshake;
     let hello = match first {
-        Err(_) => {
-            return reject(
-                shared,
-                &mut wr,
-                &format!("no hello within {hello_timeout:?}"),
-            )
-            .await;
+        Err(_) => return reject(shared, &mut wr, hs, "no hello before the deadline").await,
+        Ok(None) => return reject(shared, &mut wr, hs, "closed before saying hello").await,
+        Ok(Some(Err(e))) => {
+            return reject(shared, &mut wr, hs, &format!("bad first frame: {e}")).await;
         }
-        Ok(None) => return reject(shared, &mut wr, "closed before saying hello").await,
-        Ok(Some(Err(e))) => return reject(shared, &mut wr, &format!("bad first frame: {e}")).await,
         Ok(Some(Ok(Message::Hello(h)))) => h,
         Ok(Some(Ok(other))) => {
-            return reject(
-                shared,
-                &mut wr,
-                &format!("expected Hello, got {}", other.kind()),
-            )
-            .await;
+            let reason = format!("expected Hello, got {}", other.kind());
+            return reject(shared, &mut wr, hs, &reason).await;
         }
     };
     if hello.magic != MAGIC {
-        return reject(shared, &mut wr, "bad magic: not a cachecast peer").await;
+        return reject(shared, &mut wr, hs, "bad magic: not a cachecast peer").await;
     }
     // Each side sends the highest version it speaks and both use the
     // lower; this node speaks only version 1, so any version from 1 on will
@@ -143,18 +231,95 @@ async fn serve(shared: &Shared, stream: TcpStream) {
             "unsupported protocol version {} (this node speaks {PROTOCOL_VERSION})",
             hello.version
         );
-        return reject(shared, &mut wr, &reason).await;
+        return reject(shared, &mut wr, hs, &reason).await;
     }
-    let found = timeout(hello_timeout, find_peer(shared, &hello.node)).await;
+    let found = timeout_at(deadline, find_peer(shared, &hello.node)).await;
     let Some(peer) = found.ok().flatten() else {
         let reason = format!("{:?} is not a configured peer of {}", hello.node, shared.me);
-        return reject(shared, &mut wr, &reason).await;
+        return reject(shared, &mut wr, hs, &reason).await;
     };
-    if hello.auth {
-        let reason = "the peer has a shared secret (cachecast.secret) and this node has none";
-        return reject(shared, &mut wr, reason).await;
-    }
     let id = shared.peers[peer].id.clone();
+    if let Some(cert) = &cert
+        && !crate::tls::names(cert, &shared.peers[peer].addr.host)
+    {
+        let reason = format!(
+            "the peer's certificate does not name {}, the host it claims to be",
+            shared.peers[peer].addr.host
+        );
+        return reject(shared, &mut wr, Rejected::Tls, &reason).await;
+    }
+    match (&shared.secret, hello.auth) {
+        (Some(_), false) => {
+            let reason =
+                "this node requires a shared secret (cachecast.secret) and the peer has none";
+            return reject(shared, &mut wr, Rejected::Auth, reason).await;
+        }
+        (None, true) => {
+            let reason = "the peer has a shared secret (cachecast.secret) and this node has none";
+            return reject(shared, &mut wr, Rejected::Auth, reason).await;
+        }
+        _ => {}
+    }
+    // Nothing changes state before the peer has proven who it is: the
+    // reply position is only read here, and applied below.
+    let reply = lock(&shared.origins).peek(peer);
+    let ours = hello_for(shared, reply);
+    let mut buf = BytesMut::new();
+    let mut codec = FrameCodec::new();
+    let transcript = auth::Transcript {
+        dialer: &hello.node,
+        dialer_nonce: &hello.nonce,
+        dialer_incarnation: hello.incarnation,
+        acceptor: &ours.node,
+        acceptor_nonce: &ours.nonce,
+        acceptor_incarnation: ours.incarnation,
+    };
+    let our_proof = shared
+        .secret
+        .as_ref()
+        .map(|s| auth::prove(s, auth::Role::Acceptor, &transcript));
+    let encoded = codec
+        .encode(Message::Hello(ours.clone()), &mut buf)
+        .and_then(|()| match our_proof {
+            Some(mac) => codec.encode(Message::Auth { mac }, &mut buf),
+            None => Ok(()),
+        });
+    if encoded.is_err() || timeout_at(deadline, wr.write_all(&buf)).await.is_err() {
+        return;
+    }
+    if let Some(secret) = &shared.secret {
+        let proof = match timeout_at(deadline, reader.next()).await {
+            Ok(Some(Ok(Message::Auth { mac }))) => mac,
+            Ok(Some(Ok(Message::Reject { reason }))) => {
+                shared.reject_quietly_peer(
+                    Rejected::Auth,
+                    &id,
+                    &format!("the peer refused us: {reason}"),
+                );
+                return;
+            }
+            Ok(Some(Ok(other))) => {
+                let reason = format!("expected Auth, got {}", other.kind());
+                return reject(shared, &mut wr, Rejected::Auth, &reason).await;
+            }
+            _ => {
+                return reject(
+                    shared,
+                    &mut wr,
+                    Rejected::Auth,
+                    "no proof of the shared secret before the deadline",
+                )
+                .await;
+            }
+        };
+        if !auth::verify(secret, auth::Role::Dialer, &transcript, &proof) {
+            let reason = format!(
+                "authentication failed for {id}: wrong shared secret (cachecast.secret differs?)"
+            );
+            return reject(shared, &mut wr, Rejected::Auth, &reason).await;
+        }
+    }
+    drop(slot);
     let incarnation = hello.incarnation;
     // This connection supersedes any older one from the same peer.
     let conn_token = shared.token.child_token();
@@ -167,23 +332,10 @@ async fn serve(shared: &Shared, stream: TcpStream) {
         l.inbound_gen += 1;
         l.inbound_gen
     };
-    let reply = {
-        let mut origins = lock(&shared.origins);
-        origins.hello(peer, incarnation, &mut |e| shared.emit(e))
-    };
-    let mut buf = BytesMut::new();
-    let sent = FrameCodec::new().encode(hello_for(shared, reply), &mut buf);
-    let reason = match sent {
-        Err(e) => format!("cannot encode hello: {e}"),
-        Ok(()) => match wr.write_all(&buf).await {
-            Err(e) => format!("cannot send hello: {e}"),
-            Ok(()) => {
-                info!(peer = %id, incarnation = format_args!("{incarnation:016x}"), "inbound link up");
-                shared.set_link(peer, Dir::In, true, "");
-                receive(shared, peer, incarnation, reader, wr, &conn_token).await
-            }
-        },
-    };
+    lock(&shared.origins).hello(peer, incarnation, &mut |e| shared.emit(e));
+    info!(peer = %id, incarnation = format_args!("{incarnation:016x}"), "inbound link up");
+    shared.set_link(peer, Dir::In, true, "");
+    let reason = receive(shared, peer, incarnation, reader, wr, &conn_token).await;
     let current = {
         let mut links = lock(&shared.links);
         let l = &mut links[peer];
@@ -202,12 +354,15 @@ async fn serve(shared: &Shared, stream: TcpStream) {
 }
 
 /// Refuses a connection, telling the other side why (best effort).
-async fn reject(shared: &Shared, wr: &mut OwnedWriteHalf, reason: &str) {
-    shared
-        .stats
-        .rejected_connections
-        .fetch_add(1, Ordering::Relaxed);
-    warn!(reason, "connection refused");
+async fn reject<W: AsyncWrite + Unpin>(shared: &Shared, wr: &mut W, kind: Rejected, reason: &str) {
+    shared.count_rejection(kind);
+    let (log, held) = shared.reject_log.admit();
+    if held > 0 {
+        warn!(held, "rejected connections not logged (rate limit)");
+    }
+    if log {
+        warn!(reason, "connection refused");
+    }
     let mut buf = BytesMut::new();
     let msg = Message::Reject {
         reason: reason.to_string(),
@@ -215,7 +370,7 @@ async fn reject(shared: &Shared, wr: &mut OwnedWriteHalf, reason: &str) {
     if FrameCodec::new().encode(&msg, &mut buf).is_ok() {
         let _ = timeout(Duration::from_secs(1), wr.write_all(&buf)).await;
     }
-    let _ = wr.shutdown().await;
+    let _ = timeout(Duration::from_secs(1), wr.shutdown()).await;
 }
 
 /// A node identity as sent in a hello: `host:port` written in full.
@@ -247,8 +402,8 @@ async fn receive(
     shared: &Shared,
     peer: usize,
     incarnation: u64,
-    mut reader: FramedRead<tokio::net::tcp::OwnedReadHalf, FrameCodec>,
-    mut wr: OwnedWriteHalf,
+    mut reader: FramedRead<ReadHalf<Io>, FrameCodec>,
+    mut wr: WriteHalf<Io>,
     conn_token: &CancellationToken,
 ) -> String {
     let (owed_tx, mut owed_rx) = watch::channel(Owed::default());

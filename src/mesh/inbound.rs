@@ -37,6 +37,14 @@ impl Origins {
         Origins { ids, states }
     }
 
+    /// What [`Origins::hello`] would reply, without changing anything.
+    pub(crate) fn peek(&self, peer: usize) -> Option<Position> {
+        self.states[peer].map(|s| Position {
+            incarnation: s.incarnation,
+            seq: s.last_applied,
+        })
+    }
+
     /// A peer's hello announces `incarnation`. Returns the position to put
     /// in our hello (what we hold from that peer, any incarnation) and emits
     /// a flush when a new incarnation follows one that did not end cleanly.

@@ -8,15 +8,16 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use futures_util::StreamExt;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::time::{Instant, sleep, sleep_until, timeout};
+use tokio::time::{Instant, sleep, sleep_until, timeout, timeout_at};
 use tokio_util::codec::{Encoder, FramedRead};
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::conn::{hello_for, identity_matches, parse_identity};
+use super::io::Io;
 use super::{Dir, Shared, lock};
+use crate::auth;
 use crate::config::NodeAddr;
 use crate::wire::{CodecError, FrameCodec, Hello, MAGIC, Message, PROTOCOL_VERSION};
 
@@ -44,6 +45,10 @@ pub(super) enum LinkError {
     Rejected(String),
     #[error("protocol error: {0}")]
     Protocol(String),
+    #[error("authentication: {0}")]
+    Auth(String),
+    #[error("{0}")]
+    Tls(String),
 }
 
 /// Capped exponential backoff with ±20% jitter, so that nodes restarted
@@ -107,6 +112,7 @@ pub(super) async fn run(shared: Arc<Shared>, peer: usize) {
                                 .fetch_add(1, Ordering::Relaxed);
                         }
                         links[peer].ever_connected = true;
+                        links[peer].last_error = None;
                     }
                     if hello
                         .last_applied
@@ -133,12 +139,14 @@ pub(super) async fn run(shared: Arc<Shared>, peer: usize) {
                                 shared.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
                             }
                             warn!(error = %e, "outbound link down");
+                            lock(&shared.links)[peer].last_error = Some(e.to_string());
                             shared.set_link(peer, Dir::Out, false, &e.to_string());
                         }
                     }
                 }
                 Err(e) => {
                     let text = e.to_string();
+                    lock(&shared.links)[peer].last_error = Some(text.clone());
                     let due = match &last_logged {
                         Some((prev, at)) => *prev != text || at.elapsed() > Duration::from_secs(60),
                         None => true,
@@ -162,11 +170,13 @@ pub(super) async fn run(shared: Arc<Shared>, peer: usize) {
     .await
 }
 
+type Reader = FramedRead<ReadHalf<Io>, FrameCodec>;
+
 /// Dials the peer (resolving its name afresh) and completes the handshake.
 async fn connect(
     shared: &Shared,
     peer: usize,
-) -> Result<(FramedRead<OwnedReadHalf, FrameCodec>, OwnedWriteHalf, Hello), LinkError> {
+) -> Result<(Reader, WriteHalf<Io>, Hello), LinkError> {
     let info = &shared.peers[peer];
     let stream = match info.dial {
         Some(via) => timeout(shared.tuning.connect_timeout, TcpStream::connect(via))
@@ -177,19 +187,31 @@ async fn connect(
     };
     // Latency matters more than packet count; writes are batched anyway.
     stream.set_nodelay(true)?;
-    let (rd, mut wr) = stream.into_split();
+    let hello_timeout = shared.tuning.hello_timeout;
+    let deadline = Instant::now() + hello_timeout;
+    let io = match &shared.tls {
+        None => Io::Plain(stream),
+        Some(tls) => match timeout_at(deadline, tls.connect(&info.addr.host, stream)).await {
+            Ok(Ok(s)) => Io::Client(Box::new(s)),
+            Ok(Err(e)) => {
+                return Err(LinkError::Tls(format!(
+                    "TLS handshake with {} failed: {e} (does it have cachecast.tls configured, with a certificate from the same CA naming {}?)",
+                    info.addr, info.addr.host
+                )));
+            }
+            Err(_) => return Err(LinkError::HelloTimeout(hello_timeout)),
+        },
+    };
+    let (rd, mut wr) = tokio::io::split(io);
     let mut reader = FramedRead::new(rd, FrameCodec::new());
     let applied = lock(&shared.origins).applied(peer);
+    let ours = hello_for(shared, applied);
     let mut buf = BytesMut::new();
-    FrameCodec::new().encode(hello_for(shared, applied), &mut buf)?;
+    let mut codec = FrameCodec::new();
+    codec.encode(Message::Hello(ours.clone()), &mut buf)?;
     wr.write_all(&buf).await?;
-    let hello_timeout = shared.tuning.hello_timeout;
-    let msg = match timeout(hello_timeout, reader.next()).await {
-        Err(_) => return Err(LinkError::HelloTimeout(hello_timeout)),
-        Ok(None) => return Err(LinkError::Closed),
-        Ok(Some(r)) => r?,
-    };
-    let hello = match msg {
+    buf.clear();
+    let hello = match next_frame(&mut reader, deadline, hello_timeout).await? {
         Message::Hello(h) => h,
         Message::Reject { reason } => return Err(LinkError::Rejected(reason)),
         other => {
@@ -208,9 +230,8 @@ async fn connect(
             hello.version
         )));
     }
-    let claimed = parse_identity(&hello.node);
-    let matches = match &claimed {
-        Some(c) => identity_matches(c, &info.addr).await,
+    let matches = match parse_identity(&hello.node) {
+        Some(c) => identity_matches(&c, &info.addr).await,
         None => false,
     };
     if !matches {
@@ -219,12 +240,63 @@ async fn connect(
             info.addr, hello.node
         )));
     }
-    if hello.auth {
-        return Err(LinkError::Protocol(
-            "the peer requires a shared secret (cachecast.secret) and this node has none".into(),
-        ));
+    match (&shared.secret, hello.auth) {
+        (None, true) => {
+            return Err(LinkError::Auth(
+                "the peer requires a shared secret (cachecast.secret) and this node has none"
+                    .into(),
+            ));
+        }
+        (Some(_), false) => {
+            return Err(LinkError::Auth(
+                "this node requires a shared secret (cachecast.secret) and the peer has none"
+                    .into(),
+            ));
+        }
+        (None, false) => {}
+        (Some(secret), true) => {
+            let transcript = auth::Transcript {
+                dialer: &ours.node,
+                dialer_nonce: &ours.nonce,
+                dialer_incarnation: ours.incarnation,
+                acceptor: &hello.node,
+                acceptor_nonce: &hello.nonce,
+                acceptor_incarnation: hello.incarnation,
+            };
+            let proof = match next_frame(&mut reader, deadline, hello_timeout).await? {
+                Message::Auth { mac } => mac,
+                Message::Reject { reason } => return Err(LinkError::Rejected(reason)),
+                other => {
+                    return Err(LinkError::Protocol(format!(
+                        "expected Auth, got {}",
+                        other.kind()
+                    )));
+                }
+            };
+            if !auth::verify(secret, auth::Role::Acceptor, &transcript, &proof) {
+                return Err(LinkError::Auth(
+                    "the peer failed to prove the shared secret (cachecast.secret differs?)".into(),
+                ));
+            }
+            let mac = auth::prove(secret, auth::Role::Dialer, &transcript);
+            codec.encode(Message::Auth { mac }, &mut buf)?;
+            wr.write_all(&buf).await?;
+        }
     }
     Ok((reader, wr, hello))
+}
+
+/// The next handshake frame, before `deadline`.
+async fn next_frame(
+    reader: &mut Reader,
+    deadline: Instant,
+    limit: Duration,
+) -> Result<Message, LinkError> {
+    match timeout_at(deadline, reader.next()).await {
+        Err(_) => Err(LinkError::HelloTimeout(limit)),
+        Ok(None) => Err(LinkError::Closed),
+        Ok(Some(r)) => Ok(r?),
+    }
 }
 
 /// Connects to the first address of `addr` that answers.
@@ -250,8 +322,8 @@ async fn dial(addr: &NodeAddr, connect_timeout: Duration) -> Result<TcpStream, L
 async fn session(
     shared: &Shared,
     peer: usize,
-    mut reader: FramedRead<OwnedReadHalf, FrameCodec>,
-    mut wr: OwnedWriteHalf,
+    mut reader: Reader,
+    mut wr: WriteHalf<Io>,
 ) -> Result<(), LinkError> {
     let info = &shared.peers[peer];
     let dead_after = shared.tuning.dead_after;

@@ -11,6 +11,8 @@
 mod conn;
 mod event;
 mod inbound;
+mod io;
+mod limits;
 mod link;
 mod metrics;
 mod outlog;
@@ -30,7 +32,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
+use crate::auth::Secret;
 use crate::config::{ClusterConfig, NodeAddr};
+use crate::tls::Tls;
 use crate::wire::{Item, ItemError};
 
 pub use event::{Event, FlushReason, PeerId};
@@ -94,6 +98,9 @@ pub enum StartError {
     /// The configuration cannot run (e.g. more peers than allowed).
     #[error("invalid configuration: {0}")]
     Config(String),
+    /// The secret or the TLS files cannot be used.
+    #[error("security settings: {0}")]
+    Security(String),
 }
 
 /// Why an invalidation was not accepted.
@@ -137,6 +144,11 @@ struct Stats {
     replayed: AtomicU64,
     reconnects: AtomicU64,
     rejected_connections: AtomicU64,
+    rejected_not_allowed: AtomicU64,
+    rejected_handshake: AtomicU64,
+    rejected_auth: AtomicU64,
+    rejected_tls: AtomicU64,
+    rejected_limit: AtomicU64,
     protocol_errors: AtomicU64,
     /// Events delivered to the application, by kind.
     ev_invalidated: AtomicU64,
@@ -172,8 +184,18 @@ pub struct Counters {
     pub replayed: u64,
     /// Outbound links established after the first.
     pub reconnects: u64,
-    /// Inbound connections refused (strangers, bad hellos, limits).
+    /// Inbound connections refused, all reasons together.
     pub rejected_connections: u64,
+    /// Refused: the source address is not a configured peer's.
+    pub rejected_not_allowed: u64,
+    /// Refused in the handshake: no or bad hello, unknown identity.
+    pub rejected_handshake: u64,
+    /// Refused: shared secret missing on one side, or wrong.
+    pub rejected_auth: u64,
+    /// Refused: TLS required but absent, failed, or the wrong name.
+    pub rejected_tls: u64,
+    /// Refused: too many connections.
+    pub rejected_limit: u64,
     /// Connections closed for a malformed or unexpected frame.
     pub protocol_errors: u64,
     /// Events delivered to the application, by kind.
@@ -223,6 +245,8 @@ pub struct PeerStatus {
     pub reconnects: u64,
     /// Time from writing an invalidation to its acknowledgement.
     pub ack_latency: HistogramSnapshot,
+    /// Why our link to it last failed, while it is down.
+    pub last_error: Option<String>,
 }
 
 /// A snapshot of the node.
@@ -265,6 +289,8 @@ struct LinkState {
     inbound_cancel: Option<CancellationToken>,
     /// Whether the outbound link was ever up (to count reconnects).
     ever_connected: bool,
+    /// Why the outbound link last failed, until it is up again.
+    last_error: Option<String>,
 }
 
 /// A configured peer, as the runtime needs it.
@@ -301,6 +327,26 @@ struct Shared {
     aborted: AtomicBool,
     token: CancellationToken,
     conn_limit: Arc<Semaphore>,
+    /// The shared secret, when peers must prove they know it.
+    secret: Option<Secret>,
+    /// Mutual TLS, when configured.
+    tls: Option<Tls>,
+    /// Source addresses allowed to connect (the peers').
+    allowlist: limits::Allowlist,
+    /// Handshakes under way per source address.
+    per_ip: limits::PerIp,
+    /// Bounds the log lines of refused connections.
+    reject_log: limits::LogLimiter,
+}
+
+/// Why an inbound connection was refused (for counters).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Rejected {
+    NotAllowed,
+    Handshake,
+    Auth,
+    Tls,
+    Limit,
 }
 
 /// Locks a mutex; a panic elsewhere while holding it (a bug) must not take
@@ -352,6 +398,39 @@ impl Shared {
                 peer: id,
                 reason: reason.to_string(),
             });
+        }
+    }
+
+    fn count_rejection(&self, kind: Rejected) {
+        let s = &self.stats;
+        s.rejected_connections.fetch_add(1, Ordering::Relaxed);
+        let c = match kind {
+            Rejected::NotAllowed => &s.rejected_not_allowed,
+            Rejected::Handshake => &s.rejected_handshake,
+            Rejected::Auth => &s.rejected_auth,
+            Rejected::Tls => &s.rejected_tls,
+            Rejected::Limit => &s.rejected_limit,
+        };
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts and logs (rate-limited) a connection closed without a word.
+    fn reject_quietly(&self, kind: Rejected, remote: SocketAddr, reason: &str) {
+        self.count_rejection(kind);
+        let (log, held) = self.reject_log.admit();
+        if held > 0 {
+            warn!(held, "rejected connections not logged (rate limit)");
+        }
+        if log {
+            warn!(%remote, reason, "connection refused");
+        }
+    }
+
+    /// The same, for a connection whose peer is known.
+    fn reject_quietly_peer(&self, kind: Rejected, peer: &str, reason: &str) {
+        self.count_rejection(kind);
+        if self.reject_log.admit().0 {
+            warn!(peer, reason, "connection refused");
         }
     }
 
@@ -435,15 +514,18 @@ impl MeshBuilder {
                 crate::config::MAX_INSTANCES - 1
             )));
         }
-        // Running without the protection an operator asked for would be
-        // worse than not running.
-        if config.secret.is_some() || config.tls.is_some() {
-            return Err(StartError::Config(
-                "cachecast.secret / cachecast.tls.* are set, but this version does not \
-                 implement peer authentication or TLS yet; remove them to run unprotected"
-                    .into(),
-            ));
-        }
+        let secret = config
+            .secret
+            .as_ref()
+            .map(Secret::load)
+            .transpose()
+            .map_err(|e| StartError::Security(e.to_string()))?;
+        let tls = config
+            .tls
+            .as_ref()
+            .map(Tls::load)
+            .transpose()
+            .map_err(|e| StartError::Security(e.to_string()))?;
         let listener = match listener {
             Some(l) => l,
             None => TcpListener::bind(config.bind)
@@ -483,6 +565,13 @@ impl MeshBuilder {
             aborted: AtomicBool::new(false),
             token: token.clone(),
             conn_limit: Arc::new(Semaphore::new(tuning.max_connections.max(1))),
+            secret,
+            tls,
+            allowlist: limits::Allowlist::new(
+                config.peers.iter().map(|p| p.addr.clone()).collect(),
+            ),
+            per_ip: limits::PerIp::default(),
+            reject_log: limits::LogLimiter::new(20, Duration::from_secs(60)),
             tuning,
             config,
         });
@@ -691,6 +780,7 @@ impl MeshHandle {
                 received: p.stats.received.load(Ordering::Relaxed),
                 reconnects: p.stats.reconnects.load(Ordering::Relaxed),
                 ack_latency: p.stats.ack_latency.snapshot(),
+                last_error: links[i].last_error.clone(),
             })
             .collect();
         let c = &s.stats;
@@ -712,6 +802,11 @@ impl MeshHandle {
                 replayed: get(&c.replayed),
                 reconnects: get(&c.reconnects),
                 rejected_connections: get(&c.rejected_connections),
+                rejected_not_allowed: get(&c.rejected_not_allowed),
+                rejected_handshake: get(&c.rejected_handshake),
+                rejected_auth: get(&c.rejected_auth),
+                rejected_tls: get(&c.rejected_tls),
+                rejected_limit: get(&c.rejected_limit),
                 protocol_errors: get(&c.protocol_errors),
                 events: EventCounters {
                     invalidated: get(&c.ev_invalidated),

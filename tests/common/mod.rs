@@ -158,6 +158,9 @@ pub fn node(port: u16) -> NodeAddr {
     NodeAddr::new("127.0.0.1", port)
 }
 
+/// A change to node `i`'s configuration, made before it starts.
+pub type Customize = Arc<dyn Fn(usize, &mut ClusterConfig) + Send + Sync>;
+
 /// A cluster of nodes on loopback.
 pub struct Cluster {
     pub ports: Vec<u16>,
@@ -167,6 +170,8 @@ pub struct Cluster {
     pub tuning: Tuning,
     /// `via[(from, to)]`: node `from` dials node `to` at this address.
     pub via: HashMap<(usize, usize), SocketAddr>,
+    /// Changes node `i`'s configuration before it starts.
+    pub customize: Option<Customize>,
 }
 
 /// Binds a listener on an ephemeral loopback port.
@@ -192,6 +197,7 @@ impl Cluster {
             buffer: 65_536,
             tuning: tuning(),
             via: HashMap::new(),
+            customize: None,
         };
         (c, listeners)
     }
@@ -216,11 +222,26 @@ impl Cluster {
         let mut c = ClusterConfig::new(node(self.ports[i]), peers);
         c.bind = SocketAddr::from(([127, 0, 0, 1], self.ports[i]));
         c.buffer = self.buffer;
+        if let Some(f) = &self.customize {
+            f(i, &mut c);
+        }
         c
     }
 
     /// Starts (or restarts) node `i`, on `listener` or on its port.
     pub async fn start_node(&mut self, i: usize, listener: Option<TcpListener>) -> &MeshHandle {
+        match self.try_start_node(i, listener).await {
+            Ok(()) => self.nodes[i].as_ref().unwrap(),
+            Err(e) => panic!("start node {i}: {e}"),
+        }
+    }
+
+    /// Starts node `i`, or says why it cannot.
+    pub async fn try_start_node(
+        &mut self,
+        i: usize,
+        listener: Option<TcpListener>,
+    ) -> Result<(), cachecast::mesh::StartError> {
         let listener = match listener {
             Some(l) => l,
             None => TcpListener::bind(("127.0.0.1", self.ports[i]))
@@ -237,10 +258,10 @@ impl Cluster {
                 b = b.connect_via(node(self.ports[to]), addr);
             }
         }
-        let handle = b.start().await.expect("start");
+        let handle = b.start().await?;
         self.recorders[i] = recorder;
         self.nodes[i] = Some(handle);
-        self.nodes[i].as_ref().unwrap()
+        Ok(())
     }
 
     pub fn h(&self, i: usize) -> &MeshHandle {

@@ -1,0 +1,544 @@
+//! Attacks on the peer port: each is refused with a counter, and the mesh
+//! between the real peers keeps delivering throughout.
+
+mod common;
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use cachecast::config::{SecretSource, TlsFiles};
+use cachecast::wire::{FrameCodec, Hello, MAGIC, Message};
+use cachecast::{ClusterConfig, Event, MeshHandle};
+use common::{Cluster, Customize, check_no_silent_gap, wait_until};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio_util::codec::Encoder;
+
+const LONG: Duration = Duration::from_secs(30);
+
+fn secret(s: &str) -> SecretSource {
+    SecretSource::Inline(s.to_string())
+}
+
+fn with(f: impl Fn(usize, &mut ClusterConfig) + Send + Sync + 'static) -> Option<Customize> {
+    Some(Arc::new(f))
+}
+
+/// Node 0 streams to node 1 in the background until stopped; returns how
+/// many it sent.
+struct Traffic {
+    stop: Arc<AtomicBool>,
+    sent: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Traffic {
+    fn start(h: MeshHandle) -> Traffic {
+        let stop = Arc::new(AtomicBool::new(false));
+        let sent = Arc::new(AtomicU64::new(0));
+        let (s, n) = (stop.clone(), sent.clone());
+        let task = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(1));
+            while !s.load(Ordering::Relaxed) {
+                tick.tick().await;
+                h.invalidate("c", &n.load(Ordering::Relaxed).to_string())
+                    .expect("send");
+                n.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+        Traffic { stop, sent, task }
+    }
+
+    /// Stops and checks that node 1 got every invalidation, no flush.
+    async fn finish(self, c: &Cluster) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.task.await.expect("traffic");
+        let total = self.sent.load(Ordering::Relaxed);
+        assert!(total > 10, "traffic ran");
+        c.recorders[1]
+            .wait_for("all traffic delivered", LONG, |evs| {
+                evs.iter()
+                    .any(|e| matches!(e, Event::Invalidated { seq, .. } if *seq == total))
+            })
+            .await;
+        let (missing, flushes) = check_no_silent_gap(&c.recorders[1].events(), &c.id(0), total);
+        assert_eq!((missing, flushes), (0, 0), "delivery during the attack");
+    }
+}
+
+async fn secured_pair(s0: &str, s1: &str) -> Cluster {
+    let (mut c, listeners) = Cluster::reserve(2).await;
+    let (a, b) = (s0.to_string(), s1.to_string());
+    c.customize = with(move |i, cfg| {
+        let s = if i == 0 { &a } else { &b };
+        if !s.is_empty() {
+            cfg.secret = Some(secret(s));
+        }
+    });
+    for (i, l) in listeners.into_iter().enumerate() {
+        c.start_node(i, Some(l)).await;
+    }
+    c
+}
+
+fn counters(h: &MeshHandle) -> cachecast::Counters {
+    h.status().counters
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peers_with_the_same_secret_connect() {
+    let c = secured_pair(
+        "correct horse battery staple",
+        "correct horse battery staple",
+    )
+    .await;
+    c.wait_connected(Duration::from_secs(5)).await;
+    let t = Traffic::start(c.h(0).clone());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    t.finish(&c).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_secret_is_refused_on_both_sides() {
+    let c = secured_pair(
+        "correct horse battery staple",
+        "wrong horse battery staple!",
+    )
+    .await;
+    for i in 0..2 {
+        let h = c.h(i).clone();
+        wait_until("auth rejections counted", LONG, || {
+            counters(&h).rejected_auth >= 1
+        })
+        .await;
+        wait_until("the dialer says why", LONG, || {
+            h.status().peers[0]
+                .last_error
+                .as_deref()
+                .is_some_and(|e| e.contains("secret"))
+        })
+        .await;
+        assert!(!h.status().peers[0].connected);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_secret_on_one_side_only_is_refused() {
+    let c = secured_pair("correct horse battery staple", "").await;
+    for i in 0..2 {
+        let h = c.h(i).clone();
+        wait_until("refusals", LONG, || counters(&h).rejected_auth >= 1).await;
+        wait_until("a clear reason", LONG, || {
+            h.status().peers[0]
+                .last_error
+                .as_deref()
+                .is_some_and(|e| e.contains("shared secret"))
+        })
+        .await;
+    }
+}
+
+/// Records what a dialer sends, to replay it later.
+async fn recording_proxy(target: SocketAddr) -> (SocketAddr, Arc<std::sync::Mutex<Vec<u8>>>) {
+    let listener = common::bind().await;
+    let addr = listener.local_addr().expect("addr");
+    let rec: Arc<std::sync::Mutex<Vec<u8>>> = Arc::default();
+    let rec2 = rec.clone();
+    tokio::spawn(async move {
+        // Only the first connection is recorded and forwarded.
+        let Ok((client, _)) = listener.accept().await else {
+            return;
+        };
+        let Ok(server) = TcpStream::connect(target).await else {
+            return;
+        };
+        let (mut cr, mut cw) = client.into_split();
+        let (mut sr, mut sw) = server.into_split();
+        tokio::spawn(async move {
+            let _ = tokio::io::copy(&mut sr, &mut cw).await;
+        });
+        let mut buf = vec![0u8; 4096];
+        while let Ok(n) = cr.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+            rec2.lock().unwrap().extend_from_slice(&buf[..n]);
+            if sw.write_all(&buf[..n]).await.is_err() {
+                break;
+            }
+        }
+    });
+    (addr, rec)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_handshake_is_refused() {
+    let (mut c, listeners) = Cluster::reserve(2).await;
+    c.customize = with(|_, cfg| cfg.secret = Some(secret("correct horse battery staple")));
+    let target = SocketAddr::from(([127, 0, 0, 1], c.ports[1]));
+    let (proxy, recorded) = recording_proxy(target).await;
+    c.via.insert((0, 1), proxy);
+    for (i, l) in listeners.into_iter().enumerate() {
+        c.start_node(i, Some(l)).await;
+    }
+    c.wait_connected(Duration::from_secs(5)).await;
+    // Node 0's hello and proof, as an eavesdropper saw them.
+    let bytes = recorded.lock().unwrap().clone();
+    assert!(bytes.len() > 100, "recorded the handshake");
+    let before = counters(c.h(1)).rejected_auth;
+    let mut s = TcpStream::connect(target).await.expect("connect");
+    s.write_all(&bytes).await.expect("replay");
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut answer)).await;
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.contains("authentication failed"), "{text}");
+    let h1 = c.h(1).clone();
+    wait_until("counted", LONG, || counters(&h1).rejected_auth > before).await;
+    // The real link is untouched.
+    let t = Traffic::start(c.h(0).clone());
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    t.finish(&c).await;
+}
+
+/// Connects to `target` from `source` (another loopback address).
+async fn connect_from(source: IpAddr, target: SocketAddr) -> std::io::Result<TcpStream> {
+    let sock = TcpSocket::new_v4()?;
+    sock.bind(SocketAddr::new(source, 0))?;
+    sock.connect(target).await
+}
+
+/// True when the server closed the connection (EOF or reset) in time.
+async fn closed_by_server(s: &mut TcpStream, within: Duration) -> bool {
+    let mut buf = [0u8; 1024];
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
+            Err(_) => return false,
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            Ok(Ok(_)) => continue, // a Reject frame, then the close
+        }
+    }
+}
+
+fn frame(msg: &Message) -> Vec<u8> {
+    let mut buf = bytes::BytesMut::new();
+    FrameCodec::new().encode(msg, &mut buf).expect("encode");
+    buf.to_vec()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strangers_and_garbage_are_refused_while_peers_keep_delivering() {
+    let (mut c, listeners) = Cluster::reserve(2).await;
+    c.tuning.hello_timeout = Duration::from_secs(1);
+    for (i, l) in listeners.into_iter().enumerate() {
+        c.start_node(i, Some(l)).await;
+    }
+    c.wait_connected(Duration::from_secs(5)).await;
+    let t = Traffic::start(c.h(0).clone());
+    let target = SocketAddr::from(([127, 0, 0, 1], c.ports[1]));
+    let h1 = c.h(1).clone();
+    let stranger: IpAddr = "127.0.0.2".parse().expect("ip");
+
+    // A source address that is no peer's: closed before any byte is read.
+    let mut s = connect_from(stranger, target).await.expect("connect");
+    let _ = s.write_all(&frame(&Message::Ping)).await;
+    assert!(closed_by_server(&mut s, Duration::from_secs(5)).await);
+    wait_until("not-allowed counted", LONG, || {
+        counters(&h1).rejected_not_allowed >= 1
+    })
+    .await;
+
+    // 1000 connections at once from the stranger.
+    let mut conns = Vec::new();
+    for _ in 0..1000 {
+        if let Ok(s) = connect_from(stranger, target).await {
+            conns.push(s);
+        }
+    }
+    wait_until("1000 strangers refused", LONG, || {
+        counters(&h1).rejected_not_allowed >= 1000
+    })
+    .await;
+    drop(conns);
+
+    // From a peer's address (loopback), but garbage.
+    let bad_frames: Vec<(&str, Vec<u8>)> = vec![
+        ("http", b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec()),
+        ("2 GiB length prefix", vec![0x80, 0, 0, 0, 1, 2, 3]),
+        ("1 MiB + 1 frame", {
+            let mut v = ((1024 * 1024 + 1) as u32).to_be_bytes().to_vec();
+            v.extend(std::iter::repeat_n(0u8, 64));
+            v
+        }),
+        (
+            "random bytes",
+            (0..200u32).map(|i| (i * 37 % 251) as u8).collect(),
+        ),
+        (
+            "unknown peer",
+            frame(&Message::Hello(Hello {
+                magic: MAGIC,
+                version: 1,
+                node: "127.0.0.1:1".into(),
+                incarnation: 7,
+                nonce: [0; 32],
+                last_applied: None,
+                auth: false,
+            })),
+        ),
+        (
+            "bad magic",
+            frame(&Message::Hello(Hello {
+                magic: *b"XXXX",
+                version: 1,
+                node: c.id(0),
+                incarnation: 7,
+                nonce: [0; 32],
+                last_applied: None,
+                auth: false,
+            })),
+        ),
+    ];
+    for (name, bytes) in &bad_frames {
+        let before = counters(&h1).rejected_handshake;
+        let mut s = TcpStream::connect(target).await.expect("connect");
+        let _ = s.write_all(bytes).await;
+        assert!(
+            closed_by_server(&mut s, Duration::from_secs(5)).await,
+            "{name}: not closed"
+        );
+        wait_until(name, LONG, || counters(&h1).rejected_handshake > before).await;
+    }
+
+    // Slowloris: a hello dribbled one byte at a time is cut at the deadline.
+    let hello = frame(&Message::Hello(Hello {
+        magic: MAGIC,
+        version: 1,
+        node: c.id(0),
+        incarnation: 7,
+        nonce: [0; 32],
+        last_applied: None,
+        auth: false,
+    }));
+    let mut s = TcpStream::connect(target).await.expect("connect");
+    let started = Instant::now();
+    let mut cut = false;
+    for b in &hello {
+        if s.write_all(&[*b]).await.is_err() {
+            cut = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        if started.elapsed() > Duration::from_secs(4) {
+            break;
+        }
+    }
+    assert!(
+        cut || closed_by_server(&mut s, Duration::from_secs(3)).await,
+        "slowloris not cut"
+    );
+    assert!(started.elapsed() < Duration::from_secs(5));
+
+    t.finish(&c).await;
+    assert!(
+        c.h(1).status().peers[0].connected,
+        "the real peer stayed up"
+    );
+}
+
+/// Test PKI: a CA, node certificates for 127.0.0.1, and the odd ones.
+struct Pki {
+    dir: tempfile::TempDir,
+}
+
+impl Pki {
+    fn new() -> Pki {
+        Pki {
+            dir: tempfile::tempdir().expect("tempdir"),
+        }
+    }
+
+    fn write(&self, name: &str, text: &str) -> PathBuf {
+        let p = self.dir.path().join(name);
+        std::fs::write(&p, text).expect("write pem");
+        p
+    }
+
+    /// A CA; returns its PEM and issuer.
+    fn ca(&self, name: &str) -> (PathBuf, rcgen::Issuer<'static, rcgen::KeyPair>) {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, format!("{name} test CA"));
+        let key = rcgen::KeyPair::generate().expect("key");
+        let cert = params.self_signed(&key).expect("ca cert");
+        let path = self.write(&format!("{name}-ca.pem"), &cert.pem());
+        (path, rcgen::Issuer::new(params, key))
+    }
+
+    /// A node certificate for `san`, signed by `issuer`.
+    fn node(
+        &self,
+        name: &str,
+        san: &str,
+        issuer: &rcgen::Issuer<'static, rcgen::KeyPair>,
+        expired: bool,
+    ) -> (PathBuf, PathBuf) {
+        let mut params = rcgen::CertificateParams::new(vec![san.to_string()]).expect("params");
+        if expired {
+            params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+            params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+        }
+        let key = rcgen::KeyPair::generate().expect("key");
+        let cert = params.signed_by(&key, issuer).expect("sign");
+        (
+            self.write(&format!("{name}.pem"), &cert.pem()),
+            self.write(&format!("{name}.key"), &key.serialize_pem()),
+        )
+    }
+}
+
+async fn tls_pair(files: [Option<TlsFiles>; 2]) -> Cluster {
+    let (mut c, listeners) = Cluster::reserve(2).await;
+    c.customize = with(move |i, cfg| cfg.tls = files[i].clone());
+    for (i, l) in listeners.into_iter().enumerate() {
+        c.start_node(i, Some(l)).await;
+    }
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls_between_peers_of_one_ca() {
+    let pki = Pki::new();
+    let (ca, issuer) = pki.ca("cluster");
+    let files = |n: &str| {
+        let (cert, key) = pki.node(n, "127.0.0.1", &issuer, false);
+        TlsFiles {
+            cert,
+            key,
+            ca: ca.clone(),
+        }
+    };
+    let c = tls_pair([Some(files("a")), Some(files("b"))]).await;
+    c.wait_connected(Duration::from_secs(5)).await;
+    let t = Traffic::start(c.h(0).clone());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    t.finish(&c).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_from_another_ca_or_expired_or_misnamed_is_refused() {
+    let pki = Pki::new();
+    let (ca, issuer) = pki.ca("cluster");
+    let (_, rogue_issuer) = pki.ca("rogue");
+    let good = {
+        let (cert, key) = pki.node("good", "127.0.0.1", &issuer, false);
+        TlsFiles {
+            cert,
+            key,
+            ca: ca.clone(),
+        }
+    };
+    let bad = [
+        (
+            "another CA",
+            pki.node("rogue", "127.0.0.1", &rogue_issuer, false),
+        ),
+        ("expired", pki.node("expired", "127.0.0.1", &issuer, true)),
+        (
+            "wrong name",
+            pki.node("misnamed", "127.0.0.9", &issuer, false),
+        ),
+    ];
+    for (what, (cert, key)) in bad {
+        let c = tls_pair([
+            Some(good.clone()),
+            Some(TlsFiles {
+                cert,
+                key,
+                ca: ca.clone(),
+            }),
+        ])
+        .await;
+        let h0 = c.h(0).clone();
+        wait_until(what, LONG, || counters(&h0).rejected_tls >= 1).await;
+        // Node 0 refuses to talk to the bad one as a client too.
+        wait_until(what, LONG, || {
+            h0.status().peers[0]
+                .last_error
+                .as_deref()
+                .is_some_and(|e| e.contains("TLS"))
+        })
+        .await;
+        assert!(!h0.status().peers[0].connected, "{what}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_and_tls_nodes_refuse_each_other_clearly() {
+    let pki = Pki::new();
+    let (ca, issuer) = pki.ca("cluster");
+    let (cert, key) = pki.node("a", "127.0.0.1", &issuer, false);
+    let c = tls_pair([Some(TlsFiles { cert, key, ca }), None]).await;
+    let (h0, h1) = (c.h(0).clone(), c.h(1).clone());
+    // Each side counts the other's attempts as TLS refusals.
+    wait_until("TLS node refuses plain", LONG, || {
+        counters(&h0).rejected_tls >= 1
+    })
+    .await;
+    wait_until("plain node refuses TLS", LONG, || {
+        counters(&h1).rejected_tls >= 1
+    })
+    .await;
+    // And the plain dialer was told why.
+    wait_until("plain dialer's reason", LONG, || {
+        h1.status().peers[0]
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("requires TLS"))
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_security_files_stop_the_node_from_starting() {
+    let (mut c, mut listeners) = Cluster::reserve(1).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let world = dir.path().join("secret");
+    std::fs::write(&world, "0123456789abcdef0123456789").expect("write");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&world, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let cases: Vec<(&str, Customize)> = vec![
+        (
+            "world-readable",
+            Arc::new(move |_, c: &mut ClusterConfig| {
+                c.secret = Some(SecretSource::File(world.clone()))
+            }),
+        ),
+        (
+            "too short",
+            Arc::new(|_, c: &mut ClusterConfig| c.secret = Some(secret("short"))),
+        ),
+        (
+            "missing cert",
+            Arc::new(|_, c: &mut ClusterConfig| {
+                c.tls = Some(TlsFiles {
+                    cert: "/nonexistent/cert.pem".into(),
+                    key: "/nonexistent/key.pem".into(),
+                    ca: "/nonexistent/ca.pem".into(),
+                })
+            }),
+        ),
+    ];
+    let listener = listeners.pop();
+    let mut listener = listener;
+    for (what, f) in cases {
+        c.customize = Some(f);
+        let err = c.try_start_node(0, listener.take()).await.expect_err(what);
+        assert!(err.to_string().contains("security"), "{what}: {err}");
+    }
+}
