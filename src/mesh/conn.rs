@@ -321,6 +321,9 @@ pub(super) async fn serve_io(
     }
     drop(slot);
     let incarnation = hello.incarnation;
+    if let Err(reason) = shared.peer_incarnation(peer, incarnation) {
+        return reject(shared, &mut wr, Rejected::Handshake, &reason).await;
+    }
     // This connection supersedes any older one from the same peer.
     let conn_token = shared.token.child_token();
     let generation = {
@@ -332,7 +335,6 @@ pub(super) async fn serve_io(
         l.inbound_gen += 1;
         l.inbound_gen
     };
-    lock(&shared.origins).hello(peer, incarnation, &mut |e| shared.emit(e));
     info!(peer = %id, incarnation = format_args!("{incarnation:016x}"), "inbound link up");
     shared.set_link(peer, Dir::In, true, "");
     let reason = receive(shared, peer, incarnation, reader, wr, &conn_token).await;
@@ -441,6 +443,9 @@ async fn receive(
                             },
                         );
                         shared.stats.received.fetch_add(applied, Ordering::Relaxed);
+                        if let Ok(pos) = r {
+                            shared.publish_applied(peer, Some(pos));
+                        }
                         shared.peers[peer]
                             .stats
                             .received
@@ -457,7 +462,11 @@ async fn receive(
                 }
                 Message::Ping => owed_tx.send_modify(|o| o.pongs += 1),
                 Message::Goodbye { last_seq } => {
-                    lock(&shared.origins).goodbye(peer, incarnation, last_seq);
+                    {
+                        let mut origins = lock(&shared.origins);
+                        origins.goodbye(peer, incarnation, last_seq);
+                        shared.publish_applied(peer, origins.applied(peer));
+                    }
                     said_goodbye = true;
                     info!(last_seq, "peer said goodbye");
                 }

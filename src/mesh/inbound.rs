@@ -24,17 +24,39 @@ struct Origin {
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) struct Superseded;
 
+/// An incarnation came back after another replaced it: two running nodes
+/// claim the same identity.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct DuplicateIdentity {
+    /// The incarnation current now.
+    pub current: u64,
+    /// The earlier one that came back.
+    pub returned: u64,
+}
+
+/// Incarnations remembered per peer after they were replaced.
+const RETIRED: usize = 8;
+
 /// What this node applied from each peer.
 #[derive(Debug)]
 pub(crate) struct Origins {
     ids: Vec<PeerId>,
     states: Vec<Option<Origin>>,
+    /// Incarnations each peer had before its current one. A restarted node
+    /// draws a new random one, so one of these coming back means two nodes
+    /// answer to one identity; accepting it would flush at every switch.
+    retired: Vec<Vec<u64>>,
 }
 
 impl Origins {
     pub(crate) fn new(ids: Vec<PeerId>) -> Self {
         let states = vec![None; ids.len()];
-        Origins { ids, states }
+        let retired = vec![Vec::new(); ids.len()];
+        Origins {
+            ids,
+            states,
+            retired,
+        }
     }
 
     /// What [`Origins::hello`] would reply, without changing anything.
@@ -53,7 +75,13 @@ impl Origins {
         peer: usize,
         incarnation: u64,
         emit: &mut impl FnMut(Event),
-    ) -> Option<Position> {
+    ) -> Result<Option<Position>, DuplicateIdentity> {
+        if self.retired[peer].contains(&incarnation) {
+            return Err(DuplicateIdentity {
+                current: self.states[peer].map_or(0, |s| s.incarnation),
+                returned: incarnation,
+            });
+        }
         let state = &mut self.states[peer];
         let reply = state.map(|s| Position {
             incarnation: s.incarnation,
@@ -69,11 +97,16 @@ impl Origins {
                         reason: FlushReason::PeerRestarted,
                     });
                 }
+                let retired = &mut self.retired[peer];
+                if retired.len() == RETIRED {
+                    retired.remove(0);
+                }
+                retired.push(s.incarnation);
                 *s = Origin::new(incarnation);
             }
             None => *state = Some(Origin::new(incarnation)),
         }
-        reply
+        Ok(reply)
     }
 
     /// Applies a batch from `incarnation` of `peer`, emitting an event per
@@ -209,7 +242,7 @@ mod tests {
     #[test]
     fn duplicates_are_dropped() {
         let mut o = origins();
-        assert_eq!(o.hello(0, 5, &mut |_| panic!("no event")), None);
+        assert_eq!(o.hello(0, 5, &mut |_| panic!("no event")), Ok(None));
         let (evs, ack) = run(&mut o, 5, 1, vec![key("a"), key("b")]);
         assert_eq!(evs.len(), 2);
         assert_eq!(ack.expect("ack").seq, 2);
@@ -221,7 +254,7 @@ mod tests {
     #[test]
     fn a_gap_is_never_silent() {
         let mut o = origins();
-        o.hello(0, 5, &mut |_| {});
+        o.hello(0, 5, &mut |_| {}).expect("hello");
         run(&mut o, 5, 1, vec![key("a")]).1.expect("applied");
         let (evs, _) = run(&mut o, 5, 3, vec![key("c")]);
         assert_eq!(flushes(&evs), 1);
@@ -244,7 +277,7 @@ mod tests {
     #[test]
     fn first_batch_of_an_incarnation_may_start_anywhere() {
         let mut o = origins();
-        o.hello(0, 5, &mut |_| {});
+        o.hello(0, 5, &mut |_| {}).expect("hello");
         let (evs, _) = run(&mut o, 5, 40, vec![key("a")]);
         assert_eq!(flushes(&evs), 0);
     }
@@ -252,16 +285,16 @@ mod tests {
     #[test]
     fn crash_restart_flushes_and_clean_restart_does_not() {
         let mut o = origins();
-        o.hello(0, 5, &mut |_| {});
+        o.hello(0, 5, &mut |_| {}).expect("hello");
         run(&mut o, 5, 1, vec![key("a")]).1.expect("applied");
         let mut evs = Vec::new();
         let reply = o.hello(0, 6, &mut |e| evs.push(e));
         assert_eq!(
             reply,
-            Some(Position {
+            Ok(Some(Position {
                 incarnation: 5,
                 seq: 1
-            })
+            }))
         );
         assert_eq!(flushes(&evs), 1, "no goodbye: flush");
 
@@ -270,13 +303,13 @@ mod tests {
             .expect("applied");
         o.goodbye(0, 6, 2);
         let mut evs = Vec::new();
-        o.hello(0, 7, &mut |e| evs.push(e));
+        o.hello(0, 7, &mut |e| evs.push(e)).expect("hello");
         assert!(evs.is_empty(), "goodbye and all applied: no flush");
 
         run(&mut o, 7, 1, vec![key("d")]).1.expect("applied");
         o.goodbye(0, 7, 3); // said goodbye after 3, but 2 and 3 never arrived
         let mut evs = Vec::new();
-        o.hello(0, 8, &mut |e| evs.push(e));
+        o.hello(0, 8, &mut |e| evs.push(e)).expect("hello");
         assert_eq!(flushes(&evs), 1);
     }
 
@@ -285,18 +318,41 @@ mod tests {
         let mut o = origins();
         // This node joined after the origin's first 40 were delivered to
         // its predecessor; the origin had nothing more for it.
-        o.hello(0, 5, &mut |_| {});
+        o.hello(0, 5, &mut |_| {}).expect("hello");
         o.goodbye(0, 5, 40);
         let mut evs = Vec::new();
-        o.hello(0, 6, &mut |e| evs.push(e));
+        o.hello(0, 6, &mut |e| evs.push(e)).expect("hello");
         assert!(evs.is_empty(), "{evs:?}");
+    }
+
+    #[test]
+    fn an_incarnation_that_comes_back_is_a_duplicate_identity() {
+        let mut o = origins();
+        o.hello(0, 5, &mut |_| {}).expect("first");
+        let mut flushes = 0;
+        o.hello(0, 6, &mut |_| flushes += 1).expect("a restart");
+        assert_eq!(flushes, 1);
+        assert_eq!(
+            o.hello(0, 5, &mut |_| panic!("no flush")),
+            Err(DuplicateIdentity {
+                current: 6,
+                returned: 5
+            })
+        );
+        assert_eq!(
+            o.hello(0, 6, &mut |_| panic!("no flush")),
+            Ok(Some(Position {
+                incarnation: 6,
+                seq: 0
+            }))
+        );
     }
 
     #[test]
     fn batches_of_an_old_incarnation_are_refused() {
         let mut o = origins();
-        o.hello(0, 5, &mut |_| {});
-        o.hello(0, 6, &mut |_| {});
+        o.hello(0, 5, &mut |_| {}).expect("hello");
+        o.hello(0, 6, &mut |_| {}).expect("hello");
         let (evs, r) = run(&mut o, 5, 1, vec![key("a")]);
         assert!(evs.is_empty());
         assert_eq!(r, Err(Superseded));

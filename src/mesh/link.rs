@@ -283,6 +283,11 @@ async fn connect(
             wr.write_all(&buf).await?;
         }
     }
+    // The acceptor's incarnation tells of a restart even before its own
+    // stream reaches us (it may be unable to).
+    shared
+        .peer_incarnation(peer, hello.incarnation)
+        .map_err(LinkError::Protocol)?;
     Ok((reader, wr, hello))
 }
 
@@ -376,6 +381,11 @@ async fn session(
         let mut codec = FrameCodec::new();
         let mut last_write = Instant::now();
         loop {
+            // Checked on every pass: a long backlog must not hold up
+            // shutdown past its deadline.
+            if shared.token.is_cancelled() {
+                break;
+            }
             let (filled, last_written) = {
                 let mut out = lock(&shared.out);
                 (out.fill(peer, &mut buf, WRITE_CHUNK)?, out.sent(peer))

@@ -18,6 +18,7 @@ mod metrics;
 mod outlog;
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
@@ -35,7 +36,7 @@ use tracing::{info, warn};
 use crate::auth::Secret;
 use crate::config::{ClusterConfig, NodeAddr};
 use crate::tls::Tls;
-use crate::wire::{Item, ItemError};
+use crate::wire::{Item, ItemError, Position};
 
 pub use event::{Event, FlushReason, PeerId};
 use inbound::Origins;
@@ -305,6 +306,9 @@ struct PeerInfo {
     /// The peer's acknowledged sequence number, for waiters.
     acked: watch::Sender<u64>,
     stats: PeerStats,
+    /// What we applied from it (incarnation, seq), published for
+    /// [`MeshHandle::status`] so that it needs no lock a callback may hold.
+    applied: Mutex<Option<Position>>,
 }
 
 type Callback = Arc<dyn Fn(&Event) + Send + Sync>;
@@ -319,9 +323,10 @@ struct Shared {
     origins: Mutex<Origins>,
     links: Mutex<Vec<LinkState>>,
     events: broadcast::Sender<Event>,
-    callbacks: RwLock<Vec<Callback>>,
+    callbacks: RwLock<Arc<Vec<Callback>>>,
+    /// Orders peer-up/peer-down events as their transitions were decided.
+    peer_events: Mutex<()>,
     stats: Stats,
-    closed: AtomicBool,
     /// Set by [`MeshHandle::abort`]: links close without draining or
     /// saying goodbye, as in a crash.
     aborted: AtomicBool,
@@ -366,7 +371,12 @@ impl Shared {
             Event::PeerDown { .. } => &self.stats.ev_peer_down,
         };
         counter.fetch_add(1, Ordering::Relaxed);
-        let callbacks = self.callbacks.read().unwrap_or_else(|e| e.into_inner());
+        // A snapshot, so that a callback may register another.
+        let callbacks = self
+            .callbacks
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         for cb in callbacks.iter() {
             cb(&event);
         }
@@ -377,17 +387,22 @@ impl Shared {
     /// Records a link going up or down, and emits peer-up / peer-down on
     /// the transitions of "both links up".
     fn set_link(&self, peer: usize, dir: Dir, up: bool, reason: &str) {
-        let mut links = lock(&self.links);
-        let l = &mut links[peer];
-        let was = l.outbound && l.inbound;
-        match dir {
-            Dir::Out => l.outbound = up,
-            Dir::In => l.inbound = up,
-        }
-        if up {
-            l.last_heard = Some(Instant::now());
-        }
-        let now = l.outbound && l.inbound;
+        // Transitions are decided under the links lock and emitted after
+        // it (a callback may ask for the status), in the order decided.
+        let _order = lock(&self.peer_events);
+        let (was, now) = {
+            let mut links = lock(&self.links);
+            let l = &mut links[peer];
+            let was = l.outbound && l.inbound;
+            match dir {
+                Dir::Out => l.outbound = up,
+                Dir::In => l.inbound = up,
+            }
+            if up {
+                l.last_heard = Some(Instant::now());
+            }
+            (was, l.outbound && l.inbound)
+        };
         let id = self.peers[peer].id.clone();
         if !was && now {
             info!(peer = %id, "peer up");
@@ -432,6 +447,28 @@ impl Shared {
         if self.reject_log.admit().0 {
             warn!(peer, reason, "connection refused");
         }
+    }
+
+    /// Publishes what was applied from `peer`, for [`MeshHandle::status`].
+    fn publish_applied(&self, peer: usize, pos: Option<Position>) {
+        *lock(&self.peers[peer].applied) = pos;
+    }
+
+    /// A peer's incarnation, as its hello says (either direction): notices
+    /// restarts (flushing when one was not clean) and duplicate identities.
+    fn peer_incarnation(&self, peer: usize, incarnation: u64) -> Result<(), String> {
+        let mut origins = lock(&self.origins);
+        let r = origins.hello(peer, incarnation, &mut |e| self.emit(e));
+        self.publish_applied(peer, origins.applied(peer));
+        r.map(|_| ()).map_err(|d| {
+            let reason = format!(
+                "two running nodes answer as {}: incarnation {:016x} came back after {:016x} replaced it; \
+                 check cluster.instance0 on each server",
+                self.peers[peer].id, d.returned, d.current
+            );
+            tracing::error!("{reason}");
+            reason
+        })
     }
 
     fn heard(&self, peer: usize) {
@@ -547,6 +584,7 @@ impl MeshBuilder {
                 notify: Notify::new(),
                 acked: watch::channel(0).0,
                 stats: PeerStats::default(),
+                applied: Mutex::new(None),
             })
             .collect();
         let ids: Vec<PeerId> = peers.iter().map(|p| p.id.clone()).collect();
@@ -559,9 +597,9 @@ impl MeshBuilder {
             links: Mutex::new((0..peers.len()).map(|_| LinkState::default()).collect()),
             peers,
             events,
-            callbacks: RwLock::new(callbacks),
+            callbacks: RwLock::new(Arc::new(callbacks)),
+            peer_events: Mutex::new(()),
             stats: Stats::default(),
-            closed: AtomicBool::new(false),
             aborted: AtomicBool::new(false),
             token: token.clone(),
             conn_limit: Arc::new(Semaphore::new(tuning.max_connections.max(1))),
@@ -584,6 +622,16 @@ impl MeshBuilder {
             "mesh started"
         );
         let tracker = TaskTracker::new();
+        // Event streams end once every task has: a watcher outside the
+        // tracker tells them.
+        let finished = CancellationToken::new();
+        {
+            let (tracker, finished) = (tracker.clone(), finished.clone());
+            tokio::spawn(async move {
+                tracker.wait().await;
+                finished.cancel();
+            });
+        }
         tracker.spawn(conn::accept_loop(shared.clone(), listener, tracker.clone()));
         for peer in 0..shared.peers.len() {
             tracker.spawn(link::run(shared.clone(), peer));
@@ -591,6 +639,7 @@ impl MeshBuilder {
         Ok(MeshHandle {
             shared,
             tracker,
+            finished,
             local_addr: local,
         })
     }
@@ -601,6 +650,8 @@ impl MeshBuilder {
 pub struct MeshHandle {
     shared: Arc<Shared>,
     tracker: TaskTracker,
+    /// Cancelled when every task of the node has ended.
+    finished: CancellationToken,
     local_addr: Option<SocketAddr>,
 }
 
@@ -669,12 +720,15 @@ impl MeshHandle {
         &self,
         items: impl Iterator<Item = Item>,
     ) -> Result<(u64, u64), InvalidateError> {
-        if self.shared.closed.load(Ordering::Acquire) {
-            return Err(InvalidateError::Closed);
-        }
         let (mut first, mut last, mut n) = (0, 0, 0);
         {
             let mut out = lock(&self.shared.out);
+            // Checked under the ring's lock, which shutdown takes to close:
+            // whatever is accepted here is in the ring before the links
+            // drain it and say goodbye.
+            if out.closed() {
+                return Err(InvalidateError::Closed);
+            }
             for item in items {
                 last = out.push(item);
                 if n == 0 {
@@ -705,16 +759,26 @@ impl MeshHandle {
         Ok(self.wait_acked(seq, timeout).await)
     }
 
-    /// Waits until every peer acknowledged `seq`, at most `timeout`.
+    /// Waits until every connected peer acknowledged `seq`, at most
+    /// `timeout`. Peers down when it is called are not waited for: they
+    /// are reported as not acked (they get it on reconnect, or a flush).
     pub async fn wait_acked(&self, seq: u64, timeout: Duration) -> WaitOutcome {
         let deadline = tokio::time::Instant::now() + timeout;
-        let waits = self.shared.peers.iter().map(|p| {
+        let up: Vec<bool> = lock(&self.shared.links)
+            .iter()
+            .map(|l| l.outbound)
+            .collect();
+        let waits = self.shared.peers.iter().zip(up).map(|(p, up)| {
             let mut rx = p.acked.subscribe();
             async move {
-                let ok = tokio::time::timeout_at(deadline, rx.wait_for(|a| *a >= seq))
-                    .await
-                    .is_ok_and(|r| r.is_ok());
-                (p.id.clone(), ok)
+                let acked = if up {
+                    tokio::time::timeout_at(deadline, rx.wait_for(|a| *a >= seq))
+                        .await
+                        .is_ok_and(|r| r.is_ok())
+                } else {
+                    *rx.borrow() >= seq
+                };
+                (p.id.clone(), acked)
             }
         });
         let results = futures_util::future::join_all(waits).await;
@@ -732,17 +796,21 @@ impl MeshHandle {
     pub fn subscribe(&self) -> Events {
         Events {
             inner: BroadcastStream::new(self.shared.events.subscribe()),
+            finished: Box::pin(self.finished.clone().cancelled_owned()),
         }
     }
 
     /// Calls `f` for every event, on the task that produced it, in order.
     /// `f` must be quick and must not block: it runs on the network path.
     pub fn on_event(&self, f: impl Fn(&Event) + Send + Sync + 'static) {
-        self.shared
+        let mut callbacks = self
+            .shared
             .callbacks
             .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(Arc::new(f));
+            .unwrap_or_else(|e| e.into_inner());
+        let mut list = Vec::clone(&callbacks);
+        list.push(Arc::new(f));
+        *callbacks = Arc::new(list);
     }
 
     /// A snapshot of the node's state.
@@ -756,10 +824,7 @@ impl MeshHandle {
                 .collect();
             (out.last_seq(), out.held(), out.overflows(), per)
         };
-        let applied: Vec<_> = {
-            let o = lock(&s.origins);
-            (0..s.peers.len()).map(|i| o.applied(i)).collect()
-        };
+        let applied: Vec<_> = s.peers.iter().map(|p| *lock(&p.applied)).collect();
         let links = lock(&s.links);
         let peers = s
             .peers
@@ -822,7 +887,7 @@ impl MeshHandle {
     /// Starts a graceful shutdown without waiting for it: new invalidations
     /// are refused, links drain what is queued, say goodbye and close.
     pub fn initiate_shutdown(&self) {
-        self.shared.closed.store(true, Ordering::Release);
+        lock(&self.shared.out).close();
         self.shared.token.cancel();
         self.tracker.close();
     }
@@ -838,7 +903,7 @@ impl MeshHandle {
     /// Stops at once, as a crash would: no draining, no goodbye. For tests
     /// and the demo.
     pub async fn abort(self) {
-        self.shared.closed.store(true, Ordering::Release);
+        lock(&self.shared.out).close();
         let shared = self.shared.clone();
         // Links check this flag and skip the goodbye.
         shared.aborted.store(true, Ordering::Release);
@@ -851,6 +916,8 @@ impl MeshHandle {
 /// A stream of [`Event`]s; see [`MeshHandle::subscribe`].
 pub struct Events {
     inner: BroadcastStream<Event>,
+    /// Resolves when the node has stopped: the stream then ends.
+    finished: std::pin::Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
 }
 
 impl Events {
@@ -868,7 +935,7 @@ impl futures_util::Stream for Events {
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Event>> {
-        std::pin::Pin::new(&mut self.inner).poll_next(cx).map(|r| {
+        let next = std::pin::Pin::new(&mut self.inner).poll_next(cx).map(|r| {
             r.map(|r| match r {
                 Ok(ev) => ev,
                 Err(BroadcastStreamRecvError::Lagged(missed)) => Event::Flush {
@@ -876,6 +943,14 @@ impl futures_util::Stream for Events {
                     reason: FlushReason::Lagged { missed },
                 },
             })
-        })
+        });
+        match next {
+            std::task::Poll::Pending => match self.finished.as_mut().poll(cx) {
+                // Every event of the node was sent before its tasks ended.
+                std::task::Poll::Ready(()) => std::task::Poll::Ready(None),
+                std::task::Poll::Pending => std::task::Poll::Pending,
+            },
+            ready => ready,
+        }
     }
 }

@@ -45,6 +45,8 @@ pub(crate) struct OutLog {
     peers: Vec<Cursor>,
     /// How many times the ring overflowed (dropped an entry a peer needed).
     overflows: u64,
+    /// Shutting down: no more invalidations are taken.
+    closed: bool,
 }
 
 /// What [`OutLog::fill`] wrote.
@@ -66,7 +68,18 @@ impl OutLog {
             capacity: capacity.max(1),
             peers: vec![Cursor::default(); peers],
             overflows: 0,
+            closed: false,
         }
+    }
+
+    /// Refuses invalidations from now on.
+    pub(crate) fn close(&mut self) {
+        self.closed = true;
+    }
+
+    /// Whether [`OutLog::close`] was called.
+    pub(crate) fn closed(&self) -> bool {
+        self.closed
     }
 
     pub(crate) fn incarnation(&self) -> u64 {
