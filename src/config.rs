@@ -201,6 +201,9 @@ pub struct ClusterConfig {
     pub buffer: usize,
     /// `cachecast.webhook.url`, if set.
     pub webhook_url: Option<String>,
+    /// `cachecast.state.file`: where the node records how its run ended,
+    /// so that a start after a crash flushes its peers.
+    pub state_file: Option<PathBuf>,
 }
 
 impl ClusterConfig {
@@ -227,6 +230,7 @@ impl ClusterConfig {
             api_bind_explicit: false,
             buffer: DEFAULT_BUFFER,
             webhook_url: None,
+            state_file: None,
         }
     }
 }
@@ -391,6 +395,7 @@ const KNOWN_KEYS: &[&str] = &[
     "cachecast.buffer",
     "cachecast.webhook.url",
     "cachecast.webhook.remote",
+    "cachecast.state.file",
 ];
 
 const NOT_SET_INSTANCE0: &str = "not set: clustering is off (set it to this node's host name or IP address, as its peers reach it)";
@@ -1012,17 +1017,17 @@ fn build(keys: &BTreeMap<String, Entry>, report: &mut Report) -> Option<ClusterC
         }
         _ => Some((instances_format(keys, report), Format::Instances)),
     };
-    if let Some((nodes, _)) = &cluster {
-        if let Some(node) = &nodes.node {
-            check_duplicates(node, &nodes.peers, report);
-            check_loopback(node, &nodes.peers, report);
-            if nodes.ok && nodes.peers.is_empty() {
-                report.warn(
-                    &node.source,
-                    node.line,
-                    "no peers configured: this node has nobody to keep coherent with",
-                );
-            }
+    if let Some((nodes, _)) = &cluster
+        && let Some(node) = &nodes.node
+    {
+        check_duplicates(node, &nodes.peers, report);
+        check_loopback(node, &nodes.peers, report);
+        if nodes.ok && nodes.peers.is_empty() {
+            report.warn(
+                &node.source,
+                node.line,
+                "no peers configured: this node has nobody to keep coherent with",
+            );
         }
     }
     // Our extensions are checked even when the cluster keys failed, so
@@ -1033,8 +1038,16 @@ fn build(keys: &BTreeMap<String, Entry>, report: &mut Report) -> Option<ClusterC
         .map_or(DEFAULT_PORT, |n| n.addr.port);
     let ext = extensions(keys, node_port, report);
     let (nodes, format) = cluster?;
-    let ext = ext?;
+    let mut ext = ext?;
     let node = nodes.node.filter(|_| nodes.ok)?;
+    // An IPv6 node listens on the IPv6 wildcard by default (which on Linux
+    // takes IPv4 too): 0.0.0.0 would leave its peers unable to connect.
+    let bind_set = keys
+        .get("cachecast.bind")
+        .is_some_and(|e| !e.value.is_empty());
+    if !bind_set && node.addr.host.parse::<std::net::Ipv6Addr>().is_ok() {
+        ext.bind.set_ip(IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED));
+    }
     if ext.api.port() == ext.bind.port()
         && (ext.api.ip() == ext.bind.ip()
             || ext.api.ip().is_unspecified()
@@ -1063,6 +1076,7 @@ fn build(keys: &BTreeMap<String, Entry>, report: &mut Report) -> Option<ClusterC
         api_bind_explicit: ext.api_bind_explicit,
         buffer: ext.buffer,
         webhook_url: ext.webhook_url,
+        state_file: ext.state_file,
     })
 }
 
@@ -1280,6 +1294,7 @@ struct Extensions {
     api_bind_explicit: bool,
     buffer: usize,
     webhook_url: Option<String>,
+    state_file: Option<PathBuf>,
 }
 
 /// An IP address, IPv6 optionally in brackets.
@@ -1300,10 +1315,10 @@ fn parse_bind(text: &str) -> Result<(IpAddr, Option<u16>), String> {
     if let Some(ip) = ip_literal(text) {
         return Ok((ip, None));
     }
-    if let Some((host, port)) = text.rsplit_once(':') {
-        if let Some(ip) = ip_literal(host).filter(|ip| ip.is_ipv4() || host.starts_with('[')) {
-            return Ok((ip, Some(parse_port(port)?)));
-        }
+    if let Some((host, port)) = text.rsplit_once(':')
+        && let Some(ip) = ip_literal(host).filter(|ip| ip.is_ipv4() || host.starts_with('['))
+    {
+        return Ok((ip, Some(parse_port(port)?)));
     }
     Err(format!(
         "`{text}` is not `address` or `address:port` (an IP address, not a name; IPv6 in brackets with a port)"
@@ -1463,6 +1478,7 @@ fn extensions(
             false
         }
     };
+    let state_file = get("cachecast.state.file", &mut ok).map(|e| PathBuf::from(&e.value));
     let mut webhook_url = None;
     if let Some(entry) = get("cachecast.webhook.url", &mut ok) {
         match check_webhook(&entry.value, remote) {
@@ -1485,6 +1501,7 @@ fn extensions(
         api_bind_explicit,
         buffer,
         webhook_url,
+        state_file,
     })
 }
 

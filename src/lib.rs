@@ -50,6 +50,8 @@
 pub mod auth;
 pub mod config;
 pub mod demo;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod mesh;
 pub mod sidecar;
 pub mod tls;

@@ -84,6 +84,41 @@ fn print_problems(problems: &[Problem]) {
     }
 }
 
+/// What `run` would refuse at start: the secret, the TLS files, the state
+/// file's folder.
+fn check_files(config: &config::ClusterConfig) -> Vec<Problem> {
+    let error = |key: &str, message: String| Problem {
+        severity: config::Severity::Error,
+        key: Some(key.to_string()),
+        line: None,
+        message,
+    };
+    let mut problems = Vec::new();
+    if let Some(source) = &config.secret
+        && let Err(e) = cachecast::auth::Secret::load(source)
+    {
+        problems.push(error("cachecast.secret", e.to_string()));
+    }
+    if let Some(files) = &config.tls
+        && let Err(e) = cachecast::tls::Tls::load(files)
+    {
+        problems.push(error("cachecast.tls", e.to_string()));
+    }
+    if let Some(path) = &config.state_file {
+        let dir = path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(std::path::Path::new("."));
+        if !dir.is_dir() {
+            problems.push(error(
+                "cachecast.state.file",
+                format!("the folder {} does not exist", dir.display()),
+            ));
+        }
+    }
+    problems
+}
+
 fn check(explicit: Option<PathBuf>) -> ExitCode {
     let (path, why) = config_path(explicit);
     let Loaded { config, warnings } = match config::load(&path) {
@@ -102,6 +137,7 @@ fn check(explicit: Option<PathBuf>) -> ExitCode {
         }
     };
     let (resolved, mut problems) = config::resolve(&config, Duration::from_secs(3));
+    problems.extend(check_files(&config));
     let show = |i: usize| match &resolved[i].ips {
         Ok(ips) => ips
             .iter()
@@ -144,7 +180,18 @@ fn check(explicit: Option<PathBuf>) -> ExitCode {
         }
     );
     println!("api        http://{}", config.api);
-    println!("buffer     {} invalidations per peer", config.buffer);
+    println!(
+        "buffer     {} invalidations (a peer may be behind by this many before it gets a flush)",
+        config.buffer
+    );
+    println!(
+        "state      {}",
+        config.state_file.as_ref().map_or(
+            "none (set cachecast.state.file so a start after a crash flushes the peers)"
+                .to_string(),
+            |p| p.display().to_string()
+        )
+    );
     problems.extend(warnings);
     let errors = problems
         .iter()
@@ -252,8 +299,15 @@ fn run(explicit: Option<PathBuf>, format: LogFormat) -> ExitCode {
     }
     if config.secret.is_none() {
         tracing::warn!(
-            "no cachecast.secret: any host that can reach port {} and claims a peer's identity can inject invalidations",
+            "no cachecast.secret: only the source-address allowlist protects port {}; \
+             anything that can connect from a peer's address can inject invalidations",
             config.bind.port()
+        );
+    }
+    if config.state_file.is_none() {
+        tracing::warn!(
+            "no cachecast.state.file: a start after a crash cannot tell peers to flush \
+             for a run they never saw (see docs/operations.md)"
         );
     }
     let Some(rt) = runtime() else {

@@ -35,7 +35,7 @@ fn parse_hex(text: &str) -> Vec<u8> {
         let code = line.split('#').next().unwrap_or("");
         digits.extend(code.chars().filter(|c| !c.is_whitespace()));
     }
-    assert!(digits.len() % 2 == 0, "odd number of hex digits");
+    assert!(digits.len().is_multiple_of(2), "odd number of hex digits");
     (0..digits.len())
         .step_by(2)
         .map(|i| {

@@ -20,7 +20,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::io::Io;
 use super::limits::IpSlot;
-use super::{Dir, Rejected, Shared, lock};
+use super::{Rejected, Shared, lock};
 use crate::auth;
 use crate::config::NodeAddr;
 use crate::wire::{FrameCodec, Hello, MAGIC, Message, NONCE_LEN, PROTOCOL_VERSION, Position};
@@ -336,20 +336,10 @@ pub(super) async fn serve_io(
         l.inbound_gen
     };
     info!(peer = %id, incarnation = format_args!("{incarnation:016x}"), "inbound link up");
-    shared.set_link(peer, Dir::In, true, "");
+    shared.set_inbound(peer, generation, true, "");
     let reason = receive(shared, peer, incarnation, reader, wr, &conn_token).await;
-    let current = {
-        let mut links = lock(&shared.links);
-        let l = &mut links[peer];
-        let current = l.inbound_gen == generation;
-        if current {
-            l.inbound_cancel = None;
-        }
-        current
-    };
-    if current {
+    if shared.set_inbound(peer, generation, false, &reason) {
         warn!(peer = %id, reason = %reason, "inbound link down");
-        shared.set_link(peer, Dir::In, false, &reason);
     } else {
         debug!(peer = %id, "superseded inbound connection closed");
     }
@@ -493,9 +483,11 @@ async fn receive(
                 let _ = codec.encode(&Message::Ack(pos), &mut buf);
                 acked = owed.ack;
             }
-            while ponged < owed.pongs {
+            // One Pong answers every Ping since the last write: a flood of
+            // Pings cannot pile up owed answers.
+            if ponged < owed.pongs {
                 let _ = codec.encode(&Message::Pong, &mut buf);
-                ponged += 1;
+                ponged = owed.pongs;
             }
             if let Err(e) = wr.write_all(&buf).await {
                 return format!("write failed: {e}");

@@ -17,55 +17,99 @@ const REFRESH_EVERY: Duration = Duration::from_secs(5);
 /// are closed before the handshake.
 pub(crate) struct Allowlist {
     peers: Vec<NodeAddr>,
-    state: Mutex<(HashSet<IpAddr>, Option<Instant>)>,
+    state: Mutex<Known>,
 }
 
-async fn resolve_all(peers: &[NodeAddr]) -> HashSet<IpAddr> {
-    let mut ips = HashSet::new();
+/// Each peer's addresses; `None` for a name that did not resolve now.
+async fn resolve_all(peers: &[NodeAddr]) -> Vec<Option<HashSet<IpAddr>>> {
+    let mut out = Vec::with_capacity(peers.len());
     for p in peers {
         if let Ok(ip) = p.host.parse::<IpAddr>() {
-            ips.insert(ip.to_canonical());
+            out.push(Some(HashSet::from([ip.to_canonical()])));
             continue;
         }
         let lookup = tokio::net::lookup_host((p.host.as_str(), p.port));
-        if let Ok(Ok(addrs)) = tokio::time::timeout(Duration::from_secs(2), lookup).await {
-            ips.extend(addrs.map(|a| a.ip().to_canonical()));
-        }
+        out.push(
+            match tokio::time::timeout(Duration::from_secs(2), lookup).await {
+                Ok(Ok(addrs)) => Some(addrs.map(|a| a.ip().to_canonical()).collect()),
+                _ => None,
+            },
+        );
     }
-    ips
+    out
+}
+
+/// What the allowlist knows: each peer's last good addresses.
+struct Known {
+    per_peer: Vec<HashSet<IpAddr>>,
+    refreshed: Option<Instant>,
+    refreshing: bool,
 }
 
 impl Allowlist {
     pub(crate) fn new(peers: Vec<NodeAddr>) -> Self {
+        let n = peers.len();
         Allowlist {
             peers,
-            state: Mutex::new((HashSet::new(), None)),
+            state: Mutex::new(Known {
+                per_peer: vec![HashSet::new(); n],
+                refreshed: None,
+                refreshing: false,
+            }),
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, (HashSet<IpAddr>, Option<Instant>)> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Known> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Whether `ip` is a peer's address. Names are resolved again when an
-    /// unknown address shows up (at most every few seconds), so a peer
-    /// whose address changed is let in without a restart.
-    pub(crate) async fn permits(&self, ip: IpAddr) -> bool {
-        let ip = ip.to_canonical();
-        let stale = {
-            let st = self.lock();
-            if st.0.contains(&ip) {
-                return true;
-            }
-            st.1.is_none_or(|at| at.elapsed() >= REFRESH_EVERY)
-        };
-        if !stale {
-            return false;
-        }
+    fn known(&self, ip: &IpAddr) -> bool {
+        self.lock().per_peer.iter().any(|s| s.contains(ip))
+    }
+
+    /// Resolves every peer again; a name that fails keeps its last good
+    /// addresses (a DNS outage must not lock peers out).
+    pub(crate) async fn refresh(&self) {
         let fresh = resolve_all(&self.peers).await;
-        let allowed = fresh.contains(&ip);
-        *self.lock() = (fresh, Some(Instant::now()));
-        allowed
+        let mut st = self.lock();
+        for (known, got) in st.per_peer.iter_mut().zip(fresh) {
+            if let Some(ips) = got {
+                *known = ips;
+            }
+        }
+        st.refreshed = Some(Instant::now());
+        st.refreshing = false;
+    }
+
+    /// Whether `ip` is a peer's address, by what is known now. Names are
+    /// resolved when the list is first needed; after that, an unknown
+    /// address starts a refresh in the background (at most every few
+    /// seconds, never holding up the accept loop), so a peer whose address
+    /// changed is let in on its next attempt.
+    pub(crate) async fn permits(self: &std::sync::Arc<Self>, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        if self.known(&ip) {
+            return true;
+        }
+        let first = self.lock().refreshed.is_none();
+        if first {
+            self.refresh().await;
+            return self.known(&ip);
+        }
+        let start = {
+            let mut st = self.lock();
+            let due = st.refreshed.is_none_or(|at| at.elapsed() >= REFRESH_EVERY);
+            let start = due && !st.refreshing;
+            if start {
+                st.refreshing = true;
+            }
+            start
+        };
+        if start {
+            let me = self.clone();
+            tokio::spawn(async move { me.refresh().await });
+        }
+        false
     }
 }
 
@@ -168,7 +212,7 @@ mod tests {
 
     #[tokio::test]
     async fn allowlist_admits_peers_only() {
-        let a = Allowlist::new(vec![NodeAddr::new("127.0.0.1", 1)]);
+        let a = std::sync::Arc::new(Allowlist::new(vec![NodeAddr::new("127.0.0.1", 1)]));
         assert!(a.permits("127.0.0.1".parse().expect("ip")).await);
         assert!(a.permits("::ffff:127.0.0.1".parse().expect("ip")).await);
         assert!(!a.permits("127.0.0.2".parse().expect("ip")).await);

@@ -39,6 +39,8 @@ pub(super) enum LinkError {
     HelloTimeout(Duration),
     #[error("nothing heard for {0:?} (dead or half-open link)")]
     Dead(Duration),
+    #[error("the peer read nothing for {0:?} (stopped reading)")]
+    Stalled(Duration),
     #[error("connection closed by the peer")]
     Closed,
     #[error("peer refused the connection: {0}")]
@@ -221,74 +223,118 @@ async fn connect(
             )));
         }
     };
-    if hello.magic != MAGIC {
-        return Err(LinkError::Protocol("bad magic in hello".into()));
-    }
-    if hello.version < PROTOCOL_VERSION {
-        return Err(LinkError::Protocol(format!(
-            "peer speaks protocol version {}, this node {PROTOCOL_VERSION}",
-            hello.version
-        )));
-    }
-    let matches = match parse_identity(&hello.node) {
-        Some(c) => identity_matches(&c, &info.addr).await,
-        None => false,
-    };
-    if !matches {
-        return Err(LinkError::Protocol(format!(
-            "dialed {} but the node there says it is {:?}; check both nodes' cluster.instance0",
-            info.addr, hello.node
-        )));
-    }
-    match (&shared.secret, hello.auth) {
-        (None, true) => {
-            return Err(LinkError::Auth(
-                "the peer requires a shared secret (cachecast.secret) and this node has none"
-                    .into(),
-            ));
+    let checked = async {
+        if hello.magic != MAGIC {
+            return Err(LinkError::Protocol("bad magic in hello".into()));
         }
-        (Some(_), false) => {
-            return Err(LinkError::Auth(
-                "this node requires a shared secret (cachecast.secret) and the peer has none"
-                    .into(),
-            ));
+        if hello.version < PROTOCOL_VERSION {
+            return Err(LinkError::Protocol(format!(
+                "peer speaks protocol version {}, this node {PROTOCOL_VERSION}",
+                hello.version
+            )));
         }
-        (None, false) => {}
-        (Some(secret), true) => {
-            let transcript = auth::Transcript {
-                dialer: &ours.node,
-                dialer_nonce: &ours.nonce,
-                dialer_incarnation: ours.incarnation,
-                acceptor: &hello.node,
-                acceptor_nonce: &hello.nonce,
-                acceptor_incarnation: hello.incarnation,
-            };
-            let proof = match next_frame(&mut reader, deadline, hello_timeout).await? {
-                Message::Auth { mac } => mac,
-                Message::Reject { reason } => return Err(LinkError::Rejected(reason)),
-                other => {
-                    return Err(LinkError::Protocol(format!(
-                        "expected Auth, got {}",
-                        other.kind()
-                    )));
-                }
-            };
-            if !auth::verify(secret, auth::Role::Acceptor, &transcript, &proof) {
+        let matches = match parse_identity(&hello.node) {
+            Some(c) => identity_matches(&c, &info.addr).await,
+            None => false,
+        };
+        if !matches {
+            return Err(LinkError::Protocol(format!(
+                "dialed {} but the node there says it is {:?}; check both nodes' cluster.instance0",
+                info.addr, hello.node
+            )));
+        }
+        match (&shared.secret, hello.auth) {
+            (None, true) => {
                 return Err(LinkError::Auth(
-                    "the peer failed to prove the shared secret (cachecast.secret differs?)".into(),
+                    "the peer requires a shared secret (cachecast.secret) and this node has none"
+                        .into(),
                 ));
             }
-            let mac = auth::prove(secret, auth::Role::Dialer, &transcript);
-            codec.encode(Message::Auth { mac }, &mut buf)?;
-            wr.write_all(&buf).await?;
+            (Some(_), false) => {
+                return Err(LinkError::Auth(
+                    "this node requires a shared secret (cachecast.secret) and the peer has none"
+                        .into(),
+                ));
+            }
+            (None, false) => {}
+            (Some(secret), true) => {
+                let transcript = auth::Transcript {
+                    dialer: &ours.node,
+                    dialer_nonce: &ours.nonce,
+                    dialer_incarnation: ours.incarnation,
+                    acceptor: &hello.node,
+                    acceptor_nonce: &hello.nonce,
+                    acceptor_incarnation: hello.incarnation,
+                };
+                let proof = match next_frame(&mut reader, deadline, hello_timeout).await? {
+                    Message::Auth { mac } => mac,
+                    Message::Reject { reason } => return Err(LinkError::Rejected(reason)),
+                    other => {
+                        return Err(LinkError::Protocol(format!(
+                            "expected Auth, got {}",
+                            other.kind()
+                        )));
+                    }
+                };
+                if !auth::verify(secret, auth::Role::Acceptor, &transcript, &proof) {
+                    return Err(LinkError::Auth(
+                        "the peer failed to prove the shared secret (cachecast.secret differs?)"
+                            .into(),
+                    ));
+                }
+                let mac = auth::prove(secret, auth::Role::Dialer, &transcript);
+                codec.encode(Message::Auth { mac }, &mut buf)?;
+                wr.write_all(&buf).await?;
+            }
         }
+        // The acceptor's incarnation tells of a restart even before its own
+        // stream reaches us (it may be unable to).
+        shared
+            .peer_incarnation(peer, hello.incarnation)
+            .map_err(LinkError::Protocol)?;
+        Ok::<(), LinkError>(())
     }
-    // The acceptor's incarnation tells of a restart even before its own
-    // stream reaches us (it may be unable to).
-    shared
-        .peer_incarnation(peer, hello.incarnation)
-        .map_err(LinkError::Protocol)?;
+    .await;
+    if let Err(e) = checked {
+        // Tell the acceptor why, so that its log says more than "closed".
+        if matches!(e, LinkError::Protocol(_) | LinkError::Auth(_)) {
+            let reject = Message::Reject {
+                reason: format!("{} refuses: {e}", shared.me),
+            };
+            let mut buf = BytesMut::new();
+            if FrameCodec::new().encode(&reject, &mut buf).is_ok() {
+                let _ = timeout(Duration::from_secs(1), wr.write_all(&buf)).await;
+            }
+        }
+        return Err(e);
+    }
     Ok((reader, wr, hello))
+}
+
+/// Writes `buf`, bounded: a write that makes no progress for `dead_after`
+/// (the peer stopped reading) fails the link; once shutdown has begun, the
+/// write may only go on until the shutdown deadline.
+async fn write_bounded(
+    shared: &Shared,
+    wr: &mut WriteHalf<Io>,
+    buf: &[u8],
+) -> Result<(), LinkError> {
+    let dead_after = shared.tuning.dead_after;
+    let write = wr.write_all(buf);
+    tokio::pin!(write);
+    tokio::select! {
+        r = timeout(dead_after, &mut write) => {
+            return match r {
+                Ok(r) => r.map_err(LinkError::Io),
+                Err(_) => Err(LinkError::Stalled(dead_after)),
+            };
+        }
+        _ = shared.token.cancelled() => {}
+    }
+    match timeout_at(shared.shutdown_deadline(), &mut write).await {
+        Ok(r) => r.map_err(LinkError::Io),
+        Err(_) => Err(LinkError::Stalled(shared.tuning.shutdown_timeout)),
+    }
 }
 
 /// The next handshake frame, before `deadline`.
@@ -404,7 +450,7 @@ async fn session(
                         .gap_flushes_sent
                         .fetch_add(1, Ordering::Relaxed);
                 }
-                wr.write_all(&buf).await?;
+                write_bounded(shared, &mut wr, &buf).await?;
                 buf.clear();
                 last_write = Instant::now();
                 let mut flying = lock(&in_flight);
@@ -421,7 +467,7 @@ async fn session(
                 _ = info.notify.notified() => {}
                 _ = sleep_until(last_write + shared.tuning.ping_every) => {
                     codec.encode(&Message::Ping, &mut buf)?;
-                    wr.write_all(&buf).await?;
+                    write_bounded(shared, &mut wr, &buf).await?;
                     buf.clear();
                     last_write = Instant::now();
                 }
@@ -431,7 +477,7 @@ async fn session(
             return Ok(());
         }
         // Graceful shutdown: drain, say goodbye, wait for the acks.
-        let deadline = Instant::now() + shared.tuning.shutdown_timeout;
+        let deadline = shared.shutdown_deadline();
         let drain = async {
             let last_seq = loop {
                 // Fill and read the last number under one lock, so the
@@ -443,11 +489,11 @@ async fn session(
                 if filled.items == 0 {
                     break last_seq;
                 }
-                wr.write_all(&buf).await?;
+                write_bounded(shared, &mut wr, &buf).await?;
                 buf.clear();
             };
             codec.encode(&Message::Goodbye { last_seq }, &mut buf)?;
-            wr.write_all(&buf).await?;
+            write_bounded(shared, &mut wr, &buf).await?;
             buf.clear();
             let mut acked = info.acked.subscribe();
             let _ = acked.wait_for(|a| *a >= last_seq).await;
@@ -457,7 +503,8 @@ async fn session(
             Ok(r) => r?,
             Err(_) => warn!("peer did not acknowledge everything before the shutdown deadline"),
         }
-        let _ = wr.shutdown().await;
+        // TLS sends close_notify here: bounded like any write.
+        let _ = timeout(Duration::from_secs(1), wr.shutdown()).await;
         Ok(())
     };
     // The reader never ends by itself without an error; the writer ends on

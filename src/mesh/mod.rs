@@ -16,6 +16,7 @@ mod limits;
 mod link;
 mod metrics;
 mod outlog;
+mod state;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -66,6 +67,9 @@ pub struct Tuning {
     pub event_capacity: usize,
     /// Inbound connections open at once, all sources together.
     pub max_connections: usize,
+    /// Bytes the replay buffer may hold, whatever `cachecast.buffer` says
+    /// in invalidations: keys can be 64 KiB each.
+    pub buffer_bytes: usize,
 }
 
 impl Default for Tuning {
@@ -80,6 +84,7 @@ impl Default for Tuning {
             shutdown_timeout: Duration::from_secs(2),
             event_capacity: 8192,
             max_connections: 64,
+            buffer_bytes: 64 * 1024 * 1024,
         }
     }
 }
@@ -102,6 +107,15 @@ pub enum StartError {
     /// The secret or the TLS files cannot be used.
     #[error("security settings: {0}")]
     Security(String),
+    /// The state file cannot be read or written.
+    #[error("state file {path}: {source}")]
+    State {
+        /// The file.
+        path: String,
+        /// What the system said.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Why an invalidation was not accepted.
@@ -263,7 +277,8 @@ pub struct Status {
     pub buffered: usize,
     /// The replay buffer's bound.
     pub buffer_capacity: usize,
-    /// Times the buffer overflowed and a flush replaced what a peer missed.
+    /// Entries dropped from the buffer while a peer still needed them
+    /// (each covered by a flush to that peer).
     pub buffer_overflows: u64,
     /// Each peer.
     pub peers: Vec<PeerStatus>,
@@ -337,11 +352,13 @@ struct Shared {
     /// Mutual TLS, when configured.
     tls: Option<Tls>,
     /// Source addresses allowed to connect (the peers').
-    allowlist: limits::Allowlist,
+    allowlist: Arc<limits::Allowlist>,
     /// Handshakes under way per source address.
     per_ip: limits::PerIp,
     /// Bounds the log lines of refused connections.
     reject_log: limits::LogLimiter,
+    /// When a shutdown must be over; set when it begins.
+    shutdown_at: std::sync::OnceLock<tokio::time::Instant>,
 }
 
 /// Why an inbound connection was refused (for counters).
@@ -387,12 +404,36 @@ impl Shared {
     /// Records a link going up or down, and emits peer-up / peer-down on
     /// the transitions of "both links up".
     fn set_link(&self, peer: usize, dir: Dir, up: bool, reason: &str) {
+        self.set_link_if(peer, dir, None, up, reason);
+    }
+
+    /// The inbound link's state, changed only by connection `generation`
+    /// (the current one): an older connection ending, or coming up late,
+    /// cannot overwrite what a newer one set. Returns whether it applied.
+    fn set_inbound(&self, peer: usize, generation: u64, up: bool, reason: &str) -> bool {
+        self.set_link_if(peer, Dir::In, Some(generation), up, reason)
+    }
+
+    fn set_link_if(
+        &self,
+        peer: usize,
+        dir: Dir,
+        generation: Option<u64>,
+        up: bool,
+        reason: &str,
+    ) -> bool {
         // Transitions are decided under the links lock and emitted after
         // it (a callback may ask for the status), in the order decided.
         let _order = lock(&self.peer_events);
         let (was, now) = {
             let mut links = lock(&self.links);
             let l = &mut links[peer];
+            if generation.is_some_and(|g| g != l.inbound_gen) {
+                return false;
+            }
+            if generation.is_some() && !up {
+                l.inbound_cancel = None;
+            }
             let was = l.outbound && l.inbound;
             match dir {
                 Dir::Out => l.outbound = up,
@@ -414,6 +455,14 @@ impl Shared {
                 reason: reason.to_string(),
             });
         }
+        true
+    }
+
+    /// When the shutdown under way must be over.
+    fn shutdown_deadline(&self) -> tokio::time::Instant {
+        *self
+            .shutdown_at
+            .get_or_init(|| tokio::time::Instant::now() + self.tuning.shutdown_timeout)
     }
 
     fn count_rejection(&self, kind: Rejected) {
@@ -544,79 +593,38 @@ impl MeshBuilder {
             connect_via,
             callbacks,
         } = self;
-        if config.peers.len() >= crate::config::MAX_INSTANCES {
-            return Err(StartError::Config(format!(
-                "{} peers; at most {}",
-                config.peers.len(),
-                crate::config::MAX_INSTANCES - 1
-            )));
+        let shared = build_shared(config, tuning, connect_via, callbacks)?;
+        if let Some(path) = &shared.config.state_file {
+            let state_err = |e: std::io::Error| StartError::State {
+                path: path.display().to_string(),
+                source: e,
+            };
+            let previous = state::read(path).map_err(state_err)?;
+            let incarnation = lock(&shared.out).incarnation();
+            if let Some(p) = previous.filter(|p| !p.clean) {
+                // Whatever that run invalidated may never have arrived.
+                warn!(
+                    previous = format_args!("{:016x}", p.incarnation),
+                    "the previous run did not end cleanly: every peer is told to flush"
+                );
+                lock(&shared.out).push(Item::Flush);
+                shared.stats.originated.fetch_add(1, Ordering::Relaxed);
+            }
+            state::write(path, incarnation, false).map_err(state_err)?;
         }
-        let secret = config
-            .secret
-            .as_ref()
-            .map(Secret::load)
-            .transpose()
-            .map_err(|e| StartError::Security(e.to_string()))?;
-        let tls = config
-            .tls
-            .as_ref()
-            .map(Tls::load)
-            .transpose()
-            .map_err(|e| StartError::Security(e.to_string()))?;
         let listener = match listener {
             Some(l) => l,
-            None => TcpListener::bind(config.bind)
+            None => TcpListener::bind(shared.config.bind)
                 .await
                 .map_err(|source| StartError::Bind {
-                    addr: config.bind,
+                    addr: shared.config.bind,
                     source,
                 })?,
         };
-        let incarnation: u64 = rand::random();
-        let me: PeerId = Arc::from(config.node.to_string());
-        let peers: Vec<PeerInfo> = config
-            .peers
-            .iter()
-            .map(|p| PeerInfo {
-                id: Arc::from(p.addr.to_string()),
-                addr: p.addr.clone(),
-                dial: connect_via.get(&p.addr).copied(),
-                notify: Notify::new(),
-                acked: watch::channel(0).0,
-                stats: PeerStats::default(),
-                applied: Mutex::new(None),
-            })
-            .collect();
-        let ids: Vec<PeerId> = peers.iter().map(|p| p.id.clone()).collect();
-        let (events, _) = broadcast::channel(tuning.event_capacity.max(16));
-        let token = CancellationToken::new();
-        let shared = Arc::new(Shared {
-            me,
-            out: Mutex::new(OutLog::new(incarnation, peers.len(), config.buffer)),
-            origins: Mutex::new(Origins::new(ids)),
-            links: Mutex::new((0..peers.len()).map(|_| LinkState::default()).collect()),
-            peers,
-            events,
-            callbacks: RwLock::new(Arc::new(callbacks)),
-            peer_events: Mutex::new(()),
-            stats: Stats::default(),
-            aborted: AtomicBool::new(false),
-            token: token.clone(),
-            conn_limit: Arc::new(Semaphore::new(tuning.max_connections.max(1))),
-            secret,
-            tls,
-            allowlist: limits::Allowlist::new(
-                config.peers.iter().map(|p| p.addr.clone()).collect(),
-            ),
-            per_ip: limits::PerIp::default(),
-            reject_log: limits::LogLimiter::new(20, Duration::from_secs(60)),
-            tuning,
-            config,
-        });
         let local = listener.local_addr().ok();
         info!(
             node = %shared.me,
-            incarnation = format_args!("{incarnation:016x}"),
+            incarnation = format_args!("{:016x}", lock(&shared.out).incarnation()),
             listen = ?local,
             peers = shared.peers.len(),
             "mesh started"
@@ -643,6 +651,81 @@ impl MeshBuilder {
             local_addr: local,
         })
     }
+}
+
+/// The node's shared state, before any task runs (also used by the fuzz
+/// harness, which drives one connection with no listener or links).
+fn build_shared(
+    config: ClusterConfig,
+    tuning: Tuning,
+    connect_via: HashMap<NodeAddr, SocketAddr>,
+    callbacks: Vec<Callback>,
+) -> Result<Arc<Shared>, StartError> {
+    if config.peers.len() >= crate::config::MAX_INSTANCES {
+        return Err(StartError::Config(format!(
+            "{} peers; at most {}",
+            config.peers.len(),
+            crate::config::MAX_INSTANCES - 1
+        )));
+    }
+    let secret = config
+        .secret
+        .as_ref()
+        .map(Secret::load)
+        .transpose()
+        .map_err(|e| StartError::Security(e.to_string()))?;
+    let tls = config
+        .tls
+        .as_ref()
+        .map(Tls::load)
+        .transpose()
+        .map_err(|e| StartError::Security(e.to_string()))?;
+    let incarnation: u64 = rand::random();
+    let me: PeerId = Arc::from(config.node.to_string());
+    let peers: Vec<PeerInfo> = config
+        .peers
+        .iter()
+        .map(|p| PeerInfo {
+            id: Arc::from(p.addr.to_string()),
+            addr: p.addr.clone(),
+            dial: connect_via.get(&p.addr).copied(),
+            notify: Notify::new(),
+            acked: watch::channel(0).0,
+            stats: PeerStats::default(),
+            applied: Mutex::new(None),
+        })
+        .collect();
+    let ids: Vec<PeerId> = peers.iter().map(|p| p.id.clone()).collect();
+    let (events, _) = broadcast::channel(tuning.event_capacity.max(16));
+    Ok(Arc::new(Shared {
+        me,
+        out: Mutex::new(OutLog::new(
+            incarnation,
+            peers.len(),
+            config.buffer,
+            tuning.buffer_bytes,
+        )),
+        origins: Mutex::new(Origins::new(ids)),
+        links: Mutex::new((0..peers.len()).map(|_| LinkState::default()).collect()),
+        peers,
+        events,
+        callbacks: RwLock::new(Arc::new(callbacks)),
+        peer_events: Mutex::new(()),
+        stats: Stats::default(),
+        aborted: AtomicBool::new(false),
+        token: CancellationToken::new(),
+        conn_limit: Arc::new(Semaphore::new(tuning.max_connections.max(1))),
+        secret,
+        tls,
+        allowlist: Arc::new(limits::Allowlist::new(
+            config.peers.iter().map(|p| p.addr.clone()).collect(),
+        )),
+        per_ip: limits::PerIp::default(),
+        reject_log: limits::LogLimiter::new(20, Duration::from_secs(60)),
+        shutdown_at: std::sync::OnceLock::new(),
+        tuning,
+        config,
+    }))
 }
 
 /// The application's handle on a running node. Cheap to clone.
@@ -887,6 +970,7 @@ impl MeshHandle {
     /// Starts a graceful shutdown without waiting for it: new invalidations
     /// are refused, links drain what is queued, say goodbye and close.
     pub fn initiate_shutdown(&self) {
+        self.shared.shutdown_deadline();
         lock(&self.shared.out).close();
         self.shared.token.cancel();
         self.tracker.close();
@@ -897,12 +981,25 @@ impl MeshHandle {
     pub async fn shutdown(self) {
         self.initiate_shutdown();
         self.tracker.wait().await;
+        if let Some(path) = &self.shared.config.state_file {
+            // Clean only if every peer applied everything this run sent.
+            let (incarnation, clean) = {
+                let out = lock(&self.shared.out);
+                let last = out.last_seq();
+                let clean = (0..self.shared.peers.len()).all(|p| out.acked(p) >= last);
+                (out.incarnation(), clean)
+            };
+            if let Err(e) = state::write(path, incarnation, clean) {
+                warn!(path = %path.display(), error = %e, "cannot record the clean shutdown");
+            }
+        }
         info!(node = %self.shared.me, "mesh stopped");
     }
 
     /// Stops at once, as a crash would: no draining, no goodbye. For tests
     /// and the demo.
     pub async fn abort(self) {
+        let _ = self.shared.shutdown_at.set(tokio::time::Instant::now());
         lock(&self.shared.out).close();
         let shared = self.shared.clone();
         // Links check this flag and skip the goodbye.
@@ -935,6 +1032,9 @@ impl futures_util::Stream for Events {
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Event>> {
+        // Looked at first: once the node has stopped, whatever is still
+        // queued is delivered, then the stream ends.
+        let finished = self.finished.as_mut().poll(cx).is_ready();
         let next = std::pin::Pin::new(&mut self.inner).poll_next(cx).map(|r| {
             r.map(|r| match r {
                 Ok(ev) => ev,
@@ -945,12 +1045,59 @@ impl futures_util::Stream for Events {
             })
         });
         match next {
-            std::task::Poll::Pending => match self.finished.as_mut().poll(cx) {
-                // Every event of the node was sent before its tasks ended.
-                std::task::Poll::Ready(()) => std::task::Poll::Ready(None),
-                std::task::Poll::Pending => std::task::Poll::Pending,
-            },
-            ready => ready,
+            std::task::Poll::Pending if finished => std::task::Poll::Ready(None),
+            other => other,
         }
     }
+}
+
+/// Drives one inbound connection through the acceptor's handshake and
+/// session, with `input` as everything the other side sends (the fuzz
+/// harness's entry). The input is written and the pipe closed, so every
+/// read ends at once and no deadline is waited for. The first byte picks
+/// whether this node has a shared secret.
+#[doc(hidden)]
+pub fn fuzz_acceptor(input: &[u8]) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    else {
+        return;
+    };
+    let (flags, bytes) = input.split_first().map_or((0, input), |(f, b)| (*f, b));
+    let mut config = ClusterConfig::new(
+        NodeAddr::new("127.0.0.1", 1),
+        [NodeAddr::new("127.0.0.1", 2), NodeAddr::new("localhost", 3)],
+    );
+    config.buffer = 16;
+    if flags & 1 == 1 {
+        config.secret = Some(crate::config::SecretSource::Inline(
+            "fuzzing-secret-0123456789".into(),
+        ));
+    }
+    let tuning = Tuning {
+        hello_timeout: Duration::from_millis(200),
+        dead_after: Duration::from_millis(200),
+        ..Tuning::default()
+    };
+    let Ok(shared) = build_shared(config, tuning, HashMap::new(), Vec::new()) else {
+        return;
+    };
+    rt.block_on(async {
+        let (mut client, server) = tokio::io::duplex(64 * 1024);
+        let ip = std::net::IpAddr::from([127, 0, 0, 1]);
+        let Some(slot) = shared.per_ip.enter(ip) else {
+            return;
+        };
+        let deadline = tokio::time::Instant::now() + shared.tuning.hello_timeout;
+        let serve = conn::serve_io(&shared, io::Io::Memory(server), None, deadline, slot);
+        let talk = async {
+            let _ = client.write_all(bytes).await;
+            let _ = client.shutdown().await;
+            let mut sink = Vec::new();
+            let _ = client.read_to_end(&mut sink).await;
+        };
+        tokio::join!(serve, talk);
+    });
 }

@@ -42,6 +42,9 @@ pub(crate) struct OutLog {
     front_seq: u64,
     items: VecDeque<Item>,
     capacity: usize,
+    /// Encoded size (bound) of `items`, and its limit.
+    bytes: usize,
+    max_bytes: usize,
     peers: Vec<Cursor>,
     /// How many times the ring overflowed (dropped an entry a peer needed).
     overflows: u64,
@@ -59,13 +62,15 @@ pub(crate) struct Filled {
 }
 
 impl OutLog {
-    pub(crate) fn new(incarnation: u64, peers: usize, capacity: usize) -> Self {
+    pub(crate) fn new(incarnation: u64, peers: usize, capacity: usize, max_bytes: usize) -> Self {
         OutLog {
             incarnation,
             next_seq: 1,
             front_seq: 1,
             items: VecDeque::new(),
             capacity: capacity.max(1),
+            bytes: 0,
+            max_bytes,
             peers: vec![Cursor::default(); peers],
             overflows: 0,
             closed: false,
@@ -104,12 +109,16 @@ impl OutLog {
         if item == Item::Flush {
             // A flush makes everything before it moot.
             self.items.clear();
+            self.bytes = 0;
             self.front_seq = seq;
         }
+        self.bytes += item.encoded_len_bound();
         self.items.push_back(item);
-        if self.items.len() > self.capacity {
-            self.items.pop_front();
-            self.front_seq += 1;
+        // Bounded in count and in bytes; the newest entry always stays.
+        while self.items.len() > 1
+            && (self.items.len() > self.capacity || self.bytes > self.max_bytes)
+        {
+            self.pop_front();
             if self.peers.iter().any(|c| c.acked < self.front_seq - 1) {
                 self.overflows += 1;
             }
@@ -170,6 +179,13 @@ impl OutLog {
         Ok(acked)
     }
 
+    fn pop_front(&mut self) {
+        if let Some(item) = self.items.pop_front() {
+            self.bytes -= item.encoded_len_bound();
+            self.front_seq += 1;
+        }
+    }
+
     /// Drops entries every peer has applied.
     fn trim(&mut self) {
         let min = self
@@ -178,8 +194,8 @@ impl OutLog {
             .map(|c| c.acked)
             .min()
             .unwrap_or(self.last_seq());
-        while self.front_seq <= min && self.items.pop_front().is_some() {
-            self.front_seq += 1;
+        while self.front_seq <= min && !self.items.is_empty() {
+            self.pop_front();
         }
     }
 
@@ -314,7 +330,7 @@ mod tests {
 
     #[test]
     fn sends_in_order_and_trims_on_ack() {
-        let mut log = OutLog::new(7, 2, 100);
+        let mut log = OutLog::new(7, 2, 100, usize::MAX);
         log.connected(0, None);
         log.connected(1, None);
         for i in 0..5 {
@@ -334,7 +350,7 @@ mod tests {
 
     #[test]
     fn replays_after_reconnect_from_last_applied() {
-        let mut log = OutLog::new(7, 1, 100);
+        let mut log = OutLog::new(7, 1, 100, usize::MAX);
         log.connected(0, None);
         for i in 0..10 {
             log.push(key(&i.to_string()));
@@ -350,7 +366,7 @@ mod tests {
 
     #[test]
     fn overflow_becomes_one_flush() {
-        let mut log = OutLog::new(7, 2, 4);
+        let mut log = OutLog::new(7, 2, 4, usize::MAX);
         log.connected(0, None);
         for i in 0..10 {
             log.push(key(&i.to_string()));
@@ -374,7 +390,7 @@ mod tests {
 
     #[test]
     fn a_local_flush_replaces_what_came_before() {
-        let mut log = OutLog::new(7, 1, 100);
+        let mut log = OutLog::new(7, 1, 100, usize::MAX);
         for i in 0..10 {
             log.push(key(&i.to_string()));
         }
@@ -387,7 +403,7 @@ mod tests {
 
     #[test]
     fn bogus_acks_are_refused() {
-        let mut log = OutLog::new(7, 1, 100);
+        let mut log = OutLog::new(7, 1, 100, usize::MAX);
         log.connected(0, None);
         log.push(key("a"));
         assert!(
@@ -408,7 +424,7 @@ mod tests {
 
     #[test]
     fn batches_stay_below_the_frame_limit() {
-        let mut log = OutLog::new(7, 1, 100_000);
+        let mut log = OutLog::new(7, 1, 100_000, usize::MAX);
         log.connected(0, None);
         let big = "x".repeat(60_000);
         for _ in 0..40 {
@@ -425,8 +441,21 @@ mod tests {
     }
 
     #[test]
+    fn the_ring_is_bounded_in_bytes_too() {
+        let mut log = OutLog::new(7, 1, 1000, 10_000);
+        let big = "x".repeat(3000);
+        for _ in 0..10 {
+            log.push(key(&big));
+        }
+        assert_eq!(log.held(), 3, "three 3 KB keys fit in 10 KB");
+        log.connected(0, None);
+        let got = drain(&mut log, 0);
+        assert_eq!(got[0], (7, Item::Flush), "a flush stands in for the rest");
+    }
+
+    #[test]
     fn no_peers_keeps_nothing() {
-        let mut log = OutLog::new(7, 0, 10);
+        let mut log = OutLog::new(7, 0, 10, usize::MAX);
         for _ in 0..100 {
             log.push(key("a"));
         }

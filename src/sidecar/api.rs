@@ -72,6 +72,11 @@ fn to_item(v: Value) -> Result<Item, String> {
             kind_of(&v)
         ));
     }
+    // A null key is more likely a client's bug than a wish to empty the
+    // whole cache: say so rather than clear more than meant.
+    if v.get("key").is_some_and(Value::is_null) {
+        return Err("`key` is null; omit it to invalidate the whole cache".into());
+    }
     let r: Request = serde_json::from_value(v).map_err(|e| e.to_string())?;
     let item = match (r.flush, r.cache, r.key) {
         (Some(true), None, None) => Item::Flush,
@@ -413,8 +418,14 @@ fn render_metrics(app: &App, st: &Status) -> String {
     metric(
         "cachecast_rejected_connections_total",
         "counter",
-        "Inbound connections refused.",
-        plain(c.rejected_connections),
+        "Inbound connections refused, by reason.",
+        vec![
+            ("{reason=\"not_allowed\"}".into(), c.rejected_not_allowed),
+            ("{reason=\"handshake\"}".into(), c.rejected_handshake),
+            ("{reason=\"auth\"}".into(), c.rejected_auth),
+            ("{reason=\"tls\"}".into(), c.rejected_tls),
+            ("{reason=\"limit\"}".into(), c.rejected_limit),
+        ],
     );
     metric(
         "cachecast_protocol_errors_total",

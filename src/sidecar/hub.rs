@@ -45,7 +45,7 @@ pub(crate) struct Hub {
     ring: Mutex<Ring>,
     /// The number of the newest entry, so readers can wait for more.
     newest: watch::Sender<u64>,
-    /// This sidecar run's id (the mesh incarnation, in hex): SSE ids are
+    /// This sidecar run's id (random, in hex): SSE ids are
     /// `run-n`, so a client can tell a resumed stream from a new run.
     pub run: String,
 }

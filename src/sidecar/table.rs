@@ -66,6 +66,9 @@ pub fn status_table(body: &Value) -> String {
             text(&p["reconnects"]),
             ago(&p["last_heard_ms"])
         );
+        if let Some(err) = p["last_error"].as_str() {
+            let _ = writeln!(out, "    last error: {err}");
+        }
     }
     let s = &body["sidecar"];
     if s.is_object() {

@@ -1,0 +1,1004 @@
+//! Fault scenarios of the mesh runtime: races between old and new
+//! connections, restarts, shutdown, misbehaving or slow peers. Each pins
+//! down behaviour the delivery guarantee depends on.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::{BufMut, BytesMut};
+use cachecast::wire::{Batch, FrameCodec, Hello, MAGIC, Message, Position};
+use cachecast::{ClusterConfig, Event, FlushReason, InvalidateError, Item, Mesh, MeshHandle};
+use common::{Cluster, Mode, Proxy, Recorder, bind, check_no_silent_gap, node, wait_until};
+use futures_util::StreamExt;
+use tokio::io::AsyncWriteExt;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::codec::{Encoder, FramedRead};
+
+const SHORT: Duration = Duration::from_secs(5);
+
+// ---------------------------------------------------------------------------
+// Helpers: raw peers speaking the protocol by hand, single nodes.
+// ---------------------------------------------------------------------------
+
+fn frame(msg: &Message) -> BytesMut {
+    let mut buf = BytesMut::new();
+    FrameCodec::new().encode(msg, &mut buf).expect("encode");
+    buf
+}
+
+fn hello(node: &str, incarnation: u64, last_applied: Option<Position>) -> Message {
+    Message::Hello(Hello {
+        magic: MAGIC,
+        version: 1,
+        node: node.to_string(),
+        incarnation,
+        nonce: [9; 32],
+        last_applied,
+        auth: false,
+    })
+}
+
+fn key(cache: &str, k: &str) -> Item {
+    Item::Key {
+        cache: Arc::from(cache),
+        key: Arc::from(k),
+    }
+}
+
+fn batch(first_seq: u64, items: Vec<Item>) -> Message {
+    Message::Batch(Batch { first_seq, items })
+}
+
+/// One end of a connection driven by hand.
+struct Raw {
+    rd: FramedRead<OwnedReadHalf, FrameCodec>,
+    wr: OwnedWriteHalf,
+}
+
+impl Raw {
+    fn new(stream: TcpStream) -> Raw {
+        let _ = stream.set_nodelay(true);
+        let (rd, wr) = stream.into_split();
+        Raw {
+            rd: FramedRead::new(rd, FrameCodec::new()),
+            wr,
+        }
+    }
+
+    /// Dials `addr` as the dialer `me` (incarnation `inc`); returns the
+    /// acceptor's hello.
+    async fn dial(addr: SocketAddr, me: &str, inc: u64) -> (Raw, Hello) {
+        let stream = TcpStream::connect(addr).await.expect("connect");
+        let mut raw = Raw::new(stream);
+        raw.send(&hello(me, inc, None)).await;
+        match raw.next(SHORT).await {
+            Some(Message::Hello(h)) => (raw, h),
+            other => panic!("expected a Hello, got {other:?}"),
+        }
+    }
+
+    async fn send(&mut self, msg: &Message) {
+        self.wr.write_all(&frame(msg)).await.expect("write");
+    }
+
+    async fn send_raw(&mut self, bytes: &[u8]) {
+        self.wr.write_all(bytes).await.expect("write");
+    }
+
+    /// The next message; `None` when the connection ended (or `limit`).
+    async fn next(&mut self, limit: Duration) -> Option<Message> {
+        match tokio::time::timeout(limit, self.rd.next()).await {
+            Ok(Some(Ok(m))) => Some(m),
+            _ => None,
+        }
+    }
+
+    /// Reads until the other side closes; true if it did within `limit`.
+    async fn closed_within(&mut self, limit: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            match tokio::time::timeout_at(deadline, self.rd.next()).await {
+                Err(_) => return false,
+                Ok(None) | Ok(Some(Err(_))) => return true,
+                Ok(Some(Ok(_))) => {}
+            }
+        }
+    }
+}
+
+fn cfg(me: u16, peers: &[u16], buffer: usize) -> ClusterConfig {
+    let mut c = ClusterConfig::new(node(me), peers.iter().map(|&p| node(p)));
+    c.bind = SocketAddr::from(([127, 0, 0, 1], me));
+    c.buffer = buffer;
+    c
+}
+
+/// Starts one node on `listener` with `config`, recording its events.
+async fn start(
+    config: ClusterConfig,
+    listener: TcpListener,
+    tuning: cachecast::Tuning,
+) -> (MeshHandle, Recorder) {
+    let (rec, cb) = Recorder::new();
+    let h = Mesh::builder(config)
+        .tuning(tuning)
+        .listener(listener)
+        .on_event(cb)
+        .start()
+        .await
+        .expect("start");
+    (h, rec)
+}
+
+fn port(l: &TcpListener) -> u16 {
+    l.local_addr().expect("addr").port()
+}
+
+/// An address on which nothing listens.
+async fn closed_addr() -> SocketAddr {
+    let l = bind().await;
+    let a = l.local_addr().expect("addr");
+    drop(l);
+    a
+}
+
+fn is_key(e: &Event, k: &str) -> bool {
+    matches!(e, Event::Invalidated { key, .. } if &**key == k)
+}
+
+fn has_key(evs: &[Event], k: &str) -> bool {
+    evs.iter().any(|e| is_key(e, k))
+}
+
+// ---------------------------------------------------------------------------
+// Bugs
+// ---------------------------------------------------------------------------
+
+/// A0 shuts down cleanly (goodbye, all applied at B). A1 starts but cannot
+/// reach B (asymmetric partition: B can still dial A1), invalidates a key,
+/// and stops (its link is down, so it sends no goodbye). A2 starts and
+/// reaches B. B must flush (or have A1's invalidation): holding A0's clean
+/// goodbye, it would judge A2 a clean restart and lose "lost" silently,
+/// unless its dialing side records A1's incarnation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_seen_only_from_the_dialing_side_is_not_taken_for_clean() {
+    let (mut c, listeners) = Cluster::reserve(2).await;
+    for (i, l) in listeners.into_iter().enumerate() {
+        c.start_node(i, Some(l)).await;
+    }
+    c.wait_connected(SHORT).await;
+    let rb = c.recorders[1].clone();
+    c.h(0).invalidate("c", "before").expect("send");
+    rb.wait_for("before", SHORT, |e| has_key(e, "before")).await;
+    // A0: clean shutdown, B applied everything and recorded the goodbye.
+    c.nodes[0].take().expect("A0").shutdown().await;
+
+    // A1: its dials to B go nowhere.
+    c.via.insert((0, 1), closed_addr().await);
+    c.start_node(0, None).await;
+    let a1 = c.h(0).clone();
+    a1.invalidate("c", "lost").expect("send");
+    // B is alive and reaches A1 (B's own outbound link comes up).
+    let hb = c.h(1).clone();
+    wait_until("B's link to A1 up", SHORT, || hb.status().peers[0].outbound).await;
+    drop(a1);
+    c.nodes[0].take().expect("A1").shutdown().await;
+
+    // A2: the network is fine again.
+    c.via.clear();
+    rb.clear();
+    c.start_node(0, None).await;
+    c.h(0).invalidate("c", "after").expect("send");
+    rb.wait_for("after", SHORT, |e| has_key(e, "after")).await;
+    let evs = rb.events();
+    let covered = has_key(&evs, "lost") || evs.iter().any(|e| matches!(e, Event::Flush { .. }));
+    c.shutdown_all().await;
+    assert!(
+        covered,
+        "silent loss: A1's invalidation \"lost\" never reached B and B got no flush \
+         (B judged A2 a clean restart of A0): {evs:?}"
+    );
+}
+
+/// Invalidations racing with the start of a graceful shutdown: whatever
+/// `invalidate()` accepted (returned `Ok(seq)`) reaches the peer before the
+/// Goodbye, or the peer flushes at the next restart. The hazard: a
+/// `closed` test outside the ring's lock lets a call pass it and push after
+/// the drain read `last_seq` for its Goodbye: a seq beyond the Goodbye's,
+/// never sent, behind a clean goodbye.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalidation_accepted_as_shutdown_begins_is_sent_or_flushed() {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut trials = 0;
+    while Instant::now() < deadline && trials < 40 {
+        trials += 1;
+        let (mut c, listeners) = Cluster::reserve(2).await;
+        c.buffer = 1 << 20;
+        for (i, l) in listeners.into_iter().enumerate() {
+            c.start_node(i, Some(l)).await;
+        }
+        c.wait_connected(SHORT).await;
+        let a = c.h(0).clone();
+        let max_ok = Arc::new(AtomicU64::new(0));
+        let go = Arc::new(AtomicBool::new(false));
+        let mut threads = Vec::new();
+        for t in 0..6 {
+            let (a, max_ok, go) = (a.clone(), max_ok.clone(), go.clone());
+            threads.push(std::thread::spawn(move || {
+                while !go.load(Ordering::Acquire) {
+                    std::hint::spin_loop();
+                }
+                let mut k = 0u64;
+                loop {
+                    match a.invalidate("c", &format!("{t}-{k}")) {
+                        Ok(seq) => {
+                            max_ok.fetch_max(seq, Ordering::AcqRel);
+                        }
+                        Err(InvalidateError::Closed) => return,
+                        Err(e) => panic!("{e}"),
+                    }
+                    k += 1;
+                    // Keep the backlog small enough to drain well within
+                    // the shutdown deadline.
+                    if k.is_multiple_of(64) {
+                        std::thread::sleep(Duration::from_micros(200));
+                    }
+                }
+            }));
+        }
+        drop(a);
+        go.store(true, Ordering::Release);
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        c.nodes[0].take().expect("A").shutdown().await;
+        for t in threads {
+            tokio::task::spawn_blocking(move || t.join())
+                .await
+                .expect("join")
+                .expect("thread");
+        }
+        let last_ok = max_ok.load(Ordering::Acquire);
+        let hb = c.h(1).clone();
+        let applied = hb.status().peers[0].applied.clone().map_or(0, |p| p.1);
+        if applied >= last_ok {
+            c.shutdown_all().await;
+            continue;
+        }
+        // The origin returned Ok(last_ok) but B applied only up to
+        // `applied`. Restart the origin: B must flush, or it is lost.
+        let rb = c.recorders[1].clone();
+        rb.clear();
+        c.start_node(0, None).await;
+        rb.wait_for("peer up again", SHORT, |evs| {
+            evs.iter().any(|e| matches!(e, Event::PeerUp { .. }))
+        })
+        .await;
+        c.h(0).invalidate("c", "after-restart").expect("send");
+        rb.wait_for("after-restart", SHORT, |e| has_key(e, "after-restart"))
+            .await;
+        let flushed = rb.flushes() > 0;
+        c.shutdown_all().await;
+        assert!(
+            flushed,
+            "trial {trial}: invalidate() returned Ok({last_ok}) during shutdown, B applied \
+             only up to {applied}, and B treated the restart as clean (no flush): silent loss",
+            trial = trials
+        );
+    }
+}
+
+/// A peer that reads slowly but is alive (it acks and answers pings):
+/// shutdown keeps its deadline despite a long backlog: the link's write
+/// loop must look at the shutdown token while it still has work, or
+/// shutdown waits for the whole backlog.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_keeps_its_deadline_while_a_slow_peer_drains_a_backlog() {
+    let me = bind().await;
+    let sock = tokio::net::TcpSocket::new_v4().expect("socket");
+    sock.set_recv_buffer_size(8 * 1024).expect("rcvbuf");
+    sock.bind("127.0.0.1:0".parse().expect("addr"))
+        .expect("bind");
+    let fake = sock.listen(8).expect("listen");
+    let fake_port = port(&fake);
+    let fake_id = format!("127.0.0.1:{fake_port}");
+    let mut tuning = common::tuning();
+    tuning.shutdown_timeout = Duration::from_millis(500);
+    let (a, _ra) = start(cfg(port(&me), &[fake_port], 1 << 16), me, tuning).await;
+
+    // The slow peer: a conforming acceptor that applies a frame every 20 ms.
+    let peer = tokio::spawn(async move {
+        let (stream, _) = fake.accept().await.expect("accept");
+        let mut raw = Raw::new(stream);
+        let Some(Message::Hello(h)) = raw.next(SHORT).await else {
+            panic!("no hello")
+        };
+        raw.send(&hello(&fake_id, 42, None)).await;
+        loop {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            match raw.next(Duration::from_secs(10)).await {
+                Some(Message::Batch(b)) => {
+                    let seq = b.first_seq + b.items.len() as u64 - 1;
+                    let ack = Message::Ack(Position {
+                        incarnation: h.incarnation,
+                        seq,
+                    });
+                    if raw.wr.write_all(&frame(&ack)).await.is_err() {
+                        return;
+                    }
+                }
+                Some(Message::Ping) => {
+                    if raw.wr.write_all(&frame(&Message::Pong)).await.is_err() {
+                        return;
+                    }
+                }
+                Some(_) => {}
+                None => return,
+            }
+        }
+    });
+    let ha = a.clone();
+    wait_until("link up", SHORT, || ha.status().peers[0].outbound).await;
+    // About 32 MB of invalidations: far more than the socket buffers.
+    let big = "x".repeat(16 * 1024);
+    for k in 0..2000 {
+        a.invalidate("c", &format!("{k}{big}")).expect("send");
+    }
+    // Let the writer fill the socket buffers.
+    wait_until("writer busy", SHORT, || ha.status().counters.sent > 100).await;
+    drop(ha);
+    let started = Instant::now();
+    let done = tokio::time::timeout(Duration::from_secs(4), a.shutdown()).await;
+    let took = started.elapsed();
+    peer.abort();
+    assert!(
+        done.is_ok(),
+        "shutdown (deadline 500 ms) had not returned after {took:?}: the link keeps \
+         writing its backlog to a slow peer without looking at the deadline"
+    );
+}
+
+/// A peer that keeps the link alive (it sends a Pong now and then, which the
+/// dialer counts as traffic) but has stopped reading. The link's writer is
+/// parked in `write_all`; the shutdown deadline must still bound it (and a
+/// write that makes no progress for `dead_after` fails the link).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_is_bounded_while_a_peer_that_stopped_reading_keeps_ponging() {
+    let me = bind().await;
+    let sock = tokio::net::TcpSocket::new_v4().expect("socket");
+    sock.set_recv_buffer_size(8 * 1024).expect("rcvbuf");
+    sock.bind("127.0.0.1:0".parse().expect("addr"))
+        .expect("bind");
+    let fake = sock.listen(8).expect("listen");
+    let fake_port = port(&fake);
+    let fake_id = format!("127.0.0.1:{fake_port}");
+    let mut tuning = common::tuning();
+    tuning.shutdown_timeout = Duration::from_millis(500);
+    let (a, _ra) = start(cfg(port(&me), &[fake_port], 1 << 16), me, tuning).await;
+    let peer = tokio::spawn(async move {
+        let (stream, _) = fake.accept().await.expect("accept");
+        let mut raw = Raw::new(stream);
+        let Some(Message::Hello(_)) = raw.next(SHORT).await else {
+            panic!("no hello")
+        };
+        raw.send(&hello(&fake_id, 43, None)).await;
+        // Never reads again; says Pong every 200 ms.
+        loop {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            if raw.wr.write_all(&frame(&Message::Pong)).await.is_err() {
+                return;
+            }
+        }
+    });
+    let ha = a.clone();
+    wait_until("link up", SHORT, || ha.status().peers[0].outbound).await;
+    let big = "x".repeat(16 * 1024);
+    for k in 0..2000 {
+        a.invalidate("c", &format!("{k}{big}")).expect("send");
+    }
+    // Wait until the writer is stuck: nothing more is handed to it.
+    let mut last = 0;
+    let mut stable_since = Instant::now();
+    wait_until("writer stuck", Duration::from_secs(10), || {
+        let sent = ha.status().counters.sent;
+        if sent != last {
+            last = sent;
+            stable_since = Instant::now();
+        }
+        sent > 0 && stable_since.elapsed() > Duration::from_millis(500)
+    })
+    .await;
+    drop(ha);
+    let started = Instant::now();
+    let done = tokio::time::timeout(Duration::from_secs(3), a.shutdown()).await;
+    let took = started.elapsed();
+    peer.abort();
+    assert!(
+        done.is_ok(),
+        "shutdown (deadline 500 ms) had not returned after {took:?}: the writer is parked \
+         in write_all to a peer that stopped reading but keeps ponging"
+    );
+}
+
+/// The clean-restart rule, in the variant the dialer cannot see either:
+/// A0 says goodbye cleanly; A1 lives briefly and fully cut off from B (B
+/// cannot reach it either: it listens on another port, as a node crashing
+/// during start-up, or a full partition, would look), invalidates, and
+/// stops; A2 comes back. B only ever saw A0's clean goodbye. Only the
+/// origin can vouch that no run came in between, so it keeps a state file
+/// (`cachecast.state.file`): A1 never ended cleanly, so A2 starts with a
+/// flush to every peer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fully_unseen_run_is_covered_by_a_flush_thanks_to_the_state_file() {
+    let (mut c, listeners) = Cluster::reserve(2).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state = dir.path().join("node0.state");
+    c.customize = Some(std::sync::Arc::new(move |i, cfg| {
+        if i == 0 {
+            cfg.state_file = Some(state.clone());
+        }
+    }));
+    for (i, l) in listeners.into_iter().enumerate() {
+        c.start_node(i, Some(l)).await;
+    }
+    c.wait_connected(SHORT).await;
+    let rb = c.recorders[1].clone();
+    c.h(0).invalidate("c", "before").expect("send");
+    rb.wait_for("before", SHORT, |e| has_key(e, "before")).await;
+    c.nodes[0].take().expect("A0").shutdown().await;
+    // A1: cannot reach B, and B cannot reach it.
+    c.via.insert((0, 1), closed_addr().await);
+    c.start_node(0, Some(bind().await)).await;
+    c.h(0).invalidate("c", "lost").expect("send");
+    let a1 = c.h(0).clone();
+    wait_until("A1 tried to dial B", SHORT, || {
+        a1.status().peers[0].last_error.is_some()
+    })
+    .await;
+    drop(a1);
+    c.nodes[0].take().expect("A1").shutdown().await;
+    c.via.clear();
+    rb.clear();
+    c.start_node(0, None).await;
+    c.h(0).invalidate("c", "after").expect("send");
+    rb.wait_for("after", SHORT, |e| has_key(e, "after")).await;
+    let evs = rb.events();
+    let covered = has_key(&evs, "lost") || evs.iter().any(|e| matches!(e, Event::Flush { .. }));
+    c.shutdown_all().await;
+    assert!(
+        covered,
+        "silent loss: A1's invalidation \"lost\" never reached B and B got no flush: {evs:?}"
+    );
+}
+
+/// `Events::recv` promises `None` once the mesh has shut down, even while a
+/// `MeshHandle` clone (or a callback capturing one) keeps the node's shared
+/// state, and with it the broadcast sender, alive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn event_stream_ends_after_shutdown_while_a_handle_clone_lives() {
+    let mut c = Cluster::start(2).await;
+    c.wait_connected(SHORT).await;
+    let kept = c.h(0).clone();
+    let mut events = kept.subscribe();
+    c.shutdown_all().await;
+    let ended = tokio::time::timeout(Duration::from_secs(3), async {
+        while events.recv().await.is_some() {}
+    })
+    .await;
+    drop(kept);
+    assert!(
+        ended.is_ok(),
+        "the mesh shut down but the event stream never returned None"
+    );
+}
+
+/// A callback may ask the node for its `status()` on any event: if events
+/// were emitted under a lock that `status()` takes, the callback would
+/// relock a std mutex on its own thread and deadlock the node. Built on its
+/// own runtime so that a regression fails instead of hanging the suite.
+#[test]
+fn a_callback_may_ask_for_the_status() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let (tx, rx) = std::sync::mpsc::channel::<&'static str>();
+    let mut cluster = rt.block_on(async {
+        let c = Cluster::start(2).await;
+        c.wait_connected(SHORT).await;
+        let hb = c.h(1).clone();
+        let tx = std::sync::Mutex::new(tx);
+        c.h(1).on_event(move |e| {
+            let what = match e {
+                Event::Invalidated { .. } => "invalidated",
+                Event::PeerDown { .. } => "peer-down",
+                _ => return,
+            };
+            let _ = hb.status();
+            let _ = tx.lock().unwrap().send(what);
+        });
+        c.h(0).invalidate("c", "k").expect("send");
+        c
+    });
+    let first = rx.recv_timeout(Duration::from_secs(3));
+    let second = if first.is_ok() {
+        // Now under the lock that decides peer-up/peer-down.
+        rt.block_on(async {
+            let a = cluster.nodes[0].take().expect("node 0");
+            let _ = tokio::time::timeout(SHORT, a.abort()).await;
+        });
+        rx.recv_timeout(Duration::from_secs(5))
+    } else {
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout)
+    };
+    // Threads stuck in a deadlock are left behind.
+    rt.shutdown_timeout(Duration::from_millis(200));
+    std::mem::forget(cluster);
+    assert_eq!(
+        first,
+        Ok("invalidated"),
+        "a callback calling status() on an invalidation never returned: deadlock"
+    );
+    assert_eq!(
+        second,
+        Ok("peer-down"),
+        "a callback calling status() on peer-down never returned: deadlock"
+    );
+}
+
+/// DESIGN §4: `invalidate_and_wait(timeout)` "resolves when every connected
+/// peer acknowledged": with one peer down, it must not wait out the whole
+/// timeout when the only connected peer acks within milliseconds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalidate_and_wait_does_not_wait_for_peers_that_are_down() {
+    let (mut c, mut listeners) = Cluster::reserve(3).await;
+    drop(listeners.pop()); // node 2 is down
+    let mut ls = listeners.into_iter();
+    c.start_node(0, ls.next()).await;
+    c.start_node(1, ls.next()).await;
+    let h0 = c.h(0).clone();
+    wait_until("0 and 1 connected", SHORT, || {
+        h0.status().peers[0].connected
+    })
+    .await;
+    let started = Instant::now();
+    let out = h0
+        .invalidate_and_wait(key("c", "k"), Duration::from_secs(3))
+        .await
+        .expect("sent");
+    let took = started.elapsed();
+    assert_eq!(out.acked, vec![Arc::<str>::from(c.id(1))]);
+    assert_eq!(out.not_acked, vec![Arc::<str>::from(c.id(2))]);
+    c.shutdown_all().await;
+    assert!(
+        took < Duration::from_millis(1500),
+        "every connected peer acked, yet invalidate_and_wait took {took:?} (the full timeout)"
+    );
+}
+
+/// Two nodes configured with the same identity (a copied dhis.conf) both
+/// dial B. Were each new connection to supersede the other, B would flush
+/// its application at every switch (incarnations differ): an endless flush
+/// storm. An incarnation coming back after another replaced it is refused
+/// as a duplicate identity.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_with_one_identity_do_not_flush_their_peer_endlessly() {
+    let (lx, lx2, lb) = (bind().await, bind().await, bind().await);
+    let (px, pb) = (port(&lx), port(&lb));
+    let (x, _rx) = start(cfg(px, &[pb], 1 << 16), lx, common::tuning()).await;
+    // Same identity as x, other listening port.
+    let mut c2 = cfg(px, &[pb], 1 << 16);
+    c2.bind = lx2.local_addr().expect("addr");
+    let (x2, _rx2) = start(c2, lx2, common::tuning()).await;
+    let (b, rb) = start(cfg(pb, &[px], 1 << 16), lb, common::tuning()).await;
+    x.invalidate("c", "from-x").expect("send");
+    x2.invalidate("c", "from-x2").expect("send");
+    let storm = tokio::time::timeout(Duration::from_secs(3), async {
+        wait_until("", Duration::from_secs(10), || rb.flushes() >= 5).await;
+    })
+    .await;
+    let flushes = rb.flushes();
+    let rejected = b.status().counters.rejected_connections;
+    for h in [x, x2, b] {
+        h.shutdown().await;
+    }
+    assert!(
+        storm.is_err(),
+        "B was flushed {flushes} times within 3 s by two nodes sharing one identity \
+         (rejected connections: {rejected})"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Scenarios checked and found correct (regression tests)
+// ---------------------------------------------------------------------------
+
+/// Section 9.5: a Batch on a connection whose incarnation was superseded by
+/// a newer connection's Hello is neither applied nor acknowledged, and that
+/// connection is closed; the newer incarnation's crash-restart flushes once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn superseded_incarnation_batch_is_refused() {
+    let lb = bind().await;
+    let addr = lb.local_addr().expect("addr");
+    let fake = closed_addr().await;
+    let fake_id = format!("127.0.0.1:{}", fake.port());
+    let (b, rb) = start(cfg(addr.port(), &[fake.port()], 1024), lb, common::tuning()).await;
+
+    let (mut c1, h1) = Raw::dial(addr, &fake_id, 1).await;
+    assert_eq!(h1.last_applied, None);
+    c1.send(&batch(1, vec![key("c", "k1")])).await;
+    assert_eq!(
+        c1.next(SHORT).await,
+        Some(Message::Ack(Position {
+            incarnation: 1,
+            seq: 1
+        }))
+    );
+    let (mut c2, h2) = Raw::dial(addr, &fake_id, 2).await;
+    assert_eq!(
+        h2.last_applied,
+        Some(Position {
+            incarnation: 1,
+            seq: 1
+        })
+    );
+    // The old connection may already be closed; the write may fail then.
+    let _ = c1
+        .wr
+        .write_all(&frame(&batch(2, vec![key("c", "k2")])))
+        .await;
+    assert!(c1.closed_within(SHORT).await, "old connection closed");
+    c2.send(&batch(1, vec![key("c", "k3")])).await;
+    assert_eq!(
+        c2.next(SHORT).await,
+        Some(Message::Ack(Position {
+            incarnation: 2,
+            seq: 1
+        }))
+    );
+    let evs = rb.events();
+    assert!(has_key(&evs, "k1") && has_key(&evs, "k3"), "{evs:?}");
+    assert!(!has_key(&evs, "k2"), "superseded batch applied: {evs:?}");
+    assert_eq!(
+        rb.count(|e| matches!(
+            e,
+            Event::Flush {
+                reason: FlushReason::PeerRestarted,
+                ..
+            }
+        )),
+        1
+    );
+    b.shutdown().await;
+}
+
+/// A newer connection from the same peer (same incarnation) supersedes the
+/// older one without the inbound state flapping; when the newer one goes,
+/// the state goes down. Duplicates replayed on the new connection are
+/// skipped and acknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconnect_of_the_same_incarnation_supersedes_and_dedupes() {
+    let lb = bind().await;
+    let addr = lb.local_addr().expect("addr");
+    let fake = closed_addr().await;
+    let fake_id = format!("127.0.0.1:{}", fake.port());
+    let (b, rb) = start(cfg(addr.port(), &[fake.port()], 1024), lb, common::tuning()).await;
+    let (mut c1, _) = Raw::dial(addr, &fake_id, 7).await;
+    c1.send(&batch(1, vec![key("c", "a"), key("c", "b")])).await;
+    assert!(matches!(c1.next(SHORT).await, Some(Message::Ack(_))));
+    assert!(b.status().peers[0].inbound);
+    let (mut c2, h2) = Raw::dial(addr, &fake_id, 7).await;
+    assert_eq!(
+        h2.last_applied,
+        Some(Position {
+            incarnation: 7,
+            seq: 2
+        })
+    );
+    assert!(c1.closed_within(SHORT).await, "older connection closed");
+    assert!(
+        b.status().peers[0].inbound,
+        "still up: the newer connection"
+    );
+    // A replay from 1: only seq 3 is new.
+    c2.send(&batch(1, vec![key("c", "a"), key("c", "b"), key("c", "c")]))
+        .await;
+    assert_eq!(
+        c2.next(SHORT).await,
+        Some(Message::Ack(Position {
+            incarnation: 7,
+            seq: 3
+        }))
+    );
+    assert_eq!(rb.seqs_from(&fake_id), vec![1, 2, 3]);
+    assert_eq!(rb.flushes(), 0);
+    drop(c2);
+    let hb = b.clone();
+    wait_until("inbound down", SHORT, || !hb.status().peers[0].inbound).await;
+    b.shutdown().await;
+}
+
+/// Malformed or out-of-place frames after the handshake close that
+/// connection only; nothing is applied and the node keeps working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_frames_after_handshake_close_only_that_connection() {
+    let lb = bind().await;
+    let addr = lb.local_addr().expect("addr");
+    let fake = closed_addr().await;
+    let fake_id = format!("127.0.0.1:{}", fake.port());
+    let (b, rb) = start(cfg(addr.port(), &[fake.port()], 1024), lb, common::tuning()).await;
+
+    let mut bad: Vec<Vec<u8>> = Vec::new();
+    // Length prefix above 1 MiB.
+    bad.push(vec![0x00, 0x10, 0x00, 0x01]);
+    // Batch numbered from 0: [len 4] 02 00 01 02 (Batch, first_seq 0, 1 item, Flush).
+    bad.push(vec![0, 0, 0, 4, 2, 0, 1, 2]);
+    // Batch whose seqs overflow u64: first_seq = u64::MAX, 2 items (Flush, Flush).
+    {
+        let mut v = BytesMut::new();
+        v.put_u32(12);
+        v.put_u8(2);
+        v.put_u8(0xfd);
+        v.put_u64_le(u64::MAX);
+        v.put_u8(2);
+        v.put_u8(2);
+        v.put_u8(2);
+        bad.push(v.to_vec());
+    }
+    // Messages in the wrong direction or phase.
+    bad.push(
+        frame(&Message::Ack(Position {
+            incarnation: 1,
+            seq: 1,
+        }))
+        .to_vec(),
+    );
+    bad.push(frame(&Message::Pong).to_vec());
+    bad.push(frame(&hello(&fake_id, 5, None)).to_vec());
+    bad.push(frame(&Message::Auth { mac: [0; 32] }).to_vec());
+    // Unknown message index, empty payload.
+    bad.push(vec![0, 0, 0, 1, 0x08]);
+    bad.push(vec![0, 0, 0, 0]);
+    let n = bad.len() as u64;
+    for bytes in bad {
+        let (mut c, _) = Raw::dial(addr, &fake_id, 5).await;
+        c.send_raw(&bytes).await;
+        assert!(c.closed_within(SHORT).await, "closed after {bytes:02x?}");
+    }
+    let hb = b.clone();
+    wait_until("protocol errors counted", SHORT, || {
+        hb.status().counters.protocol_errors >= n
+    })
+    .await;
+    let (mut c, _) = Raw::dial(addr, &fake_id, 5).await;
+    c.send(&batch(1, vec![key("c", "fine")])).await;
+    assert!(matches!(c.next(SHORT).await, Some(Message::Ack(_))));
+    assert_eq!(rb.seqs_from(&fake_id), vec![1]);
+    b.shutdown().await;
+}
+
+/// An acceptor that acknowledges a seq never assigned (or of another
+/// incarnation) gets its link closed as a protocol error; the origin
+/// redials, and nothing panics.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bogus_acks_close_the_link_and_it_redials() {
+    let me = bind().await;
+    let fake = bind().await;
+    let fake_id = format!("127.0.0.1:{}", port(&fake));
+    let (a, _ra) = start(cfg(port(&me), &[port(&fake)], 1024), me, common::tuning()).await;
+    a.invalidate("c", "one").expect("send");
+    for bogus_inc in [false, true] {
+        let (s, _) = tokio::time::timeout(SHORT, fake.accept())
+            .await
+            .expect("dialed in time")
+            .expect("accept");
+        let mut raw = Raw::new(s);
+        let Some(Message::Hello(h)) = raw.next(SHORT).await else {
+            panic!("no hello")
+        };
+        raw.send(&hello(&fake_id, 3, None)).await;
+        let ack = Position {
+            incarnation: if bogus_inc {
+                h.incarnation ^ 1
+            } else {
+                h.incarnation
+            },
+            seq: if bogus_inc { 1 } else { 999 },
+        };
+        raw.send(&Message::Ack(ack)).await;
+        assert!(raw.closed_within(SHORT).await, "link closed on {ack:?}");
+    }
+    assert!(a.status().counters.protocol_errors >= 2);
+    assert_eq!(a.status().peers[0].acked_seq, 0, "bogus acks not taken");
+    a.shutdown().await;
+}
+
+/// The peer crashes and restarts while the origin streams to it: the new
+/// run receives a strictly increasing stream (it may start anywhere, being
+/// fresh) up to the last invalidation, never a duplicate or silent gap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peer_restarting_mid_stream_gets_a_clean_stream() {
+    let mut c = Cluster::start(2).await;
+    c.wait_connected(SHORT).await;
+    let total = 20_000u64;
+    let a = c.h(0).clone();
+    let sender = tokio::spawn(async move {
+        for k in 0..total {
+            a.invalidate("c", &k.to_string()).expect("send");
+            if k % 500 == 0 {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }
+    });
+    let rb = c.recorders[1].clone();
+    rb.wait_for("some items", SHORT, |e| e.len() > 1000).await;
+    c.nodes[1].take().expect("B").abort().await;
+    c.start_node(1, None).await;
+    sender.await.expect("sender");
+    let rb = c.recorders[1].clone();
+    rb.wait_for("the last item", Duration::from_secs(20), |evs| {
+        evs.iter()
+            .any(|e| matches!(e, Event::Invalidated { seq, .. } if *seq == total))
+    })
+    .await;
+    let seqs = rb.seqs_from(&c.id(0));
+    assert!(
+        seqs.windows(2).all(|w| w[1] == w[0] + 1),
+        "not contiguous after the first: {:?}..",
+        &seqs[..seqs.len().min(20)]
+    );
+    c.shutdown_all().await;
+}
+
+/// A node crashes twice in quick succession (the middle run may never
+/// reach the peer): the peer flushes, and what the last run sends arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn double_crash_restart_flushes_and_recovers() {
+    let mut c = Cluster::start(2).await;
+    c.wait_connected(SHORT).await;
+    let rb = c.recorders[1].clone();
+    c.h(0).invalidate("c", "a0").expect("send");
+    rb.wait_for("a0", SHORT, |e| has_key(e, "a0")).await;
+    c.nodes[0].take().expect("A0").abort().await;
+    c.start_node(0, None).await;
+    c.h(0).invalidate("c", "a1").expect("send");
+    c.nodes[0].take().expect("A1").abort().await;
+    c.start_node(0, None).await;
+    c.h(0).invalidate("c", "a2").expect("send");
+    rb.wait_for("a2", SHORT, |e| has_key(e, "a2")).await;
+    let evs = rb.events();
+    let after_a0 = evs
+        .iter()
+        .position(|e| is_key(e, "a0"))
+        .expect("a0 recorded");
+    let a2 = evs.iter().position(|e| is_key(e, "a2")).expect("a2");
+    let flush_between = evs[after_a0..a2].iter().any(|e| {
+        matches!(
+            e,
+            Event::Flush {
+                reason: FlushReason::PeerRestarted,
+                ..
+            }
+        )
+    });
+    assert!(
+        flush_between || has_key(&evs, "a1"),
+        "a1 neither delivered nor covered: {evs:?}"
+    );
+    assert!(flush_between, "crash without goodbye costs a flush");
+    c.shutdown_all().await;
+}
+
+/// Shutdown while the link keeps being cut and redialled returns promptly
+/// (a node that is shutting down does not reconnect).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_during_reconnect_storm_is_prompt() {
+    let (mut c, listeners) = Cluster::reserve(2).await;
+    let target = SocketAddr::from(([127, 0, 0, 1], c.ports[1]));
+    let proxy = Arc::new(Proxy::start(target).await);
+    c.via.insert((0, 1), proxy.addr);
+    c.tuning.backoff_first = Duration::from_millis(5);
+    c.tuning.backoff_cap = Duration::from_millis(20);
+    for (i, l) in listeners.into_iter().enumerate() {
+        c.start_node(i, Some(l)).await;
+    }
+    c.wait_connected(SHORT).await;
+    let p = proxy.clone();
+    let cutter = tokio::spawn(async move {
+        loop {
+            p.cut();
+            tokio::time::sleep(Duration::from_millis(3)).await;
+        }
+    });
+    for k in 0..5000 {
+        c.h(0).invalidate("c", &k.to_string()).expect("send");
+    }
+    let started = Instant::now();
+    let done = tokio::time::timeout(
+        Duration::from_secs(4),
+        c.nodes[0].take().expect("A").shutdown(),
+    )
+    .await;
+    cutter.abort();
+    proxy.set(Mode::Forward);
+    assert!(done.is_ok(), "shutdown hung ({:?})", started.elapsed());
+    c.shutdown_all().await;
+}
+
+/// Ring overflow while a peer is stalled mid-replay: the small ring becomes
+/// one flush for that peer, the peer that keeps up gets no flush, and the
+/// stalled one has no silent gap once the link recovers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overflow_while_a_peer_is_mid_replay_flushes_only_that_peer() {
+    let (mut c, listeners) = Cluster::reserve(3).await;
+    c.buffer = 300;
+    let target = SocketAddr::from(([127, 0, 0, 1], c.ports[2]));
+    let proxy = Proxy::start(target).await;
+    c.via.insert((0, 2), proxy.addr);
+    for (i, l) in listeners.into_iter().enumerate() {
+        c.start_node(i, Some(l)).await;
+    }
+    c.wait_connected(SHORT).await;
+    let a = c.h(0).clone();
+    for k in 0..200 {
+        a.invalidate("c", &k.to_string()).expect("send");
+    }
+    proxy.set(Mode::Stall);
+    let total = 5_000u64;
+    for k in 200..total {
+        a.invalidate("c", &k.to_string()).expect("send");
+        if k % 100 == 0 {
+            // Node 1 keeps up, so that only node 2 overflows.
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+    proxy.set(Mode::Forward);
+    proxy.cut();
+    let h = a.clone();
+    wait_until("both acked everything", Duration::from_secs(20), || {
+        let st = h.status();
+        st.peers.iter().all(|p| p.acked_seq == total)
+    })
+    .await;
+    let (missing1, flushes1) = check_no_silent_gap(&c.recorders[1].events(), &c.id(0), total);
+    assert_eq!((missing1, flushes1), (0, 0), "node 1 kept up");
+    let (_missing2, flushes2) = check_no_silent_gap(&c.recorders[2].events(), &c.id(0), total);
+    assert!(flushes2 >= 1, "node 2 missed entries: a flush covers them");
+    c.shutdown_all().await;
+}
+
+/// DESIGN §1: without `cachecast.secret`, peers are allowlisted by IP. A
+/// connection from an address that is no configured peer's, claiming a
+/// configured identity, is refused before its Hello is answered, and
+/// nothing it sends is applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claimed_identity_from_another_source_address_is_refused() {
+    let lb = bind().await;
+    let addr = lb.local_addr().expect("addr");
+    // The configured peer lives at 127.0.0.2; we connect from 127.0.0.1.
+    let mut config = cfg(addr.port(), &[], 1024);
+    config.peers = ClusterConfig::new(node(1), [cachecast::NodeAddr::new("127.0.0.2", 4999)]).peers;
+    let (b, rb) = start(config, lb, common::tuning()).await;
+    let sock = tokio::net::TcpSocket::new_v4().expect("socket");
+    sock.bind("127.0.0.1:0".parse().expect("addr"))
+        .expect("bind");
+    let stream = sock.connect(addr).await.expect("connect");
+    let mut raw = Raw::new(stream);
+    raw.send(&hello("127.0.0.2:4999", 1, None)).await;
+    let reply = raw.next(SHORT).await;
+    if let Some(Message::Hello(_)) = reply {
+        raw.send(&batch(1, vec![key("c", "injected")])).await;
+        let _ = raw.next(Duration::from_secs(1)).await;
+    }
+    let evs = rb.events();
+    b.shutdown().await;
+    assert!(
+        !matches!(reply, Some(Message::Hello(_))) && !has_key(&evs, "injected"),
+        "a connection from 127.0.0.1 was accepted as peer 127.0.0.2:4999 \
+         (reply {reply:?}); events: {evs:?}"
+    );
+}
