@@ -12,7 +12,7 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
 use crate::config::SecretSource;
-use crate::wire::{MAC_LEN, NONCE_LEN};
+use crate::wire::{Hello, MAC_LEN};
 
 /// Shortest secret accepted, in bytes.
 pub const MIN_SECRET: usize = 16;
@@ -89,8 +89,9 @@ impl Secret {
             path: shown,
             source,
         })?;
-        let text = String::from_utf8_lossy(&bytes);
-        Secret::new(text.trim().as_bytes().to_vec())
+        // The bytes as they are, whitespace around them trimmed: a binary
+        // secret keeps every byte.
+        Secret::new(bytes.trim_ascii().to_vec())
     }
 }
 
@@ -103,21 +104,13 @@ pub enum Role {
     Acceptor,
 }
 
-/// What both sides said in their hellos; the proofs cover all of it.
+/// Both hellos: the proofs cover every field of both, but the magic.
 #[derive(Debug, Clone, Copy)]
 pub struct Transcript<'a> {
-    /// The dialer's identity.
-    pub dialer: &'a str,
-    /// The dialer's nonce.
-    pub dialer_nonce: &'a [u8; NONCE_LEN],
-    /// The dialer's incarnation.
-    pub dialer_incarnation: u64,
-    /// The acceptor's identity.
-    pub acceptor: &'a str,
-    /// The acceptor's nonce.
-    pub acceptor_nonce: &'a [u8; NONCE_LEN],
-    /// The acceptor's incarnation.
-    pub acceptor_incarnation: u64,
+    /// The dialer's hello.
+    pub dialer: &'a Hello,
+    /// The acceptor's hello.
+    pub acceptor: &'a Hello,
 }
 
 fn keyed(secret: &Secret, role: Role, t: &Transcript<'_>) -> Hmac<Sha256> {
@@ -131,15 +124,24 @@ fn keyed(secret: &Secret, role: Role, t: &Transcript<'_>) -> Hmac<Sha256> {
         Role::Dialer => b"D",
         Role::Acceptor => b"A",
     });
-    // Length-prefixed identities, so that no two transcripts share bytes.
-    for (id, nonce, incarnation) in [
-        (t.dialer, t.dialer_nonce, t.dialer_incarnation),
-        (t.acceptor, t.acceptor_nonce, t.acceptor_incarnation),
-    ] {
-        mac.update(&(id.len() as u32).to_be_bytes());
-        mac.update(id.as_bytes());
-        mac.update(nonce);
-        mac.update(&incarnation.to_be_bytes());
+    // Fixed-width and length-prefixed, so that no two transcripts share
+    // bytes; `last_applied` is covered so that nobody on the path can make
+    // a dialer skip what its peer never applied.
+    for h in [t.dialer, t.acceptor] {
+        mac.update(&(h.node.len() as u32).to_be_bytes());
+        mac.update(h.node.as_bytes());
+        mac.update(&h.nonce);
+        mac.update(&h.incarnation.to_be_bytes());
+        mac.update(&h.version.to_be_bytes());
+        mac.update(&[u8::from(h.auth)]);
+        match h.last_applied {
+            None => mac.update(&[0]),
+            Some(p) => {
+                mac.update(&[1]);
+                mac.update(&p.incarnation.to_be_bytes());
+                mac.update(&p.seq.to_be_bytes());
+            }
+        }
     }
     mac
 }
@@ -158,30 +160,64 @@ pub fn verify(secret: &Secret, role: Role, t: &Transcript<'_>, mac: &[u8; MAC_LE
 mod tests {
     use super::*;
 
-    fn t<'a>(dn: &'a [u8; 32], an: &'a [u8; 32]) -> Transcript<'a> {
-        Transcript {
-            dialer: "a:1",
-            dialer_nonce: dn,
-            dialer_incarnation: 1,
-            acceptor: "b:2",
-            acceptor_nonce: an,
-            acceptor_incarnation: 2,
+    use crate::wire::{MAGIC, Position};
+
+    fn hello(node: &str, nonce: u8, incarnation: u64, last: Option<Position>) -> Hello {
+        Hello {
+            magic: MAGIC,
+            version: 1,
+            node: node.into(),
+            incarnation,
+            nonce: [nonce; 32],
+            last_applied: last,
+            auth: true,
         }
     }
 
+    fn hex(mac: &[u8; 32]) -> String {
+        mac.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
     #[test]
-    fn proofs_are_bound_to_secret_role_and_nonces() {
+    fn proofs_are_bound_to_secret_role_nonces_and_positions() {
         let s = Secret::new(b"0123456789abcdef".to_vec()).expect("secret");
         let other = Secret::new(b"0123456789abcdeX".to_vec()).expect("secret");
-        let (dn, an, an2) = ([1u8; 32], [2u8; 32], [3u8; 32]);
-        let mac = prove(&s, Role::Dialer, &t(&dn, &an));
-        assert!(verify(&s, Role::Dialer, &t(&dn, &an), &mac));
-        assert!(
-            !verify(&other, Role::Dialer, &t(&dn, &an), &mac),
-            "wrong secret"
+        let d = hello("10.0.0.2:4001", 0xaa, 65_536, None);
+        let pos = Position {
+            incarnation: 65_536,
+            seq: 41,
+        };
+        let a = hello("10.0.0.1:4001", 0xbb, 0x0123_4567_89ab_cdef, Some(pos));
+        let t = Transcript {
+            dialer: &d,
+            acceptor: &a,
+        };
+        // The worked example of proto/PROTOCOL.md, section 12.4.
+        assert_eq!(
+            hex(&prove(&s, Role::Acceptor, &t)),
+            "633202226e67fbc06396669194811d46b2401b31b906f925e79b956f61df139a"
         );
-        assert!(!verify(&s, Role::Acceptor, &t(&dn, &an), &mac), "reflected");
-        assert!(!verify(&s, Role::Dialer, &t(&dn, &an2), &mac), "replayed");
+        let mac = prove(&s, Role::Dialer, &t);
+        assert_eq!(
+            hex(&mac),
+            "1dabd017ebd582fac711255bc4e728a045a14b801e579d10c024fd58b1563e46"
+        );
+        assert!(verify(&s, Role::Dialer, &t, &mac));
+        assert!(!verify(&other, Role::Dialer, &t, &mac), "wrong secret");
+        assert!(!verify(&s, Role::Acceptor, &t, &mac), "reflected");
+        let replayed = hello("10.0.0.1:4001", 0xcc, 0x0123_4567_89ab_cdef, Some(pos));
+        let t2 = Transcript {
+            dialer: &d,
+            acceptor: &replayed,
+        };
+        assert!(!verify(&s, Role::Dialer, &t2, &mac), "replayed");
+        let moved = Position { seq: 99, ..pos };
+        let altered = hello("10.0.0.1:4001", 0xbb, 0x0123_4567_89ab_cdef, Some(moved));
+        let t3 = Transcript {
+            dialer: &d,
+            acceptor: &altered,
+        };
+        assert!(!verify(&s, Role::Dialer, &t3, &mac), "altered position");
     }
 
     #[test]

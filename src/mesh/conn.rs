@@ -267,12 +267,8 @@ pub(super) async fn serve_io(
     let mut buf = BytesMut::new();
     let mut codec = FrameCodec::new();
     let transcript = auth::Transcript {
-        dialer: &hello.node,
-        dialer_nonce: &hello.nonce,
-        dialer_incarnation: hello.incarnation,
-        acceptor: &ours.node,
-        acceptor_nonce: &ours.nonce,
-        acceptor_incarnation: ours.incarnation,
+        dialer: &hello,
+        acceptor: &ours,
     };
     let our_proof = shared
         .secret
@@ -460,6 +456,9 @@ async fn receive(
                     said_goodbye = true;
                     info!(last_seq, "peer said goodbye");
                 }
+                // Without secrets the dialer's refusal (after our hello)
+                // arrives once the handshake is done here.
+                Message::Reject { reason } => return format!("the peer refused us: {reason}"),
                 other => {
                     shared.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
                     return format!("unexpected {} from the sending side", other.kind());
@@ -489,8 +488,11 @@ async fn receive(
                 let _ = codec.encode(&Message::Pong, &mut buf);
                 ponged = owed.pongs;
             }
-            if let Err(e) = wr.write_all(&buf).await {
-                return format!("write failed: {e}");
+            // A peer that stops reading its acks is as dead as a silent one.
+            match timeout(dead_after, wr.write_all(&buf)).await {
+                Err(_) => return format!("the peer read nothing for {dead_after:?}"),
+                Ok(Err(e)) => return format!("write failed: {e}"),
+                Ok(Ok(())) => {}
             }
             buf.clear();
         }

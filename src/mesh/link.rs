@@ -211,7 +211,9 @@ async fn connect(
     let mut buf = BytesMut::new();
     let mut codec = FrameCodec::new();
     codec.encode(Message::Hello(ours.clone()), &mut buf)?;
-    wr.write_all(&buf).await?;
+    timeout_at(deadline, wr.write_all(&buf))
+        .await
+        .map_err(|_| LinkError::HelloTimeout(hello_timeout))??;
     buf.clear();
     let hello = match next_frame(&mut reader, deadline, hello_timeout).await? {
         Message::Hello(h) => h,
@@ -259,12 +261,8 @@ async fn connect(
             (None, false) => {}
             (Some(secret), true) => {
                 let transcript = auth::Transcript {
-                    dialer: &ours.node,
-                    dialer_nonce: &ours.nonce,
-                    dialer_incarnation: ours.incarnation,
-                    acceptor: &hello.node,
-                    acceptor_nonce: &hello.nonce,
-                    acceptor_incarnation: hello.incarnation,
+                    dialer: &ours,
+                    acceptor: &hello,
                 };
                 let proof = match next_frame(&mut reader, deadline, hello_timeout).await? {
                     Message::Auth { mac } => mac,
@@ -284,7 +282,9 @@ async fn connect(
                 }
                 let mac = auth::prove(secret, auth::Role::Dialer, &transcript);
                 codec.encode(Message::Auth { mac }, &mut buf)?;
-                wr.write_all(&buf).await?;
+                timeout_at(deadline, wr.write_all(&buf))
+                    .await
+                    .map_err(|_| LinkError::HelloTimeout(hello_timeout))??;
             }
         }
         // The acceptor's incarnation tells of a restart even before its own
@@ -320,21 +320,31 @@ async fn write_bounded(
     buf: &[u8],
 ) -> Result<(), LinkError> {
     let dead_after = shared.tuning.dead_after;
-    let write = wr.write_all(buf);
-    tokio::pin!(write);
-    tokio::select! {
-        r = timeout(dead_after, &mut write) => {
-            return match r {
-                Ok(r) => r.map_err(LinkError::Io),
-                Err(_) => Err(LinkError::Stalled(dead_after)),
-            };
+    let mut written = 0;
+    while written < buf.len() {
+        // Each write call must make progress within `dead_after`: a slow
+        // but moving peer is fine, one that stopped reading is not.
+        let step = wr.write(&buf[written..]);
+        tokio::pin!(step);
+        let late = |_| LinkError::Stalled(shared.tuning.shutdown_timeout);
+        let n = if shared.token.is_cancelled() {
+            timeout_at(shared.shutdown_deadline(), &mut step)
+                .await
+                .map_err(late)?
+        } else {
+            tokio::select! {
+                r = timeout(dead_after, &mut step) => r.map_err(|_| LinkError::Stalled(dead_after))?,
+                _ = shared.token.cancelled() => {
+                    timeout_at(shared.shutdown_deadline(), &mut step).await.map_err(late)?
+                }
+            }
+        }?;
+        if n == 0 {
+            return Err(LinkError::Closed);
         }
-        _ = shared.token.cancelled() => {}
+        written += n;
     }
-    match timeout_at(shared.shutdown_deadline(), &mut write).await {
-        Ok(r) => r.map_err(LinkError::Io),
-        Err(_) => Err(LinkError::Stalled(shared.tuning.shutdown_timeout)),
-    }
+    Ok(())
 }
 
 /// The next handshake frame, before `deadline`.
