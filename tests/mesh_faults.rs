@@ -291,12 +291,9 @@ async fn invalidation_accepted_as_shutdown_begins_is_sent_or_flushed() {
     }
 }
 
-/// A peer that reads slowly but is alive (it acks and answers pings):
-/// shutdown keeps its deadline despite a long backlog: the link's write
-/// loop must look at the shutdown token while it still has work, or
-/// shutdown waits for the whole backlog.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn shutdown_keeps_its_deadline_while_a_slow_peer_drains_a_backlog() {
+/// A node whose only peer is a raw listener with a small receive buffer
+/// (so its writes back up quickly), and a short shutdown deadline.
+async fn node_with_a_slow_reader() -> (MeshHandle, TcpListener, String) {
     let me = bind().await;
     let sock = tokio::net::TcpSocket::new_v4().expect("socket");
     sock.set_recv_buffer_size(8 * 1024).expect("rcvbuf");
@@ -304,10 +301,19 @@ async fn shutdown_keeps_its_deadline_while_a_slow_peer_drains_a_backlog() {
         .expect("bind");
     let fake = sock.listen(8).expect("listen");
     let fake_port = port(&fake);
-    let fake_id = format!("127.0.0.1:{fake_port}");
     let mut tuning = common::tuning();
     tuning.shutdown_timeout = Duration::from_millis(500);
     let (a, _ra) = start(cfg(port(&me), &[fake_port], 1 << 16), me, tuning).await;
+    (a, fake, format!("127.0.0.1:{fake_port}"))
+}
+
+/// A peer that reads slowly but is alive (it acks and answers pings):
+/// shutdown keeps its deadline despite a long backlog: the link's write
+/// loop must look at the shutdown token while it still has work, or
+/// shutdown waits for the whole backlog.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_keeps_its_deadline_while_a_slow_peer_drains_a_backlog() {
+    let (a, fake, fake_id) = node_with_a_slow_reader().await;
 
     // The slow peer: a conforming acceptor that applies a frame every 20 ms.
     let peer = tokio::spawn(async move {
@@ -367,17 +373,7 @@ async fn shutdown_keeps_its_deadline_while_a_slow_peer_drains_a_backlog() {
 /// write that makes no progress for `dead_after` fails the link).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_is_bounded_while_a_peer_that_stopped_reading_keeps_ponging() {
-    let me = bind().await;
-    let sock = tokio::net::TcpSocket::new_v4().expect("socket");
-    sock.set_recv_buffer_size(8 * 1024).expect("rcvbuf");
-    sock.bind("127.0.0.1:0".parse().expect("addr"))
-        .expect("bind");
-    let fake = sock.listen(8).expect("listen");
-    let fake_port = port(&fake);
-    let fake_id = format!("127.0.0.1:{fake_port}");
-    let mut tuning = common::tuning();
-    tuning.shutdown_timeout = Duration::from_millis(500);
-    let (a, _ra) = start(cfg(port(&me), &[fake_port], 1 << 16), me, tuning).await;
+    let (a, fake, fake_id) = node_with_a_slow_reader().await;
     let peer = tokio::spawn(async move {
         let (stream, _) = fake.accept().await.expect("accept");
         let mut raw = Raw::new(stream);

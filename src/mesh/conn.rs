@@ -20,7 +20,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::io::Io;
 use super::limits::IpSlot;
-use super::{Rejected, Shared, lock};
+use super::{Rejected, Shared, Silence, lock};
 use crate::auth;
 use crate::config::NodeAddr;
 use crate::wire::{FrameCodec, Hello, MAGIC, Message, NONCE_LEN, PROTOCOL_VERSION, Position};
@@ -398,19 +398,25 @@ async fn receive(
     let dead_after = shared.tuning.dead_after;
     let read = async {
         let mut said_goodbye = false;
+        let mut silence = Silence::new(dead_after);
         loop {
-            let msg = match timeout(dead_after, reader.next()).await {
-                Err(_) => {
+            let next = tokio::select! {
+                biased;
+                next = reader.next() => next,
+                () = silence.expired() => {
                     return format!("nothing heard for {dead_after:?} (dead or half-open link)");
                 }
-                Ok(None) if said_goodbye => return "the peer shut down (goodbye)".to_string(),
-                Ok(None) => return "connection closed by the peer".to_string(),
-                Ok(Some(Err(e))) => {
+            };
+            let msg = match next {
+                None if said_goodbye => return "the peer shut down (goodbye)".to_string(),
+                None => return "connection closed by the peer".to_string(),
+                Some(Err(e)) => {
                     shared.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
                     return format!("bad frame: {e}");
                 }
-                Ok(Some(Ok(m))) => m,
+                Some(Ok(m)) => m,
             };
+            silence.heard();
             shared.heard(peer);
             match msg {
                 Message::Batch(batch) => {
@@ -418,6 +424,8 @@ async fn receive(
                     let result = {
                         let mut origins = lock(&shared.origins);
                         let mut applied = 0u64;
+                        // One snapshot of the callbacks for the batch.
+                        let mut callbacks = shared.callbacks();
                         let r = origins.batch(
                             peer,
                             incarnation,
@@ -425,7 +433,7 @@ async fn receive(
                             batch.items,
                             &mut |e| {
                                 applied += 1;
-                                shared.emit(e)
+                                shared.emit_with(&mut callbacks, e)
                             },
                         );
                         shared.stats.received.fetch_add(applied, Ordering::Relaxed);
@@ -475,6 +483,10 @@ async fn receive(
             if owed_rx.changed().await.is_err() {
                 return "reader ended".to_string();
             }
+            // Deliveries first: whatever else is ready to run (other
+            // connections' batches) goes before this ack, which then
+            // covers every batch read meanwhile.
+            tokio::task::yield_now().await;
             let owed = *owed_rx.borrow_and_update();
             if owed.ack != acked
                 && let Some(pos) = owed.ack

@@ -16,7 +16,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::conn::{hello_for, identity_matches, parse_identity};
 use super::io::Io;
-use super::{Dir, Shared, lock};
+use super::{Dir, Shared, Silence, lock};
 use crate::auth;
 use crate::config::NodeAddr;
 use crate::wire::{CodecError, FrameCodec, Hello, MAGIC, Message, PROTOCOL_VERSION};
@@ -332,7 +332,10 @@ async fn write_bounded(
                 .await
                 .map_err(late)?
         } else {
+            // The write first: one that completes at once (the usual case)
+            // registers nothing with the token.
             tokio::select! {
+                biased;
                 r = timeout(dead_after, &mut step) => r.map_err(|_| LinkError::Stalled(dead_after))?,
                 _ = shared.token.cancelled() => {
                     timeout_at(shared.shutdown_deadline(), &mut step).await.map_err(late)?
@@ -392,12 +395,18 @@ async fn session(
     // run in this task and never hold it across an await.
     let in_flight: Mutex<VecDeque<(u64, Instant)>> = Mutex::new(VecDeque::new());
     let read = async {
+        let mut silence = Silence::new(dead_after);
         loop {
-            let msg = match timeout(dead_after, reader.next()).await {
-                Err(_) => return Err(LinkError::Dead(dead_after)),
-                Ok(None) => return Err(LinkError::Closed),
-                Ok(Some(r)) => r?,
+            let next = tokio::select! {
+                biased;
+                next = reader.next() => next,
+                () = silence.expired() => return Err(LinkError::Dead(dead_after)),
             };
+            let msg = match next {
+                None => return Err(LinkError::Closed),
+                Some(r) => r?,
+            };
+            silence.heard();
             shared.heard(peer);
             match msg {
                 Message::Ack(pos) => {
@@ -436,6 +445,13 @@ async fn session(
         let mut buf = BytesMut::with_capacity(WRITE_CHUNK + 64 * 1024);
         let mut codec = FrameCodec::new();
         let mut last_write = Instant::now();
+        // Both kept across passes, so that an idle wait sets no timer and
+        // registers no waiter per write.
+        let ping_every = shared.tuning.ping_every;
+        let ping = sleep_until(last_write + ping_every);
+        tokio::pin!(ping);
+        let cancelled = shared.token.cancelled();
+        tokio::pin!(cancelled);
         loop {
             // Checked on every pass: a long backlog must not hold up
             // shutdown past its deadline.
@@ -473,13 +489,17 @@ async fn session(
             }
             tokio::select! {
                 biased;
-                _ = shared.token.cancelled() => break,
+                _ = &mut cancelled => break,
                 _ = info.notify.notified() => {}
-                _ = sleep_until(last_write + shared.tuning.ping_every) => {
-                    codec.encode(&Message::Ping, &mut buf)?;
-                    write_bounded(shared, &mut wr, &buf).await?;
-                    buf.clear();
-                    last_write = Instant::now();
+                _ = &mut ping => {
+                    // Due only if nothing was written since it was set.
+                    if Instant::now() >= last_write + ping_every {
+                        codec.encode(&Message::Ping, &mut buf)?;
+                        write_bounded(shared, &mut wr, &buf).await?;
+                        buf.clear();
+                        last_write = Instant::now();
+                    }
+                    ping.as_mut().reset(last_write + ping_every);
                 }
             }
         }

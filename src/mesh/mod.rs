@@ -21,7 +21,7 @@ mod state;
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
@@ -338,7 +338,13 @@ struct Shared {
     origins: Mutex<Origins>,
     links: Mutex<Vec<LinkState>>,
     events: broadcast::Sender<Event>,
+    /// Live [`Events`] streams: without one, events are not sent into the
+    /// channel at all.
+    subscribers: Arc<AtomicUsize>,
     callbacks: RwLock<Arc<Vec<Callback>>>,
+    /// Bumped when a callback is registered, so that a batch's events can
+    /// share one snapshot of the list and still see a new one at once.
+    callbacks_gen: AtomicU64,
     /// Orders peer-up/peer-down events as their transitions were decided.
     peer_events: Mutex<()>,
     stats: Stats,
@@ -371,6 +377,42 @@ pub(crate) enum Rejected {
     Limit,
 }
 
+/// Notices `limit` of silence on a stream with one timer, moved only when
+/// it fires early: no timer is set and cleared per message.
+struct Silence {
+    limit: Duration,
+    last: tokio::time::Instant,
+    timer: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
+impl Silence {
+    fn new(limit: Duration) -> Self {
+        let last = tokio::time::Instant::now();
+        Silence {
+            limit,
+            last,
+            timer: Box::pin(tokio::time::sleep_until(last + limit)),
+        }
+    }
+
+    /// Something was heard.
+    fn heard(&mut self) {
+        self.last = tokio::time::Instant::now();
+    }
+
+    /// Resolves once nothing was heard for `limit`.
+    async fn expired(&mut self) {
+        loop {
+            self.timer.as_mut().await;
+            let due = self.last + self.limit;
+            if tokio::time::Instant::now() >= due {
+                return;
+            }
+            self.timer.as_mut().reset(due);
+        }
+    }
+}
+
 /// Locks a mutex; a panic elsewhere while holding it (a bug) must not take
 /// the node down with it, and the state machines stay consistent between
 /// calls, so a poisoned lock is used as is.
@@ -378,8 +420,35 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// The callbacks as of one moment, reused for many events while no
+/// callback is registered.
+struct CallbackSnapshot {
+    generation: u64,
+    list: Arc<Vec<Callback>>,
+}
+
 impl Shared {
     fn emit(&self, event: Event) {
+        let mut callbacks = self.callbacks();
+        self.emit_with(&mut callbacks, event);
+    }
+
+    /// A snapshot of the callbacks, so that a callback may register another.
+    fn callbacks(&self) -> CallbackSnapshot {
+        // The generation is read first: a registration after this read is
+        // noticed by the next `emit_with`.
+        let generation = self.callbacks_gen.load(Ordering::Acquire);
+        let list = self
+            .callbacks
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        CallbackSnapshot { generation, list }
+    }
+
+    /// Emits `event` with a snapshot taken for a run of events (a batch),
+    /// refreshed if a callback was registered since.
+    fn emit_with(&self, callbacks: &mut CallbackSnapshot, event: Event) {
         let counter = match event {
             Event::Invalidated { .. } => &self.stats.ev_invalidated,
             Event::CacheCleared { .. } => &self.stats.ev_cache_cleared,
@@ -388,17 +457,17 @@ impl Shared {
             Event::PeerDown { .. } => &self.stats.ev_peer_down,
         };
         counter.fetch_add(1, Ordering::Relaxed);
-        // A snapshot, so that a callback may register another.
-        let callbacks = self
-            .callbacks
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        for cb in callbacks.iter() {
+        if self.callbacks_gen.load(Ordering::Acquire) != callbacks.generation {
+            *callbacks = self.callbacks();
+        }
+        for cb in callbacks.list.iter() {
             cb(&event);
         }
-        // No subscriber is not an error.
-        let _ = self.events.send(event);
+        // Into the channel only for subscribers: with none, sending would
+        // only lock it to find that out.
+        if self.subscribers.load(Ordering::SeqCst) > 0 {
+            let _ = self.events.send(event);
+        }
     }
 
     /// Records a link going up or down, and emits peer-up / peer-down on
@@ -709,7 +778,9 @@ fn build_shared(
         links: Mutex::new((0..peers.len()).map(|_| LinkState::default()).collect()),
         peers,
         events,
+        subscribers: Arc::new(AtomicUsize::new(0)),
         callbacks: RwLock::new(Arc::new(callbacks)),
+        callbacks_gen: AtomicU64::new(0),
         peer_events: Mutex::new(()),
         stats: Stats::default(),
         aborted: AtomicBool::new(false),
@@ -726,6 +797,36 @@ fn build_shared(
         tuning,
         config,
     }))
+}
+
+/// `cache` as an `Arc<str>`, shared with the invalidations this thread made
+/// lately: an application invalidates many keys of few caches, and the
+/// replay buffer then holds one copy of each name.
+fn cache_name(cache: &str) -> Arc<str> {
+    /// Names kept per thread, and the longest kept.
+    const KEPT: usize = 4;
+    const LONGEST: usize = 256;
+    thread_local! {
+        static RECENT: std::cell::RefCell<(Vec<Arc<str>>, usize)> =
+            const { std::cell::RefCell::new((Vec::new(), 0)) };
+    }
+    if cache.len() > LONGEST {
+        return Arc::from(cache);
+    }
+    RECENT.with(|recent| {
+        let (names, next) = &mut *recent.borrow_mut();
+        if let Some(known) = names.iter().find(|n| ***n == *cache) {
+            return known.clone();
+        }
+        let name: Arc<str> = Arc::from(cache);
+        if names.len() < KEPT {
+            names.push(name.clone());
+        } else {
+            names[*next] = name.clone();
+            *next = (*next + 1) % KEPT;
+        }
+        name
+    })
 }
 
 /// The application's handle on a running node. Cheap to clone.
@@ -766,7 +867,7 @@ impl MeshHandle {
     /// waits on the network; returns the invalidation's sequence number.
     pub fn invalidate(&self, cache: &str, key: &str) -> Result<u64, InvalidateError> {
         self.send(Item::Key {
-            cache: Arc::from(cache),
+            cache: cache_name(cache),
             key: Arc::from(key),
         })
     }
@@ -774,7 +875,7 @@ impl MeshHandle {
     /// Tells every peer that the whole of cache `cache` is stale.
     pub fn invalidate_cache(&self, cache: &str) -> Result<u64, InvalidateError> {
         self.send(Item::Cache {
-            cache: Arc::from(cache),
+            cache: cache_name(cache),
         })
     }
 
@@ -804,6 +905,10 @@ impl MeshHandle {
         items: impl Iterator<Item = Item>,
     ) -> Result<(u64, u64), InvalidateError> {
         let (mut first, mut last, mut n) = (0, 0, 0);
+        // Links that had written everything may be waiting to be woken;
+        // the others come back for more by themselves once their write is
+        // done (they fill under this lock, so none is missed).
+        let mut wake: u32 = 0;
         {
             let mut out = lock(&self.shared.out);
             // Checked under the ring's lock, which shutdown takes to close:
@@ -811,6 +916,11 @@ impl MeshHandle {
             // drain it and say goodbye.
             if out.closed() {
                 return Err(InvalidateError::Closed);
+            }
+            for p in 0..self.shared.peers.len() {
+                if !out.has_unsent(p) {
+                    wake |= 1 << p;
+                }
             }
             for item in items {
                 last = out.push(item);
@@ -825,8 +935,10 @@ impl MeshHandle {
             return Ok((last + 1, last));
         }
         self.shared.stats.originated.fetch_add(n, Ordering::Relaxed);
-        for p in &self.shared.peers {
-            p.notify.notify_one();
+        for (i, p) in self.shared.peers.iter().enumerate() {
+            if wake & (1 << i) != 0 {
+                p.notify.notify_one();
+            }
         }
         Ok((first, last))
     }
@@ -877,9 +989,13 @@ impl MeshHandle {
     /// [`Tuning::event_capacity`] events behind gets a
     /// [`FlushReason::Lagged`] flush in place of what it missed.
     pub fn subscribe(&self) -> Events {
+        // Counted before the receiver exists, so that no event sent after
+        // it does is skipped.
+        self.shared.subscribers.fetch_add(1, Ordering::SeqCst);
         Events {
             inner: BroadcastStream::new(self.shared.events.subscribe()),
             finished: Box::pin(self.finished.clone().cancelled_owned()),
+            _counted: Subscribed(self.shared.subscribers.clone()),
         }
     }
 
@@ -894,6 +1010,7 @@ impl MeshHandle {
         let mut list = Vec::clone(&callbacks);
         list.push(Arc::new(f));
         *callbacks = Arc::new(list);
+        self.shared.callbacks_gen.fetch_add(1, Ordering::AcqRel);
     }
 
     /// A snapshot of the node's state.
@@ -1015,6 +1132,17 @@ pub struct Events {
     inner: BroadcastStream<Event>,
     /// Resolves when the node has stopped: the stream then ends.
     finished: std::pin::Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
+    /// Dropped after `inner`: uncounts this stream.
+    _counted: Subscribed,
+}
+
+/// One live [`Events`] stream, counted in `Shared::subscribers`.
+struct Subscribed(Arc<AtomicUsize>);
+
+impl Drop for Subscribed {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl Events {

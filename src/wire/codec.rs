@@ -5,12 +5,13 @@
 //! stays behind this boundary: `proto/PROTOCOL.md` describes the bytes, and
 //! another encoder producing them could replace it with no change on the wire.
 
+use std::sync::Arc;
+
 use bytes::{BufMut, BytesMut};
 use serde::Serialize;
-use serde::ser::SerializeStruct;
 use tokio_util::codec::{Decoder, Encoder, LengthDelimitedCodec};
 
-use super::{Item, ItemError, MAX_STRING, Message};
+use super::{Batch, Item, ItemError, MAX_STRING, Message};
 
 /// Largest frame payload (the length prefix excluded), in bytes.
 pub const MAX_FRAME: usize = 1024 * 1024;
@@ -64,6 +65,9 @@ pub enum CodecError {
 #[derive(Debug)]
 pub struct FrameCodec {
     frames: LengthDelimitedCodec,
+    /// Cache names seen lately on this stream, shared by the items that
+    /// carry them.
+    names: Names,
 }
 
 impl Default for FrameCodec {
@@ -80,7 +84,46 @@ impl FrameCodec {
             .length_field_length(HEADER)
             .max_frame_length(MAX_FRAME)
             .new_codec();
-        FrameCodec { frames }
+        FrameCodec {
+            frames,
+            names: Names::default(),
+        }
+    }
+}
+
+/// Cache names lately decoded on one stream. An application invalidates
+/// many keys of few caches, so items share one `Arc<str>` per name instead
+/// of allocating one each.
+#[derive(Debug, Default)]
+struct Names {
+    recent: Vec<Arc<str>>,
+    /// Where the next new name goes once `recent` is full.
+    next: usize,
+}
+
+/// Names kept per stream, and the longest kept (so that what is held stays
+/// small whatever a peer sends).
+const RECENT_NAMES: usize = 8;
+const SHARED_NAME_MAX: usize = 256;
+
+impl Names {
+    /// The name whose UTF-8 is `bytes`; `None` if they are not UTF-8. A
+    /// name seen lately is not checked again.
+    fn get_utf8(&mut self, bytes: &[u8]) -> Option<Arc<str>> {
+        if let Some(known) = self.recent.iter().find(|n| n.as_bytes() == bytes) {
+            return Some(known.clone());
+        }
+        let name = std::str::from_utf8(bytes).ok()?;
+        let new: Arc<str> = Arc::from(name);
+        if name.len() <= SHARED_NAME_MAX {
+            if self.recent.len() < RECENT_NAMES {
+                self.recent.push(new.clone());
+            } else {
+                self.recent[self.next] = new.clone();
+                self.next = (self.next + 1) % RECENT_NAMES;
+            }
+        }
+        Some(new)
     }
 }
 
@@ -111,14 +154,107 @@ fn check(msg: &Message) -> Result<(), CodecError> {
 }
 
 /// Decodes one frame's payload.
-pub(crate) fn decode_payload(payload: &[u8]) -> Result<Message, CodecError> {
-    let (msg, used): (Message, usize) = bincode::serde::decode_from_slice(payload, config())
-        .map_err(|e| CodecError::Malformed(e.to_string()))?;
-    if used != payload.len() {
-        return Err(CodecError::TrailingBytes(payload.len() - used));
-    }
+fn decode_payload(payload: &[u8], names: &mut Names) -> Result<Message, CodecError> {
+    let msg = match decode_batch(payload, names) {
+        Some(batch) => batch,
+        None => {
+            let (msg, used): (Message, usize) =
+                bincode::serde::decode_from_slice(payload, config())
+                    .map_err(|e| CodecError::Malformed(e.to_string()))?;
+            if used != payload.len() {
+                return Err(CodecError::TrailingBytes(payload.len() - used));
+            }
+            msg
+        }
+    };
     check(&msg)?;
     Ok(msg)
+}
+
+/// Reads a payload by the rules of `proto/PROTOCOL.md` section 4.
+struct Reader<'a> {
+    bytes: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        if n > self.bytes.len() {
+            return None;
+        }
+        let (head, rest) = self.bytes.split_at(n);
+        self.bytes = rest;
+        Some(head)
+    }
+
+    fn byte(&mut self) -> Option<u8> {
+        Some(self.take(1)?[0])
+    }
+
+    /// A varint whose widest accepted form starts with `widest` (`fc` for
+    /// a u32, `fd` for a u64).
+    fn varint(&mut self, widest: u8) -> Option<u64> {
+        let first = self.byte()?;
+        let width = match first {
+            0..=250 => return Some(u64::from(first)),
+            251 => 2,
+            252 if widest >= 252 => 4,
+            253 if widest >= 253 => 8,
+            _ => return None,
+        };
+        let mut le = [0u8; 8];
+        le[..width].copy_from_slice(self.take(width)?);
+        Some(u64::from_le_bytes(le))
+    }
+
+    /// A string's bytes, not checked.
+    fn bytes(&mut self) -> Option<&'a [u8]> {
+        let len = usize::try_from(self.varint(253)?).ok()?;
+        self.take(len)
+    }
+
+    fn str(&mut self) -> Option<&'a str> {
+        std::str::from_utf8(self.bytes()?).ok()
+    }
+}
+
+/// The hot path: a `Batch` payload decoded without serde, its keys straight
+/// into `Arc<str>` and its cache names shared through `names`. `None` when
+/// the payload is anything else, or anything but a well-formed batch:
+/// bincode then decodes it, so every error (and every message but `Batch`)
+/// comes from one decoder. What this returns is what bincode would.
+fn decode_batch(payload: &[u8], names: &mut Names) -> Option<Message> {
+    let mut r = Reader { bytes: payload };
+    // `Message::Batch` is variant 2, in its one-byte form.
+    if r.byte()? != 2 {
+        return None;
+    }
+    let first_seq = r.varint(253)?;
+    let count = r.varint(253)?;
+    // Every item takes at least one byte.
+    if count > r.bytes.len() as u64 {
+        return None;
+    }
+    let mut items = Vec::with_capacity(count as usize);
+    for _ in 0..count {
+        items.push(match r.varint(252)? {
+            0 => {
+                let cache = names.get_utf8(r.bytes()?)?;
+                Item::Key {
+                    cache,
+                    key: Arc::from(r.str()?),
+                }
+            }
+            1 => Item::Cache {
+                cache: names.get_utf8(r.bytes()?)?,
+            },
+            2 => Item::Flush,
+            _ => return None,
+        });
+    }
+    if !r.bytes.is_empty() {
+        return None;
+    }
+    Some(Message::Batch(Batch { first_seq, items }))
 }
 
 impl Decoder for FrameCodec {
@@ -143,7 +279,7 @@ impl Decoder for FrameCodec {
             return Ok(None);
         }
         match self.frames.decode(src)? {
-            Some(payload) => decode_payload(&payload).map(Some),
+            Some(payload) => decode_payload(&payload, &mut self.names).map(Some),
             // Unreachable: the whole frame is buffered.
             None => Ok(None),
         }
@@ -198,49 +334,74 @@ impl Encoder<Message> for FrameCodec {
     }
 }
 
-/// Borrowed twin of `Message::Batch`, so that a batch is encoded straight
-/// from the replay buffer (two slices of a ring) without copying items.
-/// Serde encodes it exactly as `Message::Batch(Batch { .. })`.
-struct BatchFrame<'a> {
-    first_seq: u64,
-    items: (&'a [Item], &'a [Item]),
-}
-
-struct Items<'a>((&'a [Item], &'a [Item]));
-
-impl Serialize for Items<'_> {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_seq(self.0.0.iter().chain(self.0.1))
+/// Appends a varint in its shortest form (PROTOCOL.md 4.2), as bincode
+/// writes it.
+fn put_varint(dst: &mut BytesMut, v: u64) {
+    if v <= 250 {
+        dst.put_u8(v as u8);
+    } else if let Ok(v) = u16::try_from(v) {
+        dst.put_u8(251);
+        dst.put_u16_le(v);
+    } else if let Ok(v) = u32::try_from(v) {
+        dst.put_u8(252);
+        dst.put_u32_le(v);
+    } else {
+        dst.put_u8(253);
+        dst.put_u64_le(v);
     }
 }
 
-struct BatchBody<'a>(&'a BatchFrame<'a>);
-
-impl Serialize for BatchBody<'_> {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let mut st = s.serialize_struct("Batch", 2)?;
-        st.serialize_field("first_seq", &self.0.first_seq)?;
-        st.serialize_field("items", &Items(self.0.items))?;
-        st.end()
-    }
-}
-
-impl Serialize for BatchFrame<'_> {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        // Variant index 2 is `Message::Batch`; a unit test pins the equality.
-        s.serialize_newtype_variant("Message", 2, "Batch", &BatchBody(self))
-    }
+fn put_str(dst: &mut BytesMut, s: &str) {
+    put_varint(dst, s.len() as u64);
+    dst.put_slice(s.as_bytes());
 }
 
 /// Appends one `Batch` frame holding `items.0` then `items.1`, numbered from
-/// `first_seq`. Callers keep batches well below [`MAX_FRAME`]
-/// (see [`Item::encoded_len_bound`]).
+/// `first_seq`: the bytes bincode writes for the same `Message::Batch` (a
+/// test pins it), written straight from the replay buffer (two slices of a
+/// ring) without copying items. Callers keep batches well below
+/// [`MAX_FRAME`] (see [`Item::encoded_len_bound`]).
 pub fn encode_batch_frame(
     first_seq: u64,
     items: (&[Item], &[Item]),
     dst: &mut BytesMut,
 ) -> Result<(), CodecError> {
-    encode_frame(BatchFrame { first_seq, items }, dst)
+    let start = dst.len();
+    let bound: usize = items
+        .0
+        .iter()
+        .chain(items.1)
+        .map(Item::encoded_len_bound)
+        .sum();
+    dst.reserve(HEADER + 1 + 9 + 9 + bound);
+    dst.put_u32(0);
+    // Variant 2 is `Message::Batch`; then its fields in order.
+    dst.put_u8(2);
+    put_varint(dst, first_seq);
+    put_varint(dst, (items.0.len() + items.1.len()) as u64);
+    for item in items.0.iter().chain(items.1) {
+        match item {
+            Item::Key { cache, key } => {
+                dst.put_u8(0);
+                put_str(dst, cache);
+                put_str(dst, key);
+            }
+            Item::Cache { cache } => {
+                dst.put_u8(1);
+                put_str(dst, cache);
+            }
+            Item::Flush => dst.put_u8(2),
+        }
+    }
+    let len = dst.len() - start - HEADER;
+    if len > MAX_FRAME {
+        dst.truncate(start);
+        return Err(CodecError::Encode(format!(
+            "frame of {len} bytes exceeds the limit of {MAX_FRAME}"
+        )));
+    }
+    dst[start..start + HEADER].copy_from_slice(&(len as u32).to_be_bytes());
+    Ok(())
 }
 
 #[cfg(test)]
@@ -279,6 +440,141 @@ mod tests {
         let mut borrowed = BytesMut::new();
         encode_batch_frame(300, (&items[..1], &items[1..]), &mut borrowed).expect("encode");
         assert_eq!(owned, borrowed);
+    }
+
+    /// What bincode alone makes of a payload.
+    fn bincode_decode(payload: &[u8]) -> Option<Message> {
+        let (msg, used): (Message, usize) =
+            bincode::serde::decode_from_slice(payload, config()).ok()?;
+        (used == payload.len()).then_some(msg)
+    }
+
+    fn arb_str() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        prop_oneof![
+            "[a-zA-Z0-9.é]{0,20}",
+            // Around the one-byte varint limit of 250.
+            proptest::collection::vec(proptest::char::range('a', 'c'), 245..260)
+                .prop_map(|v| v.into_iter().collect()),
+            // Past the u16 form, for a u32 length.
+            Just("k".repeat(70_000)),
+        ]
+    }
+
+    fn arb_item() -> impl proptest::strategy::Strategy<Value = Item> {
+        use proptest::prelude::*;
+        prop_oneof![
+            (arb_str(), arb_str()).prop_map(|(c, k)| Item::Key {
+                cache: Arc::from(c),
+                key: Arc::from(k),
+            }),
+            arb_str().prop_map(|c| Item::Cache {
+                cache: Arc::from(c)
+            }),
+            Just(Item::Flush),
+        ]
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(200))]
+
+        /// The hand-written batch encoder and decoder agree with bincode
+        /// byte for byte, varint forms included.
+        #[test]
+        fn batch_fast_paths_match_bincode(
+            first_seq in proptest::prop_oneof![
+                1u64..300,
+                60_000u64..70_000,
+                4_294_967_000u64..4_294_968_000,
+                (u64::MAX - 1000)..u64::MAX,
+            ],
+            items in proptest::collection::vec(arb_item(), 0..12),
+            split in 0usize..12,
+        ) {
+            let split = split.min(items.len());
+            let owned = Message::Batch(Batch { first_seq, items: items.clone() });
+            let mut by_bincode = BytesMut::new();
+            encode_frame(&owned, &mut by_bincode).expect("bincode encodes");
+            let mut by_hand = BytesMut::new();
+            encode_batch_frame(first_seq, (&items[..split], &items[split..]), &mut by_hand)
+                .expect("encodes");
+            proptest::prop_assert_eq!(&by_bincode, &by_hand);
+            let payload = &by_hand[HEADER..];
+            let fast = decode_batch(payload, &mut Names::default());
+            proptest::prop_assert_eq!(fast.as_ref(), Some(&owned));
+            proptest::prop_assert_eq!(bincode_decode(payload), Some(owned));
+        }
+
+        /// On a damaged batch the fast decoder gives up (bincode then says
+        /// what is wrong) or finds exactly what bincode finds.
+        #[test]
+        fn fast_decoder_never_disagrees_with_bincode(
+            items in proptest::collection::vec(arb_item(), 0..6),
+            edits in proptest::collection::vec((0usize..4096, proptest::prelude::any::<u8>()), 1..4),
+            cut in 0usize..4096,
+        ) {
+            let mut buf = BytesMut::new();
+            encode_batch_frame(7, (&items, &[]), &mut buf).expect("encodes");
+            let mut payload = buf[HEADER..].to_vec();
+            for (at, byte) in edits {
+                let at = at % payload.len();
+                payload[at] = byte;
+            }
+            payload.truncate(payload.len() - cut % payload.len());
+            if let Some(fast) = decode_batch(&payload, &mut Names::default()) {
+                proptest::prop_assert_eq!(Some(fast), bincode_decode(&payload));
+            }
+        }
+    }
+
+    #[test]
+    fn long_forms_are_left_to_bincode_and_still_decode() {
+        // Batch tag written as `fb 02 00`, first_seq 1, one Flush.
+        let payload = [0xfb, 2, 0, 1, 1, 2];
+        assert_eq!(decode_batch(&payload, &mut Names::default()), None);
+        let msg = decode_payload(&payload, &mut Names::default()).expect("decodes");
+        assert_eq!(
+            msg,
+            Message::Batch(Batch {
+                first_seq: 1,
+                items: vec![Item::Flush]
+            })
+        );
+        // Long forms inside a batch are decoded by hand: first_seq `fb 05 00`.
+        let payload = [2, 0xfb, 5, 0, 1, 2];
+        assert_eq!(
+            decode_batch(&payload, &mut Names::default()),
+            bincode_decode(&payload)
+        );
+    }
+
+    #[test]
+    fn items_share_their_cache_name() {
+        let key = |k: &str| Item::Key {
+            cache: Arc::from("org.hisp.dhis.user.User"),
+            key: Arc::from(k),
+        };
+        let items = [key("a"), key("b")];
+        let mut codec = FrameCodec::new();
+        let mut buf = BytesMut::new();
+        encode_batch_frame(1, (&items, &[]), &mut buf).expect("encodes");
+        encode_batch_frame(3, (&items, &[]), &mut buf).expect("encodes");
+        let mut caches = Vec::new();
+        while let Some(Message::Batch(b)) = codec.decode(&mut buf).expect("decodes") {
+            for item in b.items {
+                if let Item::Key { cache, .. } = item {
+                    caches.push(cache);
+                }
+            }
+        }
+        assert_eq!(caches.len(), 4);
+        assert!(caches.windows(2).all(|w| Arc::ptr_eq(&w[0], &w[1])));
+        // Long names are not kept.
+        let mut names = Names::default();
+        let long = "x".repeat(SHARED_NAME_MAX + 1);
+        let mut get = || names.get_utf8(long.as_bytes()).expect("UTF-8");
+        assert!(!Arc::ptr_eq(&get(), &get()));
+        assert!(names.recent.is_empty());
     }
 
     #[test]
