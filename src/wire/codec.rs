@@ -301,11 +301,17 @@ fn encode_frame<T: Serialize>(value: T, dst: &mut BytesMut) -> Result<(), CodecE
     let start = dst.len();
     dst.put_u32(0);
     let result = bincode::serde::encode_into_writer(value, BytesWriter(dst), config());
-    let len = dst.len() - start - HEADER;
     if let Err(e) = result {
         dst.truncate(start);
         return Err(CodecError::Encode(e.to_string()));
     }
+    finish_frame(dst, start)
+}
+
+/// Writes the length of the frame that starts at `start` into its header,
+/// or takes the frame back out when it is over the limit.
+fn finish_frame(dst: &mut BytesMut, start: usize) -> Result<(), CodecError> {
+    let len = dst.len() - start - HEADER;
     if len > MAX_FRAME {
         dst.truncate(start);
         return Err(CodecError::Encode(format!(
@@ -393,15 +399,7 @@ pub fn encode_batch_frame(
             Item::Flush => dst.put_u8(2),
         }
     }
-    let len = dst.len() - start - HEADER;
-    if len > MAX_FRAME {
-        dst.truncate(start);
-        return Err(CodecError::Encode(format!(
-            "frame of {len} bytes exceeds the limit of {MAX_FRAME}"
-        )));
-    }
-    dst[start..start + HEADER].copy_from_slice(&(len as u32).to_be_bytes());
-    Ok(())
+    finish_frame(dst, start)
 }
 
 #[cfg(test)]
