@@ -4,7 +4,7 @@
 # builds the sidecar and the bench, then runs the bench with the arguments
 # given (e.g. --json, --processes). About a minute with the defaults.
 set -euo pipefail
-cd "$(dirname "$0")"
+cd "$(dirname "$0")/.."
 
 if ! command -v redis-server >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ]; then
