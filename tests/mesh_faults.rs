@@ -187,22 +187,7 @@ async fn restart_seen_only_from_the_dialing_side_is_not_taken_for_clean() {
     let hb = c.h(1).clone();
     wait_until("B's link to A1 up", SHORT, || hb.status().peers[0].outbound).await;
     drop(a1);
-    c.nodes[0].take().expect("A1").shutdown().await;
-
-    // A2: the network is fine again.
-    c.via.clear();
-    rb.clear();
-    c.start_node(0, None).await;
-    c.h(0).invalidate("c", "after").expect("send");
-    rb.wait_for("after", SHORT, |e| has_key(e, "after")).await;
-    let evs = rb.events();
-    let covered = has_key(&evs, "lost") || evs.iter().any(|e| matches!(e, Event::Flush { .. }));
-    c.shutdown_all().await;
-    assert!(
-        covered,
-        "silent loss: A1's invalidation \"lost\" never reached B and B got no flush \
-         (B judged A2 a clean restart of A0): {evs:?}"
-    );
+    stop_a1_then_check_a2_covers_it(&mut c).await;
 }
 
 /// Invalidations racing with the start of a graceful shutdown: whatever
@@ -289,6 +274,25 @@ async fn invalidation_accepted_as_shutdown_begins_is_sent_or_flushed() {
             trial = trials
         );
     }
+}
+
+/// Stops A1 (node 0), starts A2 with the network whole again, and checks
+/// that B (node 1) either got A1's invalidation "lost" or a flush.
+async fn stop_a1_then_check_a2_covers_it(c: &mut Cluster) {
+    let rb = c.recorders[1].clone();
+    c.nodes[0].take().expect("A1").shutdown().await;
+    c.via.clear();
+    rb.clear();
+    c.start_node(0, None).await;
+    c.h(0).invalidate("c", "after").expect("send");
+    rb.wait_for("after", SHORT, |e| has_key(e, "after")).await;
+    let evs = rb.events();
+    let covered = has_key(&evs, "lost") || evs.iter().any(|e| matches!(e, Event::Flush { .. }));
+    c.shutdown_all().await;
+    assert!(
+        covered,
+        "silent loss: A1's invalidation \"lost\" never reached B and B got no flush: {evs:?}"
+    );
 }
 
 /// A node whose only peer is a raw listener with a small receive buffer
@@ -455,19 +459,7 @@ async fn a_fully_unseen_run_is_covered_by_a_flush_thanks_to_the_state_file() {
     })
     .await;
     drop(a1);
-    c.nodes[0].take().expect("A1").shutdown().await;
-    c.via.clear();
-    rb.clear();
-    c.start_node(0, None).await;
-    c.h(0).invalidate("c", "after").expect("send");
-    rb.wait_for("after", SHORT, |e| has_key(e, "after")).await;
-    let evs = rb.events();
-    let covered = has_key(&evs, "lost") || evs.iter().any(|e| matches!(e, Event::Flush { .. }));
-    c.shutdown_all().await;
-    assert!(
-        covered,
-        "silent loss: A1's invalidation \"lost\" never reached B and B got no flush: {evs:?}"
-    );
+    stop_a1_then_check_a2_covers_it(&mut c).await;
 }
 
 /// `Events::recv` promises `None` once the mesh has shut down, even while a

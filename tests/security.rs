@@ -84,6 +84,18 @@ async fn secured_pair(s0: &str, s1: &str) -> Cluster {
     c
 }
 
+/// Waits until the node's link to its first peer last failed for a reason
+/// that says `needle`.
+async fn last_error_says(h: &MeshHandle, what: &str, needle: &str) {
+    wait_until(what, LONG, || {
+        h.status().peers[0]
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains(needle))
+    })
+    .await;
+}
+
 fn counters(h: &MeshHandle) -> cachecast::Counters {
     h.status().counters
 }
@@ -114,13 +126,7 @@ async fn a_wrong_secret_is_refused_on_both_sides() {
             counters(&h).rejected_auth >= 1
         })
         .await;
-        wait_until("the dialer says why", LONG, || {
-            h.status().peers[0]
-                .last_error
-                .as_deref()
-                .is_some_and(|e| e.contains("secret"))
-        })
-        .await;
+        last_error_says(&h, "the dialer says why", "secret").await;
         assert!(!h.status().peers[0].connected);
     }
 }
@@ -131,13 +137,7 @@ async fn a_secret_on_one_side_only_is_refused() {
     for i in 0..2 {
         let h = c.h(i).clone();
         wait_until("refusals", LONG, || counters(&h).rejected_auth >= 1).await;
-        wait_until("a clear reason", LONG, || {
-            h.status().peers[0]
-                .last_error
-                .as_deref()
-                .is_some_and(|e| e.contains("shared secret"))
-        })
-        .await;
+        last_error_says(&h, "a clear reason", "shared secret").await;
     }
 }
 
@@ -467,13 +467,7 @@ async fn a_certificate_from_another_ca_or_expired_or_misnamed_is_refused() {
         let h0 = c.h(0).clone();
         wait_until(what, LONG, || counters(&h0).rejected_tls >= 1).await;
         // Node 0 refuses to talk to the bad one as a client too.
-        wait_until(what, LONG, || {
-            h0.status().peers[0]
-                .last_error
-                .as_deref()
-                .is_some_and(|e| e.contains("TLS"))
-        })
-        .await;
+        last_error_says(&h0, what, "TLS").await;
         assert!(!h0.status().peers[0].connected, "{what}");
     }
 }
@@ -495,13 +489,7 @@ async fn plain_and_tls_nodes_refuse_each_other_clearly() {
     })
     .await;
     // And the plain dialer was told why.
-    wait_until("plain dialer's reason", LONG, || {
-        h1.status().peers[0]
-            .last_error
-            .as_deref()
-            .is_some_and(|e| e.contains("requires TLS"))
-    })
-    .await;
+    last_error_says(&h1, "plain dialer's reason", "requires TLS").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
