@@ -262,7 +262,7 @@ pub(super) async fn serve_io(
     }
     // Nothing changes state before the peer has proven who it is: the
     // reply position is only read here, and applied below.
-    let reply = lock(&shared.origins).peek(peer);
+    let reply = lock(&shared.origins).applied(peer);
     let ours = hello_for(shared, reply);
     let mut buf = BytesMut::new();
     let mut codec = FrameCodec::new();
@@ -343,14 +343,7 @@ pub(super) async fn serve_io(
 
 /// Refuses a connection, telling the other side why (best effort).
 async fn reject<W: AsyncWrite + Unpin>(shared: &Shared, wr: &mut W, kind: Rejected, reason: &str) {
-    shared.count_rejection(kind);
-    let (log, held) = shared.reject_log.admit();
-    if held > 0 {
-        warn!(held, "rejected connections not logged (rate limit)");
-    }
-    if log {
-        warn!(reason, "connection refused");
-    }
+    shared.refused(kind, None, reason);
     let mut buf = BytesMut::new();
     let msg = Message::Reject {
         reason: reason.to_string(),

@@ -59,14 +59,6 @@ impl Origins {
         }
     }
 
-    /// What [`Origins::hello`] would reply, without changing anything.
-    pub(crate) fn peek(&self, peer: usize) -> Option<Position> {
-        self.states[peer].map(|s| Position {
-            incarnation: s.incarnation,
-            seq: s.last_applied,
-        })
-    }
-
     /// A peer's hello announces `incarnation`. Returns the position to put
     /// in our hello (what we hold from that peer, any incarnation) and emits
     /// a flush when a new incarnation follows one that did not end cleanly.
@@ -82,11 +74,8 @@ impl Origins {
                 returned: incarnation,
             });
         }
+        let reply = self.applied(peer);
         let state = &mut self.states[peer];
-        let reply = state.map(|s| Position {
-            incarnation: s.incarnation,
-            seq: s.last_applied,
-        });
         match state {
             Some(s) if s.incarnation == incarnation => {}
             Some(s) => {
@@ -170,7 +159,8 @@ impl Origins {
         }
     }
 
-    /// What was applied from `peer`'s current incarnation.
+    /// What was applied from `peer`'s latest incarnation (what a hello from
+    /// it is answered with).
     pub(crate) fn applied(&self, peer: usize) -> Option<Position> {
         self.states[peer].map(|s| Position {
             incarnation: s.incarnation,

@@ -549,21 +549,26 @@ impl Shared {
 
     /// Counts and logs (rate-limited) a connection closed without a word.
     fn reject_quietly(&self, kind: Rejected, remote: SocketAddr, reason: &str) {
+        self.refused(kind, Some(&remote), reason);
+    }
+
+    /// The same, for a connection whose peer is known.
+    fn reject_quietly_peer(&self, kind: Rejected, peer: &str, reason: &str) {
+        self.refused(kind, Some(&peer), reason);
+    }
+
+    /// Counts a refused connection and logs it, within the rate limit
+    /// (`who` is left out where the span already names the connection).
+    fn refused(&self, kind: Rejected, who: Option<&dyn std::fmt::Display>, reason: &str) {
         self.count_rejection(kind);
         let (log, held) = self.reject_log.admit();
         if held > 0 {
             warn!(held, "rejected connections not logged (rate limit)");
         }
-        if log {
-            warn!(%remote, reason, "connection refused");
-        }
-    }
-
-    /// The same, for a connection whose peer is known.
-    fn reject_quietly_peer(&self, kind: Rejected, peer: &str, reason: &str) {
-        self.count_rejection(kind);
-        if self.reject_log.admit().0 {
-            warn!(peer, reason, "connection refused");
+        match (log, who) {
+            (false, _) => {}
+            (true, Some(who)) => warn!(%who, reason, "connection refused"),
+            (true, None) => warn!(reason, "connection refused"),
         }
     }
 
