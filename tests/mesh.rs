@@ -393,7 +393,7 @@ async fn invalidate_never_blocks_from_many_tasks() {
     }
     // A sanity bound only: a call that waited on the network would take
     // far longer than this on any machine.
-    assert!(worst < Duration::from_millis(200), "slowest call {worst:?}");
+    assert!(worst < Duration::from_secs(1), "slowest call {worst:?}");
     for i in 1..3 {
         let r = &c.recorders[i];
         r.wait_for("200k invalidations", LONG, |evs| {

@@ -937,11 +937,22 @@ async fn overflow_while_a_peer_is_mid_replay_flushes_only_that_peer() {
     }
     proxy.set(Mode::Stall);
     let total = 5_000u64;
+    let keeper = c.id(1);
     for k in 200..total {
-        a.invalidate("c", &k.to_string()).expect("send");
-        if k % 100 == 0 {
-            // Node 1 keeps up, so that only node 2 overflows.
-            tokio::time::sleep(Duration::from_millis(1)).await;
+        let seq = a.invalidate("c", &k.to_string()).expect("send");
+        if seq % 100 == 0 {
+            // Node 1 keeps up (acks each chunk of 100, well inside the ring
+            // of 300) however slowly this machine schedules it, so that only
+            // node 2 overflows.
+            let h = a.clone();
+            let keeper = keeper.clone();
+            wait_until("node 1 acked the chunk", Duration::from_secs(10), || {
+                h.status()
+                    .peers
+                    .iter()
+                    .any(|p| *p.id == *keeper && p.acked_seq >= seq)
+            })
+            .await;
         }
     }
     proxy.set(Mode::Forward);
