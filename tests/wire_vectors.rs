@@ -605,6 +605,23 @@ fn varint_markers_follow_the_spec() {
             Some(Message::Goodbye { last_seq: 5 })
         );
     }
+    // Message and item indexes are u32 varints: the same holds for them,
+    // a Batch (the hand-written fast path) included.
+    assert_eq!(
+        decode(&frame(&[0xfb, 4, 0])).0.expect("long index"),
+        Some(Message::Ping)
+    );
+    assert_eq!(
+        decode(&frame(&[0xfc, 2, 0, 0, 0, 7, 1, 0xfb, 2, 0]))
+            .0
+            .expect("long indexes"),
+        Some(Message::Batch(Batch {
+            first_seq: 7,
+            items: vec![Item::Flush],
+        }))
+    );
+    // A u32 index does not take the u64 form.
+    assert!(decode(&frame(&[0xfd, 4, 0, 0, 0, 0, 0, 0, 0])).0.is_err());
     // Markers 254 and 255 are never valid for the protocol's integers.
     for marker in [0xfe, 0xff] {
         let mut payload = vec![6, marker];
