@@ -20,6 +20,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::codec::{Encoder, FramedRead};
 
 const SHORT: Duration = Duration::from_secs(5);
+const LONG: Duration = Duration::from_secs(20);
 
 // ---------------------------------------------------------------------------
 // Helpers: raw peers speaking the protocol by hand, single nodes.
@@ -599,6 +600,62 @@ async fn two_nodes_with_one_identity_do_not_flush_their_peer_endlessly() {
         "B was flushed {flushes} times within 3 s by two nodes sharing one identity \
          (rejected connections: {rejected})"
     );
+}
+
+/// A stray copy with the real node's identity takes its place at B for a
+/// while (the real node is refused, and redials with a growing delay, not
+/// at the first delay in a loop); once the copy stops, the real node is
+/// taken back, with one flush, instead of staying locked out until it
+/// restarts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_real_node_gets_back_in_once_a_copy_with_its_identity_stops() {
+    let (lx, lb) = (bind().await, bind().await);
+    let (px, pb) = (port(&lx), port(&lb));
+    let (b, rb) = start(cfg(pb, &[px], 1 << 16), lb, common::tuning()).await;
+    let (x, _rx) = start(cfg(px, &[pb], 1 << 16), lx, common::tuning()).await;
+    let (hb, hx) = (b.clone(), x.clone());
+    wait_until("x and b connected", SHORT, || {
+        hb.status().peers[0].connected && hx.status().peers[0].connected
+    })
+    .await;
+    // The copy: same identity, its own port (as behind a port mapping).
+    let lcopy = bind().await;
+    let mut cc = cfg(px, &[pb], 1 << 16);
+    cc.bind = lcopy.local_addr().expect("addr");
+    let (copy, _rc) = start(cc, lcopy, common::tuning()).await;
+    wait_until("x refused as a duplicate", LONG, || {
+        hx.status().peers[0]
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("two running nodes"))
+    })
+    .await;
+    let before = x.status().peers[0].reconnects;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let retries = x.status().peers[0].reconnects - before;
+    assert!(
+        retries <= 8,
+        "x redialled {retries} times in 3 s while refused (backoff ignored)"
+    );
+    let flushes_before = rb.flushes();
+    copy.shutdown().await;
+    wait_until("x back in at b", LONG, || {
+        hb.status().peers[0].connected && hx.status().peers[0].connected
+    })
+    .await;
+    x.invalidate("c", "after-the-copy").expect("send");
+    rb.wait_for("x's invalidation", LONG, |evs| {
+        has_key(evs, "after-the-copy")
+    })
+    .await;
+    assert_eq!(
+        rb.flushes() - flushes_before,
+        1,
+        "taking x back costs one flush (its position was given up)"
+    );
+    for h in [x, b] {
+        h.shutdown().await;
+    }
 }
 
 // ---------------------------------------------------------------------------

@@ -329,6 +329,7 @@ pub(super) async fn serve_io(
             old.cancel();
         }
         l.inbound_gen += 1;
+        l.inbound_incarnation = incarnation;
         l.inbound_gen
     };
     info!(peer = %id, incarnation = format_args!("{incarnation:016x}"), "inbound link up");

@@ -92,7 +92,6 @@ pub(super) async fn run(shared: Arc<Shared>, peer: usize) {
             };
             match attempt {
                 Ok((reader, writer, hello)) => {
-                    backoff.failures = 0;
                     last_logged = None;
                     let (behind, acked) = {
                         let mut out = lock(&shared.out);
@@ -114,6 +113,7 @@ pub(super) async fn run(shared: Arc<Shared>, peer: usize) {
                                 .fetch_add(1, Ordering::Relaxed);
                         }
                         links[peer].ever_connected = true;
+                        links[peer].outbound_incarnation = hello.incarnation;
                         links[peer].last_error = None;
                     }
                     if hello
@@ -131,6 +131,12 @@ pub(super) async fn run(shared: Arc<Shared>, peer: usize) {
                     shared.peers[peer].notify.notify_one();
                     let result = session(&shared, peer, reader, writer).await;
                     lock(&shared.out).disconnected(peer);
+                    // A refusal after the hellos (a duplicate identity, a
+                    // wrong proof) is a failed attempt like any other, or
+                    // the peer would be redialled at the first delay forever.
+                    if !matches!(result, Err(LinkError::Rejected(_))) {
+                        backoff.failures = 0;
+                    }
                     match result {
                         Ok(()) => {
                             shared.set_link(peer, Dir::Out, false, "shutting down");

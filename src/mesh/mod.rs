@@ -32,7 +32,7 @@ use tokio_stream::wrappers::BroadcastStream;
 use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::auth::Secret;
 use crate::config::{ClusterConfig, NodeAddr};
@@ -298,6 +298,10 @@ enum Dir {
 struct LinkState {
     outbound: bool,
     inbound: bool,
+    /// The peer's incarnation on each link, as its hello said (meaningful
+    /// while that link is up).
+    outbound_incarnation: u64,
+    inbound_incarnation: u64,
     last_heard: Option<Instant>,
     /// Generation of the current inbound connection; a newer connection
     /// from the same peer supersedes the older one.
@@ -363,6 +367,8 @@ struct Shared {
     per_ip: limits::PerIp,
     /// Bounds the log lines of refused connections.
     reject_log: limits::LogLimiter,
+    /// Bounds the log lines about two nodes with one identity.
+    duplicate_log: limits::LogLimiter,
     /// When a shutdown must be over; set when it begins.
     shutdown_at: std::sync::OnceLock<tokio::time::Instant>,
 }
@@ -580,8 +586,18 @@ impl Shared {
     /// A peer's incarnation, as its hello says (either direction): notices
     /// restarts (flushing when one was not clean) and duplicate identities.
     fn peer_incarnation(&self, peer: usize, incarnation: u64) -> Result<(), String> {
+        let live: Vec<u64> = {
+            let l = &lock(&self.links)[peer];
+            [
+                l.inbound.then_some(l.inbound_incarnation),
+                l.outbound.then_some(l.outbound_incarnation),
+            ]
+            .into_iter()
+            .flatten()
+            .collect()
+        };
         let mut origins = lock(&self.origins);
-        let r = origins.hello(peer, incarnation, &mut |e| self.emit(e));
+        let r = origins.hello(peer, incarnation, &live, &mut |e| self.emit(e));
         self.publish_applied(peer, origins.applied(peer));
         r.map(|_| ()).map_err(|d| {
             let reason = format!(
@@ -589,7 +605,12 @@ impl Shared {
                  check cluster.instance0 on each server",
                 self.peers[peer].id, d.returned, d.current
             );
-            tracing::error!("{reason}");
+            // Both nodes keep retrying: one line a minute says it.
+            match self.duplicate_log.admit() {
+                (true, 0) => tracing::error!("{reason}"),
+                (true, held) => tracing::error!(held_back = held, "{reason}"),
+                (false, _) => debug!("{reason}"),
+            }
             reason
         })
     }
@@ -798,6 +819,7 @@ fn build_shared(
         )),
         per_ip: limits::PerIp::default(),
         reject_log: limits::LogLimiter::new(20, Duration::from_secs(60)),
+        duplicate_log: limits::LogLimiter::new(1, Duration::from_secs(60)),
         shutdown_at: std::sync::OnceLock::new(),
         tuning,
         config,
