@@ -114,6 +114,18 @@ fn check_files(config: &config::ClusterConfig) -> Vec<Problem> {
                 "cachecast.state.file",
                 format!("the folder {} does not exist", dir.display()),
             ));
+        } else if path.is_dir() {
+            problems.push(error(
+                "cachecast.state.file",
+                format!("{} is a folder; name a file in it", path.display()),
+            ));
+        } else if let Err(e) = std::fs::File::open(path)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            problems.push(error(
+                "cachecast.state.file",
+                format!("cannot read {}: {e}", path.display()),
+            ));
         }
     }
     problems

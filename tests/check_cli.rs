@@ -206,3 +206,26 @@ fn copies_match_the_shared_samples() {
         }
     }
 }
+
+#[test]
+fn a_state_file_that_is_a_folder_is_an_error_as_run_would_find() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state = dir.path().join("state");
+    std::fs::create_dir(&state).expect("mkdir");
+    let path = dir.path().join("dhis.conf");
+    std::fs::write(
+        &path,
+        format!(
+            "cluster.instance0.hostname = 127.0.0.1\ncluster.instance1.hostname = 127.0.0.2\n\
+             cachecast.state.file = {}\n",
+            state.display()
+        ),
+    )
+    .expect("write");
+    let (code, out, err) = check(&path);
+    assert_eq!(code, Some(2), "stdout:\n{out}\nstderr:\n{err}");
+    assert!(
+        err.contains("cachecast.state.file") && err.contains("is a folder"),
+        "{err}"
+    );
+}

@@ -602,6 +602,37 @@ async fn two_nodes_with_one_identity_do_not_flush_their_peer_endlessly() {
     );
 }
 
+/// Two runs cannot share one state file: the second would overwrite the
+/// first one's record and could hide its crash from the peers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_run_on_the_same_state_file_does_not_start() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state = dir.path().join("state");
+    let (l1, l2) = (bind().await, bind().await);
+    let (p1, p2) = (port(&l1), port(&l2));
+    let mut c1 = cfg(p1, &[p2], 1024);
+    c1.state_file = Some(state.clone());
+    let (first, _r1) = start(c1.clone(), l1, common::tuning()).await;
+    let mut c2 = c1.clone();
+    c2.bind = l2.local_addr().expect("addr");
+    let err = Mesh::builder(c2.clone())
+        .listener(l2)
+        .start()
+        .await
+        .expect_err("the second run must not start");
+    assert!(
+        err.to_string().contains("in use by another running node"),
+        "{err}"
+    );
+    first.shutdown().await;
+    let second = Mesh::builder(c2)
+        .listener(bind().await)
+        .start()
+        .await
+        .expect("free once the first stopped");
+    second.shutdown().await;
+}
+
 /// A stray copy with the real node's identity takes its place at B for a
 /// while (the real node is refused, and redials with a growing delay, not
 /// at the first delay in a loop); once the copy stops, the real node is

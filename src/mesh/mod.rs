@@ -371,6 +371,8 @@ struct Shared {
     duplicate_log: limits::LogLimiter,
     /// When a shutdown must be over; set when it begins.
     shutdown_at: std::sync::OnceLock<tokio::time::Instant>,
+    /// The state file's lock, held while this run may write the file.
+    state_lock: Mutex<Option<std::fs::File>>,
 }
 
 /// Why an inbound connection was refused (for counters).
@@ -694,6 +696,7 @@ impl MeshBuilder {
                 path: path.display().to_string(),
                 source: e,
             };
+            *lock(&shared.state_lock) = Some(state::lock(path).map_err(state_err)?);
             let previous = state::read(path).map_err(state_err)?;
             let incarnation = lock(&shared.out).incarnation();
             if let Some(p) = previous.filter(|p| !p.clean) {
@@ -821,6 +824,7 @@ fn build_shared(
         reject_log: limits::LogLimiter::new(20, Duration::from_secs(60)),
         duplicate_log: limits::LogLimiter::new(1, Duration::from_secs(60)),
         shutdown_at: std::sync::OnceLock::new(),
+        state_lock: Mutex::new(None),
         tuning,
         config,
     }))
@@ -1137,6 +1141,7 @@ impl MeshHandle {
                 warn!(path = %path.display(), error = %e, "cannot record the clean shutdown");
             }
         }
+        lock(&self.shared.state_lock).take();
         info!(node = %self.shared.me, "mesh stopped");
     }
 
@@ -1151,6 +1156,9 @@ impl MeshHandle {
         shared.token.cancel();
         self.tracker.close();
         self.tracker.wait().await;
+        // What a crash would do too: the state file stays as written at
+        // start, and the lock goes.
+        lock(&shared.state_lock).take();
     }
 }
 

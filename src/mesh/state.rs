@@ -8,8 +8,10 @@
 //! acknowledge everything, so a start after anything else begins with a
 //! flush to every peer.
 
+use std::ffi::OsString;
+use std::fs::{File, TryLockError};
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// How the previous run ended, as the file says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,6 +41,40 @@ pub(crate) fn read(path: &Path) -> std::io::Result<Option<Previous>> {
         incarnation: incarnation.unwrap_or(0),
         clean: incarnation.is_some() && clean == Some(true),
     }))
+}
+
+/// The lock file beside the state file: `<state file>.lock`.
+pub(crate) fn lock_path(path: &Path) -> PathBuf {
+    let mut name = OsString::from(path.as_os_str());
+    name.push(".lock");
+    PathBuf::from(name)
+}
+
+/// Takes the lock that makes the state file this run's own, held until the
+/// returned file is dropped. Two runs sharing one state file (a copied
+/// configuration on one machine) would overwrite each other's record and
+/// could hide a crash from the peers, so the second one must not start.
+/// (The state file itself is replaced on every write, so the lock lives in
+/// a file of its own.)
+pub(crate) fn lock(path: &Path) -> std::io::Result<File> {
+    let lock_path = lock_path(path);
+    let f = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)?;
+    match f.try_lock() {
+        Ok(()) => Ok(f),
+        Err(TryLockError::WouldBlock) => Err(std::io::Error::new(
+            std::io::ErrorKind::WouldBlock,
+            format!(
+                "in use by another running node ({} is locked); \
+                 each node needs its own cachecast.state.file",
+                lock_path.display()
+            ),
+        )),
+        Err(TryLockError::Error(e)) => Err(e),
+    }
 }
 
 /// Writes the file atomically (a temporary file renamed over it), synced.
@@ -78,5 +114,19 @@ mod tests {
             read(&p).expect("read").is_some_and(|p| !p.clean),
             "no incarnation: not trusted"
         );
+    }
+
+    #[test]
+    fn one_run_at_a_time_per_state_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("state");
+        let held = lock(&p).expect("first");
+        let e = lock(&p).expect_err("second");
+        assert!(
+            e.to_string().contains("in use by another running node"),
+            "{e}"
+        );
+        drop(held);
+        lock(&p).expect("free again");
     }
 }
