@@ -463,6 +463,50 @@ async fn a_fully_unseen_run_is_covered_by_a_flush_thanks_to_the_state_file() {
     stop_a1_then_check_a2_covers_it(&mut c).await;
 }
 
+/// With a state file, a crash followed by a restart costs a peer that saw
+/// the crashed run one flush (for the new incarnation without a goodbye),
+/// not a second one for the opening flush, which is only for peers that
+/// never saw that run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_costs_one_flush_with_a_state_file_too() {
+    let (mut c, listeners) = Cluster::reserve(2).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state = dir.path().join("node0.state");
+    c.customize = Some(std::sync::Arc::new(move |i, cfg| {
+        if i == 0 {
+            cfg.state_file = Some(state.clone());
+        }
+    }));
+    for (i, l) in listeners.into_iter().enumerate() {
+        c.start_node(i, Some(l)).await;
+    }
+    c.wait_connected(SHORT).await;
+    let rb = c.recorders[1].clone();
+    c.h(0).invalidate("c", "before").expect("send");
+    rb.wait_for("before", SHORT, |e| has_key(e, "before")).await;
+    c.nodes[0].take().expect("A").abort().await;
+    c.start_node(0, None).await;
+    c.h(0).invalidate("c", "after").expect("send");
+    rb.wait_for("after", LONG, |e| has_key(e, "after")).await;
+    let flushes: Vec<_> = rb
+        .events()
+        .into_iter()
+        .filter(|e| matches!(e, Event::Flush { .. }))
+        .collect();
+    assert_eq!(flushes.len(), 1, "{flushes:?}");
+    assert!(
+        matches!(
+            flushes[0],
+            Event::Flush {
+                reason: FlushReason::PeerRestarted,
+                ..
+            }
+        ),
+        "{flushes:?}"
+    );
+    c.shutdown_all().await;
+}
+
 /// `Events::recv` promises `None` once the mesh has shut down, even while a
 /// `MeshHandle` clone (or a callback capturing one) keeps the node's shared
 /// state, and with it the broadcast sender, alive.

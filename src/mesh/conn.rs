@@ -320,6 +320,7 @@ pub(super) async fn serve_io(
     if let Err(reason) = shared.peer_incarnation(peer, incarnation) {
         return reject(shared, &mut wr, Rejected::Handshake, &reason).await;
     }
+    lock(&shared.out).peer_position(peer, hello.last_applied);
     // This connection supersedes any older one from the same peer.
     let conn_token = shared.token.child_token();
     let generation = {

@@ -95,6 +95,7 @@ pub(super) async fn run(shared: Arc<Shared>, peer: usize) {
                     last_logged = None;
                     let (behind, acked) = {
                         let mut out = lock(&shared.out);
+                        out.peer_position(peer, hello.last_applied);
                         let behind = out.connected(peer, hello.last_applied);
                         (behind, out.acked(peer))
                     };

@@ -703,9 +703,9 @@ impl MeshBuilder {
                 // Whatever that run invalidated may never have arrived.
                 warn!(
                     previous = format_args!("{:016x}", p.incarnation),
-                    "the previous run did not end cleanly: every peer is told to flush"
+                    "the previous run did not end cleanly: peers that did not see it end are told to flush"
                 );
-                lock(&shared.out).push(Item::Flush);
+                lock(&shared.out).open_with_flush(p.incarnation);
                 shared.stats.originated.fetch_add(1, Ordering::Relaxed);
             }
             state::write(path, incarnation, false).map_err(state_err)?;

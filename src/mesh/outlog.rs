@@ -30,6 +30,9 @@ struct Cursor {
     sent: u64,
     /// Whether a connection is up (only then is anything written).
     connected: bool,
+    /// The peer's hello showed it knew our previous run: it needs no
+    /// opening flush (see [`OutLog::open_with_flush`]).
+    knew_previous: bool,
 }
 
 /// Sequence numbers, the replay ring and the peers' cursors.
@@ -50,6 +53,9 @@ pub(crate) struct OutLog {
     overflows: u64,
     /// Shutting down: no more invalidations are taken.
     closed: bool,
+    /// The previous run's incarnation, when seq 1 is the flush that stands
+    /// for what it may have left undelivered.
+    opening_flush_for: Option<u64>,
 }
 
 /// What [`OutLog::fill`] wrote.
@@ -74,6 +80,30 @@ impl OutLog {
             peers: vec![Cursor::default(); peers],
             overflows: 0,
             closed: false,
+            opening_flush_for: None,
+        }
+    }
+
+    /// Makes seq 1 a flush for what the previous run, `previous`, may have
+    /// left undelivered (it did not end cleanly). A peer that already knew
+    /// that run does not need it: it flushes by itself when it sees this
+    /// incarnation (that run ended without a goodbye), or it applied
+    /// everything of it (a goodbye covered it). Only a peer that never saw
+    /// it gets the flush, so a crash costs each peer one flush, not two.
+    pub(crate) fn open_with_flush(&mut self, previous: u64) {
+        if self.next_seq == 1 {
+            self.push(Item::Flush);
+            self.opening_flush_for = Some(previous);
+        }
+    }
+
+    /// What a peer's hello (either direction) says it holds from us, seen
+    /// before it learnt of this incarnation.
+    pub(crate) fn peer_position(&mut self, peer: usize, pos: Option<Position>) {
+        if let Some(previous) = self.opening_flush_for
+            && pos.is_some_and(|p| p.incarnation == previous)
+        {
+            self.peers[peer].knew_previous = true;
         }
     }
 
@@ -137,6 +167,10 @@ impl OutLog {
             && p.incarnation == incarnation
         {
             c.acked = c.acked.max(p.seq.min(last));
+        }
+        if c.knew_previous && self.opening_flush_for.is_some() {
+            // Seq 1, the opening flush, is not for this peer.
+            c.acked = c.acked.max(1);
         }
         c.sent = c.acked;
         c.connected = true;
