@@ -167,8 +167,12 @@ async fn transport(
         },
         (Some(_), false) => {
             let mut wr = stream;
-            let reason = "this node requires TLS (cachecast.tls.*) and the peer spoke plain TCP";
-            reject(shared, &mut wr, Rejected::Tls, reason).await;
+            // Named, not "this node": the dialer logs this text as is.
+            let reason = format!(
+                "{} requires TLS (cachecast.tls.*) and the connecting node spoke plain TCP",
+                shared.me
+            );
+            reject(shared, &mut wr, Rejected::Tls, &reason).await;
             None
         }
         (None, true) => {
@@ -249,14 +253,21 @@ pub(super) async fn serve_io(
         return reject(shared, &mut wr, Rejected::Tls, &reason).await;
     }
     match (&shared.secret, hello.auth) {
+        // Nodes named, not "this node" and "the peer": the dialer logs the
+        // text as is, where those words would point the other way.
         (Some(_), false) => {
-            let reason =
-                "this node requires a shared secret (cachecast.secret) and the peer has none";
-            return reject(shared, &mut wr, Rejected::Auth, reason).await;
+            let reason = format!(
+                "{} requires a shared secret (cachecast.secret) and {id} has none",
+                shared.me
+            );
+            return reject(shared, &mut wr, Rejected::Auth, &reason).await;
         }
         (None, true) => {
-            let reason = "the peer has a shared secret (cachecast.secret) and this node has none";
-            return reject(shared, &mut wr, Rejected::Auth, reason).await;
+            let reason = format!(
+                "{id} has a shared secret (cachecast.secret) and {} has none",
+                shared.me
+            );
+            return reject(shared, &mut wr, Rejected::Auth, &reason).await;
         }
         _ => {}
     }

@@ -254,16 +254,16 @@ async fn connect(
         }
         match (&shared.secret, hello.auth) {
             (None, true) => {
-                return Err(LinkError::Auth(
-                    "the peer requires a shared secret (cachecast.secret) and this node has none"
-                        .into(),
-                ));
+                return Err(LinkError::Auth(format!(
+                    "{} has a shared secret (cachecast.secret) and {} has none",
+                    info.id, shared.me
+                )));
             }
             (Some(_), false) => {
-                return Err(LinkError::Auth(
-                    "this node requires a shared secret (cachecast.secret) and the peer has none"
-                        .into(),
-                ));
+                return Err(LinkError::Auth(format!(
+                    "{} requires a shared secret (cachecast.secret) and {} has none",
+                    shared.me, info.id
+                )));
             }
             (None, false) => {}
             (Some(secret), true) => {
