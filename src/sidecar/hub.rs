@@ -38,6 +38,25 @@ struct Ring {
     /// The number the next entry gets (the first is 1).
     next: u64,
     capacity: usize,
+    /// Bytes held (the entries' JSON plus a fixed cost each), and their
+    /// bound.
+    bytes: usize,
+    max_bytes: usize,
+}
+
+/// Bytes the ring may hold whatever its count says: one peer sending
+/// 64 KiB names and keys (escaped up to six times in JSON) would otherwise
+/// grow every other sidecar to gigabytes.
+const MAX_BYTES: usize = 64 * 1024 * 1024;
+
+/// What an entry costs beside its JSON (the entry, its `Arc`, the ring's
+/// slot), roughly.
+const ENTRY_COST: usize = 64;
+
+impl Entry {
+    fn cost(&self) -> usize {
+        self.json.len() + ENTRY_COST
+    }
 }
 
 /// The ring, shared by the mesh callback and every reader.
@@ -56,11 +75,17 @@ fn lock(m: &Mutex<Ring>) -> std::sync::MutexGuard<'_, Ring> {
 
 impl Hub {
     pub(crate) fn new(run: String, capacity: usize) -> Self {
+        Self::with_bytes(run, capacity, MAX_BYTES)
+    }
+
+    fn with_bytes(run: String, capacity: usize, max_bytes: usize) -> Self {
         Hub {
             ring: Mutex::new(Ring {
                 entries: VecDeque::with_capacity(capacity.min(1024)),
                 next: 1,
                 capacity: capacity.max(1),
+                bytes: 0,
+                max_bytes,
             }),
             newest: watch::channel(0).0,
             run,
@@ -75,9 +100,16 @@ impl Hub {
             let mut ring = lock(&self.ring);
             let n = ring.next;
             ring.next += 1;
-            ring.entries.push_back(Entry { n, kind, json });
-            if ring.entries.len() > ring.capacity {
-                ring.entries.pop_front();
+            let entry = Entry { n, kind, json };
+            ring.bytes += entry.cost();
+            ring.entries.push_back(entry);
+            // The newest entry always stays, however large.
+            while ring.entries.len() > 1
+                && (ring.entries.len() > ring.capacity || ring.bytes > ring.max_bytes)
+            {
+                if let Some(old) = ring.entries.pop_front() {
+                    ring.bytes -= old.cost();
+                }
             }
             n
         };
@@ -192,5 +224,31 @@ mod tests {
         assert!(!hub.can_resume_at(6));
         assert!(!hub.can_resume_at(12), "from the future");
         assert_eq!(hub.held(), (4, 4));
+    }
+
+    #[test]
+    fn large_events_are_bounded_by_bytes_too() {
+        let hub = Hub::with_bytes("r".into(), 1000, 10_000);
+        let big = |k: u64| Event::Invalidated {
+            origin: Arc::from("a:1"),
+            seq: k,
+            cache: Arc::from("c"),
+            key: Arc::from("x".repeat(3000)),
+        };
+        for k in 1..=10 {
+            hub.push(&big(k));
+        }
+        let (held, _) = hub.held();
+        assert_eq!(held, 3, "three ~3 KB events fit in 10 KB");
+        assert!(matches!(hub.read(1, 10), Read::Lagged { resume: 8, .. }));
+        // One larger than the bound is still held, alone.
+        hub.push(&Event::Invalidated {
+            origin: Arc::from("a:1"),
+            seq: 11,
+            cache: Arc::from("c"),
+            key: Arc::from("y".repeat(20_000)),
+        });
+        assert_eq!(hub.held().0, 1);
+        assert!(hub.can_resume_at(11));
     }
 }
