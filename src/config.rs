@@ -420,6 +420,26 @@ impl Entry {
     }
 }
 
+/// Longest message a problem keeps: messages quote values, and a value
+/// can be a megabyte long.
+const MAX_MESSAGE: usize = 400;
+
+/// Cuts a message to [`MAX_MESSAGE`] bytes (on a character boundary),
+/// saying how much was left out.
+fn shorten(mut message: String) -> String {
+    if message.len() <= MAX_MESSAGE {
+        return message;
+    }
+    let mut cut = MAX_MESSAGE;
+    while !message.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let left = message.len() - cut;
+    message.truncate(cut);
+    message.push_str(&format!("… ({left} more bytes)"));
+    message
+}
+
 /// Collects problems while the file is read.
 #[derive(Default)]
 struct Report {
@@ -432,7 +452,7 @@ impl Report {
             severity,
             key: (!key.is_empty()).then(|| key.to_string()),
             line,
-            message,
+            message: shorten(message),
         });
     }
     fn error(&mut self, key: &str, line: Option<usize>, message: impl Into<String>) {

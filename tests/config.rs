@@ -1916,3 +1916,18 @@ proptest! {
         prop_assert_eq!(invariants(text.as_bytes()), Ok(()), "{:?}", text);
     }
 }
+
+#[test]
+fn a_huge_value_is_quoted_shortened() {
+    let text = format!(
+        "cluster.instance0.hostname = 10.0.0.1\ncluster.instance0.cache.port = {}\n",
+        "9".repeat(100_000)
+    );
+    let (errors, _) = invalid(text.as_bytes());
+    let e = errors
+        .iter()
+        .find(|p| p.key.as_deref() == Some("cluster.instance0.cache.port"))
+        .expect("the port error");
+    assert!(e.message.len() < 500, "{} bytes", e.message.len());
+    assert!(e.message.ends_with("more bytes)"), "{}", e.message);
+}
