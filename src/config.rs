@@ -784,6 +784,12 @@ fn check_host(host: &str) -> Result<(), String> {
     if host.contains("://") {
         return Err(format!("`{host}` is a URL; give a host name or IP address"));
     }
+    if host.contains(':') && host.contains('%') {
+        return Err(format!(
+            "`{host}`: IPv6 zone ids (`%eth0`) are not supported; \
+             give a global or unique-local address of the peer"
+        ));
+    }
     if host.contains(':') {
         return Err(format!(
             "`{host}` holds a `:`; give the port in its own key (or bracket an IPv6 address)"

@@ -554,6 +554,16 @@ fn duplicates_and_addresses() {
             "cluster.instance0.hostname = [::1]:4001\ncluster.instance1.hostname = 10.0.0.2\n",
             Error("cluster.instance0.hostname", Some(1), "holds a `:`"),
         ),
+        (
+            "IPv6 zone id, in a member",
+            "cluster.hostname = 10.0.0.1\ncluster.members = [fe80::1%eth0]:4001\n",
+            Error("cluster.members", Some(2), "zone ids"),
+        ),
+        (
+            "IPv6 zone id, in an instance",
+            "cluster.instance0.hostname = 10.0.0.1\ncluster.instance1.hostname = fe80::1%eth0\n",
+            Error("cluster.instance1.hostname", Some(2), "zone ids"),
+        ),
     ]);
 }
 
