@@ -315,7 +315,8 @@ async fn three_sidecars_deliver_over_http_and_wait_returns_acks() {
     let (code, body) = post(
         &c.nodes[0],
         "/v1/invalidate?wait=2s",
-        json!([{"cache": "c", "key": "a"}, {"cache": "c", "key": "b"}, {"cache": "whole"}]),
+        // `"key": null` is the whole cache, as when the key is left out.
+        json!([{"cache": "c", "key": "a"}, {"cache": "c", "key": "b"}, {"cache": "whole", "key": null}]),
     )
     .await;
     assert_eq!(code, 200, "{body}");
@@ -605,6 +606,20 @@ async fn bad_input_gets_json_errors_and_the_node_keeps_serving() {
             String::from_utf8_lossy(b"{\"cache\": \"\xff\"}").into_owned(),
             202,
             "",
+        ),
+        (
+            "null key: the whole cache",
+            Some("application/json"),
+            r#"{"cache": "c", "key": null}"#.into(),
+            202,
+            "",
+        ),
+        (
+            "null cache",
+            Some("application/json"),
+            r#"{"cache": null, "key": "k"}"#.into(),
+            400,
+            "missing `cache`",
         ),
     ];
     for (name, ctype, body, want, needle) in cases {

@@ -72,11 +72,8 @@ fn to_item(v: Value) -> Result<Item, String> {
             kind_of(&v)
         ));
     }
-    // A null key is more likely a client's bug than a wish to empty the
-    // whole cache: say so rather than clear more than meant.
-    if v.get("key").is_some_and(Value::is_null) {
-        return Err("`key` is null; omit it to invalidate the whole cache".into());
-    }
+    // `"key": null` means no key (the whole cache), as documented: Java
+    // serializers commonly write absent fields as null.
     let r: Request = serde_json::from_value(v).map_err(|e| e.to_string())?;
     let item = match (r.flush, r.cache, r.key) {
         (Some(true), None, None) => Item::Flush,
