@@ -807,6 +807,14 @@ async fn webhook_gets_a_flush_first_then_batches() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     c2.nodes[0].wait_healthy().await;
+    // The log says why, not only which URL: the cause is in the error's
+    // sources.
+    let log = c2.nodes[0].log_text();
+    let line = log
+        .lines()
+        .find(|l| l.contains("webhook delivery failed"))
+        .unwrap_or_else(|| panic!("no failure logged:\n{log}"));
+    assert!(line.contains("Connection refused"), "{line}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
