@@ -78,6 +78,26 @@ fn config_path(explicit: Option<PathBuf>) -> (PathBuf, &'static str) {
     (config::locate(explicit.as_deref(), home.as_deref()), why)
 }
 
+/// Writes `text` to stdout. Fails only with the error to end on; a closed
+/// stdout (`cachecast status | head -1`) is among them, see [`ended`].
+fn out(text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    stdout.write_all(text.as_bytes())?;
+    stdout.flush()
+}
+
+/// The exit status after stdout failed: a reader that went away (`| head`)
+/// is the normal end of a pipeline, so success without a word; anything
+/// else is reported.
+fn ended(e: &std::io::Error) -> ExitCode {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        return ExitCode::SUCCESS;
+    }
+    eprintln!("error: cannot write to stdout: {e}");
+    ExitCode::FAILURE
+}
+
 fn print_problems(problems: &[Problem]) {
     for p in problems {
         eprintln!("{p}");
@@ -151,20 +171,29 @@ fn check(explicit: Option<PathBuf>) -> ExitCode {
         config::Format::Members => "cluster.hostname/cluster.members keys",
         config::Format::Programmatic => "built in code",
     };
-    println!("config     {} ({format})", path.display());
-    println!("this node  {}  resolves to {}", config.node, show(0));
-    println!("listens on {}", config.bind);
-    println!("peers      {}", config.peers.len());
+    use std::fmt::Write as _;
+    let mut report = String::new();
+    let _ = writeln!(report, "config     {} ({format})", path.display());
+    let _ = writeln!(
+        report,
+        "this node  {}  resolves to {}",
+        config.node,
+        show(0)
+    );
+    let _ = writeln!(report, "listens on {}", config.bind);
+    let _ = writeln!(report, "peers      {}", config.peers.len());
     for (i, peer) in config.peers.iter().enumerate() {
         let line = peer.line.map(|l| format!(", line {l}")).unwrap_or_default();
-        println!(
+        let _ = writeln!(
+            report,
             "  {}  ({}{line})  resolves to {}",
             peer.addr,
             peer.source,
             show(i + 1)
         );
     }
-    println!(
+    let _ = writeln!(
+        report,
         "secret     {}",
         match &config.secret {
             None => "none (only the source-address allowlist protects the port)".to_string(),
@@ -172,19 +201,22 @@ fn check(explicit: Option<PathBuf>) -> ExitCode {
             Some(config::SecretSource::File(p)) => format!("from {}", p.display()),
         }
     );
-    println!(
+    let _ = writeln!(
+        report,
         "tls        {}",
         match &config.tls {
             None => "off".to_string(),
             Some(t) => format!("cert {}, CA {}", t.cert.display(), t.ca.display()),
         }
     );
-    println!("api        http://{}", config.api);
-    println!(
+    let _ = writeln!(report, "api        http://{}", config.api);
+    let _ = writeln!(
+        report,
         "buffer     {} invalidations (a peer may be behind by this many before it gets a flush)",
         config.buffer
     );
-    println!(
+    let _ = writeln!(
+        report,
         "state      {}",
         config.state_file.as_ref().map_or(
             "none (set cachecast.state.file so a start after a crash flushes the peers)"
@@ -192,6 +224,9 @@ fn check(explicit: Option<PathBuf>) -> ExitCode {
             |p| p.display().to_string()
         )
     );
+    if let Err(e) = out(&report) {
+        return ended(&e);
+    }
     problems.extend(warnings);
     let errors = problems
         .iter()
@@ -202,8 +237,10 @@ fn check(explicit: Option<PathBuf>) -> ExitCode {
         eprintln!("{}: invalid ({errors} error(s))", path.display());
         return ExitCode::from(2);
     }
-    println!("valid");
-    ExitCode::SUCCESS
+    match out("valid\n") {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => ended(&e),
+    }
 }
 
 fn demo() -> ExitCode {
@@ -225,6 +262,15 @@ fn demo() -> ExitCode {
     match runtime.block_on(cachecast::demo::run(Box::new(std::io::stdout()))) {
         Ok(_) => ExitCode::SUCCESS,
         Err(e) => {
+            // The demo writes only to stdout: a reader that went away
+            // (`cachecast demo | head`) ends it, quietly.
+            let closed = e.chain().any(|c| {
+                c.downcast_ref::<std::io::Error>()
+                    .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+            });
+            if closed {
+                return ExitCode::SUCCESS;
+            }
             eprintln!("demo failed: {e:#}");
             ExitCode::FAILURE
         }
@@ -382,10 +428,13 @@ fn status(explicit: Option<PathBuf>, raw: bool) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    if raw {
-        println!("{body:#}");
-        return ExitCode::SUCCESS;
+    let text = if raw {
+        format!("{body:#}\n")
+    } else {
+        cachecast::sidecar::status_table(&body)
+    };
+    match out(&text) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => ended(&e),
     }
-    print!("{}", cachecast::sidecar::status_table(&body));
-    ExitCode::SUCCESS
 }

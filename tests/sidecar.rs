@@ -868,3 +868,27 @@ fn run_refuses_a_bad_config_with_exit_2() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("clustering is off"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_into_a_closed_pipe_ends_quietly() {
+    let mut c = Cluster::new(1, "");
+    c.start_all().await;
+    for raw in [true, false] {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_cachecast"));
+        cmd.args(["status", "--config"]).arg(&c.nodes[0].conf);
+        if raw {
+            cmd.arg("--json");
+        }
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn status");
+        // The reader goes away before anything is printed (`| head -0`).
+        drop(child.stdout.take());
+        let out = child.wait_with_output().expect("wait");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "json {raw}: {err}");
+        assert!(err.is_empty(), "json {raw}: {err}");
+    }
+}
