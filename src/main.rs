@@ -356,6 +356,11 @@ fn run(explicit: Option<PathBuf>, format: LogFormat) -> ExitCode {
              for a run they never saw (see docs/operations.md)"
         );
     }
+    let options = cachecast::sidecar::Options {
+        api_max_connections: Some(api_connection_cap(&config)),
+        api_idle_timeout: test_idle_timeout(),
+        ..Default::default()
+    };
     let Some(rt) = runtime() else {
         return ExitCode::FAILURE;
     };
@@ -367,7 +372,7 @@ fn run(explicit: Option<PathBuf>, format: LogFormat) -> ExitCode {
             tracing::info!("signal received: shutting down gracefully");
             on_signal.cancel();
         });
-        match cachecast::sidecar::run(config, Default::default(), shutdown).await {
+        match cachecast::sidecar::run(config, options, shutdown).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 tracing::error!("{e}");
@@ -375,6 +380,82 @@ fn run(explicit: Option<PathBuf>, format: LogFormat) -> ExitCode {
             }
         }
     })
+}
+
+/// Raises the soft limit on open files to the hard limit (a service may
+/// need more than the usual soft default of 1024, and only the hard limit
+/// is the administrator's choice). Returns the soft limit in force.
+fn raise_nofile_limit() -> std::io::Result<libc::rlim_t> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit only writes the struct it is given.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if lim.rlim_cur < lim.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: lim.rlim_max,
+            rlim_max: lim.rlim_max,
+        };
+        // SAFETY: setrlimit only reads the struct it is given. It can fail
+        // (an unlimited hard limit is above the kernel's nr_open): then the
+        // soft limit stays as it was.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            lim.rlim_cur = lim.rlim_max;
+        }
+    }
+    Ok(lim.rlim_cur)
+}
+
+/// Descriptors kept aside beside connections: listeners, the runtime's
+/// own, the state file, webhook and DNS sockets, stdio.
+const FD_RESERVE: u64 = 32;
+
+/// The cap on API connections: the default, or less when the limit on
+/// open files would not leave room for the mesh (its inbound connections
+/// and one outbound per peer), so that API clients can never starve the
+/// mesh. Raises the limit first, and warns when it is too low for both.
+fn api_connection_cap(config: &config::ClusterConfig) -> usize {
+    use cachecast::sidecar::MAX_API_CONNECTIONS;
+    let mesh = cachecast::Tuning::default().max_connections as u64 + config.peers.len() as u64;
+    let wanted = mesh + MAX_API_CONNECTIONS as u64 + FD_RESERVE;
+    let soft = match raise_nofile_limit() {
+        Ok(n) => n,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the limit on open files; assuming it suffices");
+            return MAX_API_CONNECTIONS;
+        }
+    };
+    if soft >= wanted {
+        return MAX_API_CONNECTIONS;
+    }
+    // Never zero: the API must stay usable, if cramped.
+    let cap = soft
+        .saturating_sub(mesh + FD_RESERVE)
+        .clamp(8, MAX_API_CONNECTIONS as u64);
+    tracing::warn!(
+        limit = soft,
+        wanted,
+        api_max_connections = cap,
+        "the limit on open files is too low for the mesh and {MAX_API_CONNECTIONS} API connections; \
+         the API gets fewer. Raise it (under systemd: LimitNOFILE={wanted} or more)"
+    );
+    cap as usize
+}
+
+/// Test only: `CACHECAST_TEST_API_IDLE_TIMEOUT_MS` shortens the API's idle
+/// timeout, so that tests need not wait for the real one.
+fn test_idle_timeout() -> Option<Duration> {
+    let v = std::env::var("CACHECAST_TEST_API_IDLE_TIMEOUT_MS").ok()?;
+    match v.parse::<u64>() {
+        Ok(ms) if ms > 0 => Some(Duration::from_millis(ms)),
+        _ => {
+            tracing::warn!(value = %v, "ignoring CACHECAST_TEST_API_IDLE_TIMEOUT_MS: not a positive number");
+            None
+        }
+    }
 }
 
 /// SIGTERM or SIGINT (Ctrl-C).

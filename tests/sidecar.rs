@@ -26,15 +26,30 @@ struct Sidecar {
     api: SocketAddr,
     port: u16,
     log: PathBuf,
+    /// Extra environment of the process.
+    env: Vec<(&'static str, String)>,
+    /// A limit on open files (soft and hard) to start it under.
+    nofile: Option<u32>,
 }
 
 impl Sidecar {
     fn spawn(&mut self) {
         let log = std::fs::File::create(&self.log).expect("log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_cachecast"))
+        let bin = env!("CARGO_BIN_EXE_cachecast");
+        let mut cmd = match self.nofile {
+            // The shell sets the limit, then becomes the sidecar (same pid).
+            Some(n) => {
+                let mut c = Command::new("sh");
+                c.args(["-c", &format!("ulimit -n {n} && exec \"$0\" \"$@\""), bin]);
+                c
+            }
+            None => Command::new(bin),
+        };
+        let child = cmd
             .args(["run", "--config"])
             .arg(&self.conf)
             .env("RUST_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -154,6 +169,8 @@ impl Cluster {
                 api: SocketAddr::from(([127, 0, 0, 1], apis[i])),
                 port: ports[i],
                 log: dir.path().join(format!("node{i}.log")),
+                env: Vec::new(),
+                nofile: None,
             });
         }
         Cluster { _dir: dir, nodes }
@@ -867,6 +884,215 @@ fn run_refuses_a_bad_config_with_exit_2() {
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("clustering is off"), "{err}");
+}
+
+/// Reads `stream` until the server closes it (EOF or reset); returns what
+/// was read, or panics after `limit`.
+async fn read_until_closed(stream: &mut tokio::net::TcpStream, limit: Duration) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return got,
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+            Err(_) => panic!(
+                "still open after {limit:?}; read {:?}",
+                String::from_utf8_lossy(&got)
+            ),
+        }
+    }
+}
+
+/// The value of an unlabelled metric.
+async fn metric(node: &Sidecar, name: &str) -> u64 {
+    let text = client()
+        .get(node.url("/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in:\n{text}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_beyond_the_cap_starve_neither_the_api_nor_the_mesh() {
+    use tokio::net::TcpStream;
+    let mut c = Cluster::new(2, "");
+    // As in the field report: a low limit on open files. `run` fits the
+    // API's cap under it, leaving room for the mesh.
+    c.nodes[0].nofile = Some(160);
+    c.nodes[0].spawn();
+    c.nodes[0].wait_healthy().await;
+    let log = c.nodes[0].log_text();
+    assert!(
+        log.contains("LimitNOFILE="),
+        "no warning about the limit:\n{log}"
+    );
+    let cap: usize = log
+        .lines()
+        .find(|l| l.contains("sidecar API listening"))
+        .and_then(|l| l.split("max_connections=").nth(1))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no max_connections in:\n{log}"));
+    assert!((8..160).contains(&cap), "cap {cap}");
+
+    // Far more idle connections than the cap: the ones beyond it are
+    // closed at once, the others stay open (idle timeout: 75 s).
+    const FLOOD: usize = 200;
+    let mut flood = Vec::new();
+    for _ in 0..FLOOD {
+        flood.push(TcpStream::connect(c.nodes[0].api).await.expect("connect"));
+    }
+    let closed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut watchers = Vec::new();
+    for mut s in flood {
+        let closed = closed.clone();
+        watchers.push(tokio::spawn(async move {
+            use tokio::io::AsyncReadExt;
+            let mut b = [0u8; 64];
+            if matches!(s.read(&mut b).await, Ok(0) | Err(_)) {
+                closed.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+            // Held open until the test aborts this task.
+            std::future::pending::<()>().await;
+        }));
+    }
+    let deadline = tokio::time::Instant::now() + LONG;
+    while closed.load(std::sync::atomic::Ordering::SeqCst) < FLOOD - cap {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "only {} of {FLOOD} closed; cap {cap}",
+            closed.load(std::sync::atomic::Ordering::SeqCst)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // With the API full, a peer still connects to the mesh port.
+    c.nodes[1].spawn();
+    c.nodes[1].wait_healthy().await;
+    let deadline = tokio::time::Instant::now() + LONG;
+    loop {
+        let st = c.nodes[1].status().await;
+        if st["peers"][0]["connected"] == json!(true) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the peer never connected: {st}\nlog of the flooded node:\n{}",
+            c.nodes[0].log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        closed.load(std::sync::atomic::Ordering::SeqCst),
+        FLOOD - cap,
+        "connections within the cap were closed"
+    );
+    let log = c.nodes[0].log_text();
+    assert!(!log.contains("Too many open files"), "{log}");
+    assert!(
+        log.contains("too many open"),
+        "the refusals are logged:\n{log}"
+    );
+
+    // Once the idle clients go away, /healthz answers again.
+    for w in &watchers {
+        w.abort();
+    }
+    c.nodes[0].wait_healthy().await;
+    let refused = metric(&c.nodes[0], "cachecast_api_connections_refused_total").await;
+    assert!(refused >= (FLOOD - cap) as u64, "refused {refused}");
+    assert_eq!(
+        metric(&c.nodes[0], "cachecast_api_connections_max").await,
+        cap as u64
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_api_connections_are_closed_and_a_live_stream_is_not() {
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::TcpStream;
+    const IDLE: Duration = Duration::from_millis(1500);
+    let mut c = Cluster::new(1, "");
+    c.nodes[0].env.push((
+        "CACHECAST_TEST_API_IDLE_TIMEOUT_MS",
+        IDLE.as_millis().to_string(),
+    ));
+    c.start_all().await;
+    let n = &c.nodes[0];
+
+    // An event stream whose client reads: kept alive by the comments the
+    // server sends (every IDLE/3 here) for several idle periods.
+    let mut sse = TcpStream::connect(n.api).await.expect("connect");
+    sse.write_all(b"GET /v1/events HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await
+        .expect("write");
+
+    let stalls: [(&str, &[u8]); 3] = [
+        ("partial header", b"GET /healthz HTTP/1.1\r\nHost: t\r\n"),
+        (
+            "stalled body",
+            b"POST /v1/invalidate HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{",
+        ),
+        (
+            "idle keep-alive",
+            b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n",
+        ),
+    ];
+    let mut tasks = Vec::new();
+    for (name, bytes) in stalls {
+        let mut s = TcpStream::connect(n.api).await.expect("connect");
+        s.write_all(bytes).await.expect("write");
+        tasks.push(tokio::spawn(async move {
+            let start = tokio::time::Instant::now();
+            let got = read_until_closed(&mut s, LONG).await;
+            (
+                name,
+                start.elapsed(),
+                String::from_utf8_lossy(&got).into_owned(),
+            )
+        }));
+    }
+    for t in tasks {
+        let (name, took, got) = t.await.expect("task");
+        // Closed by the timeout, not at once.
+        assert!(
+            took >= IDLE - Duration::from_millis(200),
+            "{name}: after {took:?}"
+        );
+        if name == "idle keep-alive" {
+            assert!(got.starts_with("HTTP/1.1 200"), "{name}: {got}");
+        }
+    }
+
+    // The stream outlived them, still open and still getting comments.
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let until = tokio::time::Instant::now() + IDLE * 2;
+    while let Ok(r) = tokio::time::timeout_at(until, {
+        use tokio::io::AsyncReadExt;
+        sse.read(&mut buf)
+    })
+    .await
+    {
+        match r {
+            Ok(0) | Err(_) => panic!(
+                "the live stream was closed: {:?}",
+                String::from_utf8_lossy(&got)
+            ),
+            Ok(k) => got.extend_from_slice(&buf[..k]),
+        }
+    }
+    assert!(!got.is_empty(), "no keep-alive within {:?}", IDLE * 2);
+    assert!(metric(n, "cachecast_api_connections_timed_out_total").await >= 3);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -285,7 +285,8 @@ async fn events(State(app): State<Arc<App>>, headers: HeaderMap) -> impl IntoRes
         cursor,
         pending,
     };
-    Sse::new(sse_stream(state)).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+    let keep_alive = state.app.keep_alive;
+    Sse::new(sse_stream(state)).keep_alive(KeepAlive::new().interval(keep_alive))
 }
 
 fn sse_stream(state: SseState) -> impl Stream<Item = Result<SseEvent, Infallible>> {
@@ -525,6 +526,30 @@ fn render_metrics(app: &App, st: &Status) -> String {
         "counter",
         "Times an event-stream client fell behind the ring.",
         plain(app.sse_lagged.load(Ordering::Relaxed)),
+    );
+    metric(
+        "cachecast_api_connections",
+        "gauge",
+        "Open connections to the HTTP API.",
+        plain(app.conns.open() as u64),
+    );
+    metric(
+        "cachecast_api_connections_max",
+        "gauge",
+        "Most connections to the HTTP API open at once.",
+        plain(app.conns.max as u64),
+    );
+    metric(
+        "cachecast_api_connections_refused_total",
+        "counter",
+        "API connections closed at once because the most were open.",
+        plain(app.conns.refused.load(Ordering::Relaxed)),
+    );
+    metric(
+        "cachecast_api_connections_timed_out_total",
+        "counter",
+        "API connections closed after no progress for the idle timeout.",
+        plain(app.conns.timed_out.load(Ordering::Relaxed)),
     );
     metric(
         "cachecast_api_invalidations_total",
