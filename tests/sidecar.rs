@@ -90,11 +90,19 @@ impl Sidecar {
         }
     }
 
-    /// SIGTERM, then wait for the process to exit.
-    fn terminate(&mut self) -> std::process::ExitStatus {
+    /// Sends a signal (`TERM`, `STOP`, `CONT`) to the running process.
+    fn signal(&self, sig: &str) {
+        let pid = self.child.as_ref().expect("running").id().to_string();
+        let ok = Command::new("kill")
+            .args([&format!("-{sig}"), &pid])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "kill -{sig} {pid}");
+    }
+
+    /// Waits for the process to exit.
+    fn wait_exit(&mut self) -> std::process::ExitStatus {
         let mut c = self.child.take().expect("running");
-        let pid = c.id().to_string();
-        let _ = Command::new("kill").args(["-TERM", &pid]).status();
         let deadline = std::time::Instant::now() + LONG;
         loop {
             if let Ok(Some(status)) = c.try_wait() {
@@ -106,6 +114,12 @@ impl Sidecar {
             );
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    /// SIGTERM, then wait for the process to exit.
+    fn terminate(&mut self) -> std::process::ExitStatus {
+        self.signal("TERM");
+        self.wait_exit()
     }
 
     fn log_text(&self) -> String {
@@ -676,15 +690,39 @@ async fn bad_input_gets_json_errors_and_the_node_keeps_serving() {
             .expect("send");
         assert_eq!(r.status(), 400, "wait={w}");
     }
-    // Unknown endpoint, wrong method.
+    // Unknown endpoint, wrong method: JSON errors too, 405 with `allow`.
     let r = client().get(n.url("/nope")).send().await.expect("send");
     assert_eq!(r.status(), 404);
-    let r = client()
-        .get(n.url("/v1/invalidate"))
-        .send()
-        .await
-        .expect("send");
-    assert_eq!(r.status(), 405);
+    let v: Value = r.json().await.expect("404 body is JSON");
+    assert!(
+        v["error"]
+            .as_str()
+            .is_some_and(|m| m.contains("no such endpoint")),
+        "{v}"
+    );
+    for (method, path, allowed) in [
+        (reqwest::Method::GET, "/v1/invalidate", "POST"),
+        (reqwest::Method::DELETE, "/healthz", "GET"),
+        (reqwest::Method::POST, "/v1/events", "GET"),
+    ] {
+        let r = client()
+            .request(method.clone(), n.url(path))
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(r.status(), 405, "{method} {path}");
+        let allow = r
+            .headers()
+            .get("allow")
+            .map(|v| v.to_str().unwrap_or("").to_string());
+        assert!(
+            allow.as_deref().is_some_and(|a| a.contains(allowed)),
+            "{method} {path}: allow {allow:?}"
+        );
+        let v: Value = r.json().await.expect("405 body is JSON");
+        let msg = v["error"].as_str().unwrap_or_default();
+        assert!(msg.contains(method.as_str()) && msg.contains(path), "{v}");
+    }
     // Still serving.
     let (code, _) = post(n, "/v1/invalidate", json!({"cache": "c", "key": "after"})).await;
     assert_eq!(code, 202);
@@ -1093,6 +1131,51 @@ async fn stalled_api_connections_are_closed_and_a_live_stream_is_not() {
     }
     assert!(!got.is_empty(), "no keep-alive within {:?}", IDLE * 2);
     assert!(metric(n, "cachecast_api_connections_timed_out_total").await >= 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn during_a_graceful_stop_the_api_answers_503() {
+    let mut c = Cluster::new(2, "");
+    c.start_all().await;
+    c.wait_connected().await;
+    // A peer that cannot acknowledge keeps the stop draining (for up to
+    // 2 s): the window in which the API must still answer.
+    c.nodes[1].signal("STOP");
+    c.nodes[0].signal("TERM");
+    let deadline = tokio::time::Instant::now() + LONG;
+    let body = loop {
+        match client().get(c.nodes[0].url("/healthz")).send().await {
+            Ok(r) if r.status() == 503 => break r.json::<Value>().await.expect("JSON"),
+            Ok(r) => assert_eq!(r.status(), 200, "before the stop"),
+            Err(e) => panic!("refused during the stop: {e}"),
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never 503");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert!(
+        body["error"]
+            .as_str()
+            .is_some_and(|m| m.contains("shutting down")),
+        "{body}"
+    );
+    let r = client()
+        .post(c.nodes[0].url("/v1/invalidate"))
+        .json(&json!({"cache": "c"}))
+        .send()
+        .await;
+    // Still within the drain, unless it ended just now.
+    if let Ok(r) = r {
+        assert_eq!(r.status(), 503);
+        let v: Value = r.json().await.expect("JSON");
+        assert!(v["error"].is_string(), "{v}");
+    }
+    c.nodes[1].signal("CONT");
+    let status = c.nodes[0].wait_exit();
+    assert!(
+        status.success(),
+        "exit {status:?}\n{}",
+        c.nodes[0].log_text()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -9,7 +9,9 @@ use std::time::Duration;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Query, State};
-use axum::http::{HeaderMap, StatusCode, header};
+
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
+use axum::middleware::Next;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -40,13 +42,51 @@ pub(crate) fn router(app: Arc<App>) -> Router {
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
+        .layer(axum::middleware::from_fn_with_state(
+            app.clone(),
+            refuse_while_stopping,
+        ))
         .with_state(app)
+}
+
+/// While the sidecar shuts down, every endpoint (`/healthz` too) answers
+/// 503, so that clients see why and retry, rather than a refused
+/// connection.
+async fn refuse_while_stopping(
+    State(app): State<Arc<App>>,
+    req: axum::extract::Request,
+    next: Next,
+) -> Response {
+    if app.shutdown.is_cancelled() {
+        let mut r = error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the sidecar is shutting down",
+        );
+        // Nothing more will be served on this connection.
+        r.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        return r;
+    }
+    next.run(req).await
 }
 
 /// A JSON error response.
 fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, Json(json!({"error": message.into()}))).into_response()
+}
+
+/// Axum's own 405 has an empty body; ours is JSON like every other error
+/// (axum still adds the `allow` header).
+async fn method_not_allowed(method: Method, uri: Uri) -> Response {
+    error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!(
+            "{method} is not allowed on {}; see the allow header",
+            uri.path()
+        ),
+    )
 }
 
 async fn not_found() -> Response {

@@ -14,6 +14,7 @@ mod hub;
 mod table;
 mod webhook;
 
+use std::future::IntoFuture;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
@@ -91,7 +92,8 @@ pub struct Options {
 }
 
 /// Runs the sidecar until `shutdown` is cancelled, then shuts down
-/// gracefully (the mesh drains and says goodbye).
+/// gracefully: the mesh drains and says goodbye while the API answers 503,
+/// and the API stops last.
 pub async fn run(
     config: ClusterConfig,
     options: Options,
@@ -151,10 +153,37 @@ pub async fn run(
     }
     info!(api = %api_addr, node = %mesh.node(), max_connections = conns.max, idle_timeout = ?idle, "sidecar API listening");
     let listener = conn::ApiListener::new(api_listener, conns, idle);
-    let server = axum::serve(listener, api::router(app))
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned());
-    let served = server.await;
+    // The API outlives `shutdown`: while the mesh drains, it answers 503
+    // (as documented) instead of refusing connections.
+    let stop_api = CancellationToken::new();
+    let mut server = tokio::spawn(
+        axum::serve(listener, api::router(app))
+            .with_graceful_shutdown(stop_api.clone().cancelled_owned())
+            .into_future(),
+    );
+    let early = tokio::select! {
+        r = &mut server => Some(r),
+        _ = shutdown.cancelled() => None,
+    };
     info!("shutting down: draining to peers");
     mesh.shutdown().await;
-    served.map_err(SidecarError::Serve)
+    let served = match early {
+        Some(r) => r,
+        None => {
+            stop_api.cancel();
+            // Open requests get a moment to finish; a connection that
+            // lingers beyond it ends with the process.
+            match tokio::time::timeout(Duration::from_secs(1), &mut server).await {
+                Ok(r) => r,
+                Err(_) => {
+                    server.abort();
+                    Ok(Ok(()))
+                }
+            }
+        }
+    };
+    match served {
+        Ok(r) => r.map_err(SidecarError::Serve),
+        Err(e) => Err(SidecarError::Serve(std::io::Error::other(e))),
+    }
 }
