@@ -1201,3 +1201,16 @@ async fn status_into_a_closed_pipe_ends_quietly() {
         assert!(err.is_empty(), "json {raw}: {err}");
     }
 }
+
+#[test]
+fn run_reports_an_unreadable_config_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = Command::new(env!("CARGO_BIN_EXE_cachecast"))
+        .args(["run", "--config"])
+        .arg(dir.path().join("missing.conf"))
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.matches("cannot read").count(), 1, "{err}");
+}
