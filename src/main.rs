@@ -78,6 +78,26 @@ fn config_path(explicit: Option<PathBuf>) -> (PathBuf, &'static str) {
     (config::locate(explicit.as_deref(), home.as_deref()), why)
 }
 
+/// Writes `text` to stdout. Fails only with the error to end on; a closed
+/// stdout (`cachecast status | head -1`) is among them, see [`ended`].
+fn out(text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    stdout.write_all(text.as_bytes())?;
+    stdout.flush()
+}
+
+/// The exit status after stdout failed: a reader that went away (`| head`)
+/// is the normal end of a pipeline, so success without a word; anything
+/// else is reported.
+fn ended(e: &std::io::Error) -> ExitCode {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        return ExitCode::SUCCESS;
+    }
+    eprintln!("error: cannot write to stdout: {e}");
+    ExitCode::FAILURE
+}
+
 fn print_problems(problems: &[Problem]) {
     for p in problems {
         eprintln!("{p}");
@@ -163,20 +183,29 @@ fn check(explicit: Option<PathBuf>) -> ExitCode {
         config::Format::Members => "cluster.hostname/cluster.members keys",
         config::Format::Programmatic => "built in code",
     };
-    println!("config     {} ({format})", path.display());
-    println!("this node  {}  resolves to {}", config.node, show(0));
-    println!("listens on {}", config.bind);
-    println!("peers      {}", config.peers.len());
+    use std::fmt::Write as _;
+    let mut report = String::new();
+    let _ = writeln!(report, "config     {} ({format})", path.display());
+    let _ = writeln!(
+        report,
+        "this node  {}  resolves to {}",
+        config.node,
+        show(0)
+    );
+    let _ = writeln!(report, "listens on {}", config.bind);
+    let _ = writeln!(report, "peers      {}", config.peers.len());
     for (i, peer) in config.peers.iter().enumerate() {
         let line = peer.line.map(|l| format!(", line {l}")).unwrap_or_default();
-        println!(
+        let _ = writeln!(
+            report,
             "  {}  ({}{line})  resolves to {}",
             peer.addr,
             peer.source,
             show(i + 1)
         );
     }
-    println!(
+    let _ = writeln!(
+        report,
         "secret     {}",
         match &config.secret {
             None => "none (only the source-address allowlist protects the port)".to_string(),
@@ -184,19 +213,22 @@ fn check(explicit: Option<PathBuf>) -> ExitCode {
             Some(config::SecretSource::File(p)) => format!("from {}", p.display()),
         }
     );
-    println!(
+    let _ = writeln!(
+        report,
         "tls        {}",
         match &config.tls {
             None => "off".to_string(),
             Some(t) => format!("cert {}, CA {}", t.cert.display(), t.ca.display()),
         }
     );
-    println!("api        http://{}", config.api);
-    println!(
+    let _ = writeln!(report, "api        http://{}", config.api);
+    let _ = writeln!(
+        report,
         "buffer     {} invalidations (a peer may be behind by this many before it gets a flush)",
         config.buffer
     );
-    println!(
+    let _ = writeln!(
+        report,
         "state      {}",
         config.state_file.as_ref().map_or(
             "none (set cachecast.state.file so a start after a crash flushes the peers)"
@@ -204,6 +236,9 @@ fn check(explicit: Option<PathBuf>) -> ExitCode {
             |p| p.display().to_string()
         )
     );
+    if let Err(e) = out(&report) {
+        return ended(&e);
+    }
     problems.extend(warnings);
     let errors = problems
         .iter()
@@ -214,8 +249,10 @@ fn check(explicit: Option<PathBuf>) -> ExitCode {
         eprintln!("{}: invalid ({errors} error(s))", path.display());
         return ExitCode::from(2);
     }
-    println!("valid");
-    ExitCode::SUCCESS
+    match out("valid\n") {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => ended(&e),
+    }
 }
 
 fn demo() -> ExitCode {
@@ -237,6 +274,15 @@ fn demo() -> ExitCode {
     match runtime.block_on(cachecast::demo::run(Box::new(std::io::stdout()))) {
         Ok(_) => ExitCode::SUCCESS,
         Err(e) => {
+            // The demo writes only to stdout: a reader that went away
+            // (`cachecast demo | head`) ends it, quietly.
+            let closed = e.chain().any(|c| {
+                c.downcast_ref::<std::io::Error>()
+                    .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+            });
+            if closed {
+                return ExitCode::SUCCESS;
+            }
             eprintln!("demo failed: {e:#}");
             ExitCode::FAILURE
         }
@@ -322,6 +368,11 @@ fn run(explicit: Option<PathBuf>, format: LogFormat) -> ExitCode {
              for a run they never saw (see docs/operations.md)"
         );
     }
+    let options = cachecast::sidecar::Options {
+        api_max_connections: Some(api_connection_cap(&config)),
+        api_idle_timeout: test_idle_timeout(),
+        ..Default::default()
+    };
     let Some(rt) = runtime() else {
         return ExitCode::FAILURE;
     };
@@ -333,7 +384,7 @@ fn run(explicit: Option<PathBuf>, format: LogFormat) -> ExitCode {
             tracing::info!("signal received: shutting down gracefully");
             on_signal.cancel();
         });
-        match cachecast::sidecar::run(config, Default::default(), shutdown).await {
+        match cachecast::sidecar::run(config, options, shutdown).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 tracing::error!("{e}");
@@ -341,6 +392,82 @@ fn run(explicit: Option<PathBuf>, format: LogFormat) -> ExitCode {
             }
         }
     })
+}
+
+/// Raises the soft limit on open files to the hard limit (a service may
+/// need more than the usual soft default of 1024, and only the hard limit
+/// is the administrator's choice). Returns the soft limit in force.
+fn raise_nofile_limit() -> std::io::Result<libc::rlim_t> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit only writes the struct it is given.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if lim.rlim_cur < lim.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: lim.rlim_max,
+            rlim_max: lim.rlim_max,
+        };
+        // SAFETY: setrlimit only reads the struct it is given. It can fail
+        // (an unlimited hard limit is above the kernel's nr_open): then the
+        // soft limit stays as it was.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            lim.rlim_cur = lim.rlim_max;
+        }
+    }
+    Ok(lim.rlim_cur)
+}
+
+/// Descriptors kept aside beside connections: listeners, the runtime's
+/// own, the state file, webhook and DNS sockets, stdio.
+const FD_RESERVE: u64 = 32;
+
+/// The cap on API connections: the default, or less when the limit on
+/// open files would not leave room for the mesh (its inbound connections
+/// and one outbound per peer), so that API clients can never starve the
+/// mesh. Raises the limit first, and warns when it is too low for both.
+fn api_connection_cap(config: &config::ClusterConfig) -> usize {
+    use cachecast::sidecar::MAX_API_CONNECTIONS;
+    let mesh = cachecast::Tuning::default().max_connections as u64 + config.peers.len() as u64;
+    let wanted = mesh + MAX_API_CONNECTIONS as u64 + FD_RESERVE;
+    let soft = match raise_nofile_limit() {
+        Ok(n) => n,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the limit on open files; assuming it suffices");
+            return MAX_API_CONNECTIONS;
+        }
+    };
+    if soft >= wanted {
+        return MAX_API_CONNECTIONS;
+    }
+    // Never zero: the API must stay usable, if cramped.
+    let cap = soft
+        .saturating_sub(mesh + FD_RESERVE)
+        .clamp(8, MAX_API_CONNECTIONS as u64);
+    tracing::warn!(
+        limit = soft,
+        wanted,
+        api_max_connections = cap,
+        "the limit on open files is too low for the mesh and {MAX_API_CONNECTIONS} API connections; \
+         the API gets fewer. Raise it (under systemd: LimitNOFILE={wanted} or more)"
+    );
+    cap as usize
+}
+
+/// Test only: `CACHECAST_TEST_API_IDLE_TIMEOUT_MS` shortens the API's idle
+/// timeout, so that tests need not wait for the real one.
+fn test_idle_timeout() -> Option<Duration> {
+    let v = std::env::var("CACHECAST_TEST_API_IDLE_TIMEOUT_MS").ok()?;
+    match v.parse::<u64>() {
+        Ok(ms) if ms > 0 => Some(Duration::from_millis(ms)),
+        _ => {
+            tracing::warn!(value = %v, "ignoring CACHECAST_TEST_API_IDLE_TIMEOUT_MS: not a positive number");
+            None
+        }
+    }
 }
 
 /// SIGTERM or SIGINT (Ctrl-C).
@@ -394,10 +521,13 @@ fn status(explicit: Option<PathBuf>, raw: bool) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    if raw {
-        println!("{body:#}");
-        return ExitCode::SUCCESS;
+    let text = if raw {
+        format!("{body:#}\n")
+    } else {
+        cachecast::sidecar::status_table(&body)
+    };
+    match out(&text) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => ended(&e),
     }
-    print!("{}", cachecast::sidecar::status_table(&body));
-    ExitCode::SUCCESS
 }

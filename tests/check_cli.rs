@@ -229,3 +229,21 @@ fn a_state_file_that_is_a_folder_is_an_error_as_run_would_find() {
         "{err}"
     );
 }
+
+#[test]
+fn check_into_a_closed_pipe_ends_quietly() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_cachecast"))
+        .arg("check")
+        .arg("--config")
+        .arg(repo("examples/conf/node1.conf"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn cachecast check");
+    // As `cachecast check | head -0`.
+    drop(child.stdout.take());
+    let out = child.wait_with_output().expect("wait");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}

@@ -26,15 +26,30 @@ struct Sidecar {
     api: SocketAddr,
     port: u16,
     log: PathBuf,
+    /// Extra environment of the process.
+    env: Vec<(&'static str, String)>,
+    /// A limit on open files (soft and hard) to start it under.
+    nofile: Option<u32>,
 }
 
 impl Sidecar {
     fn spawn(&mut self) {
         let log = std::fs::File::create(&self.log).expect("log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_cachecast"))
+        let bin = env!("CARGO_BIN_EXE_cachecast");
+        let mut cmd = match self.nofile {
+            // The shell sets the limit, then becomes the sidecar (same pid).
+            Some(n) => {
+                let mut c = Command::new("sh");
+                c.args(["-c", &format!("ulimit -n {n} && exec \"$0\" \"$@\""), bin]);
+                c
+            }
+            None => Command::new(bin),
+        };
+        let child = cmd
             .args(["run", "--config"])
             .arg(&self.conf)
             .env("RUST_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -75,11 +90,19 @@ impl Sidecar {
         }
     }
 
-    /// SIGTERM, then wait for the process to exit.
-    fn terminate(&mut self) -> std::process::ExitStatus {
+    /// Sends a signal (`TERM`, `STOP`, `CONT`) to the running process.
+    fn signal(&self, sig: &str) {
+        let pid = self.child.as_ref().expect("running").id().to_string();
+        let ok = Command::new("kill")
+            .args([&format!("-{sig}"), &pid])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "kill -{sig} {pid}");
+    }
+
+    /// Waits for the process to exit.
+    fn wait_exit(&mut self) -> std::process::ExitStatus {
         let mut c = self.child.take().expect("running");
-        let pid = c.id().to_string();
-        let _ = Command::new("kill").args(["-TERM", &pid]).status();
         let deadline = std::time::Instant::now() + LONG;
         loop {
             if let Ok(Some(status)) = c.try_wait() {
@@ -91,6 +114,12 @@ impl Sidecar {
             );
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    /// SIGTERM, then wait for the process to exit.
+    fn terminate(&mut self) -> std::process::ExitStatus {
+        self.signal("TERM");
+        self.wait_exit()
     }
 
     fn log_text(&self) -> String {
@@ -154,6 +183,8 @@ impl Cluster {
                 api: SocketAddr::from(([127, 0, 0, 1], apis[i])),
                 port: ports[i],
                 log: dir.path().join(format!("node{i}.log")),
+                env: Vec::new(),
+                nofile: None,
             });
         }
         Cluster { _dir: dir, nodes }
@@ -315,7 +346,8 @@ async fn three_sidecars_deliver_over_http_and_wait_returns_acks() {
     let (code, body) = post(
         &c.nodes[0],
         "/v1/invalidate?wait=2s",
-        json!([{"cache": "c", "key": "a"}, {"cache": "c", "key": "b"}, {"cache": "whole"}]),
+        // `"key": null` is the whole cache, as when the key is left out.
+        json!([{"cache": "c", "key": "a"}, {"cache": "c", "key": "b"}, {"cache": "whole", "key": null}]),
     )
     .await;
     assert_eq!(code, 200, "{body}");
@@ -606,6 +638,20 @@ async fn bad_input_gets_json_errors_and_the_node_keeps_serving() {
             202,
             "",
         ),
+        (
+            "null key: the whole cache",
+            Some("application/json"),
+            r#"{"cache": "c", "key": null}"#.into(),
+            202,
+            "",
+        ),
+        (
+            "null cache",
+            Some("application/json"),
+            r#"{"cache": null, "key": "k"}"#.into(),
+            400,
+            "missing `cache`",
+        ),
     ];
     for (name, ctype, body, want, needle) in cases {
         let mut req = client().post(n.url("/v1/invalidate")).body(body);
@@ -644,15 +690,39 @@ async fn bad_input_gets_json_errors_and_the_node_keeps_serving() {
             .expect("send");
         assert_eq!(r.status(), 400, "wait={w}");
     }
-    // Unknown endpoint, wrong method.
+    // Unknown endpoint, wrong method: JSON errors too, 405 with `allow`.
     let r = client().get(n.url("/nope")).send().await.expect("send");
     assert_eq!(r.status(), 404);
-    let r = client()
-        .get(n.url("/v1/invalidate"))
-        .send()
-        .await
-        .expect("send");
-    assert_eq!(r.status(), 405);
+    let v: Value = r.json().await.expect("404 body is JSON");
+    assert!(
+        v["error"]
+            .as_str()
+            .is_some_and(|m| m.contains("no such endpoint")),
+        "{v}"
+    );
+    for (method, path, allowed) in [
+        (reqwest::Method::GET, "/v1/invalidate", "POST"),
+        (reqwest::Method::DELETE, "/healthz", "GET"),
+        (reqwest::Method::POST, "/v1/events", "GET"),
+    ] {
+        let r = client()
+            .request(method.clone(), n.url(path))
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(r.status(), 405, "{method} {path}");
+        let allow = r
+            .headers()
+            .get("allow")
+            .map(|v| v.to_str().unwrap_or("").to_string());
+        assert!(
+            allow.as_deref().is_some_and(|a| a.contains(allowed)),
+            "{method} {path}: allow {allow:?}"
+        );
+        let v: Value = r.json().await.expect("405 body is JSON");
+        let msg = v["error"].as_str().unwrap_or_default();
+        assert!(msg.contains(method.as_str()) && msg.contains(path), "{v}");
+    }
     // Still serving.
     let (code, _) = post(n, "/v1/invalidate", json!({"cache": "c", "key": "after"})).await;
     assert_eq!(code, 202);
@@ -792,6 +862,14 @@ async fn webhook_gets_a_flush_first_then_batches() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     c2.nodes[0].wait_healthy().await;
+    // The log says why, not only which URL: the cause is in the error's
+    // sources.
+    let log = c2.nodes[0].log_text();
+    let line = log
+        .lines()
+        .find(|l| l.contains("webhook delivery failed"))
+        .unwrap_or_else(|| panic!("no failure logged:\n{log}"));
+    assert!(line.contains("Connection refused"), "{line}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -844,4 +922,295 @@ fn run_refuses_a_bad_config_with_exit_2() {
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("clustering is off"), "{err}");
+}
+
+/// Reads `stream` until the server closes it (EOF or reset); returns what
+/// was read, or panics after `limit`.
+async fn read_until_closed(stream: &mut tokio::net::TcpStream, limit: Duration) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return got,
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+            Err(_) => panic!(
+                "still open after {limit:?}; read {:?}",
+                String::from_utf8_lossy(&got)
+            ),
+        }
+    }
+}
+
+/// The value of an unlabelled metric.
+async fn metric(node: &Sidecar, name: &str) -> u64 {
+    let text = client()
+        .get(node.url("/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in:\n{text}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_beyond_the_cap_starve_neither_the_api_nor_the_mesh() {
+    use tokio::net::TcpStream;
+    let mut c = Cluster::new(2, "");
+    // As in the field report: a low limit on open files. `run` fits the
+    // API's cap under it, leaving room for the mesh.
+    c.nodes[0].nofile = Some(160);
+    c.nodes[0].spawn();
+    c.nodes[0].wait_healthy().await;
+    let log = c.nodes[0].log_text();
+    assert!(
+        log.contains("LimitNOFILE="),
+        "no warning about the limit:\n{log}"
+    );
+    let cap: usize = log
+        .lines()
+        .find(|l| l.contains("sidecar API listening"))
+        .and_then(|l| l.split("max_connections=").nth(1))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no max_connections in:\n{log}"));
+    assert!((8..160).contains(&cap), "cap {cap}");
+
+    // Far more idle connections than the cap: the ones beyond it are
+    // closed at once, the others stay open (idle timeout: 75 s).
+    const FLOOD: usize = 200;
+    let mut flood = Vec::new();
+    for _ in 0..FLOOD {
+        flood.push(TcpStream::connect(c.nodes[0].api).await.expect("connect"));
+    }
+    let closed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut watchers = Vec::new();
+    for mut s in flood {
+        let closed = closed.clone();
+        watchers.push(tokio::spawn(async move {
+            use tokio::io::AsyncReadExt;
+            let mut b = [0u8; 64];
+            if matches!(s.read(&mut b).await, Ok(0) | Err(_)) {
+                closed.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+            // Held open until the test aborts this task.
+            std::future::pending::<()>().await;
+        }));
+    }
+    let deadline = tokio::time::Instant::now() + LONG;
+    while closed.load(std::sync::atomic::Ordering::SeqCst) < FLOOD - cap {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "only {} of {FLOOD} closed; cap {cap}",
+            closed.load(std::sync::atomic::Ordering::SeqCst)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // With the API full, a peer still connects to the mesh port.
+    c.nodes[1].spawn();
+    c.nodes[1].wait_healthy().await;
+    let deadline = tokio::time::Instant::now() + LONG;
+    loop {
+        let st = c.nodes[1].status().await;
+        if st["peers"][0]["connected"] == json!(true) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the peer never connected: {st}\nlog of the flooded node:\n{}",
+            c.nodes[0].log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        closed.load(std::sync::atomic::Ordering::SeqCst),
+        FLOOD - cap,
+        "connections within the cap were closed"
+    );
+    let log = c.nodes[0].log_text();
+    assert!(!log.contains("Too many open files"), "{log}");
+    assert!(
+        log.contains("too many open"),
+        "the refusals are logged:\n{log}"
+    );
+
+    // Once the idle clients go away, /healthz answers again.
+    for w in &watchers {
+        w.abort();
+    }
+    c.nodes[0].wait_healthy().await;
+    let refused = metric(&c.nodes[0], "cachecast_api_connections_refused_total").await;
+    assert!(refused >= (FLOOD - cap) as u64, "refused {refused}");
+    assert_eq!(
+        metric(&c.nodes[0], "cachecast_api_connections_max").await,
+        cap as u64
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_api_connections_are_closed_and_a_live_stream_is_not() {
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::TcpStream;
+    const IDLE: Duration = Duration::from_millis(1500);
+    let mut c = Cluster::new(1, "");
+    c.nodes[0].env.push((
+        "CACHECAST_TEST_API_IDLE_TIMEOUT_MS",
+        IDLE.as_millis().to_string(),
+    ));
+    c.start_all().await;
+    let n = &c.nodes[0];
+
+    // An event stream whose client reads: kept alive by the comments the
+    // server sends (every IDLE/3 here) for several idle periods.
+    let mut sse = TcpStream::connect(n.api).await.expect("connect");
+    sse.write_all(b"GET /v1/events HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await
+        .expect("write");
+
+    let stalls: [(&str, &[u8]); 3] = [
+        ("partial header", b"GET /healthz HTTP/1.1\r\nHost: t\r\n"),
+        (
+            "stalled body",
+            b"POST /v1/invalidate HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{",
+        ),
+        (
+            "idle keep-alive",
+            b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n",
+        ),
+    ];
+    let mut tasks = Vec::new();
+    for (name, bytes) in stalls {
+        let mut s = TcpStream::connect(n.api).await.expect("connect");
+        s.write_all(bytes).await.expect("write");
+        tasks.push(tokio::spawn(async move {
+            let start = tokio::time::Instant::now();
+            let got = read_until_closed(&mut s, LONG).await;
+            (
+                name,
+                start.elapsed(),
+                String::from_utf8_lossy(&got).into_owned(),
+            )
+        }));
+    }
+    for t in tasks {
+        let (name, took, got) = t.await.expect("task");
+        // Closed by the timeout, not at once.
+        assert!(
+            took >= IDLE - Duration::from_millis(200),
+            "{name}: after {took:?}"
+        );
+        if name == "idle keep-alive" {
+            assert!(got.starts_with("HTTP/1.1 200"), "{name}: {got}");
+        }
+    }
+
+    // The stream outlived them, still open and still getting comments.
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let until = tokio::time::Instant::now() + IDLE * 2;
+    while let Ok(r) = tokio::time::timeout_at(until, {
+        use tokio::io::AsyncReadExt;
+        sse.read(&mut buf)
+    })
+    .await
+    {
+        match r {
+            Ok(0) | Err(_) => panic!(
+                "the live stream was closed: {:?}",
+                String::from_utf8_lossy(&got)
+            ),
+            Ok(k) => got.extend_from_slice(&buf[..k]),
+        }
+    }
+    assert!(!got.is_empty(), "no keep-alive within {:?}", IDLE * 2);
+    assert!(metric(n, "cachecast_api_connections_timed_out_total").await >= 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn during_a_graceful_stop_the_api_answers_503() {
+    let mut c = Cluster::new(2, "");
+    c.start_all().await;
+    c.wait_connected().await;
+    // A peer that cannot acknowledge keeps the stop draining (for up to
+    // 2 s): the window in which the API must still answer.
+    c.nodes[1].signal("STOP");
+    c.nodes[0].signal("TERM");
+    let deadline = tokio::time::Instant::now() + LONG;
+    let body = loop {
+        match client().get(c.nodes[0].url("/healthz")).send().await {
+            Ok(r) if r.status() == 503 => break r.json::<Value>().await.expect("JSON"),
+            Ok(r) => assert_eq!(r.status(), 200, "before the stop"),
+            Err(e) => panic!("refused during the stop: {e}"),
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never 503");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert!(
+        body["error"]
+            .as_str()
+            .is_some_and(|m| m.contains("shutting down")),
+        "{body}"
+    );
+    let r = client()
+        .post(c.nodes[0].url("/v1/invalidate"))
+        .json(&json!({"cache": "c"}))
+        .send()
+        .await;
+    // Still within the drain, unless it ended just now.
+    if let Ok(r) = r {
+        assert_eq!(r.status(), 503);
+        let v: Value = r.json().await.expect("JSON");
+        assert!(v["error"].is_string(), "{v}");
+    }
+    c.nodes[1].signal("CONT");
+    let status = c.nodes[0].wait_exit();
+    assert!(
+        status.success(),
+        "exit {status:?}\n{}",
+        c.nodes[0].log_text()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_into_a_closed_pipe_ends_quietly() {
+    let mut c = Cluster::new(1, "");
+    c.start_all().await;
+    for raw in [true, false] {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_cachecast"));
+        cmd.args(["status", "--config"]).arg(&c.nodes[0].conf);
+        if raw {
+            cmd.arg("--json");
+        }
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn status");
+        // The reader goes away before anything is printed (`| head -0`).
+        drop(child.stdout.take());
+        let out = child.wait_with_output().expect("wait");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "json {raw}: {err}");
+        assert!(err.is_empty(), "json {raw}: {err}");
+    }
+}
+
+#[test]
+fn run_reports_an_unreadable_config_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = Command::new(env!("CARGO_BIN_EXE_cachecast"))
+        .args(["run", "--config"])
+        .arg(dir.path().join("missing.conf"))
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.matches("cannot read").count(), 1, "{err}");
 }

@@ -9,7 +9,9 @@ use std::time::Duration;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Query, State};
-use axum::http::{HeaderMap, StatusCode, header};
+
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
+use axum::middleware::Next;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -40,13 +42,51 @@ pub(crate) fn router(app: Arc<App>) -> Router {
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
+        .layer(axum::middleware::from_fn_with_state(
+            app.clone(),
+            refuse_while_stopping,
+        ))
         .with_state(app)
+}
+
+/// While the sidecar shuts down, every endpoint (`/healthz` too) answers
+/// 503, so that clients see why and retry, rather than a refused
+/// connection.
+async fn refuse_while_stopping(
+    State(app): State<Arc<App>>,
+    req: axum::extract::Request,
+    next: Next,
+) -> Response {
+    if app.shutdown.is_cancelled() {
+        let mut r = error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the sidecar is shutting down",
+        );
+        // Nothing more will be served on this connection.
+        r.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        return r;
+    }
+    next.run(req).await
 }
 
 /// A JSON error response.
 fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, Json(json!({"error": message.into()}))).into_response()
+}
+
+/// Axum's own 405 has an empty body; ours is JSON like every other error
+/// (axum still adds the `allow` header).
+async fn method_not_allowed(method: Method, uri: Uri) -> Response {
+    error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!(
+            "{method} is not allowed on {}; see the allow header",
+            uri.path()
+        ),
+    )
 }
 
 async fn not_found() -> Response {
@@ -72,11 +112,8 @@ fn to_item(v: Value) -> Result<Item, String> {
             kind_of(&v)
         ));
     }
-    // A null key is more likely a client's bug than a wish to empty the
-    // whole cache: say so rather than clear more than meant.
-    if v.get("key").is_some_and(Value::is_null) {
-        return Err("`key` is null; omit it to invalidate the whole cache".into());
-    }
+    // `"key": null` means no key (the whole cache), as documented: Java
+    // serializers commonly write absent fields as null.
     let r: Request = serde_json::from_value(v).map_err(|e| e.to_string())?;
     let item = match (r.flush, r.cache, r.key) {
         (Some(true), None, None) => Item::Flush,
@@ -288,7 +325,8 @@ async fn events(State(app): State<Arc<App>>, headers: HeaderMap) -> impl IntoRes
         cursor,
         pending,
     };
-    Sse::new(sse_stream(state)).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+    let keep_alive = state.app.keep_alive;
+    Sse::new(sse_stream(state)).keep_alive(KeepAlive::new().interval(keep_alive))
 }
 
 fn sse_stream(state: SseState) -> impl Stream<Item = Result<SseEvent, Infallible>> {
@@ -528,6 +566,30 @@ fn render_metrics(app: &App, st: &Status) -> String {
         "counter",
         "Times an event-stream client fell behind the ring.",
         plain(app.sse_lagged.load(Ordering::Relaxed)),
+    );
+    metric(
+        "cachecast_api_connections",
+        "gauge",
+        "Open connections to the HTTP API.",
+        plain(app.conns.open() as u64),
+    );
+    metric(
+        "cachecast_api_connections_max",
+        "gauge",
+        "Most connections to the HTTP API open at once.",
+        plain(app.conns.max as u64),
+    );
+    metric(
+        "cachecast_api_connections_refused_total",
+        "counter",
+        "API connections closed at once because the most were open.",
+        plain(app.conns.refused.load(Ordering::Relaxed)),
+    );
+    metric(
+        "cachecast_api_connections_timed_out_total",
+        "counter",
+        "API connections closed after no progress for the idle timeout.",
+        plain(app.conns.timed_out.load(Ordering::Relaxed)),
     );
     metric(
         "cachecast_api_invalidations_total",

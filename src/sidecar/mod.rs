@@ -9,13 +9,16 @@
 //! even across a restart of the sidecar.
 
 mod api;
+mod conn;
 mod hub;
 mod table;
 mod webhook;
 
+use std::future::IntoFuture;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
+use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -25,6 +28,7 @@ use crate::config::ClusterConfig;
 use crate::mesh::{Mesh, MeshHandle, StartError, Tuning};
 
 pub use api::{MAX_BODY, MAX_ITEMS, MAX_WAIT, parse_duration};
+pub use conn::{API_IDLE_TIMEOUT, MAX_API_CONNECTIONS};
 pub use table::status_table;
 pub use webhook::WebhookStatus;
 
@@ -38,6 +42,10 @@ pub(crate) struct App {
     api_addr: SocketAddr,
     webhook: Option<Arc<webhook::Webhook>>,
     shutdown: CancellationToken,
+    conns: Arc<conn::ConnStats>,
+    /// Interval of the SSE keep-alive comments: well inside the idle
+    /// timeout, so that a stream whose client reads is never cut.
+    keep_alive: Duration,
     sse_clients: AtomicU64,
     sse_lagged: AtomicU64,
     api_invalidations: AtomicU64,
@@ -75,10 +83,17 @@ pub struct Options {
     pub peer_listener: Option<TcpListener>,
     /// An already-bound listener for the API (else `config.api`).
     pub api_listener: Option<TcpListener>,
+    /// API connections open at once (default [`MAX_API_CONNECTIONS`]).
+    pub api_max_connections: Option<usize>,
+    /// How long an API connection may make no progress before it is closed
+    /// (default [`API_IDLE_TIMEOUT`]). Shorter values are for tests: below
+    /// [`MAX_WAIT`] they can cut a waiting request.
+    pub api_idle_timeout: Option<Duration>,
 }
 
 /// Runs the sidecar until `shutdown` is cancelled, then shuts down
-/// gracefully (the mesh drains and says goodbye).
+/// gracefully: the mesh drains and says goodbye while the API answers 503,
+/// and the API stops last.
 pub async fn run(
     config: ClusterConfig,
     options: Options,
@@ -119,12 +134,16 @@ pub async fn run(
     }
     let mesh = builder.start().await?;
     let webhook = webhook_url.map(|url| Arc::new(webhook::Webhook::new(url, hub.clone())));
+    let idle = options.api_idle_timeout.unwrap_or(API_IDLE_TIMEOUT);
+    let conns = conn::ConnStats::new(options.api_max_connections.unwrap_or(MAX_API_CONNECTIONS));
     let app = Arc::new(App {
         mesh: mesh.clone(),
         hub,
         api_addr,
         webhook: webhook.clone(),
         shutdown: shutdown.clone(),
+        conns: conns.clone(),
+        keep_alive: (idle / 3).min(Duration::from_secs(15)),
         sse_clients: AtomicU64::new(0),
         sse_lagged: AtomicU64::new(0),
         api_invalidations: AtomicU64::new(0),
@@ -132,11 +151,39 @@ pub async fn run(
     if let Some(w) = webhook {
         tokio::spawn(w.run(shutdown.clone()));
     }
-    info!(api = %api_addr, node = %mesh.node(), "sidecar API listening");
-    let server = axum::serve(api_listener, api::router(app))
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned());
-    let served = server.await;
+    info!(api = %api_addr, node = %mesh.node(), max_connections = conns.max, idle_timeout = ?idle, "sidecar API listening");
+    let listener = conn::ApiListener::new(api_listener, conns, idle);
+    // The API outlives `shutdown`: while the mesh drains, it answers 503
+    // (as documented) instead of refusing connections.
+    let stop_api = CancellationToken::new();
+    let mut server = tokio::spawn(
+        axum::serve(listener, api::router(app))
+            .with_graceful_shutdown(stop_api.clone().cancelled_owned())
+            .into_future(),
+    );
+    let early = tokio::select! {
+        r = &mut server => Some(r),
+        _ = shutdown.cancelled() => None,
+    };
     info!("shutting down: draining to peers");
     mesh.shutdown().await;
-    served.map_err(SidecarError::Serve)
+    let served = match early {
+        Some(r) => r,
+        None => {
+            stop_api.cancel();
+            // Open requests get a moment to finish; a connection that
+            // lingers beyond it ends with the process.
+            match tokio::time::timeout(Duration::from_secs(1), &mut server).await {
+                Ok(r) => r,
+                Err(_) => {
+                    server.abort();
+                    Ok(Ok(()))
+                }
+            }
+        }
+    };
+    match served {
+        Ok(r) => r.map_err(SidecarError::Serve),
+        Err(e) => Err(SidecarError::Serve(std::io::Error::other(e))),
+    }
 }

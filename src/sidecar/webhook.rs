@@ -17,6 +17,23 @@ use super::hub::{Hub, Read, flush_json};
 /// Events per POST at most.
 const BATCH: usize = 1000;
 
+/// An error and its causes on one line: reqwest's own message names only
+/// the URL, the cause (connection refused, a timeout) is in its sources.
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        // Some layers repeat their source's message; say it once.
+        if !out.ends_with(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
+}
+
 /// The webhook's counters, as in `/v1/status`.
 #[derive(Debug, Clone, Serialize)]
 pub struct WebhookStatus {
@@ -121,7 +138,7 @@ impl Webhook {
                     self.failures.fetch_add(1, Ordering::Relaxed);
                     let why = match other {
                         Ok(s) => format!("status {s}"),
-                        Err(e) => e.to_string(),
+                        Err(e) => error_chain(&e),
                     };
                     warn!(url = %self.url, error = %why, retry_in = ?backoff, "webhook delivery failed");
                     tokio::select! {
@@ -139,5 +156,23 @@ impl Webhook {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::error_chain;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("error sending request")]
+    struct Outer(#[source] std::io::Error);
+
+    #[test]
+    fn the_chain_names_the_cause() {
+        let e = Outer(std::io::Error::new(
+            std::io::ErrorKind::ConnectionRefused,
+            "Connection refused",
+        ));
+        assert_eq!(error_chain(&e), "error sending request: Connection refused");
     }
 }
