@@ -484,6 +484,22 @@ async fn last_event_id_resumes_without_a_flush_and_a_foreign_one_flushes() {
         let evs = s.wait_for("a flush", |e| !e.is_empty()).await;
         assert_eq!(evs[0].event, "flush", "{foreign}");
     }
+    // Ids of this run that were never given (ahead of the newest, up to
+    // the largest number) flush too, and say why.
+    let run = last_id.rsplit_once('-').expect("RUN-N").0.to_string();
+    for ahead in [format!("{run}-999999"), format!("{run}-{}", u64::MAX)] {
+        let s = Subscription::open(c.nodes[1].url("/v1/events"), Some(ahead.clone())).await;
+        let evs = s.wait_for("a flush", |e| !e.is_empty()).await;
+        assert_eq!(evs[0].event, "flush", "{ahead}");
+        assert!(
+            evs[0].data["reason"]
+                .as_str()
+                .unwrap_or("")
+                .contains("not one of this run's"),
+            "{ahead}: {:?}",
+            evs[0]
+        );
+    }
     // After a restart of the sidecar, the old id is from an earlier run.
     c.nodes[1].terminate();
     c.nodes[1].spawn();

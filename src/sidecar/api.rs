@@ -265,13 +265,19 @@ fn start_point(app: &App, headers: &HeaderMap) -> (u64, Option<&'static str>) {
         );
     };
     match last.rsplit_once('-') {
-        Some((run, n)) if run == app.hub.run => match n.parse::<u64>() {
-            Ok(n) if app.hub.can_resume_at(n + 1) => (n + 1, None),
-            _ => (
-                app.hub.next(),
-                Some("the events missed since Last-Event-ID are no longer held"),
-            ),
-        },
+        Some((run, n)) if run == app.hub.run => {
+            match n.parse::<u64>().ok().map(|n| n.checked_add(1)) {
+                Some(Some(next)) if app.hub.can_resume_at(next) => (next, None),
+                Some(Some(next)) if next < app.hub.next() => (
+                    app.hub.next(),
+                    Some("the events missed since Last-Event-ID are no longer held"),
+                ),
+                _ => (
+                    app.hub.next(),
+                    Some("Last-Event-ID is not one of this run's event ids"),
+                ),
+            }
+        }
         _ => (
             app.hub.next(),
             Some("Last-Event-ID is from an earlier run of the sidecar"),
