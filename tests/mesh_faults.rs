@@ -677,13 +677,13 @@ async fn a_second_run_on_the_same_state_file_does_not_start() {
     second.shutdown().await;
 }
 
-/// A stray copy with the real node's identity takes its place at B for a
-/// while (the real node is refused, and redials with a growing delay, not
-/// at the first delay in a loop); once the copy stops, the real node is
-/// taken back, with one flush, instead of staying locked out until it
-/// restarts.
+/// A copy started with a running node's identity (a copied dhis.conf) is
+/// refused while that node is connected, and redials with a growing delay,
+/// not at the first delay in a loop; the running node goes on delivering
+/// without a flush. Once it stops, the copy gets in, and what the copy
+/// invalidated while refused arrives.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_real_node_gets_back_in_once_a_copy_with_its_identity_stops() {
+async fn a_copy_with_a_running_nodes_identity_is_refused_until_that_node_stops() {
     let (lx, lb) = (bind().await, bind().await);
     let (px, pb) = (port(&lx), port(&lb));
     let (b, rb) = start(cfg(pb, &[px], 1 << 16), lb, common::tuning()).await;
@@ -698,37 +698,38 @@ async fn the_real_node_gets_back_in_once_a_copy_with_its_identity_stops() {
     let mut cc = cfg(px, &[pb], 1 << 16);
     cc.bind = lcopy.local_addr().expect("addr");
     let (copy, _rc) = start(cc, lcopy, common::tuning()).await;
-    wait_until("x refused as a duplicate", LONG, || {
-        hx.status().peers[0]
+    copy.invalidate("c", "from-the-copy").expect("send");
+    let hc = copy.clone();
+    wait_until("the copy refused as a duplicate", LONG, || {
+        hc.status().peers[0]
             .last_error
             .as_deref()
             .is_some_and(|e| e.contains("two running nodes"))
     })
     .await;
-    let before = x.status().peers[0].reconnects;
+    let before = copy.status().peers[0].reconnects;
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let retries = x.status().peers[0].reconnects - before;
+    let retries = copy.status().peers[0].reconnects - before;
     assert!(
         retries <= 8,
-        "x redialled {retries} times in 3 s while refused (backoff ignored)"
+        "the copy redialled {retries} times in 3 s while refused (backoff ignored)"
     );
-    let flushes_before = rb.flushes();
-    copy.shutdown().await;
-    wait_until("x back in at b", LONG, || {
-        hb.status().peers[0].connected && hx.status().peers[0].connected
-    })
-    .await;
-    x.invalidate("c", "after-the-copy").expect("send");
-    rb.wait_for("x's invalidation", LONG, |evs| {
-        has_key(evs, "after-the-copy")
+    x.invalidate("c", "from-x").expect("send");
+    rb.wait_for("x still delivers", LONG, |evs| has_key(evs, "from-x"))
+        .await;
+    assert_eq!(rb.flushes(), 0, "the running node kept its place");
+    assert!(!has_key(&rb.events(), "from-the-copy"));
+    x.shutdown().await;
+    rb.wait_for("the copy's invalidation", LONG, |evs| {
+        has_key(evs, "from-the-copy")
     })
     .await;
     assert_eq!(
-        rb.flushes() - flushes_before,
-        1,
-        "taking x back costs one flush (its position was given up)"
+        rb.flushes(),
+        0,
+        "x ended with a goodbye and b had all of it: no flush"
     );
-    for h in [x, b] {
+    for h in [copy, b] {
         h.shutdown().await;
     }
 }
@@ -737,11 +738,14 @@ async fn the_real_node_gets_back_in_once_a_copy_with_its_identity_stops() {
 // Scenarios checked and found correct (regression tests)
 // ---------------------------------------------------------------------------
 
-/// Section 9.5: a Batch on a connection whose incarnation was superseded by
-/// a newer connection's Hello is neither applied nor acknowledged, and that
-/// connection is closed; the newer incarnation's crash-restart flushes once.
+/// Section 9.7: a Hello with another incarnation while the current one's
+/// connection is up is refused (two nodes with one identity), and nothing
+/// it sends is applied; once that connection has closed, the new
+/// incarnation is taken, with one flush for the restart without a goodbye.
+/// (9.5's refusal of a Batch from a superseded incarnation is the unit test
+/// `batches_of_an_old_incarnation_are_refused`.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn superseded_incarnation_batch_is_refused() {
+async fn a_new_incarnation_is_refused_while_the_old_one_is_connected() {
     let lb = bind().await;
     let addr = lb.local_addr().expect("addr");
     let fake = closed_addr().await;
@@ -766,23 +770,52 @@ async fn superseded_incarnation_batch_is_refused() {
             seq: 1
         })
     );
-    // The old connection may already be closed; the write may fail then.
-    let _ = c1
+    match c2.next(SHORT).await {
+        Some(Message::Reject { reason }) => {
+            assert!(reason.contains("two running nodes"), "{reason}")
+        }
+        other => panic!("expected a Reject, got {other:?}"),
+    }
+    let _ = c2
         .wr
-        .write_all(&frame(&batch(2, vec![key("c", "k2")])))
+        .write_all(&frame(&batch(1, vec![key("c", "k2")])))
         .await;
-    assert!(c1.closed_within(SHORT).await, "old connection closed");
-    c2.send(&batch(1, vec![key("c", "k3")])).await;
+    assert!(c2.closed_within(SHORT).await, "refused connection closed");
+    // Incarnation 1 still delivers.
+    c1.send(&batch(2, vec![key("c", "k3")])).await;
     assert_eq!(
-        c2.next(SHORT).await,
+        c1.next(SHORT).await,
+        Some(Message::Ack(Position {
+            incarnation: 1,
+            seq: 2
+        }))
+    );
+    // It goes away without a goodbye; incarnation 2 is let in.
+    drop(c1);
+    let hb = b.clone();
+    wait_until("the old connection seen closed", SHORT, || {
+        !hb.status().peers[0].inbound
+    })
+    .await;
+    let (mut c3, h3) = Raw::dial(addr, &fake_id, 2).await;
+    assert_eq!(h3.last_applied.map(|p| p.incarnation), Some(1));
+    c3.send(&batch(1, vec![key("c", "k4")])).await;
+    assert_eq!(
+        c3.next(SHORT).await,
         Some(Message::Ack(Position {
             incarnation: 2,
             seq: 1
         }))
     );
     let evs = rb.events();
-    assert!(has_key(&evs, "k1") && has_key(&evs, "k3"), "{evs:?}");
-    assert!(!has_key(&evs, "k2"), "superseded batch applied: {evs:?}");
+    assert!(
+        has_key(&evs, "k1") && has_key(&evs, "k3") && has_key(&evs, "k4"),
+        "{evs:?}"
+    );
+    assert!(
+        !has_key(&evs, "k2"),
+        "a refused connection's batch applied: {evs:?}"
+    );
     assert_eq!(
         rb.count(|e| matches!(
             e,

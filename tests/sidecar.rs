@@ -1154,9 +1154,16 @@ async fn during_a_graceful_stop_the_api_answers_503() {
     let mut c = Cluster::new(2, "");
     c.start_all().await;
     c.wait_connected().await;
-    // A peer that cannot acknowledge keeps the stop draining (for up to
-    // 2 s): the window in which the API must still answer.
+    // A peer that cannot acknowledge what is queued for it keeps the stop
+    // draining (for up to 2 s): the window in which the API must still
+    // answer. Without something unacknowledged the stop is over at once.
     c.nodes[1].signal("STOP");
+    post(
+        &c.nodes[0],
+        "/v1/invalidate",
+        json!({"cache": "c", "key": "queued"}),
+    )
+    .await;
     c.nodes[0].signal("TERM");
     let deadline = tokio::time::Instant::now() + LONG;
     let body = loop {

@@ -24,14 +24,16 @@ struct Origin {
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) struct Superseded;
 
-/// An incarnation came back after another replaced it: two running nodes
-/// claim the same identity.
+/// Another incarnation announced itself while the current one is still
+/// connected: two running nodes claim the same identity.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) struct DuplicateIdentity {
     /// The incarnation current now.
     pub current: u64,
-    /// The earlier one that came back.
-    pub returned: u64,
+    /// The one refused.
+    pub other: u64,
+    /// Whether `other` was current here once (it came back).
+    pub returning: bool,
 }
 
 /// Incarnations remembered per peer after they were replaced.
@@ -63,13 +65,15 @@ impl Origins {
     /// in our hello (what we hold from that peer, any incarnation) and emits
     /// a flush when a new incarnation follows one that did not end cleanly.
     ///
-    /// An incarnation that another one replaced is refused while the
-    /// current one is live (among `live`, the incarnations of the links up
-    /// with that peer): two running nodes
-    /// claim one identity, and switching between them would flush at every
-    /// switch. Once the current one is gone, the earlier one is taken back
-    /// (with a flush: its position here was given up), so that the real
-    /// node is not locked out after a stray copy stopped.
+    /// Another incarnation is refused while the current one is live (among
+    /// `live`, the incarnations of the links up with that peer): two
+    /// running nodes claim one identity (a copied configuration), and the
+    /// one already in the mesh keeps its place; switching between them
+    /// would also flush at every switch. A restarted node is not held back
+    /// by this for long: its previous run's links are gone, or noticed dead
+    /// within seconds. Once the current one is gone, any other is taken, an
+    /// earlier one that comes back with a flush (its position here was
+    /// given up).
     pub(crate) fn hello(
         &mut self,
         peer: usize,
@@ -78,11 +82,14 @@ impl Origins {
         emit: &mut impl FnMut(Event),
     ) -> Result<Option<Position>, DuplicateIdentity> {
         let returning = self.retired[peer].contains(&incarnation);
-        let current_live = self.states[peer].is_some_and(|s| live.contains(&s.incarnation));
-        if returning && current_live {
+        if let Some(s) = self.states[peer]
+            && s.incarnation != incarnation
+            && live.contains(&s.incarnation)
+        {
             return Err(DuplicateIdentity {
-                current: self.states[peer].map_or(0, |s| s.incarnation),
-                returned: incarnation,
+                current: s.incarnation,
+                other: incarnation,
+                returning,
             });
         }
         self.retired[peer].retain(|&r| r != incarnation);
@@ -235,8 +242,8 @@ mod tests {
         (evs, r)
     }
 
-    /// Every incarnation counts as having a link up.
-    const LIVE: &[u64] = &[5, 6, 7, 8];
+    /// No link up: the previous incarnation, if any, is gone.
+    const GONE: &[u64] = &[];
 
     fn flushes(evs: &[Event]) -> usize {
         evs.iter()
@@ -247,7 +254,7 @@ mod tests {
     #[test]
     fn duplicates_are_dropped() {
         let mut o = origins();
-        assert_eq!(o.hello(0, 5, LIVE, &mut |_| panic!("no event")), Ok(None));
+        assert_eq!(o.hello(0, 5, GONE, &mut |_| panic!("no event")), Ok(None));
         let (evs, ack) = run(&mut o, 5, 1, vec![key("a"), key("b")]);
         assert_eq!(evs.len(), 2);
         assert_eq!(ack.expect("ack").seq, 2);
@@ -259,7 +266,7 @@ mod tests {
     #[test]
     fn a_gap_is_never_silent() {
         let mut o = origins();
-        o.hello(0, 5, LIVE, &mut |_| {}).expect("hello");
+        o.hello(0, 5, GONE, &mut |_| {}).expect("hello");
         run(&mut o, 5, 1, vec![key("a")]).1.expect("applied");
         let (evs, _) = run(&mut o, 5, 3, vec![key("c")]);
         assert_eq!(flushes(&evs), 1);
@@ -282,7 +289,7 @@ mod tests {
     #[test]
     fn first_batch_of_an_incarnation_may_start_anywhere() {
         let mut o = origins();
-        o.hello(0, 5, LIVE, &mut |_| {}).expect("hello");
+        o.hello(0, 5, GONE, &mut |_| {}).expect("hello");
         let (evs, _) = run(&mut o, 5, 40, vec![key("a")]);
         assert_eq!(flushes(&evs), 0);
     }
@@ -290,10 +297,10 @@ mod tests {
     #[test]
     fn crash_restart_flushes_and_clean_restart_does_not() {
         let mut o = origins();
-        o.hello(0, 5, LIVE, &mut |_| {}).expect("hello");
+        o.hello(0, 5, GONE, &mut |_| {}).expect("hello");
         run(&mut o, 5, 1, vec![key("a")]).1.expect("applied");
         let mut evs = Vec::new();
-        let reply = o.hello(0, 6, LIVE, &mut |e| evs.push(e));
+        let reply = o.hello(0, 6, GONE, &mut |e| evs.push(e));
         assert_eq!(
             reply,
             Ok(Some(Position {
@@ -308,13 +315,13 @@ mod tests {
             .expect("applied");
         o.goodbye(0, 6, 2);
         let mut evs = Vec::new();
-        o.hello(0, 7, LIVE, &mut |e| evs.push(e)).expect("hello");
+        o.hello(0, 7, GONE, &mut |e| evs.push(e)).expect("hello");
         assert!(evs.is_empty(), "goodbye and all applied: no flush");
 
         run(&mut o, 7, 1, vec![key("d")]).1.expect("applied");
         o.goodbye(0, 7, 3); // said goodbye after 3, but 2 and 3 never arrived
         let mut evs = Vec::new();
-        o.hello(0, 8, LIVE, &mut |e| evs.push(e)).expect("hello");
+        o.hello(0, 8, GONE, &mut |e| evs.push(e)).expect("hello");
         assert_eq!(flushes(&evs), 1);
     }
 
@@ -323,59 +330,70 @@ mod tests {
         let mut o = origins();
         // This node joined after the origin's first 40 were delivered to
         // its predecessor; the origin had nothing more for it.
-        o.hello(0, 5, LIVE, &mut |_| {}).expect("hello");
+        o.hello(0, 5, GONE, &mut |_| {}).expect("hello");
         o.goodbye(0, 5, 40);
         let mut evs = Vec::new();
-        o.hello(0, 6, LIVE, &mut |e| evs.push(e)).expect("hello");
+        o.hello(0, 6, GONE, &mut |e| evs.push(e)).expect("hello");
         assert!(evs.is_empty(), "{evs:?}");
     }
 
     #[test]
-    fn an_incarnation_that_comes_back_is_a_duplicate_identity() {
+    fn another_incarnation_is_refused_while_the_current_one_is_connected() {
         let mut o = origins();
-        o.hello(0, 5, LIVE, &mut |_| {}).expect("first");
-        let mut flushes = 0;
-        o.hello(0, 6, LIVE, &mut |_| flushes += 1)
-            .expect("a restart");
-        assert_eq!(flushes, 1);
+        o.hello(0, 5, GONE, &mut |_| {}).expect("first");
+        // A copy with the same identity while 5 is connected: refused,
+        // nothing changes.
         assert_eq!(
-            o.hello(0, 5, LIVE, &mut |_| panic!("no flush")),
+            o.hello(0, 6, &[5], &mut |_| panic!("no flush")),
             Err(DuplicateIdentity {
-                current: 6,
-                returned: 5
+                current: 5,
+                other: 6,
+                returning: false
             })
         );
         assert_eq!(
-            o.hello(0, 6, LIVE, &mut |_| panic!("no flush")),
+            o.hello(0, 5, &[5], &mut |_| panic!("no flush")),
             Ok(Some(Position {
-                incarnation: 6,
+                incarnation: 5,
                 seq: 0
             }))
+        );
+        // 5 is gone without a goodbye (a crash): 6 is taken, with a flush.
+        let mut flushes = 0;
+        o.hello(0, 6, GONE, &mut |_| flushes += 1)
+            .expect("a restart");
+        assert_eq!(flushes, 1);
+        // 5 cannot come back while 6 is connected.
+        assert_eq!(
+            o.hello(0, 5, &[6], &mut |_| panic!("no flush")),
+            Err(DuplicateIdentity {
+                current: 6,
+                other: 5,
+                returning: true
+            })
         );
     }
 
     #[test]
     fn an_incarnation_that_comes_back_once_the_current_is_gone_is_taken_with_a_flush() {
         let mut o = origins();
-        o.hello(0, 5, LIVE, &mut |_| {}).expect("first");
-        o.hello(0, 6, LIVE, &mut |_| {}).expect("a stray copy");
-        // The copy said goodbye and is gone: the real node comes back. Its
-        // position here was given up, so it costs a flush, goodbye or not.
+        o.hello(0, 5, GONE, &mut |_| {}).expect("first");
+        o.hello(0, 6, GONE, &mut |_| {}).expect("5 gone, 6 in");
+        // 6 said goodbye and is gone: 5 comes back. Its position here was
+        // given up, so it costs a flush, goodbye or not.
         o.goodbye(0, 6, 0);
         let mut flushes = 0;
-        o.hello(0, 5, &[], &mut |_| flushes += 1)
+        o.hello(0, 5, GONE, &mut |_| flushes += 1)
             .expect("taken back");
         assert_eq!(flushes, 1);
         assert_eq!(o.applied(0).map(|p| p.incarnation), Some(5));
-        // Now the copy is the one refused while the real node is live.
-        assert!(o.hello(0, 6, LIVE, &mut |_| panic!("no flush")).is_err());
     }
 
     #[test]
     fn batches_of_an_old_incarnation_are_refused() {
         let mut o = origins();
-        o.hello(0, 5, LIVE, &mut |_| {}).expect("hello");
-        o.hello(0, 6, LIVE, &mut |_| {}).expect("hello");
+        o.hello(0, 5, GONE, &mut |_| {}).expect("hello");
+        o.hello(0, 6, GONE, &mut |_| {}).expect("hello");
         let (evs, r) = run(&mut o, 5, 1, vec![key("a")]);
         assert!(evs.is_empty());
         assert_eq!(r, Err(Superseded));

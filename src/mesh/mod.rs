@@ -603,9 +603,17 @@ impl Shared {
         self.publish_applied(peer, origins.applied(peer));
         r.map(|_| ()).map_err(|d| {
             let reason = format!(
-                "two running nodes answer as {}: incarnation {:016x} came back after {:016x} replaced it; \
-                 check cluster.instance0 on each server",
-                self.peers[peer].id, d.returned, d.current
+                "two running nodes answer as {}: incarnation {:016x}{} while {:016x} is connected; \
+                 check cluster.instance0 on each server (a restarted node is let in once its \
+                 previous run's links are gone, within seconds)",
+                self.peers[peer].id,
+                d.other,
+                if d.returning {
+                    " came back"
+                } else {
+                    " arrived"
+                },
+                d.current
             );
             // Both nodes keep retrying: one line a minute says it.
             match self.duplicate_log.admit() {
