@@ -1534,18 +1534,28 @@ fn extensions(
 /// Checks a webhook URL: plain `http://` to a loopback host, unless
 /// `remote` allows another host (then with a warning).
 fn check_webhook(url: &str, remote: bool) -> Result<Option<String>, String> {
-    let Some(rest) = url.strip_prefix("http://") else {
+    if !url
+        .get(..7)
+        .is_some_and(|s| s.eq_ignore_ascii_case("http://"))
+    {
         return Err(format!(
             "`{url}` is not an http:// URL (the webhook goes to the local application; https is not supported)"
         ));
-    };
-    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
-    let host = match authority.strip_prefix('[') {
-        Some(v6) => v6.split(']').next().unwrap_or_default(),
-        None => authority.rsplit_once(':').map_or(authority, |(h, _)| h),
+    }
+    // The same parser as the HTTP client's, so that what passes here is
+    // what the sidecar can call.
+    let parsed = url::Url::parse(url).map_err(|e| format!("`{url}` is not a valid URL: {e}"))?;
+    let host = match parsed.host() {
+        Some(url::Host::Domain(d)) => d.to_string(),
+        Some(url::Host::Ipv4(ip)) => ip.to_string(),
+        Some(url::Host::Ipv6(ip)) => ip.to_string(),
+        None => return Err(format!("`{url}` names no host")),
     };
     if host.is_empty() {
         return Err(format!("`{url}` names no host"));
+    }
+    if parsed.port() == Some(0) {
+        return Err(format!("`{url}`: port 0 is not allowed (1..65535)"));
     }
     let loopback = host.eq_ignore_ascii_case("localhost")
         || host

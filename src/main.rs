@@ -224,6 +224,11 @@ fn check(explicit: Option<PathBuf>) -> ExitCode {
     let _ = writeln!(report, "api        http://{}", config.api);
     let _ = writeln!(
         report,
+        "webhook    {}",
+        config.webhook_url.as_deref().unwrap_or("none")
+    );
+    let _ = writeln!(
+        report,
         "buffer     {} invalidations (a peer may be behind by this many before it gets a flush)",
         config.buffer
     );
@@ -290,8 +295,17 @@ fn demo() -> ExitCode {
 }
 
 fn init_logs(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // An empty RUST_LOG (`Environment=RUST_LOG=` in a unit) means the
+    // default, not "nothing"; a filter that does not parse is said so.
+    let value = std::env::var("RUST_LOG").unwrap_or_default();
+    let (filter, bad) = if value.trim().is_empty() {
+        (tracing_subscriber::EnvFilter::new("info"), None)
+    } else {
+        match tracing_subscriber::EnvFilter::try_new(value.trim()) {
+            Ok(f) => (f, None),
+            Err(e) => (tracing_subscriber::EnvFilter::new("info"), Some(e)),
+        }
+    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -299,6 +313,23 @@ fn init_logs(format: LogFormat) {
     match format {
         LogFormat::Human => builder.init(),
         LogFormat::Json => builder.json().init(),
+    }
+    if let Some(e) = bad {
+        tracing::warn!("RUST_LOG={value:?} is not a valid filter ({e}); logging at info");
+    }
+}
+
+/// Reports what stops `run`: logged, or printed on stderr when RUST_LOG
+/// hides errors, so that a failed start is never silent.
+fn fatal(msg: impl std::fmt::Display) {
+    if tracing::enabled!(tracing::Level::ERROR) {
+        tracing::error!("{msg}");
+    } else {
+        let text = msg.to_string();
+        match text.starts_with("error:") {
+            true => eprintln!("{text}"),
+            false => eprintln!("error: {text}"),
+        }
     }
 }
 
@@ -314,14 +345,23 @@ fn load_for_run(explicit: Option<PathBuf>) -> Option<config::ClusterConfig> {
             Some(config)
         }
         Err(ConfigError::Invalid { errors, warnings }) => {
-            tracing::error!(config = %path.display(), "invalid configuration");
-            for p in errors.iter().chain(&warnings) {
-                eprintln!("{p}");
+            // Each problem is a log event of its own (one JSON object each
+            // with --log-format json).
+            fatal(format_args!(
+                "invalid configuration {}: {} error(s)",
+                path.display(),
+                errors.len()
+            ));
+            for p in &errors {
+                fatal(p);
+            }
+            for p in &warnings {
+                tracing::warn!("{p}");
             }
             None
         }
         Err(e) => {
-            tracing::error!("{e} (the path {} is {why})", path.display());
+            fatal(format_args!("{e} (the path {} is {why})", path.display()));
             None
         }
     }
@@ -343,16 +383,16 @@ fn run(explicit: Option<PathBuf>, format: LogFormat) -> ExitCode {
         return ExitCode::from(2);
     };
     let (_, problems) = config::resolve(&config, Duration::from_secs(3));
-    let mut fatal = false;
+    let mut stop = false;
     for p in &problems {
         if p.severity == config::Severity::Error {
-            tracing::error!("{p}");
-            fatal = true;
+            fatal(p);
+            stop = true;
         } else {
             tracing::warn!("{p}");
         }
     }
-    if fatal {
+    if stop {
         return ExitCode::from(2);
     }
     if config.secret.is_none() {
@@ -380,14 +420,14 @@ fn run(explicit: Option<PathBuf>, format: LogFormat) -> ExitCode {
         let shutdown = tokio_util::sync::CancellationToken::new();
         let on_signal = shutdown.clone();
         tokio::spawn(async move {
-            wait_for_signal().await;
-            tracing::info!("signal received: shutting down gracefully");
+            let name = wait_for_signal().await;
+            tracing::info!(signal = name, "shutting down gracefully");
             on_signal.cancel();
         });
         match cachecast::sidecar::run(config, options, shutdown).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                tracing::error!("{e}");
+                fatal(e);
                 ExitCode::FAILURE
             }
         }
@@ -470,19 +510,26 @@ fn test_idle_timeout() -> Option<Duration> {
     }
 }
 
-/// SIGTERM or SIGINT (Ctrl-C).
-async fn wait_for_signal() {
+/// SIGTERM, SIGINT (Ctrl-C) or SIGHUP (the terminal it was started from
+/// closed): each would otherwise end the process at once, which peers take
+/// for a crash (a flush each). Returns the signal's name.
+async fn wait_for_signal() -> &'static str {
     use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
+    async fn next(s: Option<&mut tokio::signal::unix::Signal>) {
+        match s {
+            Some(s) => {
+                s.recv().await;
             }
+            // Not installable: that signal is then never waited for.
+            None => std::future::pending().await,
         }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
+    }
+    let mut term = signal(SignalKind::terminate()).ok();
+    let mut hup = signal(SignalKind::hangup()).ok();
+    tokio::select! {
+        _ = next(term.as_mut()) => "SIGTERM",
+        _ = next(hup.as_mut()) => "SIGHUP",
+        _ = tokio::signal::ctrl_c() => "SIGINT",
     }
 }
 

@@ -1357,6 +1357,34 @@ fn cachecast_keys() {
             "cachecast.api.bind = 127.0.0.1:4100",
             Ext::Error("cachecast.api.bind", Some(3), "not an IP address"),
         ),
+        (
+            "cachecast.webhook.url = https://127.0.0.1:8080/x",
+            Ext::Error("cachecast.webhook.url", Some(3), "not an http:// URL"),
+        ),
+        (
+            "cachecast.webhook.url = http://127.0.0.1:99999/x",
+            Ext::Error("cachecast.webhook.url", Some(3), "invalid port number"),
+        ),
+        (
+            "cachecast.webhook.url = http://127.0.0.1:0/x",
+            Ext::Error("cachecast.webhook.url", Some(3), "port 0"),
+        ),
+        (
+            "cachecast.webhook.url = http://:8080/x",
+            Ext::Error("cachecast.webhook.url", Some(3), "empty host"),
+        ),
+        (
+            "cachecast.webhook.url = http://10.0.0.9:8080/x",
+            Ext::Error("cachecast.webhook.url", Some(3), "not a loopback address"),
+        ),
+        (
+            "cachecast.webhook.url = http://10.0.0.9:8080/x\ncachecast.webhook.remote = true",
+            Ext::Warn("cachecast.webhook.url", "off this machine"),
+        ),
+        (
+            "cachecast.webhook.url = HTTP://[::1]:8080/x",
+            Ext::Bind("0.0.0.0:4001"),
+        ),
         ("cachecast.buffer = 1024", Ext::Buffer(1024)),
         ("cachecast.buffer = 16777216", Ext::Buffer(16 * 1024 * 1024)),
         (

@@ -925,6 +925,84 @@ async fn sigterm_is_graceful_and_costs_no_flush() {
     assert!(evs.iter().any(|e| e.event == "peer-down"));
 }
 
+/// SIGHUP (the terminal `run` was started from closed) stops it as
+/// gracefully as SIGTERM: a goodbye, so the restart costs no flush.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_is_graceful_too() {
+    let mut c = Cluster::new(2, "");
+    c.start_all().await;
+    c.wait_connected().await;
+    let s0 = Subscription::open(c.nodes[0].url("/v1/events"), None).await;
+    s0.wait_for("the subscriber's flush", |e| !e.is_empty())
+        .await;
+    c.nodes[1].signal("HUP");
+    let status = c.nodes[1].wait_exit();
+    assert!(
+        status.success(),
+        "exit {status:?}\n{}",
+        c.nodes[1].log_text()
+    );
+    assert!(c.nodes[1].log_text().contains("SIGHUP"));
+    c.nodes[1].spawn();
+    c.nodes[1].wait_healthy().await;
+    c.wait_connected().await;
+    post(
+        &c.nodes[1],
+        "/v1/invalidate",
+        json!({"cache": "c", "key": "after"}),
+    )
+    .await;
+    let evs = s0.wait_for("after", |e| keys(e) == ["after"]).await;
+    let flushes = evs.iter().filter(|e| e.event == "flush").count();
+    assert_eq!(flushes, 1, "only the subscriber's initial flush: {evs:#?}");
+}
+
+/// A failed start is never silent: with RUST_LOG empty or off the problems
+/// still reach stderr, and with --log-format json every line is JSON and
+/// each problem an event of its own.
+#[test]
+fn run_reports_config_problems_whatever_the_log_settings() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let conf = dir.path().join("dhis.conf");
+    std::fs::write(
+        &conf,
+        "cluster.instance0.hostname = 127.0.0.1\ncluster.instance5.hostname = 127.0.0.2\n",
+    )
+    .expect("write");
+    let run = |rust_log: Option<&str>, json: bool| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_cachecast"));
+        cmd.args(["run", "--config"]).arg(&conf);
+        if json {
+            cmd.args(["--log-format", "json"]);
+        }
+        match rust_log {
+            Some(v) => cmd.env("RUST_LOG", v),
+            None => cmd.env_remove("RUST_LOG"),
+        };
+        let out = cmd.output().expect("run");
+        assert_eq!(out.status.code(), Some(2), "RUST_LOG={rust_log:?}");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    for rust_log in [None, Some(""), Some("off"), Some("bogus=[[")] {
+        let err = run(rust_log, false);
+        assert!(
+            err.contains("cluster.instance5.hostname"),
+            "RUST_LOG={rust_log:?}: {err}"
+        );
+    }
+    let err = run(None, true);
+    let events: Vec<Value> = err
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    assert!(
+        events.iter().any(|e| e["fields"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("cluster.instance5.hostname"))),
+        "{err}"
+    );
+}
+
 #[test]
 fn run_refuses_a_bad_config_with_exit_2() {
     let dir = tempfile::tempdir().expect("tempdir");
