@@ -119,10 +119,22 @@ fn check_files(config: &config::ClusterConfig) -> Vec<Problem> {
     {
         problems.push(error("cachecast.secret", e.to_string()));
     }
-    if let Some(files) = &config.tls
-        && let Err(e) = cachecast::tls::Tls::load(files)
-    {
-        problems.push(error("cachecast.tls", e.to_string()));
+    if let Some(files) = &config.tls {
+        match cachecast::tls::Tls::load(files) {
+            Err(e) => problems.push(error("cachecast.tls", e.to_string())),
+            // Loadable, yet the peers would refuse it: a warning, as `run`
+            // logs it (it starts anyway: the files may be replaced soon).
+            Ok(_) => {
+                if let Some(message) = cachecast::tls::own_certificate_problem(files) {
+                    problems.push(Problem {
+                        severity: config::Severity::Warning,
+                        key: Some("cachecast.tls.cert".to_string()),
+                        line: None,
+                        message,
+                    });
+                }
+            }
+        }
     }
     if let Some(path) = &config.state_file {
         let dir = path

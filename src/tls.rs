@@ -7,8 +7,10 @@ use std::path::Path;
 use std::sync::Arc;
 
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use tokio::net::TcpStream;
+use tokio_rustls::rustls::client::WebPkiServerVerifier;
+use tokio_rustls::rustls::client::danger::ServerCertVerifier;
 use tokio_rustls::rustls::server::WebPkiClientVerifier;
 use tokio_rustls::rustls::{self, ClientConfig, RootCertStore, ServerConfig};
 use tokio_rustls::{TlsAcceptor, TlsConnector, client, server};
@@ -137,6 +139,51 @@ pub fn peer_certificate(stream: &server::TlsStream<TcpStream>) -> Option<Certifi
         .peer_certificates()
         .and_then(|c| c.first())
         .map(|c| c.clone().into_owned())
+}
+
+/// What the peers will hold against this node's own certificate, checked
+/// now against the configured CA: expired or not yet valid, not issued by
+/// that CA (or the CA file holds no CA), or not allowed for both client and
+/// server use (each node is both). `None` when it is fine, or when the
+/// files cannot be read at all ([`Tls::load`] says why then). Peers check
+/// the host name against their own configuration, so that is not checked
+/// here.
+pub fn own_certificate_problem(files: &TlsFiles) -> Option<String> {
+    let chain = certs("certificate", &files.cert).ok()?;
+    let (leaf, intermediates) = chain.split_first()?;
+    let mut roots = RootCertStore::empty();
+    for ca in certs("CA certificate", &files.ca).ok()? {
+        roots.add(ca).ok()?;
+    }
+    let roots = Arc::new(roots);
+    let now = UnixTime::now();
+    let said = |e: rustls::Error| {
+        format!(
+            "the certificate {} will be refused by peers: {e} (checked against the CA {})",
+            files.cert.display(),
+            files.ca.display()
+        )
+    };
+    let client = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
+        .build()
+        .ok()?;
+    if let Err(e) = client.verify_client_cert(leaf, intermediates, now) {
+        return Some(said(e));
+    }
+    let server = WebPkiServerVerifier::builder_with_provider(roots, provider())
+        .build()
+        .ok()?;
+    // A name no certificate holds: everything but the name is checked, and
+    // "not valid for this name" is the one answer meaning the rest is fine.
+    let probe = ServerName::try_from("name-check.cachecast.invalid").ok()?;
+    match server.verify_server_cert(leaf, intermediates, &probe, &[], now) {
+        Ok(_) => None,
+        Err(rustls::Error::InvalidCertificate(
+            rustls::CertificateError::NotValidForName
+            | rustls::CertificateError::NotValidForNameContext { .. },
+        )) => None,
+        Err(e) => Some(said(e)),
+    }
 }
 
 /// Whether a certificate names `host` (a DNS name or an IP address).

@@ -472,6 +472,53 @@ async fn a_certificate_from_another_ca_or_expired_or_misnamed_is_refused() {
     }
 }
 
+/// A node's own certificate that its peers would refuse is reported at
+/// start (and by `check`): expired, from another CA, or not allowed for
+/// client use (every node is also a client).
+#[test]
+fn an_own_certificate_the_peers_would_refuse_is_reported() {
+    let pki = Pki::new();
+    let (ca, issuer) = pki.ca("cluster");
+    let (_, rogue) = pki.ca("rogue");
+    let files = |(cert, key): (PathBuf, PathBuf)| TlsFiles {
+        cert,
+        key,
+        ca: ca.clone(),
+    };
+    let good = files(pki.node("good", "127.0.0.1", &issuer, false));
+    assert_eq!(cachecast::tls::own_certificate_problem(&good), None);
+    let server_only = {
+        let mut params =
+            rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()]).expect("params");
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+        let key = rcgen::KeyPair::generate().expect("key");
+        let cert = params.signed_by(&key, &issuer).expect("sign");
+        (
+            pki.write("server-only.pem", &cert.pem()),
+            pki.write("server-only.key", &key.serialize_pem()),
+        )
+    };
+    for (what, f) in [
+        (
+            "expired",
+            files(pki.node("old", "127.0.0.1", &issuer, true)),
+        ),
+        (
+            "another CA",
+            files(pki.node("rogue", "127.0.0.1", &rogue, false)),
+        ),
+        ("server use only", files(server_only)),
+    ] {
+        let problem = cachecast::tls::own_certificate_problem(&f);
+        assert!(
+            problem
+                .as_deref()
+                .is_some_and(|p| p.contains("will be refused by peers")),
+            "{what}: {problem:?}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plain_and_tls_nodes_refuse_each_other_clearly() {
     let pki = Pki::new();

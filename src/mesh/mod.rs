@@ -786,6 +786,13 @@ fn build_shared(
         .map(Tls::load)
         .transpose()
         .map_err(|e| StartError::Security(e.to_string()))?;
+    if let Some(problem) = config
+        .tls
+        .as_ref()
+        .and_then(crate::tls::own_certificate_problem)
+    {
+        warn!("{problem}");
+    }
     let incarnation: u64 = rand::random();
     let me: PeerId = Arc::from(config.node.to_string());
     let peers: Vec<PeerInfo> = config
