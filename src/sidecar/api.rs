@@ -582,7 +582,7 @@ fn render_metrics(app: &App, st: &Status) -> String {
     metric(
         "cachecast_api_connections_max",
         "gauge",
-        "Most connections to the HTTP API open at once.",
+        "Connections to the HTTP API allowed open at once (the cap).",
         plain(app.conns.max as u64),
     );
     metric(
