@@ -124,13 +124,13 @@ fn check_files(config: &config::ClusterConfig) -> Vec<Problem> {
             Err(e) => problems.push(error("cachecast.tls", e.to_string())),
             // Loadable, yet the peers would refuse it: a warning, as `run`
             // logs it (it starts anyway: the files may be replaced soon).
-            Ok(_) => {
-                if let Some(message) = cachecast::tls::own_certificate_problem(files) {
+            Ok(tls) => {
+                if let Some(message) = tls.warning() {
                     problems.push(Problem {
                         severity: config::Severity::Warning,
                         key: Some("cachecast.tls.cert".to_string()),
                         line: None,
-                        message,
+                        message: message.to_string(),
                     });
                 }
             }

@@ -12,6 +12,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::rustls::client::WebPkiServerVerifier;
 use tokio_rustls::rustls::client::danger::ServerCertVerifier;
 use tokio_rustls::rustls::server::WebPkiClientVerifier;
+use tokio_rustls::rustls::server::danger::ClientCertVerifier;
 use tokio_rustls::rustls::{self, ClientConfig, RootCertStore, ServerConfig};
 use tokio_rustls::{TlsAcceptor, TlsConnector, client, server};
 
@@ -41,6 +42,9 @@ pub enum TlsError {
 pub struct Tls {
     connector: TlsConnector,
     acceptor: TlsAcceptor,
+    /// Why the peers would refuse this node's own certificate, if they
+    /// would (see [`Tls::warning`]).
+    warning: Option<String>,
 }
 
 impl std::fmt::Debug for Tls {
@@ -89,6 +93,7 @@ impl Tls {
         let verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
             .build()
             .map_err(|e| TlsError::Rustls(e.to_string()))?;
+        let warning = own_certificate_problem(files, &chain, &roots, verifier.as_ref());
         let server = ServerConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
             .map_err(rustls_err)?
@@ -104,7 +109,18 @@ impl Tls {
         Ok(Tls {
             connector: TlsConnector::from(Arc::new(client)),
             acceptor: TlsAcceptor::from(Arc::new(server)),
+            warning,
         })
+    }
+
+    /// What the peers will hold against this node's own certificate,
+    /// checked at load against the configured CA: expired or not yet
+    /// valid, not issued by that CA (or the CA file holds no CA), or not
+    /// allowed for both client and server use (each node is both). Peers
+    /// check the host name against their own configuration, so that is not
+    /// checked here.
+    pub fn warning(&self) -> Option<&str> {
+        self.warning.as_deref()
     }
 
     /// TLS over a dialed connection to `host` (the peer's configured host
@@ -141,21 +157,14 @@ pub fn peer_certificate(stream: &server::TlsStream<TcpStream>) -> Option<Certifi
         .map(|c| c.clone().into_owned())
 }
 
-/// What the peers will hold against this node's own certificate, checked
-/// now against the configured CA: expired or not yet valid, not issued by
-/// that CA (or the CA file holds no CA), or not allowed for both client and
-/// server use (each node is both). `None` when it is fine, or when the
-/// files cannot be read at all ([`Tls::load`] says why then). Peers check
-/// the host name against their own configuration, so that is not checked
-/// here.
-pub fn own_certificate_problem(files: &TlsFiles) -> Option<String> {
-    let chain = certs("certificate", &files.cert).ok()?;
+/// See [`Tls::warning`]; `chain` and `roots` as loaded from `files`.
+fn own_certificate_problem(
+    files: &TlsFiles,
+    chain: &[CertificateDer<'static>],
+    roots: &Arc<RootCertStore>,
+    client: &dyn ClientCertVerifier,
+) -> Option<String> {
     let (leaf, intermediates) = chain.split_first()?;
-    let mut roots = RootCertStore::empty();
-    for ca in certs("CA certificate", &files.ca).ok()? {
-        roots.add(ca).ok()?;
-    }
-    let roots = Arc::new(roots);
     let now = UnixTime::now();
     let said = |e: rustls::Error| {
         format!(
@@ -164,13 +173,10 @@ pub fn own_certificate_problem(files: &TlsFiles) -> Option<String> {
             files.ca.display()
         )
     };
-    let client = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
-        .build()
-        .ok()?;
     if let Err(e) = client.verify_client_cert(leaf, intermediates, now) {
         return Some(said(e));
     }
-    let server = WebPkiServerVerifier::builder_with_provider(roots, provider())
+    let server = WebPkiServerVerifier::builder_with_provider(roots.clone(), provider())
         .build()
         .ok()?;
     // A name no certificate holds: everything but the name is checked, and

@@ -786,11 +786,7 @@ fn build_shared(
         .map(Tls::load)
         .transpose()
         .map_err(|e| StartError::Security(e.to_string()))?;
-    if let Some(problem) = config
-        .tls
-        .as_ref()
-        .and_then(crate::tls::own_certificate_problem)
-    {
+    if let Some(problem) = tls.as_ref().and_then(Tls::warning) {
         warn!("{problem}");
     }
     let incarnation: u64 = rand::random();
