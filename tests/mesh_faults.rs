@@ -298,6 +298,18 @@ async fn stop_a1_then_check_a2_covers_it(c: &mut Cluster) {
 
 /// A node whose only peer is a raw listener with a small receive buffer
 /// (so its writes back up quickly), and a short shutdown deadline.
+/// A node whose one configured peer is played by the test over raw frames:
+/// the node, its events, its address, and the peer's identity (at a port
+/// where nothing listens, so the node's own dialing fails).
+async fn node_with_a_raw_peer() -> (MeshHandle, Recorder, SocketAddr, String) {
+    let lb = bind().await;
+    let addr = lb.local_addr().expect("addr");
+    let fake = closed_addr().await;
+    let fake_id = format!("127.0.0.1:{}", fake.port());
+    let (b, rb) = start(cfg(addr.port(), &[fake.port()], 1024), lb, common::tuning()).await;
+    (b, rb, addr, fake_id)
+}
+
 async fn node_with_a_slow_reader() -> (MeshHandle, TcpListener, String) {
     let me = bind().await;
     let sock = tokio::net::TcpSocket::new_v4().expect("socket");
@@ -746,11 +758,7 @@ async fn a_copy_with_a_running_nodes_identity_is_refused_until_that_node_stops()
 /// `batches_of_an_old_incarnation_are_refused`.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_incarnation_is_refused_while_the_old_one_is_connected() {
-    let lb = bind().await;
-    let addr = lb.local_addr().expect("addr");
-    let fake = closed_addr().await;
-    let fake_id = format!("127.0.0.1:{}", fake.port());
-    let (b, rb) = start(cfg(addr.port(), &[fake.port()], 1024), lb, common::tuning()).await;
+    let (b, rb, addr, fake_id) = node_with_a_raw_peer().await;
 
     let (mut c1, h1) = Raw::dial(addr, &fake_id, 1).await;
     assert_eq!(h1.last_applied, None);
@@ -835,11 +843,7 @@ async fn a_new_incarnation_is_refused_while_the_old_one_is_connected() {
 /// skipped and acknowledged.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reconnect_of_the_same_incarnation_supersedes_and_dedupes() {
-    let lb = bind().await;
-    let addr = lb.local_addr().expect("addr");
-    let fake = closed_addr().await;
-    let fake_id = format!("127.0.0.1:{}", fake.port());
-    let (b, rb) = start(cfg(addr.port(), &[fake.port()], 1024), lb, common::tuning()).await;
+    let (b, rb, addr, fake_id) = node_with_a_raw_peer().await;
     let (mut c1, _) = Raw::dial(addr, &fake_id, 7).await;
     c1.send(&batch(1, vec![key("c", "a"), key("c", "b")])).await;
     assert!(matches!(c1.next(SHORT).await, Some(Message::Ack(_))));
@@ -879,11 +883,7 @@ async fn reconnect_of_the_same_incarnation_supersedes_and_dedupes() {
 /// connection only; nothing is applied and the node keeps working.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_frames_after_handshake_close_only_that_connection() {
-    let lb = bind().await;
-    let addr = lb.local_addr().expect("addr");
-    let fake = closed_addr().await;
-    let fake_id = format!("127.0.0.1:{}", fake.port());
-    let (b, rb) = start(cfg(addr.port(), &[fake.port()], 1024), lb, common::tuning()).await;
+    let (b, rb, addr, fake_id) = node_with_a_raw_peer().await;
 
     let mut bad: Vec<Vec<u8>> = Vec::new();
     // Length prefix above 1 MiB.
