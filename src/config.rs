@@ -204,6 +204,48 @@ pub struct ClusterConfig {
     /// `cachecast.state.file`: where the node records how its run ended,
     /// so that a start after a crash flushes its peers.
     pub state_file: Option<PathBuf>,
+    /// The Redis-protocol pub/sub endpoint, when it is on.
+    pub resp: Option<RespConfig>,
+    /// Why the endpoint is on or off, in a sentence `check` prints.
+    pub resp_why: String,
+    /// The flush hook (`cachecast.flush.url`), if set.
+    pub flush_hook: Option<FlushHookConfig>,
+}
+
+/// Where the Redis-protocol endpoint's settings came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RespSource {
+    /// `cachecast.resp.port`.
+    Explicit,
+    /// DHIS 2's `redis.*` keys point at this machine.
+    RedisKeys,
+}
+
+/// The Redis-protocol (RESP) pub/sub endpoint of the sidecar.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RespConfig {
+    /// Where to listen: one address, or two for `localhost` (IPv4 and
+    /// IPv6, since a client may resolve the name to either).
+    pub addrs: Vec<SocketAddr>,
+    /// The password clients must give (`redis.password`), if any.
+    pub password: Option<String>,
+    /// Whether `cachecast.resp.bind` chose the address (only then may it
+    /// be non-loopback).
+    pub bind_explicit: bool,
+    /// Which keys turned it on.
+    pub source: RespSource,
+}
+
+/// The flush hook: an HTTP(S) endpoint of the application that clears
+/// every cache, called when the application may hold an entry that no
+/// message will name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FlushHookConfig {
+    /// `cachecast.flush.url`.
+    pub url: String,
+    /// `cachecast.flush.credentials.file`: `user:password` for Basic
+    /// authentication.
+    pub credentials: Option<PathBuf>,
 }
 
 impl ClusterConfig {
@@ -231,6 +273,9 @@ impl ClusterConfig {
             buffer: DEFAULT_BUFFER,
             webhook_url: None,
             state_file: None,
+            resp: None,
+            resp_why: "off (built in code)".into(),
+            flush_hook: None,
         }
     }
 }
@@ -396,6 +441,23 @@ const KNOWN_KEYS: &[&str] = &[
     "cachecast.webhook.url",
     "cachecast.webhook.remote",
     "cachecast.state.file",
+    "cachecast.resp.port",
+    "cachecast.resp.bind",
+    "cachecast.flush.url",
+    "cachecast.flush.credentials.file",
+];
+
+/// DHIS 2's own keys that decide whether its caches are invalidated
+/// through Redis pub/sub, and where (the Redis-protocol endpoint serves
+/// there when they point at this machine). Every other `redis.` key is the
+/// application's alone and is not read.
+const REDIS_KEYS: &[&str] = &[
+    "redis.cache.invalidation.enabled",
+    "redis.enabled",
+    "redis.host",
+    "redis.port",
+    "redis.password",
+    "redis.use.ssl",
 ];
 
 const NOT_SET_INSTANCE0: &str = "not set: clustering is off (set it to this node's host name or IP address, as its peers reach it)";
@@ -554,12 +616,14 @@ fn starts_with_ci(key: &str, prefix: &str) -> bool {
 /// case is ignored here so that `Cluster.instance0.hostname` is reported
 /// (keys are case-sensitive) rather than silently skipped.
 fn is_ours(key: &str) -> bool {
-    starts_with_ci(key, CLUSTER) || starts_with_ci(key, OURS)
+    starts_with_ci(key, CLUSTER) || starts_with_ci(key, OURS) || REDIS_KEYS.contains(&key)
 }
 
 /// Whether a key written with escapes may turn out to be ours: the text
 /// before its first `\` is literal, so `redis.pass\u` cannot be, while
-/// `\u0063luster.x` or `cluster.instance0.host\u006eame` can.
+/// `\u0063luster.x` or `cluster.instance0.host\u006eame` can. (DHIS 2's
+/// `redis.*` keys are read only as written plainly: they are the
+/// application's, and a malformed escape in one is none of ours.)
 fn could_be_ours(raw: &str) -> bool {
     let literal = raw.split('\\').next().unwrap_or_default();
     [CLUSTER, OURS]
@@ -1013,6 +1077,9 @@ fn build(keys: &BTreeMap<String, Entry>, report: &mut Report) -> Option<ClusterC
             InstanceKey::Other if KNOWN_KEYS.contains(&key.as_str()) => {
                 warn_empty(key, entry, report);
             }
+            // DHIS 2's keys, checked where the endpoint is decided; an
+            // empty one is DHIS 2's default, not a mistake of ours.
+            InstanceKey::Other if REDIS_KEYS.contains(&key.as_str()) => {}
             InstanceKey::Other => unknown_key(key, entry, report),
         }
     }
@@ -1091,6 +1158,7 @@ fn build(keys: &BTreeMap<String, Entry>, report: &mut Report) -> Option<ClusterC
         );
         return None;
     }
+    let (resp, resp_why) = resp_endpoint(keys, ext.api, ext.bind, report)?;
     Some(ClusterConfig {
         node: node.addr,
         peers: nodes.peers,
@@ -1103,6 +1171,9 @@ fn build(keys: &BTreeMap<String, Entry>, report: &mut Report) -> Option<ClusterC
         buffer: ext.buffer,
         webhook_url: ext.webhook_url,
         state_file: ext.state_file,
+        resp,
+        resp_why,
+        flush_hook: ext.flush_hook,
     })
 }
 
@@ -1321,6 +1392,7 @@ struct Extensions {
     buffer: usize,
     webhook_url: Option<String>,
     state_file: Option<PathBuf>,
+    flush_hook: Option<FlushHookConfig>,
 }
 
 /// An IP address, IPv6 optionally in brackets.
@@ -1519,6 +1591,35 @@ fn extensions(
             }
         }
     }
+    let mut flush_hook = None;
+    if let Some(entry) = get("cachecast.flush.url", &mut ok) {
+        match check_flush_url(&entry.value) {
+            Ok(warning) => {
+                if let Some(w) = warning {
+                    report.warn("cachecast.flush.url", Some(entry.line), w);
+                }
+                flush_hook = Some(FlushHookConfig {
+                    url: entry.value.clone(),
+                    credentials: None,
+                });
+            }
+            Err(msg) => {
+                report.error("cachecast.flush.url", Some(entry.line), msg);
+                ok = false;
+            }
+        }
+    }
+    if let Some(entry) = get("cachecast.flush.credentials.file", &mut ok) {
+        match &mut flush_hook {
+            Some(hook) => hook.credentials = Some(PathBuf::from(&entry.value)),
+            None if ok => report.warn(
+                "cachecast.flush.credentials.file",
+                Some(entry.line),
+                "set without cachecast.flush.url: not used",
+            ),
+            None => {}
+        }
+    }
     ok.then_some(Extensions {
         bind,
         secret,
@@ -1528,7 +1629,233 @@ fn extensions(
         buffer,
         webhook_url,
         state_file,
+        flush_hook,
     })
+}
+
+/// Checks a flush-hook URL: `http://` or `https://`, parsed by the HTTP
+/// client's own parser. Plain HTTP to another host is allowed with a
+/// warning: the hook carries credentials.
+fn check_flush_url(url: &str) -> Result<Option<String>, String> {
+    let parsed = url::Url::parse(url).map_err(|e| format!("`{url}` is not a valid URL: {e}"))?;
+    if !matches!(parsed.scheme(), "http" | "https") {
+        return Err(format!("`{url}` is not an http:// or https:// URL"));
+    }
+    let host = match parsed.host() {
+        Some(url::Host::Domain(d)) if !d.is_empty() => d.to_string(),
+        Some(url::Host::Ipv4(ip)) => ip.to_string(),
+        Some(url::Host::Ipv6(ip)) => ip.to_string(),
+        _ => return Err(format!("`{url}` names no host")),
+    };
+    if parsed.port() == Some(0) {
+        return Err(format!("`{url}`: port 0 is not allowed (1..65535)"));
+    }
+    if !parsed.username().is_empty() || parsed.password().is_some() {
+        return Err(format!(
+            "`{url}` holds credentials; put `user:password` in the file named by cachecast.flush.credentials.file instead"
+        ));
+    }
+    let local = loopback(&host) == Some(true);
+    Ok((parsed.scheme() == "http" && !local).then(|| {
+        format!("the flush hook goes to {host} over plain HTTP: its credentials cross the network in clear text (use https://)")
+    }))
+}
+
+/// Whether a DHIS 2 switch is on. DHIS 2 writes `on`/`off`; `true` and
+/// `false` are read the same way.
+fn switch(keys: &BTreeMap<String, Entry>, key: &str, report: &mut Report) -> bool {
+    let Some(entry) = keys.get(key).filter(|e| !e.broken) else {
+        return false;
+    };
+    match entry.value.to_ascii_lowercase().as_str() {
+        "on" | "true" => true,
+        "off" | "false" | "" => false,
+        _ => {
+            report.warn(
+                key,
+                Some(entry.line),
+                format!("`{}` is not `on` or `off`; read as off", entry.value),
+            );
+            false
+        }
+    }
+}
+
+/// Port of DHIS 2's Redis when `redis.port` is not set.
+pub const DEFAULT_REDIS_PORT: u16 = 6379;
+
+/// Decides the Redis-protocol endpoint: `cachecast.resp.port`, else
+/// DHIS 2's `redis.*` keys when they send its cache invalidation to this
+/// machine. Returns the endpoint (if on) and why, or `None` after an
+/// error.
+fn resp_endpoint(
+    keys: &BTreeMap<String, Entry>,
+    api: SocketAddr,
+    mesh: SocketAddr,
+    report: &mut Report,
+) -> Option<(Option<RespConfig>, String)> {
+    let line = |k: &str| keys.get(k).map(|e| e.line);
+    let text = |k: &str| {
+        keys.get(k)
+            .filter(|e| !e.broken && !e.value.is_empty())
+            .map(|e| e.value.clone())
+    };
+    let mut ok = true;
+    let explicit = match port_of(keys, "cachecast.resp.port", report) {
+        Ok(p) => p,
+        Err(()) => return None,
+    };
+    let bind = match text("cachecast.resp.bind") {
+        None => None,
+        Some(v) => match ip_literal(&v) {
+            Some(ip) => Some(ip),
+            None => {
+                report.error(
+                    "cachecast.resp.bind",
+                    line("cachecast.resp.bind"),
+                    format!("`{v}` is not an IP address"),
+                );
+                return None;
+            }
+        },
+    };
+    let invalidation = switch(keys, "redis.cache.invalidation.enabled", report);
+    let redis_enabled = switch(keys, "redis.enabled", report);
+    // DHIS 2 reads this one as a Java boolean: only `true` is on.
+    let ssl = keys
+        .get("redis.use.ssl")
+        .is_some_and(|e| !e.broken && e.value.eq_ignore_ascii_case("true"));
+    let host = text("redis.host").unwrap_or_else(|| "localhost".into());
+    let redis_port = match port_of(keys, "redis.port", report) {
+        Ok(p) => p.unwrap_or(DEFAULT_REDIS_PORT),
+        Err(()) => {
+            ok = false;
+            DEFAULT_REDIS_PORT
+        }
+    };
+    let password = text("redis.password");
+    let host_local = loopback(&host) == Some(true);
+    // Where DHIS 2 would connect when its invalidation goes to this machine.
+    let app_points_here = invalidation && host_local;
+    let (port, source, why) = match explicit {
+        Some(port) => (
+            port,
+            RespSource::Explicit,
+            "on: cachecast.resp.port is set".to_string(),
+        ),
+        None if !invalidation => {
+            return ok.then(|| {
+                (
+                    None,
+                    "off: neither cachecast.resp.port nor redis.cache.invalidation.enabled = on is set"
+                        .to_string(),
+                )
+            });
+        }
+        None if redis_enabled => {
+            return ok.then(|| {
+                (
+                    None,
+                    "off: redis.enabled = on, so DHIS 2 also keeps sessions and locks in Redis, which the sidecar does not serve; \
+                     keep the real Redis, or set cachecast.resp.port to serve pub/sub on another port"
+                        .to_string(),
+                )
+            });
+        }
+        None if !host_local => {
+            return ok.then(|| {
+                (
+                    None,
+                    format!(
+                        "off: redis.host = {host} is not this machine, so DHIS 2 invalidates through that Redis; \
+                         set redis.host = localhost to use the mesh instead"
+                    ),
+                )
+            });
+        }
+        None => (
+            redis_port,
+            RespSource::RedisKeys,
+            format!(
+                "on: redis.cache.invalidation.enabled = on and redis.host = {host} point DHIS 2 at this sidecar"
+            ),
+        ),
+    };
+    if ssl && app_points_here && port == redis_port {
+        report.error(
+            "redis.use.ssl",
+            line("redis.use.ssl"),
+            "DHIS 2 would speak TLS to its sidecar, which serves plain RESP on loopback; set redis.use.ssl = false (the traffic never leaves this machine)",
+        );
+        ok = false;
+    }
+    let addrs: Vec<SocketAddr> = match bind {
+        Some(ip) => vec![SocketAddr::new(ip, port)],
+        None if source == RespSource::RedisKeys && !host.eq_ignore_ascii_case("localhost") => {
+            match host.parse::<IpAddr>() {
+                Ok(ip) => vec![SocketAddr::new(ip, port)],
+                Err(_) => vec![SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port)],
+            }
+        }
+        None if source == RespSource::RedisKeys => vec![
+            SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port),
+            SocketAddr::new(IpAddr::V6(std::net::Ipv6Addr::LOCALHOST), port),
+        ],
+        None => vec![SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port)],
+    };
+    let key = match source {
+        RespSource::Explicit => "cachecast.resp.port",
+        RespSource::RedisKeys => "redis.port",
+    };
+    for addr in &addrs {
+        let clash = |other: SocketAddr| {
+            other.port() == addr.port()
+                && (other.ip() == addr.ip()
+                    || other.ip().is_unspecified()
+                    || addr.ip().is_unspecified())
+        };
+        for (other, what) in [(api, "the sidecar's API"), (mesh, "the listener for peers")] {
+            if clash(other) {
+                report.error(
+                    key,
+                    line(key),
+                    format!(
+                        "the Redis-protocol endpoint ({addr}) and {what} ({other}) would share port {}",
+                        addr.port()
+                    ),
+                );
+                ok = false;
+            }
+        }
+    }
+    if let Some(ip) = bind
+        && !ip.to_canonical().is_loopback()
+    {
+        report.warn(
+            "cachecast.resp.bind",
+            line("cachecast.resp.bind"),
+            format!(
+                "{ip} is not a loopback address: anyone who reaches it can publish invalidations{}",
+                if password.is_none() {
+                    " (and no redis.password is set)"
+                } else {
+                    ""
+                }
+            ),
+        );
+    }
+    if !ok {
+        return None;
+    }
+    Some((
+        Some(RespConfig {
+            addrs,
+            password,
+            bind_explicit: bind.is_some(),
+            source,
+        }),
+        why,
+    ))
 }
 
 /// Checks a webhook URL: plain `http://` to a loopback host, unless

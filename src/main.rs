@@ -136,6 +136,12 @@ fn check_files(config: &config::ClusterConfig) -> Vec<Problem> {
             }
         }
     }
+    if let Some(hook) = &config.flush_hook
+        && let Some(path) = &hook.credentials
+        && let Err(e) = cachecast::sidecar::load_credentials(path)
+    {
+        problems.push(error("cachecast.flush.credentials.file", e.to_string()));
+    }
     if let Some(path) = &config.state_file {
         let dir = path
             .parent()
@@ -238,6 +244,44 @@ fn check(explicit: Option<PathBuf>) -> ExitCode {
         report,
         "webhook    {}",
         config.webhook_url.as_deref().unwrap_or("none")
+    );
+    let _ = writeln!(
+        report,
+        "redis      {}",
+        match &config.resp {
+            None => config.resp_why.clone(),
+            Some(r) => format!(
+                "{} ({}; {})",
+                r.addrs
+                    .iter()
+                    .map(|a| a.to_string())
+                    .collect::<Vec<_>>()
+                    .join(" and "),
+                if r.password.is_some() {
+                    "password from redis.password"
+                } else {
+                    "no password"
+                },
+                config.resp_why
+            ),
+        }
+    );
+    let _ = writeln!(
+        report,
+        "flush hook {}",
+        match &config.flush_hook {
+            None if config.resp.is_some() =>
+                "none: a flush, a whole-cache invalidation or a missed message cannot reach Redis-protocol subscribers (set cachecast.flush.url)".to_string(),
+            None => "none".to_string(),
+            Some(h) => format!(
+                "POST {}{}",
+                h.url,
+                h.credentials
+                    .as_ref()
+                    .map(|p| format!(" (Basic credentials from {})", p.display()))
+                    .unwrap_or_default()
+            ),
+        }
     );
     let _ = writeln!(
         report,
@@ -483,7 +527,13 @@ const FD_RESERVE: u64 = 32;
 /// mesh. Raises the limit first, and warns when it is too low for both.
 fn api_connection_cap(config: &config::ClusterConfig) -> usize {
     use cachecast::sidecar::MAX_API_CONNECTIONS;
-    let mesh = cachecast::Tuning::default().max_connections as u64 + config.peers.len() as u64;
+    let mesh = cachecast::Tuning::default().max_connections as u64
+        + config.peers.len() as u64
+        + if config.resp.is_some() {
+            cachecast::sidecar::MAX_RESP_CONNECTIONS as u64
+        } else {
+            0
+        };
     let wanted = mesh + MAX_API_CONNECTIONS as u64 + FD_RESERVE;
     let soft = match raise_nofile_limit() {
         Ok(n) => n,

@@ -231,12 +231,16 @@ async fn invalidate(
         },
     };
     let n = items.len() as u64;
+    let local = (app.resp.is_some() || app.hook.is_some()).then(|| items.clone());
     let (first, last) = match app.mesh.send_all(items) {
         Ok(r) => r,
         Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     };
     let seqs: Vec<u64> = (first..first + n).collect();
     app.api_invalidations.fetch_add(n, Ordering::Relaxed);
+    if let Some(items) = local {
+        super::route_local(&app, &items);
+    }
     match wait {
         None => (StatusCode::ACCEPTED, Json(json!({ "seqs": seqs }))).into_response(),
         Some(d) => {
@@ -389,10 +393,35 @@ async fn status(State(app): State<Arc<App>>) -> Response {
                 "events_held": held,
                 "events_capacity": capacity,
                 "webhook": app.webhook.as_ref().map(|w| w.snapshot()),
+                "resp": app.resp.as_ref().map(|r| resp_status(r)),
+                "flush_hook": app.hook.as_ref().map(|h| h.snapshot()),
             }),
         );
     }
     Json(body).into_response()
+}
+
+/// The Redis-protocol endpoint's part of `/v1/status`.
+fn resp_status(r: &super::resp::Shared) -> Value {
+    let (channels, patterns) = r.broker.counts();
+    let b = &r.broker.stats;
+    let c = &r.stats;
+    json!({
+        "listen": r.addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+        "password": r.has_password(),
+        "connections": r.open(),
+        "max_connections": r.max_connections,
+        "accepted": c.accepted.load(Ordering::Relaxed),
+        "refused": c.refused.load(Ordering::Relaxed),
+        "timed_out": c.timed_out.load(Ordering::Relaxed),
+        "protocol_errors": c.protocol_errors.load(Ordering::Relaxed),
+        "auth_failures": c.auth_failures.load(Ordering::Relaxed),
+        "channels": channels,
+        "patterns": patterns,
+        "published": b.published.load(Ordering::Relaxed),
+        "delivered": b.delivered.load(Ordering::Relaxed),
+        "slow_dropped": b.slow_dropped.load(Ordering::Relaxed),
+    })
 }
 
 async fn healthz(State(app): State<Arc<App>>) -> Response {
@@ -617,6 +646,113 @@ fn render_metrics(app: &App, st: &Status) -> String {
             "Failed webhook deliveries.",
             plain(s.failures),
         );
+    }
+    if let Some(r) = &app.resp {
+        let (channels, patterns) = r.broker.counts();
+        let b = &r.broker.stats;
+        let c = &r.stats;
+        let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+        metric(
+            "cachecast_resp_connections",
+            "gauge",
+            "Redis-protocol connections open.",
+            plain(r.open() as u64),
+        );
+        metric(
+            "cachecast_resp_connections_max",
+            "gauge",
+            "The cap on Redis-protocol connections open at once.",
+            plain(r.max_connections as u64),
+        );
+        for (name, help, v) in [
+            (
+                "cachecast_resp_connections_accepted_total",
+                "Redis-protocol connections accepted.",
+                load(&c.accepted),
+            ),
+            (
+                "cachecast_resp_connections_refused_total",
+                "Redis-protocol connections closed at once because the most were open.",
+                load(&c.refused),
+            ),
+            (
+                "cachecast_resp_connections_timed_out_total",
+                "Redis-protocol connections closed for stalling inside a command or not authenticating in time.",
+                load(&c.timed_out),
+            ),
+            (
+                "cachecast_resp_protocol_errors_total",
+                "Redis-protocol connections closed for a protocol error.",
+                load(&c.protocol_errors),
+            ),
+            (
+                "cachecast_resp_auth_failures_total",
+                "Failed Redis-protocol AUTH attempts.",
+                load(&c.auth_failures),
+            ),
+            (
+                "cachecast_resp_published_total",
+                "Messages PUBLISHed on this sidecar.",
+                load(&b.published),
+            ),
+            (
+                "cachecast_resp_delivered_total",
+                "Messages handed to this sidecar's subscribers (once per subscriber).",
+                load(&b.delivered),
+            ),
+            (
+                "cachecast_resp_slow_subscribers_total",
+                "Subscribers disconnected for not reading their messages (each calls the flush hook).",
+                load(&b.slow_dropped),
+            ),
+        ] {
+            metric(name, "counter", help, plain(v));
+        }
+        metric(
+            "cachecast_resp_subscriptions",
+            "gauge",
+            "Channels and patterns with local subscribers.",
+            vec![
+                ("{kind=\"channel\"}".into(), channels as u64),
+                ("{kind=\"pattern\"}".into(), patterns as u64),
+            ],
+        );
+    }
+    if let Some(h) = &app.hook {
+        let s = h.snapshot();
+        metric(
+            "cachecast_flush_hook_pending",
+            "gauge",
+            "1 while a call of the flush hook is owed (the application may serve stale entries).",
+            plain(u64::from(s.pending)),
+        );
+        let _ = writeln!(
+            out,
+            "# HELP cachecast_flush_hook_pending_seconds How long a call of the flush hook has been owed (0 when none is).\n# TYPE cachecast_flush_hook_pending_seconds gauge\ncachecast_flush_hook_pending_seconds {}",
+            s.pending_seconds.unwrap_or(0.0)
+        );
+        for (name, help, v) in [
+            (
+                "cachecast_flush_hook_triggers_total",
+                "Times the flush hook was asked for (coalesced into fewer calls).",
+                s.triggers,
+            ),
+            (
+                "cachecast_flush_hook_calls_total",
+                "Flush hook calls answered with 2xx.",
+                s.calls,
+            ),
+            (
+                "cachecast_flush_hook_failures_total",
+                "Flush hook calls that failed (retried).",
+                s.failures,
+            ),
+        ] {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
+            );
+        }
     }
     // The ack latency histogram, cumulative as Prometheus wants.
     let _ = writeln!(

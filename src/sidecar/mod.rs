@@ -10,7 +10,9 @@
 
 mod api;
 mod conn;
+mod flush;
 mod hub;
+mod resp;
 mod table;
 mod webhook;
 
@@ -25,10 +27,12 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::config::ClusterConfig;
-use crate::mesh::{Mesh, MeshHandle, StartError, Tuning};
+use crate::mesh::{Event, Mesh, MeshHandle, StartError, Tuning};
 
 pub use api::{MAX_BODY, MAX_ITEMS, MAX_WAIT, parse_duration};
 pub use conn::{API_IDLE_TIMEOUT, MAX_API_CONNECTIONS};
+pub use flush::{CredentialsError, FlushHookStatus, load_credentials};
+pub use resp::{MAX_RESP_CONNECTIONS, RESP_STALL_TIMEOUT};
 pub use table::status_table;
 pub use webhook::WebhookStatus;
 
@@ -49,6 +53,10 @@ pub(crate) struct App {
     sse_clients: AtomicU64,
     sse_lagged: AtomicU64,
     api_invalidations: AtomicU64,
+    /// The Redis-protocol endpoint, when on.
+    resp: Option<Arc<resp::Shared>>,
+    /// The flush hook, when configured.
+    hook: Option<Arc<flush::FlushHook>>,
 }
 
 /// Why the sidecar could not start.
@@ -69,6 +77,18 @@ pub enum SidecarError {
     /// The API refused to bind where it should not.
     #[error("{0}")]
     Refused(String),
+    /// The Redis-protocol endpoint's address could not be bound.
+    #[error("cannot listen for the Redis protocol on {addr}: {source}")]
+    RespBind {
+        /// The address.
+        addr: SocketAddr,
+        /// What the system said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The flush hook's credentials cannot be used.
+    #[error(transparent)]
+    FlushCredentials(#[from] flush::CredentialsError),
     /// The API server failed.
     #[error("API server: {0}")]
     Serve(std::io::Error),
@@ -89,6 +109,12 @@ pub struct Options {
     /// (default [`API_IDLE_TIMEOUT`]). Shorter values are for tests: below
     /// [`MAX_WAIT`] they can cut a waiting request.
     pub api_idle_timeout: Option<Duration>,
+    /// Already-bound listeners for the Redis-protocol endpoint (else
+    /// `config.resp`'s addresses).
+    pub resp_listeners: Option<Vec<TcpListener>>,
+    /// Redis-protocol connections open at once (default
+    /// [`MAX_RESP_CONNECTIONS`]).
+    pub resp_max_connections: Option<usize>,
 }
 
 /// Runs the sidecar until `shutdown` is cancelled, then shuts down
@@ -118,6 +144,34 @@ pub async fn run(
             })?,
     };
     let api_addr = api_listener.local_addr().unwrap_or(config.api);
+    let resp_listeners = match (&config.resp, options.resp_listeners) {
+        (_, Some(ls)) => ls,
+        (Some(r), None) => {
+            if !r.bind_explicit && r.addrs.iter().any(|a| !a.ip().to_canonical().is_loopback()) {
+                return Err(SidecarError::Refused(format!(
+                    "the Redis-protocol endpoint would listen on {:?}, which is not loopback; set cachecast.resp.bind to allow it",
+                    r.addrs
+                )));
+            }
+            resp::bind(&r.addrs)
+                .await
+                .map_err(|(addr, source)| SidecarError::RespBind { addr, source })?
+        }
+        (None, None) => Vec::new(),
+    };
+    let hook = match &config.flush_hook {
+        Some(h) => Some(Arc::new(flush::FlushHook::new(h)?)),
+        None => None,
+    };
+    if !resp_listeners.is_empty() && hook.is_none() {
+        warn!(
+            "the Redis-protocol endpoint is on without cachecast.flush.url: pub/sub cannot tell the application \
+             to clear its caches, so a flush from the mesh, a whole-cache invalidation, a subscriber cut off for \
+             not reading, and messages missed while the application was not subscribed (a restart of either side) \
+             are not covered; set cachecast.flush.url (docs/dhis2.md)"
+        );
+    }
+    let password = config.resp.as_ref().and_then(|r| r.password.clone());
     let webhook_url = config.webhook_url.clone();
     // The hub exists before the mesh, so it sees every event from the
     // first. Its run id only has to differ between runs of the sidecar.
@@ -126,9 +180,17 @@ pub async fn run(
         EVENT_RING,
     ));
     let feed = hub.clone();
+    // The endpoint needs the mesh's handle, so it exists only once the mesh
+    // runs; no client can have subscribed before that.
+    let resp_cell: Arc<std::sync::OnceLock<Arc<resp::Shared>>> = Arc::default();
+    let to_resp = resp_cell.clone();
+    let to_hook = hook.clone();
     let mut builder = Mesh::builder(config)
         .tuning(options.tuning)
-        .on_event(move |e| feed.push(e));
+        .on_event(move |e| {
+            feed.push(e);
+            route_event(e, to_resp.get(), to_hook.as_deref());
+        });
     if let Some(l) = options.peer_listener {
         builder = builder.listener(l);
     }
@@ -136,6 +198,39 @@ pub async fn run(
     let webhook = webhook_url.map(|url| Arc::new(webhook::Webhook::new(url, hub.clone())));
     let idle = options.api_idle_timeout.unwrap_or(API_IDLE_TIMEOUT);
     let conns = conn::ConnStats::new(options.api_max_connections.unwrap_or(MAX_API_CONNECTIONS));
+    let tracker = tokio_util::task::TaskTracker::new();
+    let resp = if resp_listeners.is_empty() {
+        None
+    } else {
+        let mut shared = resp::Shared::new(
+            mesh.clone(),
+            hook.clone(),
+            password,
+            options.resp_max_connections.unwrap_or(MAX_RESP_CONNECTIONS),
+        );
+        if let Some(s) = Arc::get_mut(&mut shared) {
+            s.addrs = resp_listeners
+                .iter()
+                .filter_map(|l| l.local_addr().ok())
+                .collect();
+        }
+        let _ = resp_cell.set(shared.clone());
+        for l in resp_listeners {
+            info!(addr = ?l.local_addr().ok(), password = shared_has_password(&shared), "Redis-protocol endpoint listening");
+            tracker.spawn(resp::serve(
+                l,
+                shared.clone(),
+                shutdown.clone(),
+                tracker.clone(),
+            ));
+        }
+        Some(shared)
+    };
+    if let Some(h) = &hook {
+        let h = h.clone();
+        let stop = shutdown.clone();
+        tracker.spawn(async move { h.run(stop).await });
+    }
     let app = Arc::new(App {
         mesh: mesh.clone(),
         hub,
@@ -147,6 +242,8 @@ pub async fn run(
         sse_clients: AtomicU64::new(0),
         sse_lagged: AtomicU64::new(0),
         api_invalidations: AtomicU64::new(0),
+        resp,
+        hook,
     });
     if let Some(w) = webhook {
         tokio::spawn(w.run(shutdown.clone()));
@@ -182,8 +279,69 @@ pub async fn run(
             }
         }
     };
+    tracker.close();
+    let _ = tokio::time::timeout(Duration::from_secs(1), tracker.wait()).await;
     match served {
         Ok(r) => r.map_err(SidecarError::Serve),
         Err(e) => Err(SidecarError::Serve(std::io::Error::other(e))),
+    }
+}
+
+fn shared_has_password(shared: &resp::Shared) -> bool {
+    shared.has_password()
+}
+
+/// What an event from the mesh means beyond the event ring: a message for
+/// the Redis-protocol subscribers, or a call of the flush hook when no
+/// message can name what is stale.
+fn route_event(event: &Event, resp: Option<&Arc<resp::Shared>>, hook: Option<&flush::FlushHook>) {
+    match event {
+        Event::Invalidated { cache, key, .. } => {
+            if let Some(r) = resp {
+                r.broker.publish(cache.as_bytes(), key.as_bytes());
+            }
+        }
+        Event::CacheCleared { origin, cache, .. } => {
+            if let Some(h) = hook {
+                h.trigger(&format!("{origin} invalidated the whole cache {cache}"));
+            }
+        }
+        Event::Flush { origin, reason } => {
+            if let Some(h) = hook {
+                match origin {
+                    Some(o) => h.trigger(&format!("flush from {o}: {reason}")),
+                    None => h.trigger(&format!("flush: {reason}")),
+                }
+            }
+        }
+        Event::PeerUp { .. } | Event::PeerDown { .. } => {}
+    }
+}
+
+/// Invalidations this sidecar originated through its HTTP API reach its
+/// own Redis-protocol subscribers as a `PUBLISH` would (a whole cache or a
+/// flush, which no message can say, calls the hook).
+fn route_local(app: &App, items: &[crate::wire::Item]) {
+    use crate::wire::Item;
+    for item in items {
+        match item {
+            Item::Key { cache, key } => {
+                if let Some(r) = &app.resp {
+                    r.broker.publish(cache.as_bytes(), key.as_bytes());
+                }
+            }
+            Item::Cache { cache } => {
+                if let Some(h) = &app.hook {
+                    h.trigger(&format!(
+                        "this sidecar's API invalidated the whole cache {cache}"
+                    ));
+                }
+            }
+            Item::Flush => {
+                if let Some(h) = &app.hook {
+                    h.trigger("this sidecar's API sent a flush");
+                }
+            }
+        }
     }
 }

@@ -91,6 +91,42 @@ pub fn status_table(body: &Value) -> String {
                 text(&w["pending"])
             );
         }
+        if s["resp"].is_object() {
+            let r = &s["resp"];
+            let listen: Vec<String> = r["listen"]
+                .as_array()
+                .map(|a| a.iter().map(text).collect())
+                .unwrap_or_default();
+            let _ = writeln!(
+                out,
+                "redis {}  connections {}/{}  channels {}  patterns {}  published {}  delivered {}  slow subscribers cut off {}",
+                listen.join(" "),
+                text(&r["connections"]),
+                text(&r["max_connections"]),
+                text(&r["channels"]),
+                text(&r["patterns"]),
+                text(&r["published"]),
+                text(&r["delivered"]),
+                text(&r["slow_dropped"])
+            );
+        }
+        if s["flush_hook"].is_object() {
+            let h = &s["flush_hook"];
+            let state = match h["pending_seconds"].as_f64() {
+                Some(secs) => format!("PENDING for {secs:.0}s ({})", text(&h["last_reason"])),
+                None => "nothing pending".to_string(),
+            };
+            let _ = writeln!(
+                out,
+                "flush hook {}  {state}  calls {}  failures {}",
+                text(&h["url"]),
+                text(&h["calls"]),
+                text(&h["failures"])
+            );
+            if let Some(err) = h["last_error"].as_str() {
+                let _ = writeln!(out, "    last error: {err}");
+            }
+        }
     }
     out
 }

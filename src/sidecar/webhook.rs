@@ -19,7 +19,7 @@ const BATCH: usize = 1000;
 
 /// An error and its causes on one line: reqwest's own message names only
 /// the URL, the cause (connection refused, a timeout) is in its sources.
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut out = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {

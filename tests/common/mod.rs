@@ -2,6 +2,8 @@
 //! recorder per node, and a fault-injecting TCP proxy.
 #![allow(dead_code)]
 
+pub mod procs;
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};

@@ -1,0 +1,425 @@
+//! Who is subscribed to what on this sidecar, and each connection's bounded
+//! output queue.
+//!
+//! Messages reach a subscriber through its [`Outbox`]: the broker appends
+//! encoded frames and never waits; the connection's writer drains them. A
+//! subscriber that does not read is disconnected once its queue passes the
+//! output limit (as Redis's `client-output-buffer-limit pubsub` does), and
+//! that counts as a gap for the flush hook.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use super::glob;
+
+/// A subscriber whose unread output passes this is disconnected at once
+/// (Redis's pub/sub hard limit).
+pub const OUTPUT_HARD_LIMIT: usize = 32 * 1024 * 1024;
+/// A subscriber whose unread output stays above this for
+/// [`OUTPUT_SOFT_SECONDS`] is disconnected (Redis's pub/sub soft limit).
+pub const OUTPUT_SOFT_LIMIT: usize = 8 * 1024 * 1024;
+/// See [`OUTPUT_SOFT_LIMIT`].
+pub const OUTPUT_SOFT_SECONDS: u64 = 60;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Why an outbox stopped taking output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Closed {
+    /// The client did not read its output fast enough.
+    Slow,
+    /// The connection is ending (QUIT, a protocol error, the client left).
+    Ending,
+}
+
+#[derive(Default)]
+struct Queue {
+    chunks: VecDeque<Bytes>,
+    /// Bytes queued or taken by the writer and not yet written: what the
+    /// output limits bound.
+    bytes: usize,
+    over_soft_since: Option<Instant>,
+    closed: Option<Closed>,
+}
+
+/// One connection's output: replies and messages, in order.
+pub struct Outbox {
+    queue: Mutex<Queue>,
+    /// Woken when output arrives or the outbox closes.
+    pub(crate) ready: Notify,
+    /// Woken when the writer has drained output.
+    pub(crate) drained: Notify,
+    /// Whether the connection speaks RESP3 (messages are push frames).
+    resp3: AtomicBool,
+    /// Cancelled when the client is cut off for not reading, so that a
+    /// writer blocked on its socket stops at once.
+    pub(crate) cut: tokio_util::sync::CancellationToken,
+}
+
+impl Default for Outbox {
+    fn default() -> Self {
+        Outbox {
+            queue: Mutex::new(Queue::default()),
+            ready: Notify::new(),
+            drained: Notify::new(),
+            resp3: AtomicBool::new(false),
+            cut: tokio_util::sync::CancellationToken::new(),
+        }
+    }
+}
+
+impl Outbox {
+    /// Switches the encoding of messages (`HELLO`, `RESET`).
+    pub fn set_resp3(&self, on: bool) {
+        self.resp3.store(on, Ordering::Relaxed);
+    }
+
+    /// Whether messages are RESP3 push frames.
+    pub fn resp3(&self) -> bool {
+        self.resp3.load(Ordering::Relaxed)
+    }
+
+    /// Appends output. Returns false when the outbox is closed, or closes
+    /// it now because the client is too far behind.
+    pub fn push(&self, bytes: Bytes) -> bool {
+        if bytes.is_empty() {
+            return true;
+        }
+        let mut q = lock(&self.queue);
+        if q.closed.is_some() {
+            return false;
+        }
+        q.bytes += bytes.len();
+        q.chunks.push_back(bytes);
+        let now = Instant::now();
+        let slow = if q.bytes > OUTPUT_HARD_LIMIT {
+            true
+        } else if q.bytes > OUTPUT_SOFT_LIMIT {
+            let since = *q.over_soft_since.get_or_insert(now);
+            now.duration_since(since) >= Duration::from_secs(OUTPUT_SOFT_SECONDS)
+        } else {
+            q.over_soft_since = None;
+            false
+        };
+        if slow {
+            q.closed = Some(Closed::Slow);
+            q.chunks.clear();
+            q.bytes = 0;
+            self.cut.cancel();
+        }
+        drop(q);
+        self.ready.notify_one();
+        !slow
+    }
+
+    /// Takes everything queued, and says whether the outbox is closed.
+    /// What is taken still counts against the limits until [`written`]
+    /// says it left.
+    ///
+    /// [`written`]: Outbox::written
+    pub fn take(&self) -> (Vec<Bytes>, Option<Closed>) {
+        let mut q = lock(&self.queue);
+        (q.chunks.drain(..).collect(), q.closed)
+    }
+
+    /// `n` bytes taken earlier were written to the client.
+    pub fn written(&self, n: usize) {
+        let mut q = lock(&self.queue);
+        q.bytes = q.bytes.saturating_sub(n);
+        if q.bytes <= OUTPUT_SOFT_LIMIT {
+            q.over_soft_since = None;
+        }
+    }
+
+    /// Bytes waiting to be written.
+    pub fn queued(&self) -> usize {
+        lock(&self.queue).bytes
+    }
+
+    /// Closes the outbox: what is queued is still written, nothing more is
+    /// taken.
+    pub fn close(&self) {
+        let mut q = lock(&self.queue);
+        q.closed.get_or_insert(Closed::Ending);
+        drop(q);
+        self.ready.notify_one();
+    }
+}
+
+/// A subscription's kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// `SUBSCRIBE`: an exact channel.
+    Channel,
+    /// `PSUBSCRIBE`: a glob pattern.
+    Pattern,
+}
+
+type Subscribers = HashMap<Bytes, Vec<(u64, Arc<Outbox>)>>;
+
+#[derive(Default)]
+struct Registry {
+    channels: Subscribers,
+    patterns: Subscribers,
+}
+
+/// Counters of the endpoint, for status and metrics.
+#[derive(Debug, Default)]
+pub struct BrokerStats {
+    /// Messages published on this sidecar (RESP `PUBLISH`).
+    pub published: AtomicU64,
+    /// Messages handed to local subscribers (a message to two subscribers
+    /// counts twice), from anywhere in the cluster.
+    pub delivered: AtomicU64,
+    /// Subscribers disconnected because they did not read their output.
+    pub slow_dropped: AtomicU64,
+}
+
+/// The subscriptions of this sidecar.
+pub struct Broker {
+    registry: Mutex<Registry>,
+    /// Counters.
+    pub stats: BrokerStats,
+}
+
+/// `*3\r\n$7\r\nmessage\r\n…` or its RESP3 push form.
+fn encode_message(resp3: bool, pattern: Option<&[u8]>, channel: &[u8], message: &[u8]) -> Bytes {
+    let mut out = BytesMut::with_capacity(48 + channel.len() + message.len());
+    let head = if resp3 { b'>' } else { b'*' };
+    let parts: &[&[u8]] = match pattern {
+        None => &[b"message", channel, message],
+        Some(p) => &[b"pmessage", p, channel, message],
+    };
+    out.put_u8(head);
+    out.put_slice(parts.len().to_string().as_bytes());
+    out.put_slice(b"\r\n");
+    for part in parts {
+        out.put_u8(b'$');
+        out.put_slice(part.len().to_string().as_bytes());
+        out.put_slice(b"\r\n");
+        out.put_slice(part);
+        out.put_slice(b"\r\n");
+    }
+    out.freeze()
+}
+
+impl Default for Broker {
+    fn default() -> Self {
+        Broker {
+            registry: Mutex::new(Registry::default()),
+            stats: BrokerStats::default(),
+        }
+    }
+}
+
+impl Broker {
+    /// Adds a subscription of connection `id` and queues its confirmation
+    /// `reply` under the same lock, so that no message can overtake it.
+    /// Returns whether the channel or pattern had no local subscriber
+    /// before (a gap the application may have to cover).
+    pub fn subscribe(
+        &self,
+        kind: Kind,
+        name: Bytes,
+        id: u64,
+        outbox: &Arc<Outbox>,
+        reply: Bytes,
+    ) -> bool {
+        let mut reg = lock(&self.registry);
+        let map = match kind {
+            Kind::Channel => &mut reg.channels,
+            Kind::Pattern => &mut reg.patterns,
+        };
+        let subs = map.entry(name).or_default();
+        let first = subs.is_empty();
+        if !subs.iter().any(|(i, _)| *i == id) {
+            subs.push((id, outbox.clone()));
+        }
+        outbox.push(reply);
+        first
+    }
+
+    /// Removes a subscription of connection `id`.
+    pub fn unsubscribe(&self, kind: Kind, name: &[u8], id: u64) {
+        let mut reg = lock(&self.registry);
+        let map = match kind {
+            Kind::Channel => &mut reg.channels,
+            Kind::Pattern => &mut reg.patterns,
+        };
+        if let Some(subs) = map.get_mut(name) {
+            subs.retain(|(i, _)| *i != id);
+            if subs.is_empty() {
+                map.remove(name);
+            }
+        }
+    }
+
+    /// Delivers a message to every local subscriber of `channel` and of
+    /// every matching pattern (channel subscribers first, as Redis does);
+    /// returns how many received it.
+    pub fn publish(&self, channel: &[u8], message: &[u8]) -> usize {
+        let mut count = 0;
+        {
+            let reg = lock(&self.registry);
+            // Encoded once per protocol, shared by every subscriber.
+            let mut cached: [Option<Bytes>; 2] = [None, None];
+            if let Some(subs) = reg.channels.get(channel) {
+                for (_, out) in subs {
+                    let r3 = out.resp3();
+                    let frame = cached[usize::from(r3)]
+                        .get_or_insert_with(|| encode_message(r3, None, channel, message))
+                        .clone();
+                    if out.push(frame) {
+                        count += 1;
+                    }
+                }
+            }
+            for (pattern, subs) in &reg.patterns {
+                if !glob::matches(pattern, channel) {
+                    continue;
+                }
+                let mut cached: [Option<Bytes>; 2] = [None, None];
+                for (_, out) in subs {
+                    let r3 = out.resp3();
+                    let frame = cached[usize::from(r3)]
+                        .get_or_insert_with(|| encode_message(r3, Some(pattern), channel, message))
+                        .clone();
+                    if out.push(frame) {
+                        count += 1;
+                    }
+                }
+            }
+        }
+        self.stats
+            .delivered
+            .fetch_add(count as u64, Ordering::Relaxed);
+        count
+    }
+
+    /// Channels with at least one subscriber, those matching `pattern` if
+    /// given.
+    pub fn channels(&self, pattern: Option<&[u8]>) -> Vec<Bytes> {
+        let reg = lock(&self.registry);
+        reg.channels
+            .keys()
+            .filter(|c| pattern.is_none_or(|p| glob::matches(p, c)))
+            .cloned()
+            .collect()
+    }
+
+    /// Subscribers of each channel (patterns not counted, as in Redis).
+    pub fn numsub(&self, channel: &[u8]) -> usize {
+        lock(&self.registry)
+            .channels
+            .get(channel)
+            .map_or(0, Vec::len)
+    }
+
+    /// Patterns with at least one subscriber.
+    pub fn numpat(&self) -> usize {
+        lock(&self.registry).patterns.len()
+    }
+
+    /// Channels and patterns subscribed to, for status.
+    pub fn counts(&self) -> (usize, usize) {
+        let reg = lock(&self.registry);
+        (reg.channels.len(), reg.patterns.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_follow_the_confirmation_and_patterns_follow_channels() {
+        let b = Broker::default();
+        let out = Arc::new(Outbox::default());
+        assert!(b.subscribe(
+            Kind::Channel,
+            Bytes::from_static(b"news"),
+            1,
+            &out,
+            Bytes::from_static(b"S1")
+        ));
+        assert!(b.subscribe(
+            Kind::Pattern,
+            Bytes::from_static(b"n*"),
+            1,
+            &out,
+            Bytes::from_static(b"P1")
+        ));
+        let other = Arc::new(Outbox::default());
+        assert!(!b.subscribe(
+            Kind::Channel,
+            Bytes::from_static(b"news"),
+            2,
+            &other,
+            Bytes::new()
+        ));
+        assert_eq!(b.publish(b"news", b"hi"), 3);
+        let (chunks, closed) = out.take();
+        assert_eq!(closed, None);
+        assert_eq!(
+            chunks,
+            [
+                Bytes::from_static(b"S1"),
+                Bytes::from_static(b"P1"),
+                Bytes::from_static(b"*3\r\n$7\r\nmessage\r\n$4\r\nnews\r\n$2\r\nhi\r\n"),
+                Bytes::from_static(
+                    b"*4\r\n$8\r\npmessage\r\n$2\r\nn*\r\n$4\r\nnews\r\n$2\r\nhi\r\n"
+                ),
+            ]
+        );
+        other.take();
+        other.set_resp3(true);
+        b.publish(b"news", b"x");
+        assert_eq!(
+            other.take().0,
+            [Bytes::from_static(
+                b">3\r\n$7\r\nmessage\r\n$4\r\nnews\r\n$1\r\nx\r\n"
+            )]
+        );
+        b.unsubscribe(Kind::Channel, b"news", 1);
+        b.unsubscribe(Kind::Channel, b"news", 2);
+        assert_eq!(b.numsub(b"news"), 0);
+        assert_eq!(b.channels(None), Vec::<Bytes>::new());
+        assert_eq!(b.numpat(), 1);
+    }
+
+    #[test]
+    fn a_subscriber_that_does_not_read_is_cut_off() {
+        let b = Broker::default();
+        let out = Arc::new(Outbox::default());
+        b.subscribe(
+            Kind::Channel,
+            Bytes::from_static(b"c"),
+            1,
+            &out,
+            Bytes::new(),
+        );
+        let message = vec![b'x'; 64 * 1024];
+        let mut n = 0;
+        while out.take_peek_open() {
+            b.publish(b"c", &message);
+            n += 1;
+            assert!(n < 1000, "never cut off");
+        }
+        assert!(n * message.len() >= OUTPUT_HARD_LIMIT);
+        assert_eq!(out.take(), (vec![], Some(Closed::Slow)));
+    }
+
+    impl Outbox {
+        fn take_peek_open(&self) -> bool {
+            lock(&self.queue).closed.is_none()
+        }
+    }
+}

@@ -1,0 +1,828 @@
+//! The commands of the Redis-protocol endpoint, answered as Redis 7.2
+//! answers them: the same replies, the same error texts, the same order
+//! of checks (unknown command, arity, authentication, subscribed context),
+//! because clients branch on them.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use super::Shared;
+use super::broker::{Kind, Outbox};
+use super::parse::MAX_KEPT_ARG;
+use crate::wire::{Item, MAX_STRING};
+
+/// The version reported by `HELLO`: the Redis release whose behaviour the
+/// endpoint follows (`CLIENT SETINFO` came with 7.2).
+pub const REDIS_VERSION: &str = "7.2.0";
+
+/// What the connection does after a command.
+#[derive(Debug, PartialEq, Eq)]
+pub enum After {
+    /// Read the next command.
+    Continue,
+    /// Write what is queued, then close (QUIT).
+    Close,
+}
+
+/// A command's static facts, as in Redis's command table.
+struct Spec {
+    name: &'static str,
+    /// Arity as Redis counts it: exact when positive, at least when negative.
+    arity: i32,
+    /// May run before authentication.
+    no_auth: bool,
+    /// May run in RESP2 subscribed mode.
+    in_subscribed: bool,
+    /// Subcommands (name, arity), for container commands.
+    subs: &'static [(&'static str, i32)],
+}
+
+const fn spec(name: &'static str, arity: i32) -> Spec {
+    Spec {
+        name,
+        arity,
+        no_auth: false,
+        in_subscribed: false,
+        subs: &[],
+    }
+}
+
+/// Every command the endpoint knows; anything else is an unknown command.
+static COMMANDS: &[Spec] = &[
+    Spec {
+        in_subscribed: true,
+        ..spec("ping", -1)
+    },
+    spec("echo", 2),
+    Spec {
+        no_auth: true,
+        ..spec("auth", -2)
+    },
+    Spec {
+        no_auth: true,
+        ..spec("hello", -1)
+    },
+    spec("select", 2),
+    Spec {
+        subs: &[
+            ("setname", 3),
+            ("getname", 2),
+            ("setinfo", 4),
+            ("id", 2),
+            ("help", 2),
+        ],
+        ..spec("client", -2)
+    },
+    Spec {
+        no_auth: true,
+        in_subscribed: true,
+        ..spec("quit", -1)
+    },
+    Spec {
+        no_auth: true,
+        in_subscribed: true,
+        ..spec("reset", 1)
+    },
+    Spec {
+        subs: &[
+            ("count", 2),
+            ("docs", -2),
+            ("info", -2),
+            ("list", -2),
+            ("help", 2),
+        ],
+        ..spec("command", -1)
+    },
+    Spec {
+        in_subscribed: true,
+        ..spec("subscribe", -2)
+    },
+    Spec {
+        in_subscribed: true,
+        ..spec("unsubscribe", -1)
+    },
+    Spec {
+        in_subscribed: true,
+        ..spec("psubscribe", -2)
+    },
+    Spec {
+        in_subscribed: true,
+        ..spec("punsubscribe", -1)
+    },
+    spec("publish", 3),
+    Spec {
+        subs: &[("channels", -2), ("numsub", -2), ("numpat", 2), ("help", 2)],
+        ..spec("pubsub", -2)
+    },
+];
+
+fn arity_ok(arity: i32, argc: usize) -> bool {
+    if arity >= 0 {
+        argc == arity as usize
+    } else {
+        argc >= (-arity) as usize
+    }
+}
+
+/// Replies, encoded for the connection's protocol version.
+pub struct Reply<'a> {
+    out: &'a mut BytesMut,
+    resp3: bool,
+}
+
+impl Reply<'_> {
+    fn line(&mut self, prefix: u8, text: &[u8]) {
+        self.out.put_u8(prefix);
+        // A line cannot hold a line break (Redis maps them to spaces).
+        self.out.extend(
+            text.iter()
+                .map(|&b| if b == b'\r' || b == b'\n' { b' ' } else { b }),
+        );
+        self.out.put_slice(b"\r\n");
+    }
+    fn simple(&mut self, s: &str) {
+        self.line(b'+', s.as_bytes());
+    }
+    /// An error; `text` starts with its code (`ERR`, `NOAUTH`, …).
+    pub fn error(&mut self, text: &str) {
+        self.line(b'-', text.as_bytes());
+    }
+    fn int(&mut self, n: i64) {
+        self.line(b':', n.to_string().as_bytes());
+    }
+    fn bulk(&mut self, b: &[u8]) {
+        self.out.put_u8(b'$');
+        self.out.put_slice(b.len().to_string().as_bytes());
+        self.out.put_slice(b"\r\n");
+        self.out.put_slice(b);
+        self.out.put_slice(b"\r\n");
+    }
+    fn null(&mut self) {
+        self.out
+            .put_slice(if self.resp3 { b"_\r\n" } else { b"$-1\r\n" });
+    }
+    fn array(&mut self, n: usize) {
+        self.line(b'*', n.to_string().as_bytes());
+    }
+    fn map(&mut self, n: usize) {
+        if self.resp3 {
+            self.line(b'%', n.to_string().as_bytes());
+        } else {
+            self.array(n * 2);
+        }
+    }
+    fn set(&mut self, n: usize) {
+        if self.resp3 {
+            self.line(b'~', n.to_string().as_bytes());
+        } else {
+            self.array(n);
+        }
+    }
+    fn push(&mut self, n: usize) {
+        if self.resp3 {
+            self.line(b'>', n.to_string().as_bytes());
+        } else {
+            self.array(n);
+        }
+    }
+}
+
+/// Quotes arguments for an unknown-command error as Redis does: each as
+/// `'arg' `, until 128 bytes are written.
+fn args_beginning(args: &[Bytes]) -> String {
+    let mut out = String::new();
+    for a in args {
+        if out.len() >= 128 {
+            break;
+        }
+        let room = 128 - out.len();
+        let text = String::from_utf8_lossy(&a[..a.len().min(room)]);
+        out.push('\'');
+        out.push_str(&text);
+        out.push_str("' ");
+    }
+    out
+}
+
+fn lossy(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// At most `n` bytes of `b`, as text (for `%.128s` in Redis's messages).
+fn clip(b: &[u8], n: usize) -> String {
+    lossy(&b[..b.len().min(n)])
+}
+
+/// One client connection's state.
+pub struct Session {
+    /// Its `CLIENT ID`.
+    pub id: u64,
+    resp3: bool,
+    authed: bool,
+    name: Option<Bytes>,
+    channels: HashSet<Bytes>,
+    /// In subscription order, which `PUNSUBSCRIBE` without arguments
+    /// follows (as Redis does); a client has few patterns.
+    patterns: Vec<Bytes>,
+    /// Where its output goes.
+    pub outbox: Arc<Outbox>,
+    shared: Arc<Shared>,
+}
+
+impl Session {
+    /// A new connection's session.
+    pub fn new(id: u64, outbox: Arc<Outbox>, shared: Arc<Shared>) -> Self {
+        Session {
+            id,
+            resp3: false,
+            authed: shared.password.is_none(),
+            name: None,
+            channels: HashSet::new(),
+            patterns: Vec::new(),
+            outbox,
+            shared,
+        }
+    }
+
+    /// Whether the client has authenticated (or needs not).
+    pub fn authed(&self) -> bool {
+        self.authed
+    }
+
+    fn subscriptions(&self) -> usize {
+        self.channels.len() + self.patterns.len()
+    }
+
+    /// Drops every subscription (the connection is ending, or `RESET`).
+    pub fn unsubscribe_all(&mut self) {
+        for c in self.channels.drain() {
+            self.shared.broker.unsubscribe(Kind::Channel, &c, self.id);
+        }
+        for p in self.patterns.drain(..) {
+            self.shared.broker.unsubscribe(Kind::Pattern, &p, self.id);
+        }
+    }
+
+    /// Answers a command too large to keep.
+    pub fn too_large(&mut self, out: &mut BytesMut, name: Option<&[u8]>, largest: usize) {
+        let mut r = Reply {
+            out,
+            resp3: self.resp3,
+        };
+        let name = name.map(lossy).unwrap_or_default().to_ascii_lowercase();
+        r.error(&format!(
+            "ERR '{name}' has an argument of {largest} bytes; this endpoint takes at most {MAX_KEPT_ARG} (the mesh carries strings of at most {MAX_STRING} bytes); nothing was done"
+        ));
+    }
+
+    /// Runs one command, appending its reply to `out`. Replies that must not
+    /// be overtaken by messages (subscription confirmations) go to the
+    /// outbox directly, after what `out` holds.
+    pub fn execute(&mut self, out: &mut BytesMut, args: Vec<Bytes>) -> After {
+        let Some(first) = args.first() else {
+            return After::Continue;
+        };
+        let lower = first.to_ascii_lowercase();
+        // QUIT comes before every check, as in Redis.
+        if lower == b"quit" {
+            Reply {
+                out,
+                resp3: self.resp3,
+            }
+            .simple("OK");
+            return After::Close;
+        }
+        let mut r = Reply {
+            out,
+            resp3: self.resp3,
+        };
+        let Some(spec) = COMMANDS.iter().find(|c| c.name.as_bytes() == lower) else {
+            r.error(&format!(
+                "ERR unknown command '{}', with args beginning with: {}",
+                clip(first, 128),
+                args_beginning(&args[1..])
+            ));
+            return After::Continue;
+        };
+        let mut full = spec.name.to_string();
+        let mut arity = spec.arity;
+        if !spec.subs.is_empty() && args.len() >= 2 {
+            let sub = args[1].to_ascii_lowercase();
+            match spec.subs.iter().find(|(n, _)| n.as_bytes() == sub) {
+                Some((n, a)) => {
+                    full = format!("{}|{n}", spec.name);
+                    arity = *a;
+                }
+                None => {
+                    r.error(&format!(
+                        "ERR unknown subcommand '{}'. Try {} HELP.",
+                        clip(&args[1], 128),
+                        spec.name.to_ascii_uppercase()
+                    ));
+                    return After::Continue;
+                }
+            }
+        }
+        if !arity_ok(arity, args.len()) {
+            r.error(&format!(
+                "ERR wrong number of arguments for '{full}' command"
+            ));
+            return After::Continue;
+        }
+        if !self.authed && !spec.no_auth {
+            r.error("NOAUTH Authentication required.");
+            return After::Continue;
+        }
+        if !self.resp3 && self.subscriptions() > 0 && !spec.in_subscribed {
+            r.error(&format!(
+                "ERR Can't execute '{full}': only (P|S)SUBSCRIBE / (P|S)UNSUBSCRIBE / PING / QUIT / RESET are allowed in this context"
+            ));
+            return After::Continue;
+        }
+        match spec.name {
+            "ping" => self.ping(r, &args),
+            "echo" => r.bulk(&args[1]),
+            "auth" => self.auth(r, &args),
+            "hello" => self.hello(out_of(r), &args),
+            "select" => select(r, &args[1]),
+            "client" => self.client(r, &args),
+            "reset" => self.reset(r),
+            "command" => command(r, &args),
+            "subscribe" => self.subscribe(out_of(r), Kind::Channel, &args[1..]),
+            "psubscribe" => self.subscribe(out_of(r), Kind::Pattern, &args[1..]),
+            "unsubscribe" => self.unsubscribe(r, Kind::Channel, &args[1..]),
+            "punsubscribe" => self.unsubscribe(r, Kind::Pattern, &args[1..]),
+            "publish" => self.publish(r, &args[1], &args[2]),
+            "pubsub" => self.pubsub(r, &args),
+            _ => r.error("ERR internal: command without a handler"),
+        }
+        After::Continue
+    }
+
+    fn ping(&self, mut r: Reply<'_>, args: &[Bytes]) {
+        if args.len() > 2 {
+            r.error("ERR wrong number of arguments for 'ping' command");
+            return;
+        }
+        if !self.resp3 && self.subscriptions() > 0 {
+            // In RESP2 subscribed mode a reply must look like a message.
+            r.array(2);
+            r.bulk(b"pong");
+            r.bulk(args.get(1).map_or(&b""[..], |a| &a[..]));
+            return;
+        }
+        match args.get(1) {
+            None => r.simple("PONG"),
+            Some(m) => r.bulk(m),
+        }
+    }
+
+    /// Checks a user and password; `Err` holds the error reply.
+    fn check_password(&self, user: &[u8], pass: &[u8]) -> Result<(), &'static str> {
+        let wrong = "WRONGPASS invalid username-password pair or user is disabled.";
+        if user != b"default" {
+            return Err(wrong);
+        }
+        match &self.shared.password {
+            // The default user without a password takes any.
+            None => Ok(()),
+            Some(p) if p.as_bytes() == pass => Ok(()),
+            Some(_) => Err(wrong),
+        }
+    }
+
+    fn auth(&mut self, mut r: Reply<'_>, args: &[Bytes]) {
+        let result = match args.len() {
+            2 => {
+                if self.shared.password.is_none() {
+                    r.error("ERR AUTH <password> called without any password configured for the default user. Are you sure your configuration is correct?");
+                    return;
+                }
+                self.check_password(b"default", &args[1])
+            }
+            3 => self.check_password(&args[1], &args[2]),
+            _ => {
+                r.error("ERR syntax error");
+                return;
+            }
+        };
+        match result {
+            Ok(()) => {
+                self.authed = true;
+                r.simple("OK");
+            }
+            Err(e) => {
+                self.shared
+                    .stats
+                    .auth_failures
+                    .fetch_add(1, Ordering::Relaxed);
+                r.error(e);
+            }
+        }
+    }
+
+    fn hello(&mut self, out: &mut BytesMut, args: &[Bytes]) {
+        let mut r = Reply {
+            out,
+            resp3: self.resp3,
+        };
+        let mut version = None;
+        if let Some(v) = args.get(1) {
+            match std::str::from_utf8(v)
+                .ok()
+                .and_then(|t| t.parse::<i64>().ok())
+            {
+                None => {
+                    r.error("ERR Protocol version is not an integer or out of range");
+                    return;
+                }
+                Some(v) if !(2..=3).contains(&v) => {
+                    r.error("NOPROTO unsupported protocol version");
+                    return;
+                }
+                Some(v) => version = Some(v),
+            }
+        }
+        let (mut auth, mut name) = (None, None);
+        let mut j = 2;
+        while j < args.len() {
+            let more = args.len() - 1 - j;
+            let opt = args[j].to_ascii_lowercase();
+            if opt == b"auth" && more >= 2 {
+                auth = Some((&args[j + 1], &args[j + 2]));
+                j += 3;
+            } else if opt == b"setname" && more >= 1 {
+                name = Some(&args[j + 1]);
+                j += 2;
+            } else {
+                r.error(&format!(
+                    "ERR Syntax error in HELLO option '{}'",
+                    lossy(&args[j])
+                ));
+                return;
+            }
+        }
+        if let Some((user, pass)) = auth {
+            if let Err(e) = self.check_password(user, pass) {
+                self.shared
+                    .stats
+                    .auth_failures
+                    .fetch_add(1, Ordering::Relaxed);
+                r.error(e);
+                return;
+            }
+            self.authed = true;
+        }
+        if !self.authed {
+            r.error("NOAUTH HELLO must be called with the client already authenticated, otherwise the HELLO AUTH <user> <pass> option can be used to authenticate the client and select the RESP protocol version at the same time");
+            return;
+        }
+        if let Some(n) = name {
+            if let Err(e) = valid_name(n) {
+                r.error(e);
+                return;
+            }
+            self.name = (!n.is_empty()).then(|| n.clone());
+        }
+        if let Some(v) = version {
+            self.resp3 = v == 3;
+            self.outbox.set_resp3(self.resp3);
+        }
+        let mut r = Reply {
+            out,
+            resp3: self.resp3,
+        };
+        r.map(7);
+        r.bulk(b"server");
+        r.bulk(b"redis");
+        r.bulk(b"version");
+        r.bulk(REDIS_VERSION.as_bytes());
+        r.bulk(b"proto");
+        r.int(if self.resp3 { 3 } else { 2 });
+        r.bulk(b"id");
+        r.int(self.id as i64);
+        r.bulk(b"mode");
+        r.bulk(b"standalone");
+        r.bulk(b"role");
+        r.bulk(b"master");
+        r.bulk(b"modules");
+        r.array(0);
+    }
+
+    fn client(&mut self, mut r: Reply<'_>, args: &[Bytes]) {
+        match args[1].to_ascii_lowercase().as_slice() {
+            b"setname" => match valid_name(&args[2]) {
+                Ok(()) => {
+                    self.name = (!args[2].is_empty()).then(|| args[2].clone());
+                    r.simple("OK");
+                }
+                Err(e) => r.error(e),
+            },
+            b"getname" => match &self.name {
+                Some(n) => r.bulk(n),
+                None => r.null(),
+            },
+            b"setinfo" => {
+                let attr = args[2].to_ascii_lowercase();
+                if attr == b"lib-name" || attr == b"lib-ver" {
+                    r.simple("OK");
+                } else {
+                    r.error(&format!("ERR Unrecognized option '{}'", lossy(&args[2])));
+                }
+            }
+            b"id" => r.int(self.id as i64),
+            _ => help(
+                r,
+                "CLIENT",
+                &[
+                    "GETNAME",
+                    "    Return the name of the current connection.",
+                    "ID",
+                    "    Return the ID of the current connection.",
+                    "SETINFO <option> <value>",
+                    "    Set client meta attr. Options are:",
+                    "    * LIB-NAME: the client lib name.",
+                    "    * LIB-VER: the client lib version.",
+                    "SETNAME <connection-name>",
+                    "    Assign the name <connection-name> to the current connection.",
+                ],
+            ),
+        }
+    }
+
+    fn reset(&mut self, mut r: Reply<'_>) {
+        self.unsubscribe_all();
+        self.resp3 = false;
+        self.outbox.set_resp3(false);
+        self.name = None;
+        self.authed = self.shared.password.is_none();
+        r.resp3 = false;
+        r.simple("RESET");
+    }
+
+    fn subscribe(&mut self, out: &mut BytesMut, kind: Kind, names: &[Bytes]) {
+        let verb: &[u8] = match kind {
+            Kind::Channel => b"subscribe",
+            Kind::Pattern => b"psubscribe",
+        };
+        for name in names {
+            let added = match kind {
+                Kind::Channel => self.channels.insert(name.clone()),
+                Kind::Pattern if self.patterns.contains(name) => false,
+                Kind::Pattern => {
+                    self.patterns.push(name.clone());
+                    true
+                }
+            };
+            let mut reply = BytesMut::new();
+            let mut r = Reply {
+                out: &mut reply,
+                resp3: self.resp3,
+            };
+            r.push(3);
+            r.bulk(verb);
+            r.bulk(name);
+            r.int(self.subscriptions() as i64);
+            if !added {
+                out.extend_from_slice(&reply);
+                continue;
+            }
+            // What is before it goes first; then the confirmation, queued
+            // under the broker's lock so no message overtakes it.
+            self.outbox.push(out.split().freeze());
+            let first = self.shared.broker.subscribe(
+                kind,
+                name.clone(),
+                self.id,
+                &self.outbox,
+                reply.freeze(),
+            );
+            if first && let Some(hook) = &self.shared.hook {
+                hook.trigger(&format!(
+                    "{} {} gained its first local subscriber: the application may have missed messages while it was not subscribed",
+                    match kind {
+                        Kind::Channel => "channel",
+                        Kind::Pattern => "pattern",
+                    },
+                    clip(name, 200)
+                ));
+            }
+        }
+    }
+
+    fn unsubscribe(&mut self, mut r: Reply<'_>, kind: Kind, names: &[Bytes]) {
+        let verb: &[u8] = match kind {
+            Kind::Channel => b"unsubscribe",
+            Kind::Pattern => b"punsubscribe",
+        };
+        let names: Vec<Bytes> = if names.is_empty() {
+            match kind {
+                Kind::Channel => self.channels.iter().cloned().collect(),
+                Kind::Pattern => self.patterns.clone(),
+            }
+        } else {
+            names.to_vec()
+        };
+        if names.is_empty() {
+            r.push(3);
+            r.bulk(verb);
+            r.null();
+            r.int(self.subscriptions() as i64);
+            return;
+        }
+        for name in names {
+            let removed = match kind {
+                Kind::Channel => self.channels.remove(&name),
+                Kind::Pattern => match self.patterns.iter().position(|p| *p == name) {
+                    Some(i) => {
+                        self.patterns.remove(i);
+                        true
+                    }
+                    None => false,
+                },
+            };
+            if removed {
+                self.shared.broker.unsubscribe(kind, &name, self.id);
+            }
+            r.push(3);
+            r.bulk(verb);
+            r.bulk(&name);
+            r.int(self.subscriptions() as i64);
+        }
+    }
+
+    fn publish(&mut self, mut r: Reply<'_>, channel: &Bytes, message: &Bytes) {
+        let (Ok(cache), Ok(key)) = (std::str::from_utf8(channel), std::str::from_utf8(message))
+        else {
+            r.error("ERR the channel and the message must be UTF-8 text (the mesh carries strings); nothing was sent");
+            return;
+        };
+        let item = Item::Key {
+            cache: Arc::from(cache),
+            key: Arc::from(key),
+        };
+        if let Err(e) = self.shared.mesh.send(item) {
+            r.error(&format!("ERR {e}; nothing was sent"));
+            return;
+        }
+        // Replies before this one go first: a RESP3 client subscribed to
+        // the channel gets its message after them, and before this reply.
+        self.outbox.push(r.out.split().freeze());
+        self.shared
+            .broker
+            .stats
+            .published
+            .fetch_add(1, Ordering::Relaxed);
+        let n = self.shared.broker.publish(channel, message);
+        r.int(n as i64);
+    }
+
+    fn pubsub(&mut self, mut r: Reply<'_>, args: &[Bytes]) {
+        match args[1].to_ascii_lowercase().as_slice() {
+            b"channels" => {
+                if args.len() > 3 {
+                    r.error(&format!(
+                        "ERR unknown subcommand or wrong number of arguments for '{}'. Try PUBSUB HELP.",
+                        clip(&args[1], 128)
+                    ));
+                    return;
+                }
+                let list = self.shared.broker.channels(args.get(2).map(|p| &p[..]));
+                r.array(list.len());
+                for c in list {
+                    r.bulk(&c);
+                }
+            }
+            b"numsub" => {
+                r.array((args.len() - 2) * 2);
+                for c in &args[2..] {
+                    r.bulk(c);
+                    r.int(self.shared.broker.numsub(c) as i64);
+                }
+            }
+            b"numpat" => r.int(self.shared.broker.numpat() as i64),
+            _ => help(
+                r,
+                "PUBSUB",
+                &[
+                    "CHANNELS [<pattern>]",
+                    "    Return the currently active channels matching a <pattern> (default: '*').",
+                    "NUMPAT",
+                    "    Return number of subscriptions to patterns.",
+                    "NUMSUB [<channel> ...]",
+                    "    Return the number of subscribers for the specified channels, excluding",
+                    "    pattern subscriptions(default: no channels).",
+                ],
+            ),
+        }
+    }
+}
+
+/// Gives the reply's buffer back, for handlers that build replies of their
+/// own.
+fn out_of<'a>(r: Reply<'a>) -> &'a mut BytesMut {
+    r.out
+}
+
+fn valid_name(n: &[u8]) -> Result<(), &'static str> {
+    if n.iter().any(|&b| !(b'!'..=b'~').contains(&b)) {
+        return Err("ERR Client names cannot contain spaces, newlines or special characters.");
+    }
+    Ok(())
+}
+
+fn select(mut r: Reply<'_>, index: &[u8]) {
+    match std::str::from_utf8(index)
+        .ok()
+        .and_then(|t| t.parse::<i64>().ok())
+    {
+        None => r.error("ERR value is not an integer or out of range"),
+        // Pub/sub ignores the database; Redis has 16 by default.
+        Some(0..=15) => r.simple("OK"),
+        Some(_) => r.error("ERR DB index is out of range"),
+    }
+}
+
+fn help(mut r: Reply<'_>, name: &str, lines: &[&str]) {
+    r.array(lines.len() + 3);
+    r.simple(&format!(
+        "{name} <subcommand> [<arg> [value] [opt] ...]. Subcommands are:"
+    ));
+    for l in lines {
+        r.simple(l);
+    }
+    r.simple("HELP");
+    r.simple("    Print this help.");
+}
+
+/// `COMMAND`: enough for clients that ask what the server knows.
+fn command(mut r: Reply<'_>, args: &[Bytes]) {
+    let info = |r: &mut Reply<'_>, s: &Spec| {
+        r.array(10);
+        r.bulk(s.name.as_bytes());
+        r.int(s.arity as i64);
+        let mut flags = vec!["fast"];
+        if s.no_auth {
+            flags.push("no_auth");
+        }
+        if s.in_subscribed {
+            flags.push("pubsub");
+        }
+        r.set(flags.len());
+        for f in flags {
+            r.simple(f);
+        }
+        r.int(0);
+        r.int(0);
+        r.int(0);
+        r.set(0);
+        r.set(0);
+        r.array(0);
+        r.array(0);
+    };
+    match args.get(1).map(|a| a.to_ascii_lowercase()) {
+        None => {
+            r.array(COMMANDS.len());
+            for s in COMMANDS {
+                info(&mut r, s);
+            }
+        }
+        Some(sub) if sub == b"count" => r.int(COMMANDS.len() as i64),
+        Some(sub) if sub == b"list" => {
+            r.array(COMMANDS.len());
+            for s in COMMANDS {
+                r.bulk(s.name.as_bytes());
+            }
+        }
+        Some(sub) if sub == b"docs" => r.map(0),
+        Some(sub) if sub == b"info" => {
+            r.array(args.len() - 2);
+            for name in &args[2..] {
+                let lower = name.to_ascii_lowercase();
+                match COMMANDS.iter().find(|s| s.name.as_bytes() == lower) {
+                    Some(s) => info(&mut r, s),
+                    None => r.null(),
+                }
+            }
+        }
+        _ => help(
+            r,
+            "COMMAND",
+            &[
+                "(no subcommand)",
+                "    Return details about all Redis commands.",
+                "COUNT",
+                "    Return the total number of commands in this Redis server.",
+                "LIST",
+                "    Return a list of all commands in this Redis server.",
+                "INFO [<command-name> ...]",
+                "    Return details about multiple Redis commands.",
+                "DOCS [<command-name> ...]",
+                "    Return documentation details about multiple Redis commands.",
+            ],
+        ),
+    }
+}

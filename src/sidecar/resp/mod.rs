@@ -1,0 +1,359 @@
+//! The Redis-protocol endpoint: the pub/sub part of RESP2 and RESP3, so
+//! that an application which invalidates its caches through Redis pub/sub
+//! (DHIS 2 through Lettuce) uses the mesh by pointing its Redis host and
+//! port at its own sidecar.
+//!
+//! `PUBLISH channel message` is one invalidation (cache = channel, key =
+//! message) sent over the mesh like any other, and delivered to this
+//! sidecar's subscribers at once, as Redis delivers to its own. What the
+//! mesh delivers from peers reaches subscribers of the channel and of every
+//! matching pattern.
+//!
+//! Layers, as in mini-redis: [`parse`] turns bytes into commands, [`cmd`]
+//! answers them, [`broker`] keeps subscriptions and each connection's
+//! bounded output; this module accepts connections and moves bytes.
+
+pub mod broker;
+pub mod cmd;
+pub mod glob;
+pub mod parse;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::{BufMut, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+use self::broker::{Broker, Closed, Outbox};
+use self::cmd::{After, Session};
+use self::parse::{Parser, Request};
+use super::flush::FlushHook;
+use crate::mesh::MeshHandle;
+
+/// Connections open at once, by default; beyond it, new ones are closed as
+/// soon as they are accepted.
+pub const MAX_RESP_CONNECTIONS: usize = 128;
+
+/// A connection that stops halfway through a command for this long, or
+/// that has not authenticated this long after connecting (when a password
+/// is set), is closed. A connection idle between commands is not: pub/sub
+/// subscribers and publishers stay idle for hours, as Redis lets them.
+pub const RESP_STALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Reading stops while this much output waits for a client that sends
+/// commands faster than it reads the replies.
+const READ_PAUSE: usize = 1024 * 1024;
+
+/// Counters of the endpoint's connections.
+#[derive(Debug, Default)]
+pub struct RespStats {
+    /// Connections accepted.
+    pub accepted: AtomicU64,
+    /// Connections closed at once because the most were open.
+    pub refused: AtomicU64,
+    /// Connections closed for stalling or not authenticating in time.
+    pub timed_out: AtomicU64,
+    /// Connections closed for a protocol error.
+    pub protocol_errors: AtomicU64,
+    /// Failed `AUTH`/`HELLO AUTH` attempts.
+    pub auth_failures: AtomicU64,
+}
+
+/// What every connection shares.
+pub struct Shared {
+    /// Subscriptions and delivery.
+    pub broker: Broker,
+    mesh: MeshHandle,
+    hook: Option<Arc<FlushHook>>,
+    password: Option<String>,
+    next_id: AtomicU64,
+    /// Connection counters.
+    pub stats: RespStats,
+    permits: Arc<Semaphore>,
+    /// The cap on connections.
+    pub max_connections: usize,
+    /// The addresses served.
+    pub addrs: Vec<SocketAddr>,
+}
+
+impl Shared {
+    /// Shared state for an endpoint on `mesh`.
+    pub fn new(
+        mesh: MeshHandle,
+        hook: Option<Arc<FlushHook>>,
+        password: Option<String>,
+        max_connections: usize,
+    ) -> Arc<Self> {
+        Arc::new(Shared {
+            broker: Broker::default(),
+            mesh,
+            hook,
+            password,
+            next_id: AtomicU64::new(1),
+            stats: RespStats::default(),
+            permits: Arc::new(Semaphore::new(max_connections)),
+            max_connections,
+            addrs: Vec::new(),
+        })
+    }
+
+    /// Whether clients must authenticate.
+    pub fn has_password(&self) -> bool {
+        self.password.is_some()
+    }
+
+    /// Connections open now.
+    pub fn open(&self) -> usize {
+        self.max_connections
+            .saturating_sub(self.permits.available_permits())
+    }
+
+    /// Counts a subscriber cut off for not reading, and asks the
+    /// application to flush: it missed what was dropped.
+    fn slow(&self, id: u64) {
+        self.broker
+            .stats
+            .slow_dropped
+            .fetch_add(1, Ordering::Relaxed);
+        warn!(
+            client = id,
+            limit = broker::OUTPUT_HARD_LIMIT,
+            "Redis-protocol subscriber disconnected: it did not read its messages (output limit reached)"
+        );
+        if let Some(hook) = &self.hook {
+            hook.trigger(
+                "a Redis-protocol subscriber was disconnected for not reading its messages",
+            );
+        }
+    }
+}
+
+/// Accepts connections on `listener` until `shutdown`; each is served on
+/// its own task, tracked by `tracker`.
+pub async fn serve(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+) {
+    let mut last_warned: Option<Instant> = None;
+    let mut may_warn = move || {
+        let now = Instant::now();
+        let due = last_warned.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(60));
+        if due {
+            last_warned = Some(now);
+        }
+        due
+    };
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = shutdown.cancelled() => return,
+        };
+        let (stream, remote) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                if !matches!(
+                    e.kind(),
+                    std::io::ErrorKind::ConnectionAborted | std::io::ErrorKind::ConnectionReset
+                ) {
+                    if may_warn() {
+                        warn!(error = %e, "Redis-protocol accept failed");
+                    }
+                    // Typically out of file descriptors: wait, do not spin.
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                continue;
+            }
+        };
+        let Ok(permit) = shared.permits.clone().try_acquire_owned() else {
+            shared.stats.refused.fetch_add(1, Ordering::Relaxed);
+            if may_warn() {
+                warn!(limit = shared.max_connections, %remote, "Redis-protocol connection closed: too many open (logged at most once a minute)");
+            }
+            continue;
+        };
+        shared.stats.accepted.fetch_add(1, Ordering::Relaxed);
+        let shared = shared.clone();
+        let shutdown = shutdown.clone();
+        tracker.spawn(async move {
+            let _permit = permit;
+            connection(stream, remote, shared, shutdown).await;
+        });
+    }
+}
+
+/// Serves one client until it leaves, errs, or the sidecar stops.
+async fn connection(
+    stream: TcpStream,
+    remote: SocketAddr,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+) {
+    let _ = stream.set_nodelay(true);
+    let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+    let outbox = Arc::new(Outbox::default());
+    let mut session = Session::new(id, outbox.clone(), shared.clone());
+    let (mut rd, mut wr) = stream.into_split();
+    debug!(client = id, %remote, "Redis-protocol client connected");
+
+    let writer = async {
+        loop {
+            let (chunks, closed) = outbox.take();
+            if chunks.is_empty() {
+                match closed {
+                    Some(c) => return c,
+                    None => {
+                        outbox.ready.notified().await;
+                        continue;
+                    }
+                }
+            }
+            let n: usize = chunks.iter().map(|c| c.len()).sum();
+            let all = if chunks.len() == 1 {
+                chunks[0].clone()
+            } else {
+                let mut all = BytesMut::with_capacity(n);
+                for c in &chunks {
+                    all.put_slice(c);
+                }
+                all.freeze()
+            };
+            let result = tokio::select! {
+                r = wr.write_all(&all) => r,
+                // Cut off while blocked on a client that does not read.
+                () = outbox.cut.cancelled() => return Closed::Slow,
+            };
+            outbox.written(n);
+            outbox.drained.notify_one();
+            if result.is_err() {
+                return Closed::Ending;
+            }
+        }
+    };
+
+    let reader = async {
+        let mut parser = Parser::default();
+        let mut buf = BytesMut::with_capacity(4096);
+        let mut out = BytesMut::new();
+        let connected = Instant::now();
+        loop {
+            while outbox.queued() > READ_PAUSE {
+                outbox.drained.notified().await;
+            }
+            // Idle between commands is fine; stalled inside one, or
+            // unauthenticated, is not.
+            let deadline = if parser.mid_request() || !buf.is_empty() {
+                Some(Instant::now() + RESP_STALL_TIMEOUT)
+            } else if !session.authed() {
+                Some(connected + RESP_STALL_TIMEOUT)
+            } else {
+                None
+            };
+            let read = match deadline {
+                Some(d) => match tokio::time::timeout_at(d, rd.read_buf(&mut buf)).await {
+                    Ok(r) => r,
+                    Err(_) => {
+                        shared.stats.timed_out.fetch_add(1, Ordering::Relaxed);
+                        debug!(
+                            client = id,
+                            "Redis-protocol client closed: stalled or never authenticated"
+                        );
+                        return;
+                    }
+                },
+                None => rd.read_buf(&mut buf).await,
+            };
+            match read {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+            loop {
+                parser.authenticated = session.authed();
+                match parser.next(&mut buf) {
+                    Ok(Some(Request::Command(args))) => {
+                        if session.execute(&mut out, args) == After::Close {
+                            outbox.push(out.split().freeze());
+                            outbox.close();
+                            return;
+                        }
+                    }
+                    Ok(Some(Request::TooLarge { name, largest })) => {
+                        session.too_large(&mut out, name.as_deref(), largest);
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        shared.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
+                        debug!(client = id, error = %e.0, "Redis-protocol client closed: protocol error");
+                        out.put_slice(b"-ERR Protocol error: ");
+                        out.put_slice(e.0.as_bytes());
+                        out.put_slice(b"\r\n");
+                        outbox.push(out.split().freeze());
+                        outbox.close();
+                        return;
+                    }
+                }
+            }
+            outbox.push(out.split().freeze());
+            // A buffer grown for a large argument is not kept.
+            if buf.is_empty() && buf.capacity() > 64 * 1024 {
+                buf = BytesMut::with_capacity(4096);
+            }
+        }
+    };
+
+    tokio::pin!(writer);
+    tokio::select! {
+        closed = &mut writer => {
+            if closed == Closed::Slow {
+                shared.slow(id);
+            }
+        }
+        () = reader => {
+            // What is queued (a last reply) still goes out, briefly.
+            outbox.close();
+            let _ = tokio::time::timeout(Duration::from_secs(5), &mut writer).await;
+        }
+        () = shutdown.cancelled() => {}
+    }
+    session.unsubscribe_all();
+    debug!(client = id, "Redis-protocol client disconnected");
+}
+
+/// Binds the endpoint's addresses. An address of a family the machine
+/// lacks (`::1` on a host without IPv6) is skipped with a log line when
+/// another address was bound; any other failure (an address in use: a
+/// real Redis still running) is an error, since a client could reach that
+/// other server instead.
+pub async fn bind(addrs: &[SocketAddr]) -> Result<Vec<TcpListener>, (SocketAddr, std::io::Error)> {
+    let mut listeners = Vec::new();
+    let mut skipped = None;
+    for &addr in addrs {
+        match TcpListener::bind(addr).await {
+            Ok(l) => listeners.push(l),
+            Err(e) if addrs.len() > 1 && family_missing(&e) => {
+                info!(%addr, error = %e, "Redis-protocol endpoint not served on this address: the machine lacks its address family");
+                skipped.get_or_insert((addr, e));
+            }
+            Err(e) => return Err((addr, e)),
+        }
+    }
+    match (listeners.is_empty(), skipped) {
+        (true, Some(e)) => Err(e),
+        _ => Ok(listeners),
+    }
+}
+
+/// The address (family) is not on this machine: `EADDRNOTAVAIL`,
+/// `EAFNOSUPPORT`.
+fn family_missing(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::AddrNotAvailable || e.raw_os_error() == Some(libc::EAFNOSUPPORT)
+}

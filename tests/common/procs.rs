@@ -1,0 +1,220 @@
+//! Real `cachecast run` processes on ephemeral loopback ports: start,
+//! signal, kill, read their status; shared by the sidecar and
+//! Redis-protocol tests.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+pub const LONG: Duration = Duration::from_secs(20);
+
+/// A free loopback port (bound, then released for the sidecar to take).
+pub fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr").port()
+}
+
+/// One sidecar process and its configuration.
+pub struct Sidecar {
+    pub child: Option<Child>,
+    pub conf: PathBuf,
+    pub api: SocketAddr,
+    pub port: u16,
+    pub log: PathBuf,
+    /// Extra environment of the process.
+    pub env: Vec<(&'static str, String)>,
+    /// A limit on open files (soft and hard) to start it under.
+    pub nofile: Option<u32>,
+}
+
+impl Sidecar {
+    pub fn spawn(&mut self) {
+        let log = std::fs::File::create(&self.log).expect("log file");
+        let bin = env!("CARGO_BIN_EXE_cachecast");
+        let mut cmd = match self.nofile {
+            // The shell sets the limit, then becomes the sidecar (same pid).
+            Some(n) => {
+                let mut c = Command::new("sh");
+                c.args(["-c", &format!("ulimit -n {n} && exec \"$0\" \"$@\""), bin]);
+                c
+            }
+            None => Command::new(bin),
+        };
+        let child = cmd
+            .args(["run", "--config"])
+            .arg(&self.conf)
+            .env("RUST_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn cachecast run");
+        self.child = Some(child);
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.api)
+    }
+
+    pub fn id(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub async fn wait_healthy(&self) {
+        let client = client();
+        let deadline = tokio::time::Instant::now() + LONG;
+        loop {
+            if let Ok(r) = client.get(self.url("/healthz")).send().await
+                && r.status().is_success()
+            {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "sidecar never became healthy; log:\n{}",
+                self.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Sends a signal (`TERM`, `STOP`, `CONT`) to the running process.
+    pub fn signal(&self, sig: &str) {
+        let pid = self.child.as_ref().expect("running").id().to_string();
+        let ok = Command::new("kill")
+            .args([&format!("-{sig}"), &pid])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "kill -{sig} {pid}");
+    }
+
+    /// Waits for the process to exit.
+    pub fn wait_exit(&mut self) -> std::process::ExitStatus {
+        let mut c = self.child.take().expect("running");
+        let deadline = std::time::Instant::now() + LONG;
+        loop {
+            if let Ok(Some(status)) = c.try_wait() {
+                return status;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no exit after SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// SIGTERM, then wait for the process to exit.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        self.signal("TERM");
+        self.wait_exit()
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub async fn status(&self) -> Value {
+        client()
+            .get(self.url("/v1/status"))
+            .send()
+            .await
+            .expect("status")
+            .json()
+            .await
+            .expect("json")
+    }
+}
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("client")
+}
+
+/// `n` sidecar configurations in a temp dir, each node peering with all.
+pub struct Cluster {
+    pub _dir: tempfile::TempDir,
+    pub nodes: Vec<Sidecar>,
+}
+
+impl Cluster {
+    pub fn new(n: usize, extra: &str) -> Cluster {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        let apis: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        let mut nodes = Vec::new();
+        for i in 0..n {
+            let mut text = format!(
+                "cluster.instance0.hostname = 127.0.0.1\ncluster.instance0.cache.port = {}\ncachecast.api.port = {}\n{extra}\n",
+                ports[i], apis[i]
+            );
+            for (k, j) in (1..).zip((0..n).filter(|&j| j != i)) {
+                text.push_str(&format!(
+                    "cluster.instance{k}.hostname = 127.0.0.1\ncluster.instance{k}.cache.port = {}\n",
+                    ports[j]
+                ));
+            }
+            let conf = dir.path().join(format!("node{i}.conf"));
+            std::fs::write(&conf, text).expect("write conf");
+            nodes.push(Sidecar {
+                child: None,
+                conf,
+                api: SocketAddr::from(([127, 0, 0, 1], apis[i])),
+                port: ports[i],
+                log: dir.path().join(format!("node{i}.log")),
+                env: Vec::new(),
+                nofile: None,
+            });
+        }
+        Cluster { _dir: dir, nodes }
+    }
+
+    pub async fn start_all(&mut self) {
+        for n in &mut self.nodes {
+            n.spawn();
+        }
+        for n in &self.nodes {
+            n.wait_healthy().await;
+        }
+    }
+
+    pub async fn wait_connected(&self) {
+        let deadline = tokio::time::Instant::now() + LONG;
+        for n in &self.nodes {
+            loop {
+                let st = n.status().await;
+                let all = st["peers"]
+                    .as_array()
+                    .is_some_and(|ps| ps.iter().all(|p| p["connected"] == json!(true)));
+                if all {
+                    break;
+                }
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "not connected: {st}"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+}

@@ -1,0 +1,1120 @@
+//! The Redis-protocol endpoint of the sidecar, against real clients that
+//! no one here wrote (redis-cli, redis-py, the `redis` crate, Lettuce, the
+//! client DHIS 2 uses) and against a real `redis-server` for the replies
+//! that must match byte for byte. Every sidecar is a real `cachecast run`
+//! process on ephemeral loopback ports.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::procs::{Cluster, LONG, client, free_port};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+
+/// Whether a tool is on this machine. CI installs every tool these tests
+/// use, so there a missing one fails; elsewhere the test says what it
+/// skips and why.
+fn have(tool: &str, args: &[&str]) -> bool {
+    let ok = Command::new(tool)
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{tool} is missing, and CI must run this test (.ci/run installs it)"
+        );
+        eprintln!("SKIPPED: {tool} is not installed here (.ci/run installs it)");
+    }
+    ok
+}
+
+/// Adds a Redis-protocol endpoint (and anything in `extra`) to every node
+/// of `cluster`; returns the endpoints' ports.
+fn with_resp(cluster: &Cluster, extra: &str) -> Vec<u16> {
+    cluster
+        .nodes
+        .iter()
+        .map(|n| {
+            let port = free_port();
+            let mut text = std::fs::read_to_string(&n.conf).expect("conf");
+            text.push_str(&format!("cachecast.resp.port = {port}\n{extra}\n"));
+            std::fs::write(&n.conf, text).expect("conf");
+            port
+        })
+        .collect()
+}
+
+async fn started(n: usize, extra: &str) -> (Cluster, Vec<u16>) {
+    let mut c = Cluster::new(n, "");
+    let ports = with_resp(&c, extra);
+    c.start_all().await;
+    if n > 1 {
+        c.wait_connected().await;
+    }
+    (c, ports)
+}
+
+/// A real redis-server on a free loopback port, stopped on drop.
+struct RedisServer {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl RedisServer {
+    async fn start(password: Option<&str>) -> RedisServer {
+        let port = free_port();
+        let mut cmd = Command::new("redis-server");
+        cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        if let Some(p) = password {
+            cmd.args(["--requirepass", p]);
+        }
+        let child = cmd.spawn().expect("redis-server");
+        let server = RedisServer { child, port };
+        let deadline = Instant::now() + LONG;
+        while TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+            assert!(Instant::now() < deadline, "redis-server never listened");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        server
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Sends `requests` on a fresh connection, then `QUIT` (answered in any
+/// state, and it closes the connection), and returns every byte read
+/// until the server closed.
+async fn exchange(port: u16, requests: &[u8]) -> Vec<u8> {
+    let mut s = TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    s.write_all(requests).await.expect("write");
+    // After a protocol error the server may already have closed.
+    let _ = s.write_all(b"QUIT\r\n").await;
+    read_to_close(&mut s).await
+}
+
+async fn read_to_close(s: &mut TcpStream) -> Vec<u8> {
+    let mut out = Vec::new();
+    let read = tokio::time::timeout(LONG, async {
+        let mut buf = [0u8; 65536];
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    assert!(read.is_ok(), "the connection was not closed after QUIT");
+    out
+}
+
+/// Reads until `want` bytes arrived.
+async fn read_n(s: &mut TcpStream, want: usize) -> Vec<u8> {
+    let mut out = vec![0u8; want];
+    tokio::time::timeout(LONG, s.read_exact(&mut out))
+        .await
+        .expect("timely reply")
+        .expect("read");
+    out
+}
+
+/// The parts of a reply that differ between any two servers by design:
+/// the version and the connection id in a HELLO reply.
+fn normalise(bytes: &[u8]) -> String {
+    let text = String::from_utf8_lossy(bytes).into_owned();
+    let mut out = String::new();
+    let mut lines = text.split_inclusive("\r\n").peekable();
+    while let Some(line) = lines.next() {
+        out.push_str(line);
+        if line == "version\r\n" || line == "id\r\n" {
+            // `$N\r\n<version>` or `:<id>`: keep the type, not the value.
+            if let Some(next) = lines.next() {
+                if next.starts_with('$') {
+                    lines.next();
+                    out.push_str("$<version>\r\n<version>\r\n");
+                } else {
+                    out.push_str(":<id>\r\n");
+                }
+            }
+        }
+    }
+    out
+}
+
+fn cmd(args: &[&str]) -> Vec<u8> {
+    let mut out = format!("*{}\r\n", args.len()).into_bytes();
+    for a in args {
+        out.extend_from_slice(format!("${}\r\n{a}\r\n", a.len()).as_bytes());
+    }
+    out
+}
+
+fn cmds(list: &[&[&str]]) -> Vec<u8> {
+    list.iter().flat_map(|c| cmd(c)).collect()
+}
+
+/// Cases whose replies must be the same bytes as Redis's, each on a fresh
+/// connection (then QUIT). `HELLO 3` first makes a case RESP3.
+fn cases() -> Vec<(String, Vec<u8>)> {
+    let long = "x".repeat(300);
+    let twenty: Vec<String> = (0..20).map(|i| format!("argument{i:02}")).collect();
+    let mut twenty_args: Vec<&str> = vec!["nosuch"];
+    twenty_args.extend(twenty.iter().map(String::as_str));
+    let mut list: Vec<(&str, Vec<u8>)> = vec![
+        ("ping", cmds(&[&["PING"], &["PING", "hello"], &["PING", "a", "b"]])),
+        ("echo", cmds(&[&["ECHO", "x"], &["ECHO"], &["ECHO", "a", "b"], &["ecHo", ""]])),
+        ("select", cmds(&[&["SELECT", "0"], &["SELECT", "15"], &["SELECT", "16"], &["SELECT", "-1"], &["SELECT", "abc"], &["SELECT"]])),
+        ("client names", cmds(&[&["CLIENT", "GETNAME"], &["CLIENT", "SETNAME", "n1"], &["client", "getname"], &["CLIENT", "SETNAME", "a b"], &["CLIENT", "SETNAME", ""], &["CLIENT", "GETNAME"]])),
+        ("client errors", cmds(&[&["CLIENT"], &["CLIENT", "FOO"], &["CLIENT", "SETNAME"], &["CLIENT", "GETNAME", "x"]])),
+        ("hello", cmds(&[&["HELLO"], &["HELLO", "2"], &["HELLO", "4"], &["HELLO", "abc"], &["HELLO", "-1"], &["HELLO", "3", "FOO"], &["HELLO", "3", "SETNAME"], &["HELLO", "3", "SETNAME", "a b"]])),
+        ("hello 3 with a name", cmds(&[&["HELLO", "3", "SETNAME", "myname"], &["CLIENT", "GETNAME"], &["HELLO", "2"]])),
+        ("unknown commands", cmds(&[&["FOO"], &["FOO", "a", "b"], &["foo", &long], &twenty_args, &["FOO", "a\r\nb", "it's"]])),
+        ("auth without a password", cmds(&[&["AUTH", "x"], &["AUTH", "default", "x"], &["AUTH", "other", "x"], &["AUTH", "a", "b", "c"], &["AUTH"], &["HELLO", "3", "AUTH", "default", "any"], &["HELLO", "2", "AUTH", "x", "y"]])),
+        ("subscribe", cmds(&[&["SUBSCRIBE", "a", "b"], &["SUBSCRIBE", "a"], &["PING"], &["PING", "x"], &["PUBLISH", "a", "b"], &["ECHO", "x"], &["SELECT", "0"], &["CLIENT", "GETNAME"], &["FOO"], &["PING", "a", "b"], &["UNSUBSCRIBE", "b"], &["UNSUBSCRIBE", "nosuch"], &["UNSUBSCRIBE"], &["PING"]])),
+        ("psubscribe", cmds(&[&["PSUBSCRIBE", "h?llo", "n*", "[ab]*"], &["PUNSUBSCRIBE", "n*"], &["PUNSUBSCRIBE"], &["PUNSUBSCRIBE"], &["SUBSCRIBE", "a", "a"], &["UNSUBSCRIBE", "a"]])),
+        ("unsubscribe with none", cmds(&[&["UNSUBSCRIBE"], &["PUNSUBSCRIBE"], &["UNSUBSCRIBE", "a", "b"]])),
+        ("subscribe arity", cmds(&[&["SUBSCRIBE"], &["PSUBSCRIBE"], &["PUBLISH", "a"], &["PUBLISH", "a", "b", "c"]])),
+        ("pubsub", cmds(&[&["PUBSUB", "NUMSUB", "news", "nosuch"], &["PUBSUB", "NUMSUB"], &["PUBSUB", "NUMPAT"], &["pubsub", "numpat"], &["PUBSUB", "CHANNELS"], &["PUBSUB", "CHANNELS", "n*"], &["PUBSUB", "CHANNELS", "a", "b"], &["PUBSUB", "FOO"], &["PUBSUB"], &["PUBSUB", "NUMPAT", "x"]])),
+        ("pubsub while subscribed", cmds(&[&["SUBSCRIBE", "news"], &["PSUBSCRIBE", "n*", "x*"]]).into_iter().chain(b"*3\r\n$6\r\nPUBSUB\r\n$6\r\nNUMSUB\r\n$4\r\nnews\r\n".iter().copied()).collect()),
+        ("reset", cmds(&[&["HELLO", "3"], &["CLIENT", "SETNAME", "n"], &["SUBSCRIBE", "a"], &["RESET"], &["CLIENT", "GETNAME"], &["PING"], &["PUBSUB", "NUMSUB", "a"], &["RESET", "x"]])),
+        ("quit", cmds(&[&["PING"], &["QUIT"], &["PING"]])),
+        ("inline", b"PING\r\nPING\nping hello\r\necho \"a b\"\r\necho 'x y'\r\necho \"\\x41\\n\"\r\n\r\n   \r\nECHO it\\'s\r\n".to_vec()),
+        ("inline while subscribed", b"subscribe a\r\nping\r\nunsubscribe\r\n".to_vec()),
+        ("pipelined", b"PING\r\nPING\r\n*1\r\n$4\r\nPING\r\n*2\r\n$4\r\nECHO\r\n$1\r\nx\r\n*0\r\n*-1\r\n".to_vec()),
+        ("unchecked bulk terminator", b"*1\r\n$4\r\nPINGXY".to_vec()),
+        ("unbalanced quotes", b"PING\r\necho \"unbalanced\r\nPING\r\n".to_vec()),
+        ("bad multibulk length", b"*abc\r\n".to_vec()),
+        ("expected dollar", b"*1\r\nx\r\n".to_vec()),
+        ("bad bulk length", b"*1\r\n$abc\r\n".to_vec()),
+        ("negative bulk length", b"*1\r\n$-5\r\n".to_vec()),
+        ("huge bulk length", b"*1\r\n$600000000\r\n".to_vec()),
+        ("top-level bulk", b"$3\r\nfoo\r\n".to_vec()),
+    ];
+    // The same in RESP3, where HELLO 3 comes first.
+    let resp3: Vec<(String, Vec<u8>)> = list
+        .iter()
+        .filter(|(name, _)| !matches!(*name, "hello" | "hello 3 with a name" | "reset"))
+        .map(|(name, bytes)| {
+            let mut b = cmd(&["HELLO", "3"]);
+            b.extend_from_slice(bytes);
+            (format!("{name} (RESP3)"), b)
+        })
+        .collect();
+    let mut all: Vec<(String, Vec<u8>)> = list.drain(..).map(|(n, b)| (n.to_string(), b)).collect();
+    all.extend(resp3);
+    all
+}
+
+/// Cases for a server with a password (`pw1`).
+fn password_cases() -> Vec<(String, Vec<u8>)> {
+    let many = vec!["a"; 11];
+    vec![
+        (
+            "before auth",
+            cmds(&[
+                &["PING"],
+                &["ECHO", "x"],
+                &["PUBLISH", "a", "b"],
+                &["SUBSCRIBE", "a"],
+                &["CLIENT", "SETNAME", "n"],
+                &["SELECT", "0"],
+                &["PUBSUB", "NUMPAT"],
+                &["FOO"],
+                &["CLIENT", "FOO"],
+                &["PING", "a", "b"],
+            ]),
+        ),
+        (
+            "hello before auth",
+            cmds(&[
+                &["HELLO"],
+                &["HELLO", "3"],
+                &["HELLO", "3", "AUTH", "default", "wrong"],
+                &["HELLO", "3", "AUTH", "other", "pw1"],
+                &["PING"],
+            ]),
+        ),
+        (
+            "hello with auth",
+            cmds(&[
+                &["HELLO", "3", "AUTH", "default", "pw1", "SETNAME", "x"],
+                &["PING"],
+                &["CLIENT", "GETNAME"],
+            ]),
+        ),
+        (
+            "auth",
+            cmds(&[
+                &["AUTH", "wrong"],
+                &["AUTH", "default", "wrong"],
+                &["AUTH", "other", "pw1"],
+                &["AUTH", "pw1"],
+                &["PING"],
+                &["AUTH", "default", "pw1"],
+                &["AUTH", "a", "b", "c"],
+            ]),
+        ),
+        (
+            "reset deauthenticates",
+            cmds(&[&["AUTH", "pw1"], &["RESET"], &["PING"]]),
+        ),
+        ("quit before auth", cmds(&[&["QUIT"]])),
+        ("unauthenticated multibulk", cmd(&many)),
+        (
+            "unauthenticated bulk",
+            format!("*2\r\n$4\r\nAUTH\r\n$20000\r\n{}\r\n", "p".repeat(20000)).into_bytes(),
+        ),
+        (
+            "authenticated large args",
+            cmds(&[&["AUTH", "pw1"], &many, &["ECHO", &"e".repeat(20000)]]),
+        ),
+    ]
+    .into_iter()
+    .map(|(n, b)| (n.to_string(), b))
+    .collect()
+}
+
+fn compare(name: &str, ours: &[u8], redis: &[u8], failures: &mut Vec<String>) {
+    let (o, r) = (normalise(ours), normalise(redis));
+    if o != r {
+        failures.push(format!("{name}:\n  redis:     {r:?}\n  cachecast: {o:?}"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replies_match_a_real_redis_byte_for_byte() {
+    if !have("redis-server", &["--version"]) {
+        return;
+    }
+    let redis = RedisServer::start(None).await;
+    let redis_pw = RedisServer::start(Some("pw1")).await;
+    let (_c, ports) = started(1, "").await;
+    let (_c2, ports_pw) = started(1, "redis.password = pw1").await;
+    let mut failures = Vec::new();
+    let mut count = 0;
+    for (name, bytes) in cases() {
+        let ours = exchange(ports[0], &bytes).await;
+        let theirs = exchange(redis.port, &bytes).await;
+        compare(&name, &ours, &theirs, &mut failures);
+        count += 1;
+    }
+    for (name, bytes) in password_cases() {
+        let ours = exchange(ports_pw[0], &bytes).await;
+        let theirs = exchange(redis_pw.port, &bytes).await;
+        compare(&name, &ours, &theirs, &mut failures);
+        count += 1;
+    }
+    // Delivery between two connections, RESP2 and RESP3 subscribers.
+    for hello in [&b""[..], &cmd(&["HELLO", "3"])[..]] {
+        let mut replies = Vec::new();
+        for port in [ports[0], redis.port] {
+            let mut sub = TcpStream::connect(("127.0.0.1", port))
+                .await
+                .expect("connect");
+            let mut setup = hello.to_vec();
+            setup.extend(cmds(&[
+                &["SUBSCRIBE", "news"],
+                &["PSUBSCRIBE", "n*"],
+                &["PING", "sync"],
+            ]));
+            sub.write_all(&setup).await.expect("write");
+            // Until the PING's answer, the subscriptions' confirmations.
+            let mut seen = Vec::new();
+            while !String::from_utf8_lossy(&seen).contains("sync\r\n") {
+                let mut b = [0u8; 4096];
+                let n = tokio::time::timeout(LONG, sub.read(&mut b))
+                    .await
+                    .expect("timely")
+                    .expect("read");
+                assert!(n > 0, "closed");
+                seen.extend_from_slice(&b[..n]);
+            }
+            let publisher = exchange(
+                port,
+                &cmds(&[
+                    &["PUBLISH", "news", "hi"],
+                    &["PUBLISH", "nx", "ho"],
+                    &["PUBLISH", "other", "x"],
+                ]),
+            )
+            .await;
+            sub.write_all(b"QUIT\r\n").await.expect("write");
+            let rest = read_to_close(&mut sub).await;
+            replies.push((publisher, seen, rest));
+        }
+        let label = if hello.is_empty() { "RESP2" } else { "RESP3" };
+        compare(
+            &format!("publisher ({label})"),
+            &replies[0].0,
+            &replies[1].0,
+            &mut failures,
+        );
+        compare(
+            &format!("subscriber setup ({label})"),
+            &replies[0].1,
+            &replies[1].1,
+            &mut failures,
+        );
+        compare(
+            &format!("subscriber messages ({label})"),
+            &replies[0].2,
+            &replies[1].2,
+            &mut failures,
+        );
+        count += 3;
+    }
+    // A RESP3 client publishing to its own channel, pipelined.
+    let own = cmds(&[
+        &["HELLO", "3"],
+        &["SUBSCRIBE", "q"],
+        &["PING"],
+        &["PUBLISH", "q", "z"],
+        &["PING"],
+    ]);
+    compare(
+        "own channel (RESP3)",
+        &exchange(ports[0], &own).await,
+        &exchange(redis.port, &own).await,
+        &mut failures,
+    );
+    count += 1;
+    assert!(
+        failures.is_empty(),
+        "{} of {count} cases differ from redis-server:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+    eprintln!("{count} cases: identical bytes");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_redis_7_0_lacks_is_answered_as_7_2_does() {
+    let (_c, ports) = started(1, "").await;
+    let out = exchange(
+        ports[0],
+        &cmds(&[
+            &["CLIENT", "SETINFO", "lib-name", "x"],
+            &["CLIENT", "SETINFO", "LIB-VER", "1"],
+            &["CLIENT", "SETINFO", "other", "1"],
+            &["CLIENT", "ID"],
+            &["COMMAND", "COUNT"],
+            &["COMMAND", "DOCS"],
+        ]),
+    )
+    .await;
+    let text = String::from_utf8_lossy(&out);
+    assert!(
+        text.starts_with("+OK\r\n+OK\r\n-ERR Unrecognized option 'other'\r\n:"),
+        "{text:?}"
+    );
+    assert!(
+        text.contains("\r\n:15\r\n*0\r\n+OK\r\n"),
+        "COMMAND COUNT and DOCS: {text:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_crosses_the_mesh_and_bad_input_leaves_the_node_serving() {
+    let (c, ports) = started(2, "").await;
+    let mut sub = TcpStream::connect(("127.0.0.1", ports[1]))
+        .await
+        .expect("connect");
+    sub.write_all(&cmd(&["SUBSCRIBE", "c1"]))
+        .await
+        .expect("write");
+    let confirm = b"*3\r\n$9\r\nsubscribe\r\n$2\r\nc1\r\n:1\r\n";
+    assert_eq!(read_n(&mut sub, confirm.len()).await, confirm);
+    // Refused, nothing sent: not UTF-8, an empty channel, too long.
+    let mut bad = b"*3\r\n$7\r\nPUBLISH\r\n$2\r\nc1\r\n$2\r\n\xff\xfe\r\n".to_vec();
+    bad.extend(cmd(&["PUBLISH", "", "x"]));
+    bad.extend(cmd(&["PUBLISH", "c1", &"k".repeat(70_000)]));
+    bad.extend(cmd(&["PUBLISH", "c1", "good"]));
+    let out = exchange(ports[0], &bad).await;
+    let text = String::from_utf8_lossy(&out);
+    let lines: Vec<&str> = text.split("\r\n").collect();
+    assert!(
+        lines[0].starts_with("-ERR the channel and the message must be UTF-8"),
+        "{text}"
+    );
+    assert!(
+        lines[1].starts_with("-ERR the cache name is empty"),
+        "{text}"
+    );
+    assert!(
+        lines[2].starts_with("-ERR 'publish' has an argument of 70000 bytes"),
+        "{text}"
+    );
+    assert_eq!(&lines[3..], [":0", "+OK", ""], "{text}");
+    // Only the good one arrives, across the mesh.
+    let message = b"*3\r\n$7\r\nmessage\r\n$2\r\nc1\r\n$4\r\ngood\r\n";
+    assert_eq!(read_n(&mut sub, message.len()).await, message);
+    // Garbage, a huge length, a half frame left open: each connection
+    // gets Redis's error or waits; the node serves on.
+    for garbage in [
+        &b"\x00\x01\x02\xff garbage\r\n"[..],
+        b"*99999999999\r\n",
+        b"*1\r\n$1000000000\r\n",
+        b"*2\r\n$4\r\nECHO\r\n$10\r\nabc",
+    ] {
+        let mut s = TcpStream::connect(("127.0.0.1", ports[0]))
+            .await
+            .expect("connect");
+        s.write_all(garbage).await.expect("write");
+    }
+    let mut half = TcpStream::connect(("127.0.0.1", ports[0]))
+        .await
+        .expect("connect");
+    half.write_all(b"*3\r\n$7\r\nPUBLISH\r\n$2\r\nc1\r\n$5\r\nhal")
+        .await
+        .expect("write");
+    let out = exchange(ports[0], &cmd(&["PUBLISH", "c1", "after"])).await;
+    assert_eq!(out, b":0\r\n+OK\r\n");
+    half.write_all(b"f!\r\n").await.expect("write");
+    assert_eq!(read_n(&mut half, 4).await, b":0\r\n");
+    for key in ["after", "half!"] {
+        let m = format!(
+            "*3\r\n$7\r\nmessage\r\n$2\r\nc1\r\n${}\r\n{key}\r\n",
+            key.len()
+        );
+        assert_eq!(String::from_utf8_lossy(&read_n(&mut sub, m.len()).await), m);
+    }
+    let st = c.nodes[0].status().await;
+    assert!(
+        st["sidecar"]["resp"]["protocol_errors"].as_u64() >= Some(2),
+        "{st}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_redis_crate_redis_cli_and_redis_py_work_across_sidecars() {
+    let (c, ports) = started(2, "redis.password = s3cret").await;
+    // The `redis` crate (async, RESP2): subscribe on node 1, publish on 0.
+    let url = |p: u16| format!("redis://:s3cret@127.0.0.1:{p}/");
+    let sub_client = redis::Client::open(url(ports[1])).expect("client");
+    let mut pubsub = sub_client.get_async_pubsub().await.expect("pubsub");
+    pubsub.subscribe("rs-news").await.expect("subscribe");
+    pubsub.psubscribe("rs-*").await.expect("psubscribe");
+    let pub_client = redis::Client::open(url(ports[0])).expect("client");
+    let mut con = pub_client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    let n: i64 = redis::cmd("PUBLISH")
+        .arg("rs-news")
+        .arg("from-rust")
+        .query_async(&mut con)
+        .await
+        .expect("publish");
+    assert_eq!(n, 0, "no subscriber on the publishing sidecar");
+    {
+        let mut stream = pubsub.on_message();
+        use futures_util::StreamExt;
+        for want in ["rs-news", "rs-*"] {
+            let msg = tokio::time::timeout(LONG, stream.next())
+                .await
+                .expect("timely")
+                .expect("message");
+            let payload: String = msg.get_payload().expect("payload");
+            assert_eq!(
+                (msg.get_channel_name(), payload.as_str()),
+                ("rs-news", "from-rust")
+            );
+            let pattern: Option<String> = msg.get_pattern().ok();
+            assert_eq!(pattern.is_some(), want == "rs-*");
+        }
+    }
+    // A wrong password is refused with Redis's error.
+    let bad =
+        redis::Client::open(format!("redis://:nope@127.0.0.1:{}/", ports[0])).expect("client");
+    let err = bad
+        .get_multiplexed_async_connection()
+        .await
+        .expect_err("refused");
+    assert_eq!(err.kind(), redis::ErrorKind::AuthenticationFailed, "{err}");
+
+    // redis-cli: a subscriber process on node 0, a publisher on node 1.
+    if have("redis-cli", &["--version"]) {
+        let mut sub = tokio::process::Command::new("redis-cli")
+            .args([
+                "-p",
+                &ports[0].to_string(),
+                "-a",
+                "s3cret",
+                "--no-auth-warning",
+                "SUBSCRIBE",
+                "cli-news",
+            ])
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("redis-cli");
+        let mut lines = BufReader::new(sub.stdout.take().expect("stdout")).lines();
+        let mut next = async || {
+            tokio::time::timeout(LONG, lines.next_line())
+                .await
+                .expect("timely")
+                .expect("read")
+                .expect("line")
+        };
+        assert_eq!(
+            [next().await, next().await, next().await],
+            ["subscribe", "cli-news", "1"]
+        );
+        let out = Command::new("redis-cli")
+            .args([
+                "-p",
+                &ports[1].to_string(),
+                "-a",
+                "s3cret",
+                "--no-auth-warning",
+                "PUBLISH",
+                "cli-news",
+                "héllo wörld",
+            ])
+            .output()
+            .expect("redis-cli");
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "0");
+        assert_eq!(
+            [next().await, next().await, next().await],
+            ["message", "cli-news", "héllo wörld"]
+        );
+        let out = Command::new("redis-cli")
+            .args([
+                "-p",
+                &ports[0].to_string(),
+                "-a",
+                "s3cret",
+                "--no-auth-warning",
+                "PUBSUB",
+                "NUMSUB",
+                "cli-news",
+            ])
+            .output()
+            .expect("redis-cli");
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "cli-news\n1\n");
+    }
+
+    // redis-py, RESP2 and RESP3.
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/redis_py_check.py");
+    if have("python3", &["-c", "import redis"]) {
+        for protocol in ["2", "3"] {
+            let out = Command::new("python3")
+                .arg(&script)
+                .args([
+                    &ports[1].to_string(),
+                    &ports[0].to_string(),
+                    "s3cret",
+                    protocol,
+                ])
+                .output()
+                .expect("python3");
+            let text = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                out.status.success() && text.ends_with("done\n"),
+                "redis-py RESP{protocol}:\n{text}\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+    let st = c.nodes[1].status().await;
+    assert!(
+        st["sidecar"]["resp"]["delivered"].as_u64() >= Some(2),
+        "{st}"
+    );
+}
+
+/// Builds the Lettuce client once per test run (Maven fetches Lettuce from
+/// Maven Central the first time); `None` when Maven or Java is missing.
+fn lettuce_jar() -> Option<PathBuf> {
+    static BUILT: Mutex<Option<Option<PathBuf>>> = Mutex::new(None);
+    let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(r) = built.clone() {
+        return r;
+    }
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/lettuce");
+    let jar = dir.join("target/lettuce-client.jar");
+    let result = if !have("mvn", &["-v"]) || !have("java", &["-version"]) {
+        None
+    } else {
+        let out = Command::new("mvn")
+            .args(["-q", "-B", "-Dstyle.color=never", "-f"])
+            .arg(dir.join("pom.xml"))
+            .args(["package", "-DskipTests"])
+            .output()
+            .expect("mvn");
+        assert!(
+            out.status.success() && jar.exists(),
+            "mvn package failed:\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Some(jar)
+    };
+    *built = Some(result.clone());
+    result
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lettuce_as_dhis2_uses_it_resp3_and_resp2_with_and_without_a_password() {
+    let Some(jar) = tokio::task::spawn_blocking(lettuce_jar)
+        .await
+        .expect("build")
+    else {
+        return;
+    };
+    let (_c, ports) = started(1, "").await;
+    let (_c2, ports_pw) = started(1, "redis.password = lettuce-pw").await;
+    for (port, password) in [(ports[0], None), (ports_pw[0], Some("lettuce-pw"))] {
+        for protocol in ["RESP3", "RESP2"] {
+            let mut cmd = Command::new("java");
+            cmd.arg("-jar").arg(&jar).args([
+                "conformance",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                &port.to_string(),
+                "--protocol",
+                protocol,
+            ]);
+            if let Some(p) = password {
+                cmd.args(["--password", p]);
+            }
+            let out = tokio::task::spawn_blocking(move || cmd.output())
+                .await
+                .expect("join")
+                .expect("java");
+            let text = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                out.status.success() && text.ends_with("done\n"),
+                "Lettuce {protocol}, password {password:?}:\n{text}\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            if password.is_some() {
+                assert!(
+                    text.contains("ok wrong-password RedisCommandExecutionException: WRONGPASS"),
+                    "{text}"
+                );
+                assert!(
+                    text.contains("ok no-password RedisCommandExecutionException: NOAUTH"),
+                    "{text}"
+                );
+            }
+        }
+    }
+}
+
+/// One HTTP endpoint standing in for DHIS 2's `POST
+/// /api/maintenance/cacheClear` on every server: checks the Basic
+/// credentials and records each call with the server it came for.
+struct Maintenance {
+    addr: std::net::SocketAddr,
+    calls: Arc<Mutex<Vec<(usize, Instant)>>>,
+    refused: Arc<Mutex<u64>>,
+}
+
+impl Maintenance {
+    async fn start() -> Maintenance {
+        use axum::extract::{Path as UrlPath, State};
+        use axum::http::{HeaderMap, StatusCode};
+        type Shared = (Arc<Mutex<Vec<(usize, Instant)>>>, Arc<Mutex<u64>>);
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let refused = Arc::new(Mutex::new(0));
+        async fn clear(
+            State((calls, refused)): State<Shared>,
+            UrlPath(server): UrlPath<usize>,
+            headers: HeaderMap,
+        ) -> StatusCode {
+            // admin:district, the DHIS 2 demo user, in Basic form.
+            if headers.get("authorization").and_then(|v| v.to_str().ok())
+                != Some("Basic YWRtaW46ZGlzdHJpY3Q=")
+            {
+                *refused.lock().expect("lock") += 1;
+                return StatusCode::UNAUTHORIZED;
+            }
+            calls.lock().expect("lock").push((server, Instant::now()));
+            StatusCode::OK
+        }
+        let app = axum::Router::new()
+            .route(
+                "/{server}/api/maintenance/cacheClear",
+                axum::routing::post(clear),
+            )
+            .with_state((calls.clone(), refused.clone()));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        Maintenance {
+            addr,
+            calls,
+            refused,
+        }
+    }
+
+    fn calls_for(&self, server: usize) -> Vec<Instant> {
+        self.calls
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter(|c| c.0 == server)
+            .map(|c| c.1)
+            .collect()
+    }
+
+    async fn wait_call_after(&self, server: usize, t: Instant) {
+        let deadline = Instant::now() + LONG;
+        while !self.calls_for(server).iter().any(|c| *c >= t) {
+            assert!(
+                Instant::now() < deadline,
+                "no flush hook call for server {server}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// Flush-hook settings for server `i`, credentials in a file of `dir`.
+fn hook_conf(m: &Maintenance, dir: &Path, i: usize) -> String {
+    let creds = dir.join(format!("creds{i}"));
+    std::fs::write(&creds, "admin:district\n").expect("creds");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&creds, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    format!(
+        "cachecast.flush.url = http://{}/{i}/api/maintenance/cacheClear\ncachecast.flush.credentials.file = {}\n",
+        m.addr,
+        creds.display()
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_that_stops_reading_is_cut_off_and_the_hook_is_called() {
+    let m = Maintenance::start().await;
+    let dir = tempfile::tempdir().expect("dir");
+    let mut c = Cluster::new(1, "");
+    let port = free_port();
+    let mut text = std::fs::read_to_string(&c.nodes[0].conf).expect("conf");
+    text.push_str(&format!(
+        "cachecast.resp.port = {port}\n{}",
+        hook_conf(&m, dir.path(), 0)
+    ));
+    std::fs::write(&c.nodes[0].conf, text).expect("conf");
+    c.start_all().await;
+    let mut stalled = TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    stalled
+        .write_all(&cmd(&["SUBSCRIBE", "big"]))
+        .await
+        .expect("write");
+    // Its first subscription is a gap the hook covers.
+    m.wait_call_after(0, Instant::now() - LONG).await;
+    let before = Instant::now();
+    let message = "m".repeat(60_000);
+    let mut publisher = TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    let mut sent = 0;
+    let client = client();
+    loop {
+        publisher
+            .write_all(&cmd(&["PUBLISH", "big", &message]))
+            .await
+            .expect("write");
+        let reply = read_n(&mut publisher, 4).await;
+        sent += 1;
+        if reply == b":0\r\n" {
+            break; // the subscriber is gone
+        }
+        assert!(sent < 5_000, "never cut off");
+    }
+    let st: serde_json::Value = client
+        .get(c.nodes[0].url("/v1/status"))
+        .send()
+        .await
+        .expect("status")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(st["sidecar"]["resp"]["slow_dropped"], 1, "{st}");
+    assert!(
+        sent as usize * message.len() >= 32 * 1024 * 1024,
+        "cut off after {sent}"
+    );
+    m.wait_call_after(0, before).await;
+    assert_eq!(*m.refused.lock().expect("lock"), 0);
+    let metrics = client
+        .get(c.nodes[0].url("/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        metrics.contains("cachecast_resp_slow_subscribers_total 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("cachecast_flush_hook_pending 0")
+            || metrics.contains("cachecast_flush_hook_pending 1")
+    );
+}
+
+/// One Lettuce client wired as DHIS 2 wires it, as a process.
+struct Dhis2 {
+    child: tokio::process::Child,
+    stdin: tokio::process::ChildStdin,
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl Dhis2 {
+    async fn start(jar: &Path, port: u16, password: &str, uid: &str) -> Dhis2 {
+        let mut child = tokio::process::Command::new("java")
+            .arg("-jar")
+            .arg(jar)
+            .args([
+                "dhis2",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                &port.to_string(),
+                "--password",
+                password,
+                "--uid",
+                uid,
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("java");
+        let stdin = child.stdin.take().expect("stdin");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let sink = lines.clone();
+        let mut out = BufReader::new(child.stdout.take().expect("stdout")).lines();
+        tokio::spawn(async move {
+            while let Ok(Some(l)) = out.next_line().await {
+                sink.lock().expect("lock").push(l);
+            }
+        });
+        let d = Dhis2 {
+            child,
+            stdin,
+            lines,
+        };
+        d.wait_line("ready", |l| l == "ready").await;
+        d
+    }
+
+    async fn wait_line(&self, what: &str, pred: impl Fn(&str) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !self.lines.lock().expect("lock").iter().any(|l| pred(l)) {
+            assert!(
+                Instant::now() < deadline,
+                "no {what}; lines: {:?}",
+                self.lines.lock().expect("lock")
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Publishes `n` more messages and waits until all were acknowledged.
+    async fn publish(&mut self, n: usize, last: usize) {
+        self.stdin
+            .write_all(format!("publish {n}\n").as_bytes())
+            .await
+            .expect("stdin");
+        let want = format!("published {last}");
+        self.wait_line(&want, |l| l == want).await;
+    }
+
+    fn received(&self) -> Vec<String> {
+        self.lines
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter_map(|l| l.strip_prefix("recv ").map(str::to_string))
+            .collect()
+    }
+}
+
+impl Drop for Dhis2 {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_dhis2_instances_stay_coherent_through_a_crash_and_a_sidecar_restart() {
+    let Some(jar) = tokio::task::spawn_blocking(lettuce_jar)
+        .await
+        .expect("build")
+    else {
+        return;
+    };
+    let m = Maintenance::start().await;
+    let dir = tempfile::tempdir().expect("dir");
+    let mut c = Cluster::new(3, "");
+    // Each server's dhis.conf points DHIS 2's Redis at its own sidecar.
+    let mut ports = Vec::new();
+    for (i, n) in c.nodes.iter().enumerate() {
+        let port = free_port();
+        ports.push(port);
+        let mut text = std::fs::read_to_string(&n.conf).expect("conf");
+        text.push_str(&format!(
+            "redis.cache.invalidation.enabled = on\nredis.host = 127.0.0.1\nredis.port = {port}\nredis.password = pw{i}\n{}",
+            hook_conf(&m, dir.path(), i)
+        ));
+        std::fs::write(&n.conf, text).expect("conf");
+    }
+    c.start_all().await;
+    c.wait_connected().await;
+    let uids = ["uidAAAAAAAAA", "uidBBBBBBBBB", "uidCCCCCCCCC"];
+    let mut apps = Vec::new();
+    for i in 0..3 {
+        apps.push(Dhis2::start(&jar, ports[i], &format!("pw{i}"), uids[i]).await);
+    }
+    // Each application's first subscription asks for a clear.
+    for i in 0..3 {
+        m.wait_call_after(i, Instant::now() - LONG).await;
+    }
+    let msg = |i: usize, k: usize| {
+        format!(
+            "{}:update:org.hisp.dhis.dataelement.DataElement:{k}",
+            uids[i]
+        )
+    };
+    let mut sent = [0usize; 3];
+    // Phase 1: every subscriber gets every message exactly once, in each
+    // origin's order.
+    for round in 0..2 {
+        for (i, app) in apps.iter_mut().enumerate() {
+            sent[i] += 25;
+            app.publish(25, sent[i]).await;
+            let _ = round;
+        }
+    }
+    for app in &apps {
+        let total: usize = sent.iter().sum();
+        let deadline = Instant::now() + LONG;
+        while app.received().len() < total {
+            assert!(
+                Instant::now() < deadline,
+                "only {} of {total}",
+                app.received().len()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let got = app.received();
+        assert_eq!(got.len(), total, "duplicates");
+        for (i, uid) in uids.iter().enumerate() {
+            let from: Vec<String> = got.iter().filter(|m| m.starts_with(uid)).cloned().collect();
+            let want: Vec<String> = (1..=sent[i]).map(|k| msg(i, k)).collect();
+            assert_eq!(from, want, "origin {i}'s messages, in order");
+        }
+    }
+    // Phase 2: server 1's sidecar crashes (SIGKILL) and comes back; later
+    // server 2's sidecar restarts gracefully. Publishing goes on
+    // throughout; Lettuce reconnects by itself, as in DHIS 2.
+    let mut published_at: Vec<(usize, usize, Instant)> = Vec::new();
+    let mut publish_all =
+        async |apps: &mut Vec<Dhis2>, sent: &mut [usize; 3], skip: Option<usize>| {
+            for (i, app) in apps.iter_mut().enumerate() {
+                if Some(i) == skip {
+                    continue;
+                }
+                let t = Instant::now();
+                sent[i] += 10;
+                app.publish(10, sent[i]).await;
+                for k in sent[i] - 9..=sent[i] {
+                    published_at.push((i, k, t));
+                }
+            }
+        };
+    c.nodes[1].kill9();
+    publish_all(&mut apps, &mut sent, Some(1)).await;
+    c.nodes[1].spawn();
+    c.nodes[1].wait_healthy().await;
+    c.wait_connected().await;
+    apps[1]
+        .wait_line("reconnected", |l| l == "reconnected")
+        .await;
+    publish_all(&mut apps, &mut sent, None).await;
+    c.nodes[2].terminate();
+    publish_all(&mut apps, &mut sent, Some(2)).await;
+    c.nodes[2].spawn();
+    c.nodes[2].wait_healthy().await;
+    c.wait_connected().await;
+    apps[2]
+        .wait_line("reconnected", |l| l == "reconnected")
+        .await;
+    publish_all(&mut apps, &mut sent, None).await;
+    // Every message either reached every application or was followed by a
+    // flush hook call on that application's server.
+    let deadline = Instant::now() + LONG;
+    loop {
+        let mut missing = Vec::new();
+        for (j, app) in apps.iter().enumerate() {
+            let got: std::collections::HashSet<String> = app.received().into_iter().collect();
+            let calls = m.calls_for(j);
+            for &(i, k, t) in &published_at {
+                if !got.contains(&msg(i, k)) && !calls.iter().any(|c| *c >= t) {
+                    missing.push(format!(
+                        "app {j} lacks {} with no flush after it",
+                        msg(i, k)
+                    ));
+                }
+            }
+        }
+        if missing.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} uncovered:\n{}",
+            missing.len(),
+            missing.join("\n")
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // And per origin, what each application got stays in order.
+    for app in &apps {
+        for (i, uid) in uids.iter().enumerate() {
+            let ks: Vec<usize> = app
+                .received()
+                .iter()
+                .filter(|m| m.starts_with(uid))
+                .filter_map(|m| m.rsplit(':').next()?.parse().ok())
+                .collect();
+            let mut seen = std::collections::HashSet::new();
+            let firsts: Vec<usize> = ks.iter().copied().filter(|k| seen.insert(*k)).collect();
+            assert!(
+                firsts.windows(2).all(|w| w[0] < w[1]),
+                "origin {i} out of order: {firsts:?}"
+            );
+        }
+    }
+    assert_eq!(
+        *m.refused.lock().expect("lock"),
+        0,
+        "credentials were refused"
+    );
+}
