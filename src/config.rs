@@ -222,7 +222,7 @@ pub enum RespSource {
 }
 
 /// The Redis-protocol (RESP) pub/sub endpoint of the sidecar.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct RespConfig {
     /// Where to listen: one address, or two for `localhost` (IPv4 and
     /// IPv6, since a client may resolve the name to either).
@@ -234,6 +234,17 @@ pub struct RespConfig {
     pub bind_explicit: bool,
     /// Which keys turned it on.
     pub source: RespSource,
+}
+
+impl fmt::Debug for RespConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RespConfig")
+            .field("addrs", &self.addrs)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("bind_explicit", &self.bind_explicit)
+            .field("source", &self.source)
+            .finish()
+    }
 }
 
 /// The flush hook: an HTTP(S) endpoint of the application that clears
@@ -1756,7 +1767,7 @@ fn resp_endpoint(
             return ok.then(|| {
                 (
                     None,
-                    "off: redis.enabled = on, so DHIS 2 also keeps sessions and locks in Redis, which the sidecar does not serve; \
+                    "off: redis.enabled = on, so DHIS 2 also keeps sessions and leader election in Redis, which the sidecar does not serve; \
                      keep the real Redis, or set cachecast.resp.port to serve pub/sub on another port"
                         .to_string(),
                 )

@@ -1969,3 +1969,223 @@ fn a_huge_value_is_quoted_shortened() {
     assert!(e.message.len() < 500, "{} bytes", e.message.len());
     assert!(e.message.ends_with("more bytes)"), "{}", e.message);
 }
+
+/// DHIS 2's `redis.*` keys and ours decide the Redis-protocol endpoint.
+#[test]
+fn the_redis_protocol_endpoint() {
+    const BASE: &str =
+        "cluster.instance0.hostname = 10.0.0.1\ncluster.instance1.hostname = 10.0.0.2\n";
+    const ON: &str = "redis.cache.invalidation.enabled = on\n";
+    // (extra lines, listen addresses or "" for off, password, text of `why`)
+    let on: &[(&str, &str, Option<&str>, &str)] = &[
+        ("", "", None, "off: neither"),
+        (
+            "redis.host = localhost\nredis.port = 6380\n",
+            "",
+            None,
+            "off: neither",
+        ),
+        (ON, "127.0.0.1:6379 [::1]:6379", None, "on: redis.cache"),
+        (
+            "redis.cache.invalidation.enabled = true\nredis.host = 127.0.0.1\nredis.port = 7000\nredis.password = pw\n",
+            "127.0.0.1:7000",
+            Some("pw"),
+            "on: redis.cache",
+        ),
+        (
+            "redis.cache.invalidation.enabled = on\nredis.host = ::1\n",
+            "[::1]:6379",
+            None,
+            "on",
+        ),
+        (
+            "redis.cache.invalidation.enabled = on\nredis.host = redis.example.org\n",
+            "",
+            None,
+            "is not this machine",
+        ),
+        (
+            "redis.cache.invalidation.enabled = on\nredis.enabled = on\n",
+            "",
+            None,
+            "redis.enabled = on",
+        ),
+        (
+            "redis.cache.invalidation.enabled = off\n",
+            "",
+            None,
+            "off: neither",
+        ),
+        (
+            "cachecast.resp.port = 6390\n",
+            "127.0.0.1:6390",
+            None,
+            "cachecast.resp.port is set",
+        ),
+        (
+            "cachecast.resp.port = 6390\ncachecast.resp.bind = 127.0.0.5\nredis.password = x\n",
+            "127.0.0.5:6390",
+            Some("x"),
+            "cachecast.resp.port",
+        ),
+        (
+            "redis.cache.invalidation.enabled = on\nredis.enabled = on\ncachecast.resp.port = 6390\n",
+            "127.0.0.1:6390",
+            None,
+            "cachecast.resp.port",
+        ),
+        (
+            "redis.cache.invalidation.enabled = on\ncachecast.resp.bind = 127.0.0.9\n",
+            "127.0.0.9:6379",
+            None,
+            "on",
+        ),
+        // Java's Boolean: `on` is not true for redis.use.ssl.
+        (
+            "redis.cache.invalidation.enabled = on\nredis.use.ssl = on\n",
+            "127.0.0.1:6379 [::1]:6379",
+            None,
+            "on",
+        ),
+        // An escaped or misspelt redis key is the application's business.
+        (
+            "redis.cache.invalidation.enabled = on\nredis.hots = elsewhere\nredis.other = 1\n",
+            "127.0.0.1:6379 [::1]:6379",
+            None,
+            "on",
+        ),
+    ];
+    for (extra, listen, password, why) in on {
+        let loaded = valid(&format!("{BASE}{extra}"));
+        let c = loaded.config;
+        let addrs = c
+            .resp
+            .as_ref()
+            .map(|r| {
+                r.addrs
+                    .iter()
+                    .map(|a| a.to_string())
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })
+            .unwrap_or_default();
+        assert_eq!(addrs, *listen, "{extra:?}");
+        assert_eq!(
+            c.resp.as_ref().and_then(|r| r.password.as_deref()),
+            *password,
+            "{extra:?}"
+        );
+        assert!(c.resp_why.contains(why), "{extra:?}: {}", c.resp_why);
+        if let Some(p) = password {
+            assert!(
+                !format!("{c:?}").contains(&format!("\"{p}\"")),
+                "Debug must not print the password"
+            );
+        }
+        assert!(
+            loaded
+                .warnings
+                .iter()
+                .all(|w| !w.key.as_deref().unwrap_or("").starts_with("redis.h")),
+            "{extra:?}: {:?}",
+            loaded.warnings
+        );
+    }
+    let errors: &[(&str, &str, usize, &str)] = &[
+        (
+            "redis.cache.invalidation.enabled = on\nredis.use.ssl = true\n",
+            "redis.use.ssl",
+            4,
+            "speak TLS to its sidecar",
+        ),
+        (
+            "redis.cache.invalidation.enabled = on\nredis.port = 70000\n",
+            "redis.port",
+            4,
+            "out of range",
+        ),
+        (
+            "cachecast.resp.port = 4001\n",
+            "cachecast.resp.port",
+            3,
+            "the listener for peers",
+        ),
+        (
+            "cachecast.resp.port = 4002\n",
+            "cachecast.resp.port",
+            3,
+            "the sidecar's API",
+        ),
+        (
+            "cachecast.resp.port = x\n",
+            "cachecast.resp.port",
+            3,
+            "not a port number",
+        ),
+        (
+            "cachecast.resp.port = 6390\ncachecast.resp.bind = localhost\n",
+            "cachecast.resp.bind",
+            4,
+            "not an IP address",
+        ),
+        (
+            "redis.cache.invalidation.enabled = on\nredis.port = 4001\n",
+            "redis.port",
+            4,
+            "would share port 4001",
+        ),
+        (
+            "cachecast.flush.url = ftp://127.0.0.1/x\n",
+            "cachecast.flush.url",
+            3,
+            "not an http:// or https:// URL",
+        ),
+        (
+            "cachecast.flush.url = http://admin:district@127.0.0.1/x\n",
+            "cachecast.flush.url",
+            3,
+            "holds credentials",
+        ),
+        (
+            "cachecast.flush.url = http://127.0.0.1:0/x\n",
+            "cachecast.flush.url",
+            3,
+            "port 0",
+        ),
+    ];
+    for (extra, key, line, msg) in errors {
+        let text = format!("{BASE}{extra}");
+        if let Err(e) = check(text.as_bytes(), Error(key, Some(*line), msg)) {
+            panic!("{extra:?}: {e}");
+        }
+    }
+    let loaded = valid(&format!(
+        "{BASE}cachecast.flush.url = http://10.0.0.5:8080/api/maintenance/cacheClear\ncachecast.flush.credentials.file = /etc/cachecast/flush\n"
+    ));
+    let hook = loaded.config.flush_hook.expect("hook");
+    assert_eq!(hook.url, "http://10.0.0.5:8080/api/maintenance/cacheClear");
+    assert_eq!(
+        hook.credentials,
+        Some(PathBuf::from("/etc/cachecast/flush"))
+    );
+    assert!(
+        loaded.warnings.iter().any(|w| is_problem(
+            w,
+            Warning,
+            "cachecast.flush.url",
+            Some(3),
+            "clear text"
+        )),
+        "{:?}",
+        loaded.warnings
+    );
+    let loaded = valid(&format!(
+        "{BASE}cachecast.flush.url = https://dhis2.example.org/api/maintenance/cacheClear\n"
+    ));
+    assert!(
+        loaded
+            .warnings
+            .iter()
+            .all(|w| w.key.as_deref() != Some("cachecast.flush.url"))
+    );
+}

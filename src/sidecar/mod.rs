@@ -216,7 +216,7 @@ pub async fn run(
         }
         let _ = resp_cell.set(shared.clone());
         for l in resp_listeners {
-            info!(addr = ?l.local_addr().ok(), password = shared_has_password(&shared), "Redis-protocol endpoint listening");
+            info!(addr = ?l.local_addr().ok(), password = shared.has_password(), "Redis-protocol endpoint listening");
             tracker.spawn(resp::serve(
                 l,
                 shared.clone(),
@@ -285,10 +285,6 @@ pub async fn run(
         Ok(r) => r.map_err(SidecarError::Serve),
         Err(e) => Err(SidecarError::Serve(std::io::Error::other(e))),
     }
-}
-
-fn shared_has_password(shared: &resp::Shared) -> bool {
-    shared.has_password()
 }
 
 /// What an event from the mesh means beyond the event ring: a message for
