@@ -6,7 +6,11 @@
 //! ```
 //!
 //! Each system runs the same workloads with 2 and with 5 nodes (one origin,
-//! the others receivers):
+//! the others receivers). Beside the library's path, the application's path
+//! through the sidecar's Redis-protocol endpoint (`resp`): a Redis client
+//! publishes to its own `cachecast run` process, the sidecars carry it, and
+//! a Redis client subscribed to each other sidecar receives it, against the
+//! same clients through one redis-server:
 //! - latency: the origin sends at a fixed rate; every receiver records the
 //!   one-way delay of every invalidation (CLOCK_MONOTONIC stamp carried in
 //!   the key) in an HDR histogram;
@@ -64,8 +68,13 @@ struct Args {
     /// Invalidations per second of the latency run.
     #[arg(long, default_value_t = 10_000)]
     rate: u64,
-    /// Systems to run, comma-separated: cachecast, redis, raw.
-    #[arg(long, value_delimiter = ',', default_value = "cachecast,redis,raw")]
+    /// Systems to run, comma-separated: cachecast, redis, raw, resp (Redis
+    /// clients through `cachecast run` sidecars).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "cachecast,redis,raw,resp"
+    )]
     only: Vec<String>,
     /// Cluster sizes, comma-separated (each 2..=5).
     #[arg(long, value_delimiter = ',', default_value = "5,2")]
@@ -232,6 +241,8 @@ enum System {
     Cachecast,
     Redis,
     Raw,
+    /// Redis clients, each talking to its own sidecar process.
+    Resp,
 }
 
 impl System {
@@ -240,6 +251,7 @@ impl System {
             System::Cachecast => "cachecast",
             System::Redis => "redis",
             System::Raw => "raw_tcp",
+            System::Resp => "cachecast_resp",
         }
     }
 
@@ -248,6 +260,7 @@ impl System {
             System::Cachecast => "cachecast",
             System::Redis => "Redis pub/sub",
             System::Raw => "raw TCP",
+            System::Resp => "Redis clients via sidecars",
         }
     }
 }
@@ -267,7 +280,8 @@ struct NodeSpec {
     /// 0 is the origin; the others receive.
     index: usize,
     /// cachecast: every node's peer port; raw: every receiver's port
-    /// (index 0 unused); Redis: unused.
+    /// (index 0 unused); resp: every node's sidecar's Redis-protocol port;
+    /// Redis: unused.
     ports: Vec<u16>,
     /// The Redis server's port, and the channel of this run.
     redis_port: u16,
@@ -427,11 +441,14 @@ mod rd {
     const PIPELINE: usize = 1024;
     const IN_FLIGHT: usize = 4;
 
+    /// The server this participant talks to: the one redis-server, or
+    /// (the application's path) its own sidecar.
     fn client(spec: &NodeSpec) -> anyhow::Result<redis::Client> {
-        Ok(redis::Client::open(format!(
-            "redis://127.0.0.1:{}/",
-            spec.redis_port
-        ))?)
+        let port = match spec.system {
+            System::Resp => spec.ports[spec.index],
+            _ => spec.redis_port,
+        };
+        Ok(redis::Client::open(format!("redis://127.0.0.1:{port}/"))?)
     }
 
     pub async fn setup(spec: &NodeSpec) -> anyhow::Result<Node> {
@@ -735,7 +752,7 @@ async fn participant_inner(
     let mut lines = input.lines();
     let node = match spec.system {
         System::Cachecast => cc::setup(spec).await?,
-        System::Redis => rd::setup(spec).await?,
+        System::Redis | System::Resp => rd::setup(spec).await?,
         System::Raw => raw::setup(spec).await?,
     };
     say(out, "ready").await?;
@@ -940,6 +957,18 @@ impl RunResult {
 struct Ctx {
     redis: Option<rd::Server>,
     runs: AtomicU64,
+    /// The `cachecast` binary, built once when first needed.
+    bin: std::sync::OnceLock<PathBuf>,
+}
+
+impl Ctx {
+    fn sidecar_bin(&self) -> anyhow::Result<PathBuf> {
+        if let Some(b) = self.bin.get() {
+            return Ok(b.clone());
+        }
+        let b = sidecar::binary()?;
+        Ok(self.bin.get_or_init(|| b).clone())
+    }
 }
 
 async fn run(
@@ -953,6 +982,12 @@ async fn run(
     let ports = match system {
         System::Redis => Vec::new(),
         _ => free_ports(n)?,
+    };
+    // The application's path: one sidecar process per server, each
+    // serving the Redis protocol on `ports[i]`.
+    let sidecars = match system {
+        System::Resp => Some(sidecar::Cluster::start(&ctx.sidecar_bin()?, &ports, buffer).await?),
+        _ => None,
     };
     let redis_pid = ctx.redis.as_ref().map(|r| r.pid());
     let channel = format!("bench-{}", ctx.runs.fetch_add(1, Ordering::Relaxed));
@@ -981,6 +1016,9 @@ async fn run(
         let mut pids: Vec<u32> = peers.iter().filter_map(|p| p.pid()).collect();
         if system == System::Redis {
             pids.extend(redis_pid);
+        }
+        if let Some(s) = &sidecars {
+            pids.extend(s.pids());
         }
         for &pid in &pids {
             reset_peak_rss(pid);
@@ -1047,6 +1085,7 @@ async fn run(
     for p in peers {
         p.finish().await;
     }
+    drop(sidecars);
     result
 }
 
@@ -1156,6 +1195,88 @@ mod sidecar {
         .await;
         drop(children);
         result
+    }
+
+    /// `n` sidecars peering with each other, each serving the Redis
+    /// protocol on its port of `resp`; stopped (SIGTERM) on drop.
+    pub struct Cluster {
+        children: Vec<Guard>,
+        _dir: tempfile::TempDir,
+    }
+
+    impl Cluster {
+        pub async fn start(
+            bin: &Path,
+            resp: &[u16],
+            buffer: Option<usize>,
+        ) -> anyhow::Result<Cluster> {
+            let n = resp.len();
+            let dir = tempfile::tempdir()?;
+            let p = free_ports(2 * n)?;
+            let (mesh, api) = p.split_at(n);
+            let mut children = Vec::new();
+            for i in 0..n {
+                let mut text = format!(
+                    "cluster.instance0.hostname = 127.0.0.1\n\
+                     cluster.instance0.cache.port = {}\n\
+                     cachecast.bind = 127.0.0.1\n\
+                     cachecast.api.port = {}\n\
+                     cachecast.resp.port = {}\n",
+                    mesh[i], api[i], resp[i]
+                );
+                for (k, j) in (1..).zip((0..n).filter(|&j| j != i)) {
+                    text.push_str(&format!(
+                        "cluster.instance{k}.hostname = 127.0.0.1\ncluster.instance{k}.cache.port = {}\n",
+                        mesh[j]
+                    ));
+                }
+                if let Some(b) = buffer {
+                    text.push_str(&format!("cachecast.buffer = {b}\n"));
+                }
+                let conf = dir.path().join(format!("node{i}.conf"));
+                std::fs::write(&conf, text)?;
+                let child = std::process::Command::new(bin)
+                    .arg("run")
+                    .arg("--config")
+                    .arg(&conf)
+                    .env("RUST_LOG", "error")
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .spawn()?;
+                children.push(Guard(child));
+            }
+            let cluster = Cluster {
+                children,
+                _dir: dir,
+            };
+            let http = reqwest::Client::new();
+            let deadline = tokio::time::Instant::now() + STEP;
+            for &port in api {
+                loop {
+                    let url = format!("http://127.0.0.1:{port}/v1/status");
+                    let up = match http.get(&url).send().await {
+                        Ok(r) => r.json::<Value>().await.ok().is_some_and(|v| {
+                            v["peers"].as_array().is_some_and(|ps| {
+                                ps.iter().all(|p| p["connected"].as_bool() == Some(true))
+                            })
+                        }),
+                        Err(_) => false,
+                    };
+                    if up {
+                        break;
+                    }
+                    if tokio::time::Instant::now() > deadline {
+                        bail!("the sidecars did not connect");
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+            Ok(cluster)
+        }
+
+        pub fn pids(&self) -> Vec<u32> {
+            self.children.iter().map(|c| c.0.id()).collect()
+        }
     }
 
     struct Guard(std::process::Child);
@@ -1347,8 +1468,8 @@ fn print_table(results: &Results, sizes: &[usize], mode: &str) {
                 Box::new(|f: &Figures| f.peak_rss_kib.map(|v| v as f64)),
             ),
         ];
-        for (name, metric) in rows {
-            let v = |s| get(s).and_then(&metric);
+        for (name, metric) in &rows {
+            let v = |s| get(s).and_then(metric);
             let (c, r, w) = (v(System::Cachecast), v(System::Redis), v(System::Raw));
             println!(
                 "{:<26} {:>12} {:>13} {:>12} {:>9} {:>9}",
@@ -1358,6 +1479,27 @@ fn print_table(results: &Results, sizes: &[usize], mode: &str) {
                 fmt_num(w),
                 ratio(c, r),
                 ratio(c, w)
+            );
+        }
+        if get(System::Resp).is_none() {
+            continue;
+        }
+        // The application's path: the same Redis clients, through their
+        // own sidecars or through one redis-server.
+        println!();
+        println!(
+            "{:<26} {:>12} {:>13} {:>9}",
+            "Redis clients through", "sidecars", "redis-server", "ratio"
+        );
+        for (name, metric) in &rows {
+            let v = |s| get(s).and_then(metric);
+            let (a, r) = (v(System::Resp), v(System::Redis));
+            println!(
+                "{:<26} {:>12} {:>13} {:>9}",
+                name,
+                fmt_num(a),
+                fmt_num(r),
+                ratio(a, r)
             );
         }
     }
@@ -1387,6 +1529,34 @@ fn targets(results: &Results, sizes: &[usize], sidecar: Option<u64>) -> Vec<(boo
             out.push((
                 c <= 2.0 * w,
                 format!("{n} nodes: latency p50 within 2x of raw TCP: {c:.1} µs vs {w:.1} µs"),
+            ));
+        }
+    }
+    // The application's path: no worse than the same clients through Redis.
+    for &n in sizes {
+        let (a, r) = (f(System::Resp, n), f(System::Redis, n));
+        for (q, name) in [(0.5, "p50"), (0.99, "p99")] {
+            if let (Some(a), Some(r)) = (a.and_then(|a| a.pct(q)), r.and_then(|r| r.pct(q))) {
+                out.push((
+                    a <= r,
+                    format!(
+                        "{n} nodes, Redis clients: latency {name} via sidecars no worse than via redis-server: {a:.1} µs vs {r:.1} µs"
+                    ),
+                ));
+            }
+        }
+        let t = |x: Option<&Figures>| {
+            x.and_then(|x| x.throughput.as_ref())
+                .map(|t| t.delivered_per_s())
+        };
+        if let (Some(a), Some(r)) = (t(a), t(r)) {
+            out.push((
+                a >= r,
+                format!(
+                    "{n} nodes, Redis clients: delivered/s via sidecars at least via redis-server's: {} vs {}",
+                    fmt_num(Some(a)),
+                    fmt_num(Some(r))
+                ),
             ));
         }
     }
@@ -1521,7 +1691,8 @@ async fn bench(args: Args) -> anyhow::Result<()> {
             "cachecast" => System::Cachecast,
             "redis" => System::Redis,
             "raw" | "raw_tcp" => System::Raw,
-            other => bail!("unknown system {other:?} (cachecast, redis, raw)"),
+            "resp" | "cachecast_resp" => System::Resp,
+            other => bail!("unknown system {other:?} (cachecast, redis, raw, resp)"),
         });
     }
     if let Some(&n) = args.nodes.iter().find(|&&n| !(2..=5).contains(&n)) {
@@ -1538,6 +1709,7 @@ async fn bench(args: Args) -> anyhow::Result<()> {
     let ctx = Ctx {
         redis,
         runs: AtomicU64::new(0),
+        bin: std::sync::OnceLock::new(),
     };
     let sep = args.processes;
     let mut results: Results = HashMap::new();
@@ -1551,14 +1723,14 @@ async fn bench(args: Args) -> anyhow::Result<()> {
         None
     } else {
         eprintln!("cachecast sidecar: idle RSS of two connected sidecars");
-        let bin = sidecar::binary()?;
+        let bin = ctx.sidecar_bin()?;
         let rss = sidecar::idle_rss(&bin).await?;
         rss.iter().map(|r| r.0).max()
     };
     drop(ctx);
     let size_json = |n: usize| {
         let mut systems_json = serde_json::Map::new();
-        for s in [System::Cachecast, System::Redis, System::Raw] {
+        for s in [System::Cachecast, System::Redis, System::Raw, System::Resp] {
             if let Some(f) = results.get(&(s, n)) {
                 systems_json.insert(s.key().into(), f.json());
             }

@@ -39,3 +39,37 @@ pub fn frames(input: &[u8]) {
 pub fn acceptor(input: &[u8]) {
     crate::mesh::fuzz_acceptor(input);
 }
+
+/// Parses `input` as Redis-protocol requests twice, whole and one byte at
+/// a time: both must give the same requests and the same error, and a
+/// glob pattern made of the input must match without blowing up.
+pub fn resp_requests(input: &[u8]) {
+    use crate::sidecar::resp::{glob, parse::Parser};
+    let run = |chunk: usize, authenticated: bool| {
+        let mut parser = Parser::default();
+        parser.authenticated = authenticated;
+        let mut buf = BytesMut::new();
+        let mut out = Vec::new();
+        for piece in input.chunks(chunk.max(1)) {
+            buf.extend_from_slice(piece);
+            loop {
+                match parser.next(&mut buf) {
+                    Ok(Some(r)) => out.push(Ok(r)),
+                    Ok(None) => break,
+                    Err(e) => {
+                        out.push(Err(e));
+                        return out;
+                    }
+                }
+            }
+        }
+        out
+    };
+    for authenticated in [true, false] {
+        let whole = run(input.len(), authenticated);
+        let bytewise = run(1, authenticated);
+        assert_eq!(whole, bytewise, "split input parsed differently");
+    }
+    let (pattern, subject) = input.split_at(input.len() / 2);
+    let _ = glob::matches(pattern, subject);
+}

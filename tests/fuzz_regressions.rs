@@ -48,3 +48,13 @@ fn handshake_inputs_replay() {
         );
     }
 }
+
+#[test]
+fn resp_parser_inputs_replay() {
+    let all = inputs("resp_parser");
+    assert!(all.len() >= 5, "the seeds are there");
+    for (name, bytes) in all {
+        eprintln!("{name}");
+        cachecast::fuzz::resp_requests(&bytes);
+    }
+}

@@ -12,7 +12,7 @@ mod api;
 mod conn;
 mod flush;
 mod hub;
-mod resp;
+pub(crate) mod resp;
 mod table;
 mod webhook;
 
@@ -202,18 +202,16 @@ pub async fn run(
     let resp = if resp_listeners.is_empty() {
         None
     } else {
-        let mut shared = resp::Shared::new(
+        let shared = resp::Shared::new(
             mesh.clone(),
             hook.clone(),
             password,
             options.resp_max_connections.unwrap_or(MAX_RESP_CONNECTIONS),
-        );
-        if let Some(s) = Arc::get_mut(&mut shared) {
-            s.addrs = resp_listeners
+            resp_listeners
                 .iter()
                 .filter_map(|l| l.local_addr().ok())
-                .collect();
-        }
+                .collect(),
+        );
         let _ = resp_cell.set(shared.clone());
         for l in resp_listeners {
             info!(addr = ?l.local_addr().ok(), password = shared.has_password(), "Redis-protocol endpoint listening");

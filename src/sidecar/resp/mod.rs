@@ -91,6 +91,7 @@ impl Shared {
         hook: Option<Arc<FlushHook>>,
         password: Option<String>,
         max_connections: usize,
+        addrs: Vec<SocketAddr>,
     ) -> Arc<Self> {
         Arc::new(Shared {
             broker: Broker::default(),
@@ -101,7 +102,7 @@ impl Shared {
             stats: RespStats::default(),
             permits: Arc::new(Semaphore::new(max_connections)),
             max_connections,
-            addrs: Vec::new(),
+            addrs,
         })
     }
 
