@@ -1230,9 +1230,11 @@ mod sidecar {
                         mesh[j]
                     ));
                 }
-                if let Some(b) = buffer {
-                    text.push_str(&format!("cachecast.buffer = {b}\n"));
-                }
+                // As Redis runs with no pub/sub output limit here, the
+                // sidecars get the largest replay buffer, so that a
+                // publisher flat out is measured, not replaced by flushes.
+                let b = buffer.unwrap_or(cachecast::config::MAX_BUFFER);
+                text.push_str(&format!("cachecast.buffer = {b}\n"));
                 let conf = dir.path().join(format!("node{i}.conf"));
                 std::fs::write(&conf, text)?;
                 let child = std::process::Command::new(bin)

@@ -5,7 +5,7 @@
 //! what it missed.
 
 use std::collections::VecDeque;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
 use serde_json::{Value, json};
 use tokio::sync::watch;
@@ -17,10 +17,11 @@ use crate::mesh::Event;
 pub(crate) struct Entry {
     /// Its number in this run (the part of the SSE id after the dash).
     pub n: u64,
-    /// The SSE event name, also the JSON `type`.
-    pub kind: &'static str,
-    /// The JSON object, serialised once for every reader.
-    pub json: Arc<str>,
+    /// The event. It is kept as it is (a few shared strings) and written
+    /// as JSON only when a reader reads it: every event passes through the
+    /// ring, few are ever read, and serialising each one cost more than the
+    /// rest of its delivery.
+    event: Event,
 }
 
 /// What a reader gets from [`Hub::read`].
@@ -49,13 +50,34 @@ struct Ring {
 /// grow every other sidecar to gigabytes.
 const MAX_BYTES: usize = 64 * 1024 * 1024;
 
-/// What an entry costs beside its JSON (the entry, its `Arc`, the ring's
-/// slot), roughly.
-const ENTRY_COST: usize = 64;
+/// What an entry costs beside its strings (the entry, its `Arc`s, the
+/// ring's slot, JSON's field names), roughly.
+const ENTRY_COST: usize = 128;
 
 impl Entry {
+    /// Bytes the entry stands for: its strings (as their JSON would be, at
+    /// least) and a fixed cost.
     fn cost(&self) -> usize {
-        self.json.len() + ENTRY_COST
+        let strings = match &self.event {
+            Event::Invalidated {
+                origin, cache, key, ..
+            } => origin.len() + cache.len() + key.len(),
+            Event::CacheCleared { origin, cache, .. } => origin.len() + cache.len(),
+            Event::Flush { origin, .. } => origin.as_ref().map_or(0, |o| o.len()) + 64,
+            Event::PeerUp { peer } => peer.len(),
+            Event::PeerDown { peer, reason } => peer.len() + reason.len(),
+        };
+        strings + ENTRY_COST
+    }
+
+    /// The SSE event name, also the JSON `type`.
+    pub(crate) fn kind(&self) -> &'static str {
+        to_json(&self.event).0
+    }
+
+    /// The JSON object.
+    pub(crate) fn json(&self) -> Value {
+        to_json(&self.event).1
     }
 }
 
@@ -94,13 +116,12 @@ impl Hub {
 
     /// Appends an event; never blocks on readers.
     pub(crate) fn push(&self, event: &Event) {
-        let (kind, value) = to_json(event);
-        let json: Arc<str> = Arc::from(value.to_string());
+        let event = event.clone();
         let n = {
             let mut ring = lock(&self.ring);
             let n = ring.next;
             ring.next += 1;
-            let entry = Entry { n, kind, json };
+            let entry = Entry { n, event };
             ring.bytes += entry.cost();
             ring.entries.push_back(entry);
             // The newest entry always stays, however large.
@@ -113,7 +134,12 @@ impl Hub {
             }
             n
         };
-        self.newest.send_replace(n);
+        // Waking costs a lock per shard of the channel's notifier: only
+        // when a reader (SSE, webhook) waits. A reader reads the ring after
+        // subscribing, so it misses nothing that was not announced.
+        if self.newest.receiver_count() > 0 {
+            self.newest.send_replace(n);
+        }
     }
 
     /// The number the next event will get: a reader starting "now" starts
@@ -192,6 +218,7 @@ pub(crate) fn flush_json(reason: &str) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
 
     fn ev(k: u64) -> Event {
         Event::Invalidated {

@@ -109,7 +109,7 @@ impl Webhook {
                     }
                     Read::Entries(entries) if !entries.is_empty() => {
                         for e in &entries {
-                            batch.push(serde_json::from_str(&e.json).unwrap_or(Value::Null));
+                            batch.push(e.json());
                         }
                         let next = entries.last().map_or(cursor, |e| e.n + 1);
                         self.cursor.store(next, Ordering::Relaxed);

@@ -190,21 +190,35 @@ pub struct Broker {
     pub stats: BrokerStats,
 }
 
+/// Appends `prefix`, the decimal `n` and `\r\n`, without allocating.
+fn put_header(out: &mut BytesMut, prefix: u8, n: usize) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    let mut v = n;
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    out.put_u8(prefix);
+    out.put_slice(&digits[i..]);
+    out.put_slice(b"\r\n");
+}
+
 /// `*3\r\n$7\r\nmessage\r\n…` or its RESP3 push form.
 fn encode_message(resp3: bool, pattern: Option<&[u8]>, channel: &[u8], message: &[u8]) -> Bytes {
-    let mut out = BytesMut::with_capacity(48 + channel.len() + message.len());
-    let head = if resp3 { b'>' } else { b'*' };
     let parts: &[&[u8]] = match pattern {
         None => &[b"message", channel, message],
         Some(p) => &[b"pmessage", p, channel, message],
     };
-    out.put_u8(head);
-    out.put_slice(parts.len().to_string().as_bytes());
-    out.put_slice(b"\r\n");
+    let len: usize = parts.iter().map(|p| p.len() + 16).sum();
+    let mut out = BytesMut::with_capacity(len + 8);
+    put_header(&mut out, if resp3 { b'>' } else { b'*' }, parts.len());
     for part in parts {
-        out.put_u8(b'$');
-        out.put_slice(part.len().to_string().as_bytes());
-        out.put_slice(b"\r\n");
+        put_header(&mut out, b'$', part.len());
         out.put_slice(part);
         out.put_slice(b"\r\n");
     }

@@ -12,7 +12,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use super::Shared;
 use super::broker::{Kind, Outbox};
 use super::parse::MAX_KEPT_ARG;
-use crate::wire::{Item, MAX_STRING};
+use crate::wire::MAX_STRING;
 
 /// The version reported by `HELLO`: the Redis release whose behaviour the
 /// endpoint follows (`CLIENT SETINFO` came with 7.2).
@@ -660,17 +660,18 @@ impl Session {
             r.error("ERR the channel and the message must be UTF-8 text (the mesh carries strings); nothing was sent");
             return;
         };
-        let item = Item::Key {
-            cache: Arc::from(cache),
-            key: Arc::from(key),
-        };
-        if let Err(e) = self.shared.mesh.send(item) {
+        // `invalidate` checks the mesh's limits and reuses the cache name's
+        // allocation across messages.
+        if let Err(e) = self.shared.mesh.invalidate(cache, key) {
             r.error(&format!("ERR {e}; nothing was sent"));
             return;
         }
-        // Replies before this one go first: a RESP3 client subscribed to
-        // the channel gets its message after them, and before this reply.
-        self.outbox.push(r.out.split().freeze());
+        // A RESP3 client subscribed here gets its own message after the
+        // replies before this one, and before this reply; for the others
+        // the replies of a pipeline stay together, written at once.
+        if self.subscriptions() > 0 {
+            self.outbox.push(r.out.split().freeze());
+        }
         self.shared
             .broker
             .stats
