@@ -71,28 +71,41 @@ impl Secret {
     }
 
     fn from_file(path: &Path) -> Result<Self, SecretError> {
-        let shown = path.display().to_string();
-        let meta = std::fs::metadata(path).map_err(|source| SecretError::Read {
-            path: shown.clone(),
-            source,
-        })?;
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            if meta.permissions().mode() & 0o004 != 0 {
-                return Err(SecretError::WorldReadable(shown));
-            }
-        }
-        #[cfg(not(unix))]
-        let _ = meta;
-        let bytes = std::fs::read(path).map_err(|source| SecretError::Read {
-            path: shown,
-            source,
+        let bytes = read_private(path).map_err(|e| match e {
+            PrivateFile::Read(source) => SecretError::Read {
+                path: path.display().to_string(),
+                source,
+            },
+            PrivateFile::WorldReadable => SecretError::WorldReadable(path.display().to_string()),
         })?;
         // The bytes as they are, whitespace around them trimmed: a binary
         // secret keeps every byte.
         Secret::new(bytes.trim_ascii().to_vec())
     }
+}
+
+/// Why a file that only its owner should read could not be used.
+pub(crate) enum PrivateFile {
+    /// It could not be read.
+    Read(std::io::Error),
+    /// Every user of the machine can read it.
+    WorldReadable,
+}
+
+/// Reads a file of secrets (the shared secret, the flush hook's
+/// credentials), refusing one that every user of the machine can read.
+pub(crate) fn read_private(path: &Path) -> Result<Vec<u8>, PrivateFile> {
+    let meta = std::fs::metadata(path).map_err(PrivateFile::Read)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        if meta.permissions().mode() & 0o004 != 0 {
+            return Err(PrivateFile::WorldReadable);
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = meta;
+    std::fs::read(path).map_err(PrivateFile::Read)
 }
 
 /// Which side of a connection a proof is for.

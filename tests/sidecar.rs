@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::procs::{Cluster, LONG, Sidecar, client, free_port};
+use common::procs::{Cluster, LONG, Sidecar, client, free_port, metric};
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 
@@ -811,22 +811,6 @@ async fn read_until_closed(stream: &mut tokio::net::TcpStream, limit: Duration) 
             ),
         }
     }
-}
-
-/// The value of an unlabelled metric.
-async fn metric(node: &Sidecar, name: &str) -> u64 {
-    let text = client()
-        .get(node.url("/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
-    text.lines()
-        .find_map(|l| l.strip_prefix(&format!("{name} ")))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in:\n{text}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

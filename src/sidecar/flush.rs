@@ -55,23 +55,16 @@ pub enum CredentialsError {
 /// same rules as the secret file); white space around it is trimmed.
 pub fn load_credentials(path: &Path) -> Result<(String, String), CredentialsError> {
     let shown = path.display().to_string();
-    let meta = std::fs::metadata(path).map_err(|source| CredentialsError::Read {
-        path: shown.clone(),
-        source,
+    let bytes = crate::auth::read_private(path).map_err(|e| match e {
+        crate::auth::PrivateFile::Read(source) => CredentialsError::Read {
+            path: shown.clone(),
+            source,
+        },
+        crate::auth::PrivateFile::WorldReadable => CredentialsError::WorldReadable(shown.clone()),
     })?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        if meta.permissions().mode() & 0o004 != 0 {
-            return Err(CredentialsError::WorldReadable(shown));
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = meta;
-    let text = std::fs::read_to_string(path).map_err(|source| CredentialsError::Read {
-        path: shown.clone(),
-        source,
-    })?;
+    let Ok(text) = String::from_utf8(bytes) else {
+        return Err(CredentialsError::Malformed(shown));
+    };
     let text = text.trim();
     match text.split_once(':') {
         Some((user, pass)) if !user.is_empty() && !text.contains('\n') => {
@@ -256,5 +249,46 @@ impl FlushHook {
             }
             backoff = (backoff * 2).min(MAX_BACKOFF);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn file(text: &str, mode: u32) -> tempfile::NamedTempFile {
+        let f = tempfile::NamedTempFile::new().expect("temp file");
+        std::fs::write(f.path(), text).expect("write");
+        std::fs::set_permissions(f.path(), std::fs::Permissions::from_mode(mode)).expect("chmod");
+        f
+    }
+
+    #[test]
+    fn credentials_follow_the_secret_file_rules() {
+        let ok = file("admin:dis:trict\n", 0o600);
+        assert_eq!(
+            load_credentials(ok.path()).expect("valid"),
+            ("admin".to_string(), "dis:trict".to_string())
+        );
+        let open = file("admin:district", 0o644);
+        assert!(matches!(
+            load_credentials(open.path()),
+            Err(CredentialsError::WorldReadable(_))
+        ));
+        for bad in ["admin", ":district", "a:b\nc:d", ""] {
+            let f = file(bad, 0o600);
+            assert!(
+                matches!(
+                    load_credentials(f.path()),
+                    Err(CredentialsError::Malformed(_))
+                ),
+                "{bad:?}"
+            );
+        }
+        assert!(matches!(
+            load_credentials(Path::new("/nonexistent/creds")),
+            Err(CredentialsError::Read { .. })
+        ));
     }
 }

@@ -218,3 +218,19 @@ impl Cluster {
         }
     }
 }
+
+/// The value of an unlabelled metric.
+pub async fn metric(node: &Sidecar, name: &str) -> u64 {
+    let text = client()
+        .get(node.url("/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in:\n{text}"))
+}
