@@ -1620,16 +1620,22 @@ fn extensions(
             }
         }
     }
-    if let Some(entry) = get("cachecast.flush.credentials.file", &mut ok) {
-        match &mut flush_hook {
-            Some(hook) => hook.credentials = Some(PathBuf::from(&entry.value)),
-            None if ok => report.warn(
-                "cachecast.flush.credentials.file",
-                Some(entry.line),
-                "set without cachecast.flush.url: not used",
+    match (get("cachecast.flush.credentials.file", &mut ok), &mut flush_hook) {
+        (Some(entry), Some(hook)) => hook.credentials = Some(PathBuf::from(&entry.value)),
+        (Some(entry), None) if ok => report.warn(
+            "cachecast.flush.credentials.file",
+            Some(entry.line),
+            "set without cachecast.flush.url: not used",
+        ),
+        (None, Some(hook)) => report.warn(
+            "cachecast.flush.url",
+            keys.get("cachecast.flush.url").map(|e| e.line),
+            format!(
+                "no cachecast.flush.credentials.file: {} is called without authentication (DHIS 2's cacheClear needs a user that may perform maintenance)",
+                hook.url
             ),
-            None => {}
-        }
+        ),
+        _ => {}
     }
     ok.then_some(Extensions {
         bind,
@@ -1737,17 +1743,23 @@ fn resp_endpoint(
         .get("redis.use.ssl")
         .is_some_and(|e| !e.broken && e.value.eq_ignore_ascii_case("true"));
     let host = text("redis.host").unwrap_or_else(|| "localhost".into());
-    let redis_port = match port_of(keys, "redis.port", report) {
-        Ok(p) => p.unwrap_or(DEFAULT_REDIS_PORT),
-        Err(()) => {
-            ok = false;
-            DEFAULT_REDIS_PORT
-        }
-    };
     let password = text("redis.password");
     let host_local = loopback(&host) == Some(true);
     // Where DHIS 2 would connect when its invalidation goes to this machine.
     let app_points_here = invalidation && host_local;
+    // Read only when DHIS 2's invalidation comes here: otherwise the key is
+    // the application's alone, whatever it holds.
+    let redis_port = if app_points_here {
+        match port_of(keys, "redis.port", report) {
+            Ok(p) => p.unwrap_or(DEFAULT_REDIS_PORT),
+            Err(()) => {
+                ok = false;
+                DEFAULT_REDIS_PORT
+            }
+        }
+    } else {
+        DEFAULT_REDIS_PORT
+    };
     let (port, source, why) = match explicit {
         Some(port) => (
             port,
@@ -1792,6 +1804,15 @@ fn resp_endpoint(
             ),
         ),
     };
+    if source == RespSource::Explicit && app_points_here && !redis_enabled && port != redis_port {
+        report.warn(
+            "cachecast.resp.port",
+            line("cachecast.resp.port"),
+            format!(
+                "DHIS 2's cache invalidation goes to {host}:{redis_port} (redis.host, redis.port), not to this endpoint's port {port}: DHIS 2 will not reach the sidecar"
+            ),
+        );
+    }
     if ssl && app_points_here && port == redis_port {
         report.error(
             "redis.use.ssl",
@@ -1819,11 +1840,16 @@ fn resp_endpoint(
         RespSource::RedisKeys => "redis.port",
     };
     for addr in &addrs {
+        // The same port on the same address, or on a wildcard that covers
+        // it (`0.0.0.0` covers IPv4 only; `::` both, as Linux binds it).
+        let covers = |wild: IpAddr, other: IpAddr| {
+            wild.is_unspecified() && (wild.is_ipv6() || other.is_ipv4())
+        };
         let clash = |other: SocketAddr| {
             other.port() == addr.port()
                 && (other.ip() == addr.ip()
-                    || other.ip().is_unspecified()
-                    || addr.ip().is_unspecified())
+                    || covers(other.ip(), addr.ip())
+                    || covers(addr.ip(), other.ip()))
         };
         for (other, what) in [(api, "the sidecar's API"), (mesh, "the listener for peers")] {
             if clash(other) {

@@ -2183,9 +2183,41 @@ fn the_redis_protocol_endpoint() {
         "{BASE}cachecast.flush.url = https://dhis2.example.org/api/maintenance/cacheClear\n"
     ));
     assert!(
-        loaded
+        !loaded
             .warnings
             .iter()
-            .all(|w| w.key.as_deref() != Some("cachecast.flush.url"))
+            .any(|w| w.message.contains("clear text"))
+    );
+    assert!(
+        loaded.warnings.iter().any(|w| is_problem(
+            w,
+            Warning,
+            "cachecast.flush.url",
+            Some(3),
+            "without authentication"
+        )),
+        "{:?}",
+        loaded.warnings
+    );
+    // redis.* keys that do not point here are the application's, whatever
+    // they hold.
+    let loaded = valid(&format!(
+        "{BASE}redis.port = 70000\nredis.host = redis.example.org\n"
+    ));
+    assert!(loaded.config.resp.is_none());
+    // An explicit port that DHIS 2 does not use is reported.
+    let loaded = valid(&format!(
+        "{BASE}redis.cache.invalidation.enabled = on\ncachecast.resp.port = 6390\n"
+    ));
+    assert!(
+        loaded.warnings.iter().any(|w| is_problem(
+            w,
+            Warning,
+            "cachecast.resp.port",
+            Some(4),
+            "will not reach the sidecar"
+        )),
+        "{:?}",
+        loaded.warnings
     );
 }

@@ -743,10 +743,22 @@ impl Maintenance {
             calls.lock().expect("lock").push((server, Instant::now()));
             StatusCode::OK
         }
+        // As an application that sends strangers to its login page.
+        async fn login() -> (StatusCode, [(&'static str, &'static str); 1]) {
+            (StatusCode::FOUND, [("location", "/login.html")])
+        }
+        async fn login_page() -> &'static str {
+            "<html>please log in</html>"
+        }
         let app = axum::Router::new()
             .route(
                 "/{server}/api/maintenance/cacheClear",
                 axum::routing::post(clear),
+            )
+            .route("/redirect", axum::routing::post(login))
+            .route(
+                "/login.html",
+                axum::routing::get(login_page).post(login_page),
             )
             .with_state((calls.clone(), refused.clone()));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -1097,5 +1109,112 @@ async fn three_dhis2_instances_stay_coherent_through_a_crash_and_a_sidecar_resta
         *m.refused.lock().expect("lock"),
         0,
         "credentials were refused"
+    );
+}
+
+/// A sidecar with the Redis-protocol endpoint and a flush hook to `url`.
+async fn with_hook(url: &str, dir: &Path) -> (Cluster, u16) {
+    let mut c = Cluster::new(1, "");
+    let port = free_port();
+    let creds = dir.join("creds");
+    std::fs::write(&creds, "admin:district\n").expect("creds");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&creds, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let mut text = std::fs::read_to_string(&c.nodes[0].conf).expect("conf");
+    text.push_str(&format!(
+        "cachecast.resp.port = {port}\ncachecast.flush.url = {url}\ncachecast.flush.credentials.file = {}\n",
+        creds.display()
+    ));
+    std::fs::write(&c.nodes[0].conf, text).expect("conf");
+    c.start_all().await;
+    (c, port)
+}
+
+async fn subscribed(port: u16, channel: &str) -> TcpStream {
+    let mut s = TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    s.write_all(&cmd(&["SUBSCRIBE", channel]))
+        .await
+        .expect("write");
+    let want = format!(
+        "*3\r\n$9\r\nsubscribe\r\n${}\r\n{channel}\r\n:1\r\n",
+        channel.len()
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&read_n(&mut s, want.len()).await),
+        want
+    );
+    s
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_lost_beside_another_is_covered_by_the_hook() {
+    let m = Maintenance::start().await;
+    let dir = tempfile::tempdir().expect("dir");
+    let url = format!("http://{}/0/api/maintenance/cacheClear", m.addr);
+    let (c, port) = with_hook(&url, dir.path()).await;
+    // The application, then an operator's subscriber beside it.
+    let start = Instant::now();
+    let app = subscribed(port, "dhis2_cache_invalidation").await;
+    m.wait_call_after(0, start).await;
+    let _operator = subscribed(port, "dhis2_cache_invalidation").await;
+    // The application's connection dies (no UNSUBSCRIBE): while the
+    // operator stays subscribed, the hook covers what the application
+    // misses until it is back...
+    let calls = metric(&c.nodes[0], "cachecast_flush_hook_calls_total").await;
+    let died = Instant::now();
+    drop(app);
+    m.wait_call_after(0, died).await;
+    // ...and its return counts as a gap too, though a subscriber stayed.
+    let wait_calls = async |n: u64| {
+        let deadline = Instant::now() + LONG;
+        while metric(&c.nodes[0], "cachecast_flush_hook_calls_total").await < n {
+            assert!(Instant::now() < deadline, "fewer than {n} calls");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    wait_calls(calls + 1).await;
+    let back = Instant::now();
+    let _app = subscribed(port, "dhis2_cache_invalidation").await;
+    m.wait_call_after(0, back).await;
+    // A pattern too long to match cheaply, and the connection goes on.
+    let long = "p".repeat(2000);
+    let out = exchange(port, &cmds(&[&["PSUBSCRIBE", &long], &["PING"]])).await;
+    assert_eq!(
+        String::from_utf8_lossy(&out),
+        "-ERR patterns are limited to 1024 bytes here (this one has 2000)\r\n+PONG\r\n+OK\r\n"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redirect_is_not_a_cleared_cache() {
+    let m = Maintenance::start().await;
+    let dir = tempfile::tempdir().expect("dir");
+    let url = format!("http://{}/redirect", m.addr);
+    let (c, port) = with_hook(&url, dir.path()).await;
+    let _sub = subscribed(port, "c").await;
+    let deadline = Instant::now() + LONG;
+    loop {
+        let st = c.nodes[0].status().await;
+        let hook = &st["sidecar"]["flush_hook"];
+        if hook["failures"].as_u64() >= Some(1) {
+            assert_eq!(hook["pending"], true, "{hook}");
+            assert_eq!(hook["calls"], 0, "{hook}");
+            assert!(
+                hook["last_error"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains("redirect"),
+                "{hook}"
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "{st}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        c.nodes[0].log_text().contains("flush hook refused")
+            || c.nodes[0].log_text().contains("flush hook call failed")
     );
 }

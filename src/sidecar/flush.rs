@@ -183,6 +183,9 @@ impl FlushHook {
         let client = match reqwest::Client::builder()
             .timeout(CALL_TIMEOUT)
             .no_proxy()
+            // A redirect is not a cleared cache: followed, a POST becomes a
+            // GET (of a login page, say) whose 200 would pass for success.
+            .redirect(reqwest::redirect::Policy::none())
             .build()
         {
             Ok(c) => c,
@@ -227,6 +230,9 @@ impl FlushHook {
                 other => {
                     self.failures.fetch_add(1, Ordering::Relaxed);
                     let why = match &other {
+                        Ok(status) if status.is_redirection() => format!(
+                            "status {status}, a redirect (not followed: check the URL, its scheme and the credentials)"
+                        ),
                         Ok(status) => format!("status {status}"),
                         Err(e) => error_chain(e),
                     };

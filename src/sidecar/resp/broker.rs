@@ -27,6 +27,10 @@ pub const OUTPUT_SOFT_LIMIT: usize = 8 * 1024 * 1024;
 /// See [`OUTPUT_SOFT_LIMIT`].
 pub const OUTPUT_SOFT_SECONDS: u64 = 60;
 
+/// Names remembered as lost at most; beyond it, a lost subscription is
+/// covered by a call of the hook when its connection ends.
+const MAX_LOST: usize = 10_000;
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -169,7 +173,19 @@ type Subscribers = HashMap<Bytes, Vec<(u64, Arc<Outbox>)>>;
 struct Registry {
     channels: Subscribers,
     patterns: Subscribers,
+    /// Channels and patterns whose subscriber's connection ended while
+    /// subscribed (a crash, a restart, a network error): that client may
+    /// come back having missed messages, so the next subscription to them
+    /// is a gap even when others stayed subscribed.
+    lost: std::collections::HashSet<(bool, Bytes)>,
+    /// Bytes of the names subscribed to, bounded by [`MAX_NAME_BYTES`].
+    name_bytes: usize,
 }
+
+/// Bytes of channel and pattern names this sidecar holds subscriptions
+/// for, at most: clients on loopback are trusted to subscribe, not to
+/// take the machine's memory.
+pub const MAX_NAME_BYTES: usize = 64 * 1024 * 1024;
 
 /// Counters of the endpoint, for status and metrics.
 #[derive(Debug, Default)]
@@ -237,8 +253,9 @@ impl Default for Broker {
 impl Broker {
     /// Adds a subscription of connection `id` and queues its confirmation
     /// `reply` under the same lock, so that no message can overtake it.
-    /// Returns whether the channel or pattern had no local subscriber
-    /// before (a gap the application may have to cover).
+    /// Returns whether the subscriber may have missed messages: the
+    /// channel or pattern had no local subscriber, or one of its
+    /// subscribers' connections ended while subscribed since.
     pub fn subscribe(
         &self,
         kind: Kind,
@@ -247,23 +264,68 @@ impl Broker {
         outbox: &Arc<Outbox>,
         reply: Bytes,
     ) -> bool {
-        let mut reg = lock(&self.registry);
+        let mut guard = lock(&self.registry);
+        let reg = &mut *guard;
+        let lost = reg.lost.remove(&(kind == Kind::Pattern, name.clone()));
         let map = match kind {
             Kind::Channel => &mut reg.channels,
             Kind::Pattern => &mut reg.patterns,
         };
+        let len = name.len();
         let subs = map.entry(name).or_default();
         let first = subs.is_empty();
         if !subs.iter().any(|(i, _)| *i == id) {
             subs.push((id, outbox.clone()));
         }
+        if first {
+            reg.name_bytes += len;
+        }
         outbox.push(reply);
-        first
+        first || lost
+    }
+
+    /// Whether a subscription to a name of `len` bytes not yet subscribed
+    /// to fits under [`MAX_NAME_BYTES`].
+    pub fn has_room(&self, len: usize) -> bool {
+        lock(&self.registry).name_bytes + len <= MAX_NAME_BYTES
+    }
+
+    /// Removes a subscription of connection `id` whose connection ended
+    /// without unsubscribing: its client may come back having missed
+    /// messages. The name is remembered, so that the next subscription to
+    /// it is a gap (see [`Broker::subscribe`]). Returns whether others stay
+    /// subscribed to it: one of them may be that client, already back, so
+    /// the gap must be covered now.
+    pub fn lost(&self, kind: Kind, name: &Bytes, id: u64) -> bool {
+        let mut guard = lock(&self.registry);
+        let reg = &mut *guard;
+        let key = (kind == Kind::Pattern, name.clone());
+        let remembered =
+            reg.lost.contains(&key) || (reg.lost.len() < MAX_LOST && reg.lost.insert(key));
+        let map = match kind {
+            Kind::Channel => &mut reg.channels,
+            Kind::Pattern => &mut reg.patterns,
+        };
+        let others = match map.get_mut(&name[..]) {
+            Some(subs) => {
+                subs.retain(|(i, _)| *i != id);
+                let others = !subs.is_empty();
+                if !others {
+                    map.remove(&name[..]);
+                    reg.name_bytes -= name.len();
+                }
+                others
+            }
+            None => false,
+        };
+        // Not remembered (too many names): cover it now instead.
+        others || !remembered
     }
 
     /// Removes a subscription of connection `id`.
     pub fn unsubscribe(&self, kind: Kind, name: &[u8], id: u64) {
-        let mut reg = lock(&self.registry);
+        let mut guard = lock(&self.registry);
+        let reg = &mut *guard;
         let map = match kind {
             Kind::Channel => &mut reg.channels,
             Kind::Pattern => &mut reg.patterns,
@@ -272,6 +334,7 @@ impl Broker {
             subs.retain(|(i, _)| *i != id);
             if subs.is_empty() {
                 map.remove(name);
+                reg.name_bytes -= name.len();
             }
         }
     }

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use bytes::{BufMut, Bytes, BytesMut};
+use tokio::time::Instant;
 
 use super::Shared;
 use super::broker::{Kind, Outbox};
@@ -17,6 +18,14 @@ use crate::wire::MAX_STRING;
 /// The version reported by `HELLO`: the Redis release whose behaviour the
 /// endpoint follows (`CLIENT SETINFO` came with 7.2).
 pub const REDIS_VERSION: &str = "7.2.0";
+
+/// Channels and patterns one connection may subscribe to. Redis has no
+/// such bound; here every name is held in memory for as long as it is
+/// subscribed, and an application uses a handful (DHIS 2: one).
+pub const MAX_SUBSCRIPTIONS: usize = 10_000;
+/// Longest pattern: every message is matched against every pattern, at a
+/// cost of pattern length × channel length.
+pub const MAX_PATTERN: usize = 1024;
 
 /// What the connection does after a command.
 #[derive(Debug, PartialEq, Eq)]
@@ -222,6 +231,9 @@ pub struct Session {
     pub id: u64,
     resp3: bool,
     authed: bool,
+    /// Since when the client has had to authenticate and has not (at
+    /// connect, and after `RESET`).
+    unauthenticated_since: Option<Instant>,
     name: Option<Bytes>,
     channels: HashSet<Bytes>,
     /// In subscription order, which `PUNSUBSCRIBE` without arguments
@@ -239,6 +251,7 @@ impl Session {
             id,
             resp3: false,
             authed: shared.password.is_none(),
+            unauthenticated_since: shared.password.is_some().then(Instant::now),
             name: None,
             channels: HashSet::new(),
             patterns: Vec::new(),
@@ -252,11 +265,34 @@ impl Session {
         self.authed
     }
 
+    /// Since when the client has owed its authentication, if it does.
+    pub fn unauthenticated_since(&self) -> Option<Instant> {
+        self.unauthenticated_since.filter(|_| !self.authed)
+    }
+
     fn subscriptions(&self) -> usize {
         self.channels.len() + self.patterns.len()
     }
 
-    /// Drops every subscription (the connection is ending, or `RESET`).
+    /// The connection ended without unsubscribing (it closed, failed, was
+    /// cut off or timed out): its client may be back soon having missed
+    /// messages, so the hook covers them (see [`Broker::lost`]).
+    ///
+    /// [`Broker::lost`]: super::broker::Broker::lost
+    pub fn end(&mut self) {
+        let mut cover = false;
+        for c in self.channels.drain() {
+            cover |= self.shared.broker.lost(Kind::Channel, &c, self.id);
+        }
+        for p in self.patterns.drain(..) {
+            cover |= self.shared.broker.lost(Kind::Pattern, &p, self.id);
+        }
+        if cover && let Some(hook) = &self.shared.hook {
+            hook.trigger("a subscriber's connection ended while others stayed subscribed: one of them may be that client, back after missing messages");
+        }
+    }
+
+    /// Drops every subscription (`RESET`, `QUIT`: the client asked).
     pub fn unsubscribe_all(&mut self) {
         for c in self.channels.drain() {
             self.shared.broker.unsubscribe(Kind::Channel, &c, self.id);
@@ -485,7 +521,7 @@ impl Session {
                 r.error(e);
                 return;
             }
-            self.name = (!n.is_empty()).then(|| n.clone());
+            self.name = (!n.is_empty()).then(|| Bytes::copy_from_slice(n));
         }
         if let Some(v) = version {
             self.resp3 = v == 3;
@@ -516,7 +552,7 @@ impl Session {
         match args[1].to_ascii_lowercase().as_slice() {
             b"setname" => match valid_name(&args[2]) {
                 Ok(()) => {
-                    self.name = (!args[2].is_empty()).then(|| args[2].clone());
+                    self.name = (!args[2].is_empty()).then(|| Bytes::copy_from_slice(&args[2]));
                     r.simple("OK");
                 }
                 Err(e) => r.error(e),
@@ -559,6 +595,7 @@ impl Session {
         self.outbox.set_resp3(false);
         self.name = None;
         self.authed = self.shared.password.is_none();
+        self.unauthenticated_since = (!self.authed).then(Instant::now);
         r.resp3 = false;
         r.simple("RESET");
     }
@@ -569,6 +606,42 @@ impl Session {
             Kind::Pattern => b"psubscribe",
         };
         for name in names {
+            if kind == Kind::Pattern && name.len() > MAX_PATTERN {
+                Reply {
+                    out,
+                    resp3: self.resp3,
+                }
+                .error(&format!(
+                    "ERR patterns are limited to {MAX_PATTERN} bytes here (this one has {})",
+                    name.len()
+                ));
+                continue;
+            }
+            let known = match kind {
+                Kind::Channel => self.channels.contains(name),
+                Kind::Pattern => self.patterns.contains(name),
+            };
+            if !known && !self.shared.broker.has_room(name.len()) {
+                Reply {
+                    out,
+                    resp3: self.resp3,
+                }
+                .error("ERR this sidecar holds as many subscriptions as it takes; nothing was subscribed");
+                continue;
+            }
+            if !known && self.subscriptions() >= MAX_SUBSCRIPTIONS {
+                Reply {
+                    out,
+                    resp3: self.resp3,
+                }
+                .error(&format!(
+                    "ERR at most {MAX_SUBSCRIPTIONS} channels and patterns per connection here"
+                ));
+                continue;
+            }
+            // Its own allocation: a slice would keep the whole read buffer
+            // alive for as long as the subscription lasts.
+            let name = &Bytes::copy_from_slice(name);
             let added = match kind {
                 Kind::Channel => self.channels.insert(name.clone()),
                 Kind::Pattern if self.patterns.contains(name) => false,

@@ -177,6 +177,9 @@ pub async fn serve(
         };
         let Ok(permit) = shared.permits.clone().try_acquire_owned() else {
             shared.stats.refused.fetch_add(1, Ordering::Relaxed);
+            // Redis's words, if the socket takes them at once; closed
+            // either way.
+            let _ = stream.try_write(b"-ERR max number of clients reached\r\n");
             if may_warn() {
                 warn!(limit = shared.max_connections, %remote, "Redis-protocol connection closed: too many open (logged at most once a minute)");
             }
@@ -245,19 +248,17 @@ async fn connection(
         let mut parser = Parser::default();
         let mut buf = BytesMut::with_capacity(4096);
         let mut out = BytesMut::new();
-        let connected = Instant::now();
         loop {
-            while outbox.queued() > READ_PAUSE {
-                outbox.drained.notified().await;
-            }
-            // Idle between commands is fine; stalled inside one, or
-            // unauthenticated, is not.
-            let deadline = if parser.mid_request() || !buf.is_empty() {
-                Some(Instant::now() + RESP_STALL_TIMEOUT)
-            } else if !session.authed() {
-                Some(connected + RESP_STALL_TIMEOUT)
-            } else {
-                None
+            // Idle between commands is fine; stalled inside one, or owing
+            // its authentication, is not.
+            let stalled = (parser.mid_request() || !buf.is_empty())
+                .then(|| Instant::now() + RESP_STALL_TIMEOUT);
+            let unauthenticated = session
+                .unauthenticated_since()
+                .map(|t| t + RESP_STALL_TIMEOUT);
+            let deadline = match (stalled, unauthenticated) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
             };
             let read = match deadline {
                 Some(d) => match tokio::time::timeout_at(d, rd.read_buf(&mut buf)).await {
@@ -268,22 +269,36 @@ async fn connection(
                             client = id,
                             "Redis-protocol client closed: stalled or never authenticated"
                         );
+                        session.end();
                         return;
                     }
                 },
                 None => rd.read_buf(&mut buf).await,
             };
             match read {
-                Ok(0) | Err(_) => return,
+                Ok(0) | Err(_) => {
+                    session.end();
+                    return;
+                }
                 Ok(_) => {}
             }
             loop {
+                // A client that sends faster than it reads its replies
+                // waits here: what one read holds cannot grow the output
+                // past the pause either.
+                if out.len() >= READ_PAUSE {
+                    outbox.push(out.split().freeze());
+                }
+                while outbox.queued() > READ_PAUSE {
+                    outbox.drained.notified().await;
+                }
                 parser.authenticated = session.authed();
                 match parser.next(&mut buf) {
                     Ok(Some(Request::Command(args))) => {
                         if session.execute(&mut out, args) == After::Close {
                             outbox.push(out.split().freeze());
                             outbox.close();
+                            session.unsubscribe_all();
                             return;
                         }
                     }
@@ -299,6 +314,7 @@ async fn connection(
                         out.put_slice(b"\r\n");
                         outbox.push(out.split().freeze());
                         outbox.close();
+                        session.end();
                         return;
                     }
                 }
@@ -325,7 +341,10 @@ async fn connection(
         }
         () = shutdown.cancelled() => {}
     }
-    session.unsubscribe_all();
+    // Whatever ended the connection without the client's asking (the
+    // writer failed, it was cut off, the sidecar stops): a gap for its
+    // subscriptions. Nothing is left after QUIT or an ended reader.
+    session.end();
     debug!(client = id, "Redis-protocol client disconnected");
 }
 

@@ -81,6 +81,10 @@ pub struct Parser {
     /// Whether the client has authenticated (or needs not): before, the
     /// tighter limits apply.
     pub authenticated: bool,
+    /// How far the buffer was searched for the current line's end, so that
+    /// a line arriving a byte at a time is not searched again from its
+    /// start at every byte.
+    scanned: usize,
 }
 
 impl Default for Parser {
@@ -91,17 +95,41 @@ impl Default for Parser {
             kept: 0,
             dropped: None,
             authenticated: true,
+            scanned: 0,
+        }
+    }
+}
+
+/// The end of the line at the start of `buf`: the index of its `\n`,
+/// searched from `*scanned` on; `Ok(None)` (and `*scanned` moved) while
+/// incomplete.
+fn line_end(
+    buf: &[u8],
+    scanned: &mut usize,
+    too_long: &str,
+) -> Result<Option<usize>, ProtocolError> {
+    let from = (*scanned).min(buf.len());
+    match buf[from..].iter().position(|&b| b == b'\n') {
+        Some(i) => {
+            *scanned = 0;
+            Ok(Some(from + i))
+        }
+        None if buf.len() > MAX_INLINE => Err(ProtocolError(too_long.to_string())),
+        None => {
+            *scanned = buf.len();
+            Ok(None)
         }
     }
 }
 
 /// The header line at the start of `buf` (after its type byte), without
 /// its line end, and the bytes it spans; `Ok(None)` when incomplete.
-fn header(buf: &[u8], too_long: &str) -> Result<Option<(i64, usize)>, ProtocolError> {
-    let Some(end) = buf.iter().position(|&b| b == b'\n') else {
-        if buf.len() > MAX_INLINE {
-            return Err(ProtocolError(too_long.to_string()));
-        }
+fn header(
+    buf: &[u8],
+    scanned: &mut usize,
+    too_long: &str,
+) -> Result<Option<(i64, usize)>, ProtocolError> {
+    let Some(end) = line_end(buf, scanned, too_long)? else {
         return Ok(None);
     };
     let line = &buf[1..end];
@@ -131,13 +159,15 @@ impl Parser {
                         return Ok(None);
                     };
                     if first != b'*' {
-                        match inline(buf)? {
+                        match inline(buf, &mut self.scanned)? {
                             Some(args) if args.is_empty() => continue,
                             Some(args) => return Ok(Some(Request::Command(args))),
                             None => return Ok(None),
                         }
                     }
-                    let Some((n, used)) = header(buf, "too big mbulk count string")? else {
+                    let Some((n, used)) =
+                        header(buf, &mut self.scanned, "too big mbulk count string")?
+                    else {
                         return Ok(None);
                     };
                     if n == i64::MIN || n > MAX_ARGS {
@@ -176,7 +206,9 @@ impl Parser {
                             char::from(first)
                         )));
                     }
-                    let Some((len, used)) = header(buf, "too big bulk count string")? else {
+                    let Some((len, used)) =
+                        header(buf, &mut self.scanned, "too big bulk count string")?
+                    else {
                         return Ok(None);
                     };
                     if !(0..=MAX_BULK_LEN).contains(&len) {
@@ -241,11 +273,8 @@ impl Parser {
 
 /// An inline command (a line of words, as typed in telnet): its arguments,
 /// possibly none for a blank line; `None` while the line is incomplete.
-fn inline(buf: &mut BytesMut) -> Result<Option<Vec<Bytes>>, ProtocolError> {
-    let Some(end) = buf.iter().position(|&b| b == b'\n') else {
-        if buf.len() > MAX_INLINE {
-            return Err(ProtocolError("too big inline request".into()));
-        }
+fn inline(buf: &mut BytesMut, scanned: &mut usize) -> Result<Option<Vec<Bytes>>, ProtocolError> {
+    let Some(end) = line_end(buf, scanned, "too big inline request")? else {
         return Ok(None);
     };
     let line = buf.split_to(end + 1);
