@@ -675,7 +675,7 @@ impl Session {
             );
             if first && let Some(hook) = &self.shared.hook {
                 hook.trigger(&format!(
-                    "{} {} gained its first local subscriber: the application may have missed messages while it was not subscribed",
+                    "{} {} has a new subscriber that may have missed messages (none was subscribed here, or one left without unsubscribing)",
                     match kind {
                         Kind::Channel => "channel",
                         Kind::Pattern => "pattern",
