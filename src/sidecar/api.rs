@@ -363,12 +363,9 @@ fn sse_stream(state: SseState) -> impl Stream<Item = Result<SseEvent, Infallible
                 Read::Entries(entries) if !entries.is_empty() => {
                     for e in entries {
                         st.cursor = e.n + 1;
-                        st.pending.push_back(sse_event(
-                            &st.app,
-                            e.n,
-                            e.kind(),
-                            &e.json().to_string(),
-                        ));
+                        let (kind, json) = e.to_json();
+                        st.pending
+                            .push_back(sse_event(&st.app, e.n, kind, &json.to_string()));
                     }
                 }
                 Read::Entries(_) => {

@@ -70,14 +70,9 @@ impl Entry {
         strings + ENTRY_COST
     }
 
-    /// The SSE event name, also the JSON `type`.
-    pub(crate) fn kind(&self) -> &'static str {
-        to_json(&self.event).0
-    }
-
-    /// The JSON object.
-    pub(crate) fn json(&self) -> Value {
-        to_json(&self.event).1
+    /// The SSE event name (also the JSON `type`) and the JSON object.
+    pub(crate) fn to_json(&self) -> (&'static str, Value) {
+        to_json(&self.event)
     }
 }
 

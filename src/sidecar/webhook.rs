@@ -109,7 +109,7 @@ impl Webhook {
                     }
                     Read::Entries(entries) if !entries.is_empty() => {
                         for e in &entries {
-                            batch.push(e.json());
+                            batch.push(e.to_json().1);
                         }
                         let next = entries.last().map_or(cursor, |e| e.n + 1);
                         self.cursor.store(next, Ordering::Relaxed);
