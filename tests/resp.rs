@@ -795,15 +795,22 @@ impl Maintenance {
     }
 }
 
-/// Flush-hook settings for server `i`, credentials in a file of `dir`.
-fn hook_conf(m: &Maintenance, dir: &Path, i: usize) -> String {
+impl Maintenance {
+    /// The cache-clearing URL of server `i`.
+    fn url(&self, i: usize) -> String {
+        format!("http://{}/{i}/api/maintenance/cacheClear", self.addr)
+    }
+}
+
+/// Flush-hook settings calling `url`, with the credentials in a file
+/// (`creds{i}` in `dir`) that only its owner reads.
+fn hook_conf(url: &str, dir: &Path, i: usize) -> String {
     let creds = dir.join(format!("creds{i}"));
     std::fs::write(&creds, "admin:district\n").expect("creds");
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&creds, std::fs::Permissions::from_mode(0o600)).expect("chmod");
     format!(
-        "cachecast.flush.url = http://{}/{i}/api/maintenance/cacheClear\ncachecast.flush.credentials.file = {}\n",
-        m.addr,
+        "cachecast.flush.url = {url}\ncachecast.flush.credentials.file = {}\n",
         creds.display()
     )
 }
@@ -813,15 +820,7 @@ async fn a_subscriber_that_stops_reading_is_cut_off_and_the_hook_is_called() {
     let start = Instant::now();
     let m = Maintenance::start().await;
     let dir = tempfile::tempdir().expect("dir");
-    let mut c = Cluster::new(1, "");
-    let port = free_port();
-    let mut text = std::fs::read_to_string(&c.nodes[0].conf).expect("conf");
-    text.push_str(&format!(
-        "cachecast.resp.port = {port}\n{}",
-        hook_conf(&m, dir.path(), 0)
-    ));
-    std::fs::write(&c.nodes[0].conf, text).expect("conf");
-    c.start_all().await;
+    let (c, port) = with_hook(&m.url(0), dir.path()).await;
     let mut stalled = TcpStream::connect(("127.0.0.1", port))
         .await
         .expect("connect");
@@ -974,7 +973,7 @@ async fn three_dhis2_instances_stay_coherent_through_a_crash_and_a_sidecar_resta
         let mut text = std::fs::read_to_string(&n.conf).expect("conf");
         text.push_str(&format!(
             "redis.cache.invalidation.enabled = on\nredis.host = 127.0.0.1\nredis.port = {port}\nredis.password = pw{i}\n{}",
-            hook_conf(&m, dir.path(), i)
+            hook_conf(&m.url(i), dir.path(), i)
         ));
         std::fs::write(&n.conf, text).expect("conf");
     }
@@ -1116,14 +1115,10 @@ async fn three_dhis2_instances_stay_coherent_through_a_crash_and_a_sidecar_resta
 async fn with_hook(url: &str, dir: &Path) -> (Cluster, u16) {
     let mut c = Cluster::new(1, "");
     let port = free_port();
-    let creds = dir.join("creds");
-    std::fs::write(&creds, "admin:district\n").expect("creds");
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&creds, std::fs::Permissions::from_mode(0o600)).expect("chmod");
     let mut text = std::fs::read_to_string(&c.nodes[0].conf).expect("conf");
     text.push_str(&format!(
-        "cachecast.resp.port = {port}\ncachecast.flush.url = {url}\ncachecast.flush.credentials.file = {}\n",
-        creds.display()
+        "cachecast.resp.port = {port}\n{}",
+        hook_conf(url, dir, 0)
     ));
     std::fs::write(&c.nodes[0].conf, text).expect("conf");
     c.start_all().await;
@@ -1152,8 +1147,7 @@ async fn subscribed(port: u16, channel: &str) -> TcpStream {
 async fn a_subscriber_lost_beside_another_is_covered_by_the_hook() {
     let m = Maintenance::start().await;
     let dir = tempfile::tempdir().expect("dir");
-    let url = format!("http://{}/0/api/maintenance/cacheClear", m.addr);
-    let (c, port) = with_hook(&url, dir.path()).await;
+    let (c, port) = with_hook(&m.url(0), dir.path()).await;
     // The application, then an operator's subscriber beside it.
     let start = Instant::now();
     let app = subscribed(port, "dhis2_cache_invalidation").await;

@@ -410,11 +410,11 @@ fn resp_status(r: &super::resp::Shared) -> Value {
     json!({
         "listen": r.addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
         "password": r.has_password(),
-        "connections": r.open(),
-        "max_connections": r.max_connections,
+        "connections": r.conns.open(),
+        "max_connections": r.conns.max,
         "accepted": c.accepted.load(Ordering::Relaxed),
-        "refused": c.refused.load(Ordering::Relaxed),
-        "timed_out": c.timed_out.load(Ordering::Relaxed),
+        "refused": r.conns.refused.load(Ordering::Relaxed),
+        "timed_out": r.conns.timed_out.load(Ordering::Relaxed),
         "protocol_errors": c.protocol_errors.load(Ordering::Relaxed),
         "auth_failures": c.auth_failures.load(Ordering::Relaxed),
         "channels": channels,
@@ -657,13 +657,13 @@ fn render_metrics(app: &App, st: &Status) -> String {
             "cachecast_resp_connections",
             "gauge",
             "Redis-protocol connections open.",
-            plain(r.open() as u64),
+            plain(r.conns.open() as u64),
         );
         metric(
             "cachecast_resp_connections_max",
             "gauge",
             "The cap on Redis-protocol connections open at once.",
-            plain(r.max_connections as u64),
+            plain(r.conns.max as u64),
         );
         for (name, help, v) in [
             (
@@ -674,12 +674,12 @@ fn render_metrics(app: &App, st: &Status) -> String {
             (
                 "cachecast_resp_connections_refused_total",
                 "Redis-protocol connections closed at once because the most were open.",
-                load(&c.refused),
+                load(&r.conns.refused),
             ),
             (
                 "cachecast_resp_connections_timed_out_total",
                 "Redis-protocol connections closed for stalling inside a command or not authenticating in time.",
-                load(&c.timed_out),
+                load(&r.conns.timed_out),
             ),
             (
                 "cachecast_resp_protocol_errors_total",

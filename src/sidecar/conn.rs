@@ -56,6 +56,52 @@ impl ConnStats {
     pub(crate) fn open(&self) -> usize {
         self.max.saturating_sub(self.permits.available_permits())
     }
+
+    /// A slot under the cap, or `None` (counted as refused) when every
+    /// slot is taken.
+    pub(crate) fn admit(&self) -> Option<OwnedSemaphorePermit> {
+        let permit = self.permits.clone().try_acquire_owned().ok();
+        if permit.is_none() {
+            self.refused.fetch_add(1, Ordering::Relaxed);
+        }
+        permit
+    }
+}
+
+/// Says whether a warning is due: at most one a minute, so that a flood
+/// of refused connections does not flood the log too.
+#[derive(Default)]
+pub(crate) struct WarnLimit {
+    last: Option<Instant>,
+}
+
+impl WarnLimit {
+    pub(crate) fn due(&mut self) -> bool {
+        let now = Instant::now();
+        let due = self
+            .last
+            .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(60));
+        if due {
+            self.last = Some(now);
+        }
+        due
+    }
+}
+
+/// After a failed accept: a reset or aborted connection is nothing; any
+/// other error (typically out of file descriptors) is logged, rate
+/// limited, and waited out rather than spun on.
+pub(crate) async fn accept_failed(e: &io::Error, what: &str, warn_limit: &mut WarnLimit) {
+    if matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionAborted | io::ErrorKind::ConnectionReset
+    ) {
+        return;
+    }
+    if warn_limit.due() {
+        warn!(error = %e, "{what} accept failed");
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
 }
 
 /// The API's listener, for `axum::serve`: applies the cap and wraps each
@@ -64,9 +110,8 @@ pub(crate) struct ApiListener {
     listener: TcpListener,
     stats: Arc<ConnStats>,
     idle: Duration,
-    /// When a refusal or an accept error was last logged: a flood must not
-    /// flood the log too.
-    last_warned: Option<Instant>,
+    /// Refusals and accept errors are logged at most once a minute.
+    warn_limit: WarnLimit,
 }
 
 impl ApiListener {
@@ -75,19 +120,8 @@ impl ApiListener {
             listener,
             stats,
             idle,
-            last_warned: None,
+            warn_limit: WarnLimit::default(),
         }
-    }
-
-    fn may_warn(&mut self) -> bool {
-        let now = Instant::now();
-        let due = self
-            .last_warned
-            .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(60));
-        if due {
-            self.last_warned = Some(now);
-        }
-        due
     }
 }
 
@@ -100,30 +134,19 @@ impl axum::serve::Listener for ApiListener {
             let (stream, remote) = match self.listener.accept().await {
                 Ok(a) => a,
                 Err(e) => {
-                    if !matches!(
-                        e.kind(),
-                        io::ErrorKind::ConnectionAborted | io::ErrorKind::ConnectionReset
-                    ) {
-                        if self.may_warn() {
-                            warn!(error = %e, "API accept failed");
-                        }
-                        // Typically out of file descriptors: wait rather
-                        // than spin.
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
+                    accept_failed(&e, "API", &mut self.warn_limit).await;
                     continue;
                 }
             };
-            match self.stats.permits.clone().try_acquire_owned() {
-                Ok(permit) => {
+            match self.stats.admit() {
+                Some(permit) => {
                     let conn = ApiConn::new(stream, permit, self.idle, self.stats.clone());
                     return (conn, remote);
                 }
-                Err(_) => {
+                None => {
                     // Closed at once: answering would need the descriptor
                     // for longer, which is what the cap is there to bound.
-                    self.stats.refused.fetch_add(1, Ordering::Relaxed);
-                    if self.may_warn() {
+                    if self.warn_limit.due() {
                         warn!(
                             limit = self.stats.max,
                             %remote,

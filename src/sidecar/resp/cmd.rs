@@ -260,6 +260,14 @@ impl Session {
         }
     }
 
+    /// A reply into `out`, in this connection's protocol version.
+    fn reply<'a>(&self, out: &'a mut BytesMut) -> Reply<'a> {
+        Reply {
+            out,
+            resp3: self.resp3,
+        }
+    }
+
     /// Whether the client has authenticated (or needs not).
     pub fn authed(&self) -> bool {
         self.authed
@@ -304,10 +312,7 @@ impl Session {
 
     /// Answers a command too large to keep.
     pub fn too_large(&mut self, out: &mut BytesMut, name: Option<&[u8]>, largest: usize) {
-        let mut r = Reply {
-            out,
-            resp3: self.resp3,
-        };
+        let mut r = self.reply(out);
         let name = name.map(lossy).unwrap_or_default().to_ascii_lowercase();
         r.error(&format!(
             "ERR '{name}' has an argument of {largest} bytes; this endpoint takes at most {MAX_KEPT_ARG} (the mesh carries strings of at most {MAX_STRING} bytes); nothing was done"
@@ -324,17 +329,10 @@ impl Session {
         let lower = first.to_ascii_lowercase();
         // QUIT comes before every check, as in Redis.
         if lower == b"quit" {
-            Reply {
-                out,
-                resp3: self.resp3,
-            }
-            .simple("OK");
+            self.reply(out).simple("OK");
             return After::Close;
         }
-        let mut r = Reply {
-            out,
-            resp3: self.resp3,
-        };
+        let mut r = self.reply(out);
         let Some(spec) = COMMANDS.iter().find(|c| c.name.as_bytes() == lower) else {
             r.error(&format!(
                 "ERR unknown command '{}', with args beginning with: {}",
@@ -461,10 +459,7 @@ impl Session {
     }
 
     fn hello(&mut self, out: &mut BytesMut, args: &[Bytes]) {
-        let mut r = Reply {
-            out,
-            resp3: self.resp3,
-        };
+        let mut r = self.reply(out);
         let mut version = None;
         if let Some(v) = args.get(1) {
             match std::str::from_utf8(v)
@@ -527,10 +522,7 @@ impl Session {
             self.resp3 = v == 3;
             self.outbox.set_resp3(self.resp3);
         }
-        let mut r = Reply {
-            out,
-            resp3: self.resp3,
-        };
+        let mut r = self.reply(out);
         r.map(7);
         r.bulk(b"server");
         r.bulk(b"redis");
@@ -607,11 +599,7 @@ impl Session {
         };
         for name in names {
             if kind == Kind::Pattern && name.len() > MAX_PATTERN {
-                Reply {
-                    out,
-                    resp3: self.resp3,
-                }
-                .error(&format!(
+                self.reply(out).error(&format!(
                     "ERR patterns are limited to {MAX_PATTERN} bytes here (this one has {})",
                     name.len()
                 ));
@@ -622,19 +610,12 @@ impl Session {
                 Kind::Pattern => self.patterns.contains(name),
             };
             if !known && !self.shared.broker.has_room(name.len()) {
-                Reply {
-                    out,
-                    resp3: self.resp3,
-                }
+                self.reply(out)
                 .error("ERR this sidecar holds as many subscriptions as it takes; nothing was subscribed");
                 continue;
             }
             if !known && self.subscriptions() >= MAX_SUBSCRIPTIONS {
-                Reply {
-                    out,
-                    resp3: self.resp3,
-                }
-                .error(&format!(
+                self.reply(out).error(&format!(
                     "ERR at most {MAX_SUBSCRIPTIONS} channels and patterns per connection here"
                 ));
                 continue;
@@ -651,10 +632,7 @@ impl Session {
                 }
             };
             let mut reply = BytesMut::new();
-            let mut r = Reply {
-                out: &mut reply,
-                resp3: self.resp3,
-            };
+            let mut r = self.reply(&mut reply);
             r.push(3);
             r.bulk(verb);
             r.bulk(name);

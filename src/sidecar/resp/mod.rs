@@ -26,7 +26,6 @@ use std::time::Duration;
 use bytes::{BufMut, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -35,6 +34,7 @@ use tracing::{debug, info, warn};
 use self::broker::{Broker, Closed, Outbox};
 use self::cmd::{After, Session};
 use self::parse::{Parser, Request};
+use super::conn::{ConnStats, WarnLimit, accept_failed};
 use super::flush::FlushHook;
 use crate::mesh::MeshHandle;
 
@@ -52,15 +52,12 @@ pub const RESP_STALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// commands faster than it reads the replies.
 const READ_PAUSE: usize = 1024 * 1024;
 
-/// Counters of the endpoint's connections.
+/// Counters of the endpoint's connections, beside the cap's own
+/// ([`ConnStats`]: open, refused, timed out).
 #[derive(Debug, Default)]
 pub struct RespStats {
     /// Connections accepted.
     pub accepted: AtomicU64,
-    /// Connections closed at once because the most were open.
-    pub refused: AtomicU64,
-    /// Connections closed for stalling or not authenticating in time.
-    pub timed_out: AtomicU64,
     /// Connections closed for a protocol error.
     pub protocol_errors: AtomicU64,
     /// Failed `AUTH`/`HELLO AUTH` attempts.
@@ -77,9 +74,9 @@ pub struct Shared {
     next_id: AtomicU64,
     /// Connection counters.
     pub stats: RespStats,
-    permits: Arc<Semaphore>,
-    /// The cap on connections.
-    pub max_connections: usize,
+    /// The cap on connections, and the counts of those refused or closed
+    /// for stalling (the same bookkeeping as the HTTP API's).
+    pub conns: Arc<ConnStats>,
     /// The addresses served.
     pub addrs: Vec<SocketAddr>,
 }
@@ -100,8 +97,7 @@ impl Shared {
             password,
             next_id: AtomicU64::new(1),
             stats: RespStats::default(),
-            permits: Arc::new(Semaphore::new(max_connections)),
-            max_connections,
+            conns: ConnStats::new(max_connections),
             addrs,
         })
     }
@@ -109,12 +105,6 @@ impl Shared {
     /// Whether clients must authenticate.
     pub fn has_password(&self) -> bool {
         self.password.is_some()
-    }
-
-    /// Connections open now.
-    pub fn open(&self) -> usize {
-        self.max_connections
-            .saturating_sub(self.permits.available_permits())
     }
 
     /// Counts a subscriber cut off for not reading, and asks the
@@ -145,15 +135,7 @@ pub async fn serve(
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
-    let mut last_warned: Option<Instant> = None;
-    let mut may_warn = move || {
-        let now = Instant::now();
-        let due = last_warned.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(60));
-        if due {
-            last_warned = Some(now);
-        }
-        due
-    };
+    let mut warn_limit = WarnLimit::default();
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
@@ -162,26 +144,16 @@ pub async fn serve(
         let (stream, remote) = match accepted {
             Ok(a) => a,
             Err(e) => {
-                if !matches!(
-                    e.kind(),
-                    std::io::ErrorKind::ConnectionAborted | std::io::ErrorKind::ConnectionReset
-                ) {
-                    if may_warn() {
-                        warn!(error = %e, "Redis-protocol accept failed");
-                    }
-                    // Typically out of file descriptors: wait, do not spin.
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
+                accept_failed(&e, "Redis-protocol", &mut warn_limit).await;
                 continue;
             }
         };
-        let Ok(permit) = shared.permits.clone().try_acquire_owned() else {
-            shared.stats.refused.fetch_add(1, Ordering::Relaxed);
+        let Some(permit) = shared.conns.admit() else {
             // Redis's words, if the socket takes them at once; closed
             // either way.
             let _ = stream.try_write(b"-ERR max number of clients reached\r\n");
-            if may_warn() {
-                warn!(limit = shared.max_connections, %remote, "Redis-protocol connection closed: too many open (logged at most once a minute)");
+            if warn_limit.due() {
+                warn!(limit = shared.conns.max, %remote, "Redis-protocol connection closed: too many open (logged at most once a minute)");
             }
             continue;
         };
@@ -264,7 +236,7 @@ async fn connection(
                 Some(d) => match tokio::time::timeout_at(d, rd.read_buf(&mut buf)).await {
                     Ok(r) => r,
                     Err(_) => {
-                        shared.stats.timed_out.fetch_add(1, Ordering::Relaxed);
+                        shared.conns.timed_out.fetch_add(1, Ordering::Relaxed);
                         debug!(
                             client = id,
                             "Redis-protocol client closed: stalled or never authenticated"
