@@ -29,11 +29,10 @@ async fn main() -> anyhow::Result<()> {
         .listener(la)
         .start()
         .await?;
-    let node_b = Mesh::builder(ClusterConfig::new(b, [a]))
-        .listener(lb)
-        .start()
-        .await?;
-    let mut events = node_b.subscribe();
+    // B's stream is taken before B starts, so that it misses nothing.
+    let mut builder_b = Mesh::builder(ClusterConfig::new(b, [a])).listener(lb);
+    let mut events = builder_b.subscribe();
+    let node_b = builder_b.start().await?;
 
     // Fire and forget: returns at once with the sequence number.
     let seq = node_a.invalidate("org.hisp.dhis.user.User", "xE7jOejl9FI")?;

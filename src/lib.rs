@@ -13,8 +13,10 @@
 //! for warning in &loaded.warnings {
 //!     eprintln!("{warning}");
 //! }
-//! let mesh = Mesh::start(loaded.config).await?;
-//! let mut events = mesh.subscribe();
+//! // Subscribed before the node starts: no event can slip past.
+//! let mut builder = Mesh::builder(loaded.config);
+//! let mut events = builder.subscribe();
+//! let mesh = builder.start().await?;
 //! mesh.invalidate("org.hisp.dhis.user.User", "42")?; // never blocks
 //! while let Some(event) = events.recv().await {
 //!     match event {

@@ -434,6 +434,48 @@ async fn subscribers_get_every_event_in_order() {
     c.shutdown_all().await;
 }
 
+/// Hazard: events between `start()` and `MeshHandle::subscribe()` were
+/// acknowledged to their origin and reached no one. A stream taken from the
+/// builder sees every event from the node's first: here, invalidations A
+/// made before B even started, replayed the moment B is up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_taken_before_start_misses_nothing() {
+    let (la, lb) = (common::bind().await, common::bind().await);
+    let (a, b) = (
+        common::node(la.local_addr().expect("addr").port()),
+        common::node(lb.local_addr().expect("addr").port()),
+    );
+    let node_a = cachecast::Mesh::builder(cachecast::ClusterConfig::new(a.clone(), [b.clone()]))
+        .listener(la)
+        .start()
+        .await
+        .expect("start a");
+    for k in 0..100 {
+        node_a.invalidate("c", &k.to_string()).expect("send");
+    }
+    let mut builder = cachecast::Mesh::builder(cachecast::ClusterConfig::new(b, [a])).listener(lb);
+    let mut events = builder.subscribe();
+    let node_b = builder.start().await.expect("start b");
+    let mut seqs = Vec::new();
+    while seqs.len() < 100 {
+        match tokio::time::timeout(LONG, events.recv())
+            .await
+            .expect("event in time")
+        {
+            Some(Event::Invalidated { seq, .. }) => seqs.push(seq),
+            Some(Event::Flush { reason, .. }) => panic!("unexpected flush: {reason}"),
+            Some(_) => {}
+            None => panic!("stream ended"),
+        }
+    }
+    assert_eq!(seqs, (1..=100).collect::<Vec<u64>>());
+    node_a.shutdown().await;
+    node_b.shutdown().await;
+    // The stream ends with the node.
+    let end = tokio::time::timeout(LONG, async { while events.recv().await.is_some() {} }).await;
+    assert!(end.is_ok(), "the stream ended after shutdown");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lagging_subscriber_gets_a_flush() {
     let (mut c, listeners) = Cluster::reserve(2).await;

@@ -837,23 +837,45 @@ async fn a_new_incarnation_is_refused_while_the_old_one_is_connected() {
     b.shutdown().await;
 }
 
-/// A newer connection from the same peer (same incarnation) supersedes the
-/// older one without the inbound state flapping; when the newer one goes,
-/// the state goes down. Duplicates replayed on the new connection are
-/// skipped and acknowledged.
+/// A newer connection from the same peer (same incarnation) is refused while
+/// the older one is demonstrably alive (hazard: it would silence the real
+/// peer), and supersedes it once that one has gone silent, without the
+/// inbound state flapping; when the newer one goes, the state goes down.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn reconnect_of_the_same_incarnation_supersedes_and_dedupes() {
+async fn reconnect_of_the_same_incarnation_supersedes_a_silent_link_only() {
     let (b, rb, addr, fake_id) = node_with_a_raw_peer().await;
     let (mut c1, _) = Raw::dial(addr, &fake_id, 7).await;
     c1.send(&batch(1, vec![key("c", "a"), key("c", "b")])).await;
     assert!(matches!(c1.next(SHORT).await, Some(Message::Ack(_))));
     assert!(b.status().peers[0].inbound);
-    let (mut c2, h2) = Raw::dial(addr, &fake_id, 7).await;
+    // c1 was just heard: a second claim is refused, and c1 keeps working.
+    let (mut c2, _) = Raw::dial(addr, &fake_id, 7).await;
+    match c2.next(SHORT).await {
+        Some(Message::Reject { reason }) => {
+            assert!(reason.contains("live connection"), "{reason}")
+        }
+        other => panic!("expected a Reject, got {other:?}"),
+    }
+    c1.send(&batch(3, vec![key("c", "c")])).await;
     assert_eq!(
-        h2.last_applied,
+        c1.next(SHORT).await,
+        Some(Message::Ack(Position {
+            incarnation: 7,
+            seq: 3
+        }))
+    );
+    // c1 falls silent (no pings): a new connection gets in.
+    let (mut c3, h3) = loop {
+        let (mut c, h) = Raw::dial(addr, &fake_id, 7).await;
+        if !c.closed_within(Duration::from_millis(300)).await {
+            break (c, h);
+        }
+    };
+    assert_eq!(
+        h3.last_applied,
         Some(Position {
             incarnation: 7,
-            seq: 2
+            seq: 3
         })
     );
     assert!(c1.closed_within(SHORT).await, "older connection closed");
@@ -861,22 +883,213 @@ async fn reconnect_of_the_same_incarnation_supersedes_and_dedupes() {
         b.status().peers[0].inbound,
         "still up: the newer connection"
     );
-    // A replay from 1: only seq 3 is new.
-    c2.send(&batch(1, vec![key("c", "a"), key("c", "b"), key("c", "c")]))
-        .await;
+    c3.send(&batch(4, vec![key("c", "d")])).await;
     assert_eq!(
-        c2.next(SHORT).await,
+        c3.next(SHORT).await,
         Some(Message::Ack(Position {
             incarnation: 7,
-            seq: 3
+            seq: 4
         }))
     );
-    assert_eq!(rb.seqs_from(&fake_id), vec![1, 2, 3]);
+    assert_eq!(rb.seqs_from(&fake_id), vec![1, 2, 3, 4]);
     assert_eq!(rb.flushes(), 0);
-    drop(c2);
+    drop(c3);
     let hb = b.clone();
     wait_until("inbound down", SHORT, || !hb.status().peers[0].inbound).await;
     b.shutdown().await;
+}
+
+/// Hazard: a party that learnt a peer's incarnation claims it and moves the
+/// position forward with a large `first_seq`; the real peer's later seqs
+/// must then not be dropped as duplicates. Before the fix the node skipped
+/// them silently (no flush after the real peer's seq 2 was sent).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_position_moved_ahead_by_a_claimant_ends_in_a_flush_not_in_drops() {
+    let (b, rb, addr, fake_id) = node_with_a_raw_peer().await;
+    let (mut real, _) = Raw::dial(addr, &fake_id, 7).await;
+    real.send(&batch(1, vec![key("c", "a")])).await;
+    assert!(matches!(real.next(SHORT).await, Some(Message::Ack(_))));
+    drop(real); // the real peer's link breaks
+    let hb = b.clone();
+    wait_until("inbound down", SHORT, || !hb.status().peers[0].inbound).await;
+    let (mut claimant, _) = Raw::dial(addr, &fake_id, 7).await;
+    claimant.send(&batch(1_000_000, vec![key("c", "x")])).await;
+    assert!(matches!(claimant.next(SHORT).await, Some(Message::Ack(_))));
+    drop(claimant);
+    wait_until("inbound down", SHORT, || !hb.status().peers[0].inbound).await;
+    // The real peer comes back and resumes after what it really sent.
+    let (mut real, h) = Raw::dial(addr, &fake_id, 7).await;
+    assert_eq!(h.last_applied.map(|p| p.seq), Some(1_000_000));
+    let flushes_before = rb.flushes();
+    real.send(&batch(2, vec![key("c", "b")])).await;
+    assert_eq!(
+        real.next(SHORT).await,
+        Some(Message::Ack(Position {
+            incarnation: 7,
+            seq: 2
+        })),
+        "the position follows the real peer again"
+    );
+    let evs = rb.events();
+    assert!(
+        has_key(&evs, "b") || rb.flushes() > flushes_before,
+        "seq 2 was neither delivered nor covered by a flush: {evs:?}"
+    );
+    assert!(
+        evs.iter().any(|e| matches!(
+            e,
+            Event::Flush {
+                reason: FlushReason::Diverged { .. },
+                ..
+            }
+        )),
+        "{evs:?}"
+    );
+    assert_eq!(b.status().counters.diverged, 1);
+    b.shutdown().await;
+}
+
+/// Hazard: without TLS an identity is taken only from that peer's own
+/// addresses: a process at one peer's address cannot speak for another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_peer_cannot_claim_another_peers_identity() {
+    let lb = bind().await;
+    let addr = lb.local_addr().expect("addr");
+    let mut config = cfg(addr.port(), &[], 1024);
+    // Peer 0 lives at 127.0.0.1 (where the test connects from), peer 1 at
+    // 127.0.0.2.
+    config.peers = ClusterConfig::new(
+        node(1),
+        [node(4998), cachecast::NodeAddr::new("127.0.0.2", 4999)],
+    )
+    .peers;
+    let (b, rb) = start(config, lb, common::tuning()).await;
+    let stream = TcpStream::connect(addr).await.expect("connect");
+    let mut raw = Raw::new(stream);
+    raw.send(&hello("127.0.0.2:4999", 1, None)).await;
+    let reply = raw.next(SHORT).await;
+    if let Some(Message::Hello(_)) = reply {
+        raw.send(&batch(1, vec![key("c", "injected")])).await;
+        let _ = raw.next(Duration::from_secs(1)).await;
+    }
+    let evs = rb.events();
+    b.shutdown().await;
+    match reply {
+        Some(Message::Reject { reason }) => assert!(
+            reason.contains("is not an address of 127.0.0.2:4999"),
+            "{reason}"
+        ),
+        other => panic!("expected a Reject, got {other:?}; events {evs:?}"),
+    }
+    assert!(!has_key(&evs, "injected"));
+}
+
+/// Hazard: the first frame was decoded in full before anyone checked it
+/// was a Hello. Now the tag is checked as soon as it arrives: a connection
+/// announcing a 1 MiB Batch is refused after 5 bytes, not after the
+/// megabyte (or the hello deadline) — before the fix it waited for both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anything_but_a_hello_is_refused_before_its_body_is_read() {
+    let (b, _rb, addr, _) = node_with_a_raw_peer().await;
+    let mut raw = Raw::new(TcpStream::connect(addr).await.expect("connect"));
+    let mut head = BytesMut::new();
+    head.put_u32(1024 * 1024);
+    head.put_u8(2); // Message::Batch
+    raw.send_raw(&head).await;
+    let started = Instant::now();
+    match raw.next(SHORT).await {
+        Some(Message::Reject { reason }) => {
+            assert_eq!(reason, "expected Hello, got Batch")
+        }
+        other => panic!("expected a Reject, got {other:?}"),
+    }
+    assert!(raw.closed_within(SHORT).await);
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "refused only at the hello deadline"
+    );
+    // A Hello frame may not be large either.
+    let mut raw = Raw::new(TcpStream::connect(addr).await.expect("connect"));
+    let mut head = BytesMut::new();
+    head.put_u32(1024 * 1024);
+    head.put_u8(0); // Message::Hello
+    raw.send_raw(&head).await;
+    match raw.next(SHORT).await {
+        Some(Message::Reject { reason }) => {
+            assert!(reason.contains("exceeds the limit of 65552"), "{reason}")
+        }
+        other => panic!("expected a Reject, got {other:?}"),
+    }
+    b.shutdown().await;
+}
+
+/// Hazard: a Batch of a million one-byte items was decoded in full. Now a
+/// Batch may carry at most 4,096 items; one with more closes the
+/// connection before any item is decoded, and nothing of it is applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_over_the_item_limit_closes_the_connection() {
+    let (b, rb, addr, fake_id) = node_with_a_raw_peer().await;
+    let (mut raw, _) = Raw::dial(addr, &fake_id, 7).await;
+    let items = vec![Item::Flush; cachecast::wire::MAX_BATCH_ITEMS + 1];
+    let mut payload = BytesMut::new();
+    // Encoded by hand: the codec refuses to write what it would refuse to
+    // read.
+    payload.put_u8(2); // Batch
+    payload.put_u8(1); // first_seq 1
+    payload.put_u8(251); // count, a u16 varint
+    payload.put_u16_le(items.len() as u16);
+    payload.put_bytes(2, items.len()); // Item::Flush each
+    let mut framed = BytesMut::new();
+    framed.put_u32(payload.len() as u32);
+    framed.extend_from_slice(&payload);
+    raw.send_raw(&framed).await;
+    assert!(raw.closed_within(SHORT).await);
+    assert_eq!(rb.flushes(), 0, "nothing of it applied");
+    assert_eq!(b.status().counters.protocol_errors, 1);
+    b.shutdown().await;
+}
+
+/// Hazard: a peer that completed the hellos and then failed the session
+/// was redialled at the first delay forever. Now the delay grows until a
+/// session proves healthy: with a 50 ms first delay, an acceptor that
+/// closes right after its Hello is dialled a handful of times in 3 s, not
+/// dozens (before the fix: about one attempt per 50-60 ms).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_fails_each_session_at_once_is_redialled_ever_more_slowly() {
+    let fake = bind().await;
+    let fake_port = port(&fake);
+    let me = bind().await;
+    let me_port = port(&me);
+    let attempts = Arc::new(AtomicU64::new(0));
+    let counted = attempts.clone();
+    let fake_id = format!("127.0.0.1:{fake_port}");
+    let acceptor = tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = fake.accept().await else {
+                return;
+            };
+            counted.fetch_add(1, Ordering::Relaxed);
+            let mut raw = Raw::new(stream);
+            if let Some(Message::Hello(_)) = raw.next(SHORT).await {
+                raw.send(&hello(&fake_id, 99, None)).await;
+            }
+            // ...and the session fails at once.
+        }
+    });
+    let tuning = cachecast::Tuning {
+        backoff_first: Duration::from_millis(50),
+        backoff_cap: Duration::from_secs(10),
+        ..common::tuning()
+    };
+    let (a, _ra) = start(cfg(me_port, &[fake_port], 1024), me, tuning).await;
+    let window = Duration::from_secs(3);
+    tokio::time::sleep(window).await;
+    let n = attempts.load(Ordering::Relaxed);
+    a.shutdown().await;
+    acceptor.abort();
+    // 50, 100, 200, 400, 800, 1600 ms (±20%): at most 7 dials fit in 3 s.
+    assert!(n >= 2, "it kept redialling ({n})");
+    assert!(n <= 8, "{n} attempts in {window:?}: the delay did not grow");
 }
 
 /// Malformed or out-of-place frames after the handshake close that

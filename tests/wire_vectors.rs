@@ -257,13 +257,16 @@ fn max_frame_is_one_mib() {
 fn two_gib_prefix_is_rejected_from_the_header_alone() {
     let (result, _) = decode(&[0x80, 0x00, 0x00, 0x00]);
     match result {
-        Err(CodecError::FrameTooLarge { len }) => assert_eq!(len, 0x8000_0000),
+        Err(CodecError::FrameTooLarge { len, .. }) => assert_eq!(len, 0x8000_0000),
         other => panic!("expected FrameTooLarge, got {other:?}"),
     }
     let (result, _) = decode(&[0xff, 0xff, 0xff, 0xff]);
     assert!(matches!(
         result,
-        Err(CodecError::FrameTooLarge { len: 0xffff_ffff })
+        Err(CodecError::FrameTooLarge {
+            len: 0xffff_ffff,
+            ..
+        })
     ));
 }
 
@@ -271,7 +274,7 @@ fn two_gib_prefix_is_rejected_from_the_header_alone() {
 fn max_frame_plus_one_is_rejected() {
     let header = (SPEC_MAX_FRAME as u32 + 1).to_be_bytes();
     match decode(&header).0 {
-        Err(CodecError::FrameTooLarge { len }) => assert_eq!(len, SPEC_MAX_FRAME as u64 + 1),
+        Err(CodecError::FrameTooLarge { len, .. }) => assert_eq!(len, SPEC_MAX_FRAME as u64 + 1),
         other => panic!("expected FrameTooLarge, got {other:?}"),
     }
 }

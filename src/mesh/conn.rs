@@ -19,11 +19,13 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::io::Io;
-use super::limits::IpSlot;
-use super::{Rejected, Shared, Silence, lock};
+use super::limits::{Admit, IpSlot, lookup};
+use super::{Dir, Event, FlushReason, Rejected, Shared, Silence, lock};
 use crate::auth;
 use crate::config::NodeAddr;
-use crate::wire::{FrameCodec, Hello, MAGIC, Message, NONCE_LEN, PROTOCOL_VERSION, Position};
+use crate::wire::{
+    CodecError, Expect, FrameCodec, Hello, MAGIC, Message, NONCE_LEN, PROTOCOL_VERSION, Position,
+};
 
 /// Our hello, carrying what we applied from the peer.
 pub(super) fn hello_for(shared: &Shared, last_applied: Option<Position>) -> Hello {
@@ -40,14 +42,13 @@ pub(super) fn hello_for(shared: &Shared, last_applied: Option<Position>) -> Hell
     }
 }
 
+/// The addresses of `addr`'s host; none when it does not resolve in time.
 async fn resolve(addr: &NodeAddr) -> Vec<IpAddr> {
-    if let Ok(ip) = addr.host.parse::<IpAddr>() {
-        return vec![ip];
-    }
-    match tokio::net::lookup_host((addr.host.as_str(), addr.port)).await {
-        Ok(it) => it.map(|a| a.ip()).collect(),
-        Err(_) => Vec::new(),
-    }
+    lookup(&addr.host, addr.port)
+        .await
+        .ok()
+        .map(|a| a.iter().map(|a| a.ip().to_canonical()).collect())
+        .unwrap_or_default()
 }
 
 /// Whether a claimed identity is the configured peer: equal ports, and the
@@ -79,8 +80,11 @@ pub(super) async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, trac
                 continue;
             }
         };
-        // Strangers are closed before anything is read from them.
-        if !shared.allowlist.permits(remote.ip()).await {
+        // Strangers are closed before anything is read from them. The
+        // accept loop never waits for a name lookup: before the first one
+        // is done, the connection's own task waits for it.
+        let admit = shared.allowlist.admit(remote.ip(), &tracker);
+        if admit == Admit::No {
             shared.reject_quietly(
                 Rejected::NotAllowed,
                 remote,
@@ -96,6 +100,14 @@ pub(super) async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, trac
         };
         let shared = shared.clone();
         tracker.spawn(async move {
+            if admit == Admit::Unknown && !shared.allowlist.permits(remote.ip()).await {
+                shared.reject_quietly(
+                    Rejected::NotAllowed,
+                    remote,
+                    "source address is not a configured peer's",
+                );
+                return;
+            }
             let Some(slot) = shared.per_ip.enter(remote.ip()) else {
                 shared.reject_quietly(
                     Rejected::Limit,
@@ -194,19 +206,22 @@ async fn serve(shared: &Shared, stream: TcpStream, remote: SocketAddr, slot: IpS
     let Some((io, cert)) = transport(shared, stream, remote, deadline).await else {
         return;
     };
-    serve_io(shared, io, cert, deadline, slot).await;
+    serve_io(shared, io, cert, Some(remote.ip()), deadline, slot).await;
 }
 
-/// The handshake and the session over an established transport.
+/// The handshake and the session over an established transport; `source`
+/// is the connection's source address (none for an in-memory pipe).
 pub(super) async fn serve_io(
     shared: &Shared,
     io: Io,
     cert: Option<CertificateDer<'static>>,
+    source: Option<IpAddr>,
     deadline: Instant,
     slot: IpSlot<'_>,
 ) {
     let (rd, mut wr) = tokio::io::split(io);
-    let mut reader = FramedRead::new(rd, FrameCodec::new());
+    // Nothing but a Hello is decoded before the handshake is complete.
+    let mut reader = FramedRead::new(rd, FrameCodec::handshake(Expect::Hello));
     let first = tokio::select! {
         r = timeout_at(deadline, reader.next()) => r,
         _ = shared.token.cancelled() => return,
@@ -215,6 +230,9 @@ pub(super) async fn serve_io(
     let hello = match first {
         Err(_) => return reject(shared, &mut wr, hs, "no hello before the deadline").await,
         Ok(None) => return reject(shared, &mut wr, hs, "closed before saying hello").await,
+        Ok(Some(Err(e @ CodecError::Unexpected { .. }))) => {
+            return reject(shared, &mut wr, hs, &e.to_string()).await;
+        }
         Ok(Some(Err(e))) => {
             return reject(shared, &mut wr, hs, &format!("bad first frame: {e}")).await;
         }
@@ -243,6 +261,15 @@ pub(super) async fn serve_io(
         return reject(shared, &mut wr, hs, &reason).await;
     };
     let id = shared.peers[peer].id.clone();
+    // Without TLS nothing proves an identity but where it comes from: one
+    // peer cannot speak for another.
+    if cert.is_none()
+        && let Some(ip) = source
+        && !shared.allowlist.is_address_of(peer, ip)
+    {
+        let reason = format!("{ip} is not an address of {id}, the peer it claims to be");
+        return reject(shared, &mut wr, Rejected::NotAllowed, &reason).await;
+    }
     if let Some(cert) = &cert
         && !crate::tls::names(cert, &shared.peers[peer].addr.host)
     {
@@ -295,6 +322,7 @@ pub(super) async fn serve_io(
         return;
     }
     if let Some(secret) = &shared.secret {
+        reader.decoder_mut().expect(Expect::AuthOrReject);
         let proof = match timeout_at(deadline, reader.next()).await {
             Ok(Some(Ok(Message::Auth { mac }))) => mac,
             Ok(Some(Ok(Message::Reject { reason }))) => {
@@ -327,10 +355,23 @@ pub(super) async fn serve_io(
         }
     }
     drop(slot);
+    reader.decoder_mut().established();
     let incarnation = hello.incarnation;
+    // Proven by a secret or a certificate, a newer connection is the peer
+    // itself and takes over at once (section 2 of the protocol); without,
+    // it must not silence a link that is demonstrably alive.
+    let proven = shared.secret.is_some() || cert.is_some();
+    if !proven && let Some(reason) = shared.live_inbound(peer, incarnation) {
+        return reject(shared, &mut wr, Rejected::Handshake, &reason).await;
+    }
     if let Err(reason) = shared.peer_incarnation(peer, incarnation) {
         return reject(shared, &mut wr, Rejected::Handshake, &reason).await;
     }
+    // Everything this connection may carry lies beyond what our hello
+    // said we hold from this incarnation (section 9.4 of the protocol).
+    let floor = reply
+        .filter(|p| p.incarnation == incarnation)
+        .map_or(0, |p| p.seq);
     lock(&shared.out).peer_position(peer, hello.last_applied);
     // This connection supersedes any older one from the same peer.
     let conn_token = shared.token.child_token();
@@ -342,11 +383,12 @@ pub(super) async fn serve_io(
         }
         l.inbound_gen += 1;
         l.inbound_incarnation = incarnation;
+        l.inbound_heard = Some(std::time::Instant::now());
         l.inbound_gen
     };
     info!(peer = %id, incarnation = format_args!("{incarnation:016x}"), "inbound link up");
     shared.set_inbound(peer, generation, true, "");
-    let reason = receive(shared, peer, incarnation, reader, wr, &conn_token).await;
+    let reason = receive(shared, peer, incarnation, floor, reader, wr, &conn_token).await;
     if shared.set_inbound(peer, generation, false, &reason) {
         warn!(peer = %id, reason = %reason, "inbound link down");
     } else {
@@ -391,11 +433,15 @@ async fn find_peer(shared: &Shared, node: &str) -> Option<usize> {
 }
 
 /// Reads the peer's stream and applies it, while a second half writes
-/// acks and pongs; returns why it ended.
+/// acks and pongs; returns why it ended. `floor` is the seq our hello
+/// announced: the origin never sends it or anything below on this
+/// connection.
+#[allow(clippy::too_many_arguments)]
 async fn receive(
     shared: &Shared,
     peer: usize,
     incarnation: u64,
+    mut floor: u64,
     mut reader: FramedRead<ReadHalf<Io>, FrameCodec>,
     mut wr: WriteHalf<Io>,
     conn_token: &CancellationToken,
@@ -416,6 +462,7 @@ async fn receive(
             let msg = match next {
                 None if said_goodbye => return "the peer shut down (goodbye)".to_string(),
                 None => return "connection closed by the peer".to_string(),
+                Some(Err(CodecError::Io(e))) => return format!("read failed: {e}"),
                 Some(Err(e)) => {
                     shared.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
                     return format!("bad frame: {e}");
@@ -423,7 +470,7 @@ async fn receive(
                 Some(Ok(m)) => m,
             };
             silence.heard();
-            shared.heard(peer);
+            shared.heard(peer, Dir::In);
             match msg {
                 Message::Batch(batch) => {
                     let n = batch.items.len() as u64;
@@ -435,9 +482,18 @@ async fn receive(
                         let r = origins.batch(
                             peer,
                             incarnation,
+                            &mut floor,
                             batch.first_seq,
                             batch.items,
                             &mut |e| {
+                                if let Event::Flush {
+                                    reason: reason @ FlushReason::Diverged { .. },
+                                    ..
+                                } = &e
+                                {
+                                    shared.stats.diverged.fetch_add(1, Ordering::Relaxed);
+                                    warn!(%reason, "the peer's stream went below what this node held for it (another party claimed its identity?): flushing");
+                                }
                                 applied += 1;
                                 shared.emit_with(&mut callbacks, e)
                             },

@@ -8,6 +8,7 @@ pub type PeerId = Arc<str>;
 
 /// Why the application must drop every cache.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum FlushReason {
     /// The peer asked for it: its application called `flush()`, or its
     /// replay buffer overflowed while this node was slow or away, so a flush
@@ -27,6 +28,17 @@ pub enum FlushReason {
         /// The one that came instead.
         got: u64,
     },
+    /// The peer's stream went back to numbers at or below the position
+    /// this node held for it: what was held was not the peer's numbering
+    /// (another party claimed its identity, or it restarted its numbering
+    /// without a new incarnation). Taking the peer's numbering from here
+    /// on, with a flush, keeps the guarantee.
+    Diverged {
+        /// The position held for the peer.
+        held: u64,
+        /// The sequence number that came.
+        got: u64,
+    },
     /// This subscriber fell behind and events were dropped for it.
     Lagged {
         /// How many events it missed.
@@ -41,6 +53,9 @@ impl fmt::Display for FlushReason {
             FlushReason::PeerRestarted => f.write_str("peer restarted without a goodbye"),
             FlushReason::Gap { expected, got } => {
                 write!(f, "sequence gap: expected {expected}, got {got}")
+            }
+            FlushReason::Diverged { held, got } => {
+                write!(f, "peer's numbering diverged: held {held}, got {got}")
             }
             FlushReason::Lagged { missed } => {
                 write!(f, "subscriber lagged and missed {missed} events")

@@ -119,10 +119,20 @@ impl Origins {
 
     /// Applies a batch from `incarnation` of `peer`, emitting an event per
     /// new item; returns the position to acknowledge.
+    ///
+    /// `floor` belongs to the connection the batch came on: the seq our
+    /// hello on it announced, then the last seq it carried. An origin never
+    /// sends that seq or one below on a connection, so one that does is
+    /// **divergence**: what we hold for it was not its numbering (another
+    /// party claimed its identity, or it restarted its numbering without a
+    /// new incarnation). Skipping those seqs as duplicates would drop real
+    /// invalidations; instead the application flushes and the origin's
+    /// numbering is taken from here on.
     pub(crate) fn batch(
         &mut self,
         peer: usize,
         incarnation: u64,
+        floor: &mut u64,
         first_seq: u64,
         items: Vec<Item>,
         emit: &mut impl FnMut(Event),
@@ -136,8 +146,21 @@ impl Origins {
         };
         for (i, item) in items.into_iter().enumerate() {
             let seq = first_seq.saturating_add(i as u64);
+            if seq <= *floor {
+                if item != Item::Flush {
+                    emit(Event::Flush {
+                        origin: Some(origin.clone()),
+                        reason: FlushReason::Diverged {
+                            held: s.last_applied,
+                            got: seq,
+                        },
+                    });
+                }
+                s.last_applied = seq - 1;
+            }
+            *floor = seq;
             if seq <= s.last_applied {
-                continue; // a replayed duplicate
+                continue; // a duplicate, from an older connection's replay
             }
             if seq > s.last_applied + 1 && !s.fresh && item != Item::Flush {
                 emit(Event::Flush {
@@ -231,14 +254,25 @@ mod tests {
         Origins::new(vec![Arc::from("a:1")])
     }
 
+    /// A batch on a connection of its own whose hello announced nothing.
     fn run(
         o: &mut Origins,
         inc: u64,
         first: u64,
         items: Vec<Item>,
     ) -> (Vec<Event>, Result<Position, Superseded>) {
+        run_on(o, &mut 0, inc, first, items)
+    }
+
+    fn run_on(
+        o: &mut Origins,
+        floor: &mut u64,
+        inc: u64,
+        first: u64,
+        items: Vec<Item>,
+    ) -> (Vec<Event>, Result<Position, Superseded>) {
         let mut evs = Vec::new();
-        let r = o.batch(0, inc, first, items, &mut |e| evs.push(e));
+        let r = o.batch(0, inc, floor, first, items, &mut |e| evs.push(e));
         (evs, r)
     }
 
@@ -261,6 +295,66 @@ mod tests {
         let (evs, ack) = run(&mut o, 5, 1, vec![key("a"), key("b"), key("c")]);
         assert_eq!(evs.len(), 1, "only c is new");
         assert_eq!(ack.expect("ack").seq, 3);
+    }
+
+    /// Hazard: a party claiming the origin's identity (or an origin that
+    /// restarted its numbering) moved the position ahead; the origin's
+    /// real seqs below it must not be dropped as duplicates.
+    #[test]
+    fn seqs_at_or_below_what_the_connection_announced_are_divergence() {
+        let mut o = origins();
+        o.hello(0, 5, GONE, &mut |_| {}).expect("hello");
+        run(&mut o, 5, 1, vec![key("a")]).1.expect("applied");
+        // The claimant's batch: a gap (flushed), position now 1,000,000.
+        let (evs, _) = run(&mut o, 5, 1_000_000, vec![key("x")]);
+        assert_eq!(flushes(&evs), 1);
+        // The real origin reconnects; our hello announces 1,000,000, and it
+        // resumes from what it really sent: 2.
+        let mut floor = o.applied(0).expect("held").seq;
+        assert_eq!(floor, 1_000_000);
+        let (evs, ack) = run_on(&mut o, &mut floor, 5, 2, vec![key("b"), key("c")]);
+        assert!(
+            matches!(
+                evs[0],
+                Event::Flush {
+                    reason: FlushReason::Diverged {
+                        held: 1_000_000,
+                        got: 2
+                    },
+                    ..
+                }
+            ),
+            "{evs:?}"
+        );
+        assert_eq!(evs.len(), 3, "the flush, then b and c applied: {evs:?}");
+        assert_eq!(ack.expect("ack").seq, 3);
+        // From here on the origin's own numbering holds: no more flushes.
+        let (evs, _) = run_on(&mut o, &mut floor, 5, 4, vec![key("d")]);
+        assert_eq!((evs.len(), flushes(&evs)), (1, 0));
+        // A connection going backwards is divergence too.
+        let (evs, _) = run_on(&mut o, &mut floor, 5, 4, vec![key("d")]);
+        assert_eq!((evs.len(), flushes(&evs)), (2, 1));
+    }
+
+    #[test]
+    fn duplicates_from_an_older_connection_are_still_skipped_quietly() {
+        let mut o = origins();
+        o.hello(0, 5, GONE, &mut |_| {}).expect("hello");
+        // The new connection's hello announced 2; the old one then applied
+        // up to 4 before it was superseded.
+        let mut new_conn = 2;
+        run(&mut o, 5, 1, vec![key("a"), key("b"), key("c"), key("d")])
+            .1
+            .expect("applied");
+        let (evs, ack) = run_on(
+            &mut o,
+            &mut new_conn,
+            5,
+            3,
+            vec![key("c"), key("d"), key("e")],
+        );
+        assert_eq!(evs.len(), 1, "only e is new: {evs:?}");
+        assert_eq!(ack.expect("ack").seq, 5);
     }
 
     #[test]

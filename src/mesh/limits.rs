@@ -1,9 +1,11 @@
 //! Who may connect, how many at once, and how much of it is logged.
 
 use std::collections::{HashMap, HashSet};
-use std::net::IpAddr;
-use std::sync::Mutex;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use tokio_util::task::TaskTracker;
 
 use crate::config::NodeAddr;
 
@@ -13,30 +15,43 @@ pub(crate) const MAX_HANDSHAKES_PER_IP: usize = 8;
 /// How often the allowlist may be re-resolved because of an unknown source.
 const REFRESH_EVERY: Duration = Duration::from_secs(5);
 
+/// Longest wait for one name lookup: a slow resolver must not hold up a
+/// handshake or a redial for longer than a connect attempt.
+pub(crate) const LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The addresses `host` resolves to (an IP literal is itself); an error
+/// text when the lookup fails or takes longer than [`LOOKUP_TIMEOUT`].
+pub(crate) async fn lookup(host: &str, port: u16) -> Result<Vec<SocketAddr>, String> {
+    if let Ok(ip) = host.parse::<IpAddr>() {
+        return Ok(vec![SocketAddr::new(ip, port)]);
+    }
+    match tokio::time::timeout(LOOKUP_TIMEOUT, tokio::net::lookup_host((host, port))).await {
+        Ok(Ok(addrs)) => Ok(addrs.collect()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("no answer within {LOOKUP_TIMEOUT:?}")),
+    }
+}
+
 /// The configured peers' addresses: inbound connections from anywhere else
-/// are closed before the handshake.
+/// are closed before the handshake, and a peer's identity is taken only
+/// from that peer's own addresses.
 pub(crate) struct Allowlist {
     peers: Vec<NodeAddr>,
     state: Mutex<Known>,
+    /// Done once the names were first resolved.
+    first: tokio::sync::OnceCell<()>,
 }
 
-/// Each peer's addresses; `None` for a name that did not resolve now.
+/// Each peer's addresses, resolved side by side; `None` for a name that
+/// did not resolve now.
 async fn resolve_all(peers: &[NodeAddr]) -> Vec<Option<HashSet<IpAddr>>> {
-    let mut out = Vec::with_capacity(peers.len());
-    for p in peers {
-        if let Ok(ip) = p.host.parse::<IpAddr>() {
-            out.push(Some(HashSet::from([ip.to_canonical()])));
-            continue;
-        }
-        let lookup = tokio::net::lookup_host((p.host.as_str(), p.port));
-        out.push(
-            match tokio::time::timeout(Duration::from_secs(2), lookup).await {
-                Ok(Ok(addrs)) => Some(addrs.map(|a| a.ip().to_canonical()).collect()),
-                _ => None,
-            },
-        );
-    }
-    out
+    let lookups = peers.iter().map(|p| async move {
+        lookup(&p.host, p.port)
+            .await
+            .ok()
+            .map(|addrs| addrs.iter().map(|a| a.ip().to_canonical()).collect())
+    });
+    futures_util::future::join_all(lookups).await
 }
 
 /// What the allowlist knows: each peer's last good addresses.
@@ -44,6 +59,18 @@ struct Known {
     per_peer: Vec<HashSet<IpAddr>>,
     refreshed: Option<Instant>,
     refreshing: bool,
+}
+
+/// What the accept loop may decide about a source address without waiting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Admit {
+    /// A peer's address.
+    Yes,
+    /// No peer's address (a background refresh may have been started).
+    No,
+    /// The names have not been resolved yet: the connection's own task
+    /// waits for that ([`Allowlist::permits`]), never the accept loop.
+    Unknown,
 }
 
 impl Allowlist {
@@ -56,6 +83,7 @@ impl Allowlist {
                 refreshed: None,
                 refreshing: false,
             }),
+            first: tokio::sync::OnceCell::new(),
         }
     }
 
@@ -81,20 +109,23 @@ impl Allowlist {
         st.refreshing = false;
     }
 
-    /// Whether `ip` is a peer's address, by what is known now. Names are
-    /// resolved when the list is first needed; after that, an unknown
-    /// address starts a refresh in the background (at most every few
-    /// seconds, never holding up the accept loop), so a peer whose address
+    /// Resolves the names once (the node starts this at once; a connection
+    /// that arrives first waits for the same lookups).
+    pub(crate) async fn resolve_first(&self) {
+        self.first.get_or_init(|| self.refresh()).await;
+    }
+
+    /// Whether `ip` is a peer's address, by what is known now, without
+    /// waiting. An unknown address starts a refresh in the background (at
+    /// most every few seconds, in `tracker`), so that a peer whose address
     /// changed is let in on its next attempt.
-    pub(crate) async fn permits(self: &std::sync::Arc<Self>, ip: IpAddr) -> bool {
+    pub(crate) fn admit(self: &Arc<Self>, ip: IpAddr, tracker: &TaskTracker) -> Admit {
         let ip = ip.to_canonical();
         if self.known(&ip) {
-            return true;
+            return Admit::Yes;
         }
-        let first = self.lock().refreshed.is_none();
-        if first {
-            self.refresh().await;
-            return self.known(&ip);
+        if !self.first.initialized() {
+            return Admit::Unknown;
         }
         let start = {
             let mut st = self.lock();
@@ -107,9 +138,23 @@ impl Allowlist {
         };
         if start {
             let me = self.clone();
-            tokio::spawn(async move { me.refresh().await });
+            tracker.spawn(async move { me.refresh().await });
         }
-        false
+        Admit::No
+    }
+
+    /// Whether `ip` is a peer's address, once the names were resolved.
+    pub(crate) async fn permits(&self, ip: IpAddr) -> bool {
+        self.resolve_first().await;
+        self.known(&ip.to_canonical())
+    }
+
+    /// Whether `ip` is an address of configured peer `peer` (by index).
+    pub(crate) fn is_address_of(&self, peer: usize, ip: IpAddr) -> bool {
+        self.lock()
+            .per_peer
+            .get(peer)
+            .is_some_and(|s| s.contains(&ip.to_canonical()))
     }
 }
 
@@ -212,9 +257,24 @@ mod tests {
 
     #[tokio::test]
     async fn allowlist_admits_peers_only() {
-        let a = std::sync::Arc::new(Allowlist::new(vec![NodeAddr::new("127.0.0.1", 1)]));
-        assert!(a.permits("127.0.0.1".parse().expect("ip")).await);
-        assert!(a.permits("::ffff:127.0.0.1".parse().expect("ip")).await);
-        assert!(!a.permits("127.0.0.2".parse().expect("ip")).await);
+        let a = Arc::new(Allowlist::new(vec![
+            NodeAddr::new("127.0.0.1", 1),
+            NodeAddr::new("127.0.0.3", 1),
+        ]));
+        let tracker = TaskTracker::new();
+        let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
+        // Before the first resolution the accept loop does not wait.
+        assert_eq!(a.admit(ip("127.0.0.1"), &tracker), Admit::Unknown);
+        assert!(a.permits(ip("127.0.0.1")).await);
+        assert!(a.permits(ip("::ffff:127.0.0.1")).await);
+        assert!(!a.permits(ip("127.0.0.2")).await);
+        assert_eq!(a.admit(ip("127.0.0.1"), &tracker), Admit::Yes);
+        assert_eq!(a.admit(ip("127.0.0.2"), &tracker), Admit::No);
+        // Each peer's identity only from its own address.
+        assert!(a.is_address_of(0, ip("127.0.0.1")));
+        assert!(!a.is_address_of(0, ip("127.0.0.3")));
+        assert!(a.is_address_of(1, ip("127.0.0.3")));
+        tracker.close();
+        tracker.wait().await;
     }
 }

@@ -2,7 +2,7 @@
 //! invalidations to it; reconnects with capped exponential backoff.
 
 use std::collections::VecDeque;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -16,10 +16,11 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::conn::{hello_for, identity_matches, parse_identity};
 use super::io::Io;
+use super::limits::lookup;
 use super::{Dir, Shared, Silence, lock};
 use crate::auth;
 use crate::config::NodeAddr;
-use crate::wire::{CodecError, FrameCodec, Hello, MAGIC, Message, PROTOCOL_VERSION};
+use crate::wire::{CodecError, Expect, FrameCodec, Hello, MAGIC, Message, PROTOCOL_VERSION};
 
 /// Bytes of frames encoded per write while busy: large enough for one
 /// syscall to carry thousands of invalidations, small enough to hold the
@@ -72,6 +73,26 @@ impl Backoff {
     }
 }
 
+/// Logs a failure when it differs from the last one logged, or once a
+/// minute, so that a peer failing the same way on every attempt does not
+/// flood the log.
+#[derive(Default)]
+struct RepeatLog(Option<(String, Instant)>);
+
+impl RepeatLog {
+    /// Whether `text` is due for a log line (and noted as logged if so).
+    fn due(&mut self, text: &str) -> bool {
+        let due = match &self.0 {
+            Some((prev, at)) => prev != text || at.elapsed() > Duration::from_secs(60),
+            None => true,
+        };
+        if due {
+            self.0 = Some((text.to_string(), Instant::now()));
+        }
+        due
+    }
+}
+
 /// The link task for `peer`.
 pub(super) async fn run(shared: Arc<Shared>, peer: usize) {
     let id = shared.peers[peer].id.clone();
@@ -82,9 +103,7 @@ pub(super) async fn run(shared: Arc<Shared>, peer: usize) {
             cap: shared.tuning.backoff_cap,
             failures: 0,
         };
-        // Log a failure when it differs from the last one, or once a
-        // minute, so an unreachable peer does not flood the log.
-        let mut last_logged: Option<(String, Instant)> = None;
+        let mut last_logged = RepeatLog::default();
         loop {
             let attempt = tokio::select! {
                 r = connect(&shared, peer) => r,
@@ -92,13 +111,22 @@ pub(super) async fn run(shared: Arc<Shared>, peer: usize) {
             };
             match attempt {
                 Ok((reader, writer, hello)) => {
-                    last_logged = None;
-                    let (behind, acked) = {
+                    let (resumed, acked) = {
                         let mut out = lock(&shared.out);
                         out.peer_position(peer, hello.last_applied);
-                        let behind = out.connected(peer, hello.last_applied);
-                        (behind, out.acked(peer))
+                        let resumed = out.connected(peer, hello.last_applied);
+                        (resumed, out.acked(peer))
                     };
+                    if let Some(announced) = resumed.diverged {
+                        shared.stats.diverged.fetch_add(1, Ordering::Relaxed);
+                        warn!(
+                            announced,
+                            resume_from = acked + 1,
+                            "the peer holds a position beyond anything this node assigned \
+                             (another party claimed this node's identity to it?); resuming from \
+                             what it acknowledged, which makes it flush"
+                        );
+                    }
                     shared.peers[peer].acked.send_if_modified(|a| {
                         let changed = *a < acked;
                         *a = (*a).max(acked);
@@ -125,18 +153,26 @@ pub(super) async fn run(shared: Arc<Shared>, peer: usize) {
                     }
                     info!(
                         incarnation = format_args!("{:016x}", hello.incarnation),
-                        behind, "outbound link up"
+                        behind = resumed.behind,
+                        "outbound link up"
                     );
                     shared.set_link(peer, Dir::Out, true, "");
                     // Sending may be due already.
                     shared.peers[peer].notify.notify_one();
-                    let result = session(&shared, peer, reader, writer).await;
+                    let up_at = Instant::now();
+                    let acked_something = AtomicBool::new(false);
+                    let result = session(&shared, peer, reader, writer, &acked_something).await;
                     lock(&shared.out).disconnected(peer);
-                    // A refusal after the hellos (a duplicate identity, a
-                    // wrong proof) is a failed attempt like any other, or
-                    // the peer would be redialled at the first delay forever.
-                    if !matches!(result, Err(LinkError::Rejected(_))) {
+                    // Only a session that proved healthy starts the delays
+                    // again; one that fails right after the hellos (a
+                    // refusal, a peer that closes at once) counts as a
+                    // failed attempt, or it would be redialled at the first
+                    // delay forever.
+                    let healthy = acked_something.load(Ordering::Relaxed)
+                        || up_at.elapsed() >= shared.tuning.healthy_after;
+                    if healthy {
                         backoff.failures = 0;
+                        last_logged = RepeatLog::default();
                     }
                     match result {
                         Ok(()) => {
@@ -144,25 +180,28 @@ pub(super) async fn run(shared: Arc<Shared>, peer: usize) {
                             return;
                         }
                         Err(e) => {
-                            if matches!(e, LinkError::Codec(_) | LinkError::Protocol(_)) {
+                            // A reset or other I/O error is no protocol error.
+                            if matches!(e, LinkError::Protocol(_))
+                                || matches!(&e, LinkError::Codec(c) if !matches!(c, CodecError::Io(_)))
+                            {
                                 shared.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
                             }
-                            warn!(error = %e, "outbound link down");
-                            lock(&shared.links)[peer].last_error = Some(e.to_string());
-                            shared.set_link(peer, Dir::Out, false, &e.to_string());
+                            let text = e.to_string();
+                            if last_logged.due(&text) {
+                                warn!(error = %text, "outbound link down");
+                            } else {
+                                debug!(error = %text, "outbound link down");
+                            }
+                            lock(&shared.links)[peer].last_error = Some(text.clone());
+                            shared.set_link(peer, Dir::Out, false, &text);
                         }
                     }
                 }
                 Err(e) => {
                     let text = e.to_string();
                     lock(&shared.links)[peer].last_error = Some(text.clone());
-                    let due = match &last_logged {
-                        Some((prev, at)) => *prev != text || at.elapsed() > Duration::from_secs(60),
-                        None => true,
-                    };
-                    if due {
+                    if last_logged.due(&text) {
                         warn!(error = %text, "cannot reach peer; retrying");
-                        last_logged = Some((text, Instant::now()));
                     } else {
                         debug!(error = %text, "cannot reach peer; retrying");
                     }
@@ -212,7 +251,8 @@ async fn connect(
         },
     };
     let (rd, mut wr) = tokio::io::split(io);
-    let mut reader = FramedRead::new(rd, FrameCodec::new());
+    // Nothing but the acceptor's Hello (or its Reject) is decoded first.
+    let mut reader = FramedRead::new(rd, FrameCodec::handshake(Expect::HelloOrReject));
     let applied = lock(&shared.origins).applied(peer);
     let ours = hello_for(shared, applied);
     let mut buf = BytesMut::new();
@@ -271,6 +311,7 @@ async fn connect(
                     dialer: &ours,
                     acceptor: &hello,
                 };
+                reader.decoder_mut().expect(Expect::AuthOrReject);
                 let proof = match next_frame(&mut reader, deadline, hello_timeout).await? {
                     Message::Auth { mac } => mac,
                     Message::Reject { reason } => return Err(LinkError::Rejected(reason)),
@@ -315,6 +356,7 @@ async fn connect(
         }
         return Err(e);
     }
+    reader.decoder_mut().established();
     Ok((reader, wr, hello))
 }
 
@@ -372,10 +414,9 @@ async fn next_frame(
 
 /// Connects to the first address of `addr` that answers.
 async fn dial(addr: &NodeAddr, connect_timeout: Duration) -> Result<TcpStream, LinkError> {
-    let addrs: Vec<_> = tokio::net::lookup_host((addr.host.as_str(), addr.port))
+    let addrs = lookup(&addr.host, addr.port)
         .await
-        .map_err(|e| LinkError::Connect(format!("cannot resolve {}: {e}", addr.host)))?
-        .collect();
+        .map_err(|e| LinkError::Connect(format!("cannot resolve {}: {e}", addr.host)))?;
     let mut last = format!("{} resolves to no address", addr.host);
     for a in addrs {
         match timeout(connect_timeout, TcpStream::connect(a)).await {
@@ -395,6 +436,7 @@ async fn session(
     peer: usize,
     mut reader: Reader,
     mut wr: WriteHalf<Io>,
+    acked_something: &AtomicBool,
 ) -> Result<(), LinkError> {
     let info = &shared.peers[peer];
     let dead_after = shared.tuning.dead_after;
@@ -414,12 +456,13 @@ async fn session(
                 Some(r) => r?,
             };
             silence.heard();
-            shared.heard(peer);
+            shared.heard(peer, Dir::Out);
             match msg {
                 Message::Ack(pos) => {
                     let acked = lock(&shared.out)
                         .ack(peer, pos)
                         .map_err(LinkError::Protocol)?;
+                    acked_something.store(true, Ordering::Relaxed);
                     {
                         let mut flying = lock(&in_flight);
                         let now = Instant::now();

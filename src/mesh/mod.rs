@@ -61,6 +61,11 @@ pub struct Tuning {
     pub backoff_first: Duration,
     /// Largest reconnect delay.
     pub backoff_cap: Duration,
+    /// An outbound session counts as healthy, and the reconnect delay
+    /// starts again from [`Tuning::backoff_first`], once the peer
+    /// acknowledged something on it or it stayed up this long. A peer that
+    /// completes the handshake and then fails is redialled ever more slowly.
+    pub healthy_after: Duration,
     /// How long shutdown waits for peers to acknowledge what is queued.
     pub shutdown_timeout: Duration,
     /// Events buffered per subscriber before it lags (and gets a flush).
@@ -81,6 +86,7 @@ impl Default for Tuning {
             connect_timeout: Duration::from_secs(2),
             backoff_first: Duration::from_millis(100),
             backoff_cap: Duration::from_secs(5),
+            healthy_after: Duration::from_secs(10),
             shutdown_timeout: Duration::from_secs(2),
             event_capacity: 8192,
             max_connections: 64,
@@ -165,6 +171,7 @@ struct Stats {
     rejected_tls: AtomicU64,
     rejected_limit: AtomicU64,
     protocol_errors: AtomicU64,
+    diverged: AtomicU64,
     /// Events delivered to the application, by kind.
     ev_invalidated: AtomicU64,
     ev_cache_cleared: AtomicU64,
@@ -184,6 +191,7 @@ struct PeerStats {
 
 /// Counters since start, as in [`Status`].
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
 pub struct Counters {
     /// Invalidations this node originated.
     pub originated: u64,
@@ -211,8 +219,15 @@ pub struct Counters {
     pub rejected_tls: u64,
     /// Refused: too many connections.
     pub rejected_limit: u64,
-    /// Connections closed for a malformed or unexpected frame.
+    /// Connections closed for a malformed or unexpected frame (not for a
+    /// connection reset or other I/O error).
     pub protocol_errors: u64,
+    /// Times a peer's numbering diverged from the position held for it,
+    /// either side: a receiver that got seqs at or below what it announced
+    /// (it flushed), an origin whose peer announced a position beyond what
+    /// it ever assigned. Another party claimed an identity, or a peer is
+    /// broken.
+    pub diverged: u64,
     /// Events delivered to the application, by kind.
     pub events: EventCounters,
 }
@@ -303,6 +318,8 @@ struct LinkState {
     outbound_incarnation: u64,
     inbound_incarnation: u64,
     last_heard: Option<Instant>,
+    /// When the current inbound connection last carried a frame.
+    inbound_heard: Option<Instant>,
     /// Generation of the current inbound connection; a newer connection
     /// from the same peer supersedes the older one.
     inbound_gen: u64,
@@ -341,10 +358,9 @@ struct Shared {
     out: Mutex<OutLog>,
     origins: Mutex<Origins>,
     links: Mutex<Vec<LinkState>>,
-    events: broadcast::Sender<Event>,
-    /// Live [`Events`] streams: without one, events are not sent into the
-    /// channel at all.
-    subscribers: Arc<AtomicUsize>,
+    /// The event channel; without a live [`Events`] stream, events are not
+    /// sent into it at all.
+    fanout: Fanout,
     callbacks: RwLock<Arc<Vec<Callback>>>,
     /// Bumped when a callback is registered, so that a batch's events can
     /// share one snapshot of the list and still see a new one at once.
@@ -473,8 +489,8 @@ impl Shared {
         }
         // Into the channel only for subscribers: with none, sending would
         // only lock it to find that out.
-        if self.subscribers.load(Ordering::SeqCst) > 0 {
-            let _ = self.events.send(event);
+        if self.fanout.subscribers.load(Ordering::SeqCst) > 0 {
+            let _ = self.fanout.events.send(event);
         }
     }
 
@@ -625,8 +641,34 @@ impl Shared {
         })
     }
 
-    fn heard(&self, peer: usize) {
-        lock(&self.links)[peer].last_heard = Some(Instant::now());
+    fn heard(&self, peer: usize, dir: Dir) {
+        let now = Instant::now();
+        let l = &mut lock(&self.links)[peer];
+        l.last_heard = Some(now);
+        if dir == Dir::In {
+            l.inbound_heard = Some(now);
+        }
+    }
+
+    /// Why a new, unproven connection claiming `peer`'s `incarnation` must
+    /// not take over: the current inbound link of that incarnation is up
+    /// and was heard within two heartbeats (the real peer pings at least
+    /// every [`Tuning::ping_every`]). `None` when it may take over: the
+    /// link is down or has gone silent, as after a network failure.
+    fn live_inbound(&self, peer: usize, incarnation: u64) -> Option<String> {
+        let l = &lock(&self.links)[peer];
+        let heard = l.inbound_heard.map(|t| t.elapsed())?;
+        let live = l.inbound
+            && l.inbound_incarnation == incarnation
+            && heard < self.tuning.ping_every.saturating_mul(2);
+        live.then(|| {
+            format!(
+                "a live connection from {} (incarnation {incarnation:016x}) was heard {} ms ago; \
+                 a second one claiming it is refused until that one falls silent",
+                self.peers[peer].id,
+                heard.as_millis()
+            )
+        })
     }
 }
 
@@ -647,6 +689,7 @@ impl Mesh {
             listener: None,
             connect_via: HashMap::new(),
             callbacks: Vec::new(),
+            fanout: None,
         }
     }
 }
@@ -658,6 +701,38 @@ pub struct MeshBuilder {
     listener: Option<TcpListener>,
     connect_via: HashMap<NodeAddr, SocketAddr>,
     callbacks: Vec<Callback>,
+    /// The event channel, once [`MeshBuilder::subscribe`] made it.
+    fanout: Option<Fanout>,
+}
+
+/// Where [`Events`] streams come from: the channel, the count of live
+/// streams, and the signal that the node has stopped.
+#[derive(Clone)]
+struct Fanout {
+    events: broadcast::Sender<Event>,
+    subscribers: Arc<AtomicUsize>,
+    finished: CancellationToken,
+}
+
+impl Fanout {
+    fn new(capacity: usize) -> Self {
+        Fanout {
+            events: broadcast::channel(capacity.max(16)).0,
+            subscribers: Arc::new(AtomicUsize::new(0)),
+            finished: CancellationToken::new(),
+        }
+    }
+
+    fn subscribe(&self) -> Events {
+        // Counted before the receiver exists, so that no event sent after
+        // it does is skipped.
+        self.subscribers.fetch_add(1, Ordering::SeqCst);
+        Events {
+            inner: BroadcastStream::new(self.events.subscribe()),
+            finished: Box::pin(self.finished.clone().cancelled_owned()),
+            _counted: Subscribed(self.subscribers.clone()),
+        }
+    }
 }
 
 impl MeshBuilder {
@@ -668,10 +743,23 @@ impl MeshBuilder {
         self
     }
 
-    /// Timers and bounds.
+    /// Timers and bounds (set them before [`MeshBuilder::subscribe`]:
+    /// streams taken before keep the event capacity they were made with).
     pub fn tuning(mut self, tuning: Tuning) -> Self {
         self.tuning = tuning;
         self
+    }
+
+    /// A stream of every event from the node's first, taken before it
+    /// starts: what arrives between [`MeshBuilder::start`] and a later
+    /// [`MeshHandle::subscribe`] would reach no stream (its origin is still
+    /// told it was applied). See [`MeshHandle::subscribe`].
+    #[must_use = "events are only kept for a stream that is read"]
+    pub fn subscribe(&mut self) -> Events {
+        let capacity = self.tuning.event_capacity;
+        self.fanout
+            .get_or_insert_with(|| Fanout::new(capacity))
+            .subscribe()
     }
 
     /// Accept peers on this already-bound listener instead of binding
@@ -697,8 +785,10 @@ impl MeshBuilder {
             listener,
             connect_via,
             callbacks,
+            fanout,
         } = self;
-        let shared = build_shared(config, tuning, connect_via, callbacks)?;
+        let fanout = fanout.unwrap_or_else(|| Fanout::new(tuning.event_capacity));
+        let shared = build_shared(config, tuning, connect_via, callbacks, fanout)?;
         if let Some(path) = &shared.config.state_file {
             let state_err = |e: std::io::Error| StartError::State {
                 path: path.display().to_string(),
@@ -716,7 +806,9 @@ impl MeshBuilder {
                 lock(&shared.out).open_with_flush(p.incarnation);
                 shared.stats.originated.fetch_add(1, Ordering::Relaxed);
             }
-            state::write(path, incarnation, false).map_err(state_err)?;
+            state::write_async(path, incarnation, false)
+                .await
+                .map_err(state_err)?;
         }
         let listener = match listener {
             Some(l) => l,
@@ -738,13 +830,17 @@ impl MeshBuilder {
         let tracker = TaskTracker::new();
         // Event streams end once every task has: a watcher outside the
         // tracker tells them.
-        let finished = CancellationToken::new();
         {
-            let (tracker, finished) = (tracker.clone(), finished.clone());
+            let (tracker, finished) = (tracker.clone(), shared.fanout.finished.clone());
             tokio::spawn(async move {
                 tracker.wait().await;
                 finished.cancel();
             });
+        }
+        // Peers' names are looked up at once, off the accept loop.
+        {
+            let allowlist = shared.allowlist.clone();
+            tracker.spawn(async move { allowlist.resolve_first().await });
         }
         tracker.spawn(conn::accept_loop(shared.clone(), listener, tracker.clone()));
         for peer in 0..shared.peers.len() {
@@ -753,7 +849,6 @@ impl MeshBuilder {
         Ok(MeshHandle {
             shared,
             tracker,
-            finished,
             local_addr: local,
         })
     }
@@ -766,6 +861,7 @@ fn build_shared(
     tuning: Tuning,
     connect_via: HashMap<NodeAddr, SocketAddr>,
     callbacks: Vec<Callback>,
+    fanout: Fanout,
 ) -> Result<Arc<Shared>, StartError> {
     if config.peers.len() >= crate::config::MAX_INSTANCES {
         return Err(StartError::Config(format!(
@@ -805,7 +901,6 @@ fn build_shared(
         })
         .collect();
     let ids: Vec<PeerId> = peers.iter().map(|p| p.id.clone()).collect();
-    let (events, _) = broadcast::channel(tuning.event_capacity.max(16));
     Ok(Arc::new(Shared {
         me,
         out: Mutex::new(OutLog::new(
@@ -817,8 +912,7 @@ fn build_shared(
         origins: Mutex::new(Origins::new(ids)),
         links: Mutex::new((0..peers.len()).map(|_| LinkState::default()).collect()),
         peers,
-        events,
-        subscribers: Arc::new(AtomicUsize::new(0)),
+        fanout,
         callbacks: RwLock::new(Arc::new(callbacks)),
         callbacks_gen: AtomicU64::new(0),
         peer_events: Mutex::new(()),
@@ -876,8 +970,6 @@ fn cache_name(cache: &str) -> Arc<str> {
 pub struct MeshHandle {
     shared: Arc<Shared>,
     tracker: TaskTracker,
-    /// Cancelled when every task of the node has ended.
-    finished: CancellationToken,
     local_addr: Option<SocketAddr>,
 }
 
@@ -1030,15 +1122,12 @@ impl MeshHandle {
     /// A stream of events from now on. A subscriber that falls more than
     /// [`Tuning::event_capacity`] events behind gets a
     /// [`FlushReason::Lagged`] flush in place of what it missed.
+    ///
+    /// Events that arrive before this call reach no stream: to see every
+    /// event from the first, take the stream from
+    /// [`MeshBuilder::subscribe`] before the node starts.
     pub fn subscribe(&self) -> Events {
-        // Counted before the receiver exists, so that no event sent after
-        // it does is skipped.
-        self.shared.subscribers.fetch_add(1, Ordering::SeqCst);
-        Events {
-            inner: BroadcastStream::new(self.shared.events.subscribe()),
-            finished: Box::pin(self.finished.clone().cancelled_owned()),
-            _counted: Subscribed(self.shared.subscribers.clone()),
-        }
+        self.shared.fanout.subscribe()
     }
 
     /// Calls `f` for every event, on the task that produced it, in order.
@@ -1115,6 +1204,7 @@ impl MeshHandle {
                 rejected_tls: get(&c.rejected_tls),
                 rejected_limit: get(&c.rejected_limit),
                 protocol_errors: get(&c.protocol_errors),
+                diverged: get(&c.diverged),
                 events: EventCounters {
                     invalidated: get(&c.ev_invalidated),
                     cache_cleared: get(&c.ev_cache_cleared),
@@ -1148,7 +1238,7 @@ impl MeshHandle {
                 let clean = (0..self.shared.peers.len()).all(|p| out.acked(p) >= last);
                 (out.incarnation(), clean)
             };
-            if let Err(e) = state::write(path, incarnation, clean) {
+            if let Err(e) = state::write_async(path, incarnation, clean).await {
                 warn!(path = %path.display(), error = %e, "cannot record the clean shutdown");
             }
         }
@@ -1255,7 +1345,8 @@ pub fn fuzz_acceptor(input: &[u8]) {
         dead_after: Duration::from_millis(200),
         ..Tuning::default()
     };
-    let Ok(shared) = build_shared(config, tuning, HashMap::new(), Vec::new()) else {
+    let fanout = Fanout::new(tuning.event_capacity);
+    let Ok(shared) = build_shared(config, tuning, HashMap::new(), Vec::new(), fanout) else {
         return;
     };
     rt.block_on(async {
@@ -1265,7 +1356,7 @@ pub fn fuzz_acceptor(input: &[u8]) {
             return;
         };
         let deadline = tokio::time::Instant::now() + shared.tuning.hello_timeout;
-        let serve = conn::serve_io(&shared, io::Io::Memory(server), None, deadline, slot);
+        let serve = conn::serve_io(&shared, io::Io::Memory(server), None, None, deadline, slot);
         let talk = async {
             let _ = client.write_all(bytes).await;
             let _ = client.shutdown().await;

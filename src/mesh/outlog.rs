@@ -17,8 +17,8 @@ use crate::wire::{CodecError, Item, Position, encode_batch_frame};
 /// the receiver start applying sooner; one maximal item (two 64 KiB
 /// strings) after a full batch still fits the 1 MiB frame limit.
 const BATCH_BYTES: usize = 64 * 1024;
-/// Most items in one `Batch` frame.
-const BATCH_ITEMS: usize = 4096;
+/// Most items in one `Batch` frame: the protocol's limit.
+const BATCH_ITEMS: usize = crate::wire::MAX_BATCH_ITEMS;
 
 /// Where one peer stands.
 #[derive(Debug, Clone, Copy, Default)]
@@ -56,6 +56,15 @@ pub(crate) struct OutLog {
     /// The previous run's incarnation, when seq 1 is the flush that stands
     /// for what it may have left undelivered.
     opening_flush_for: Option<u64>,
+}
+
+/// How a peer resumes, from [`OutLog::connected`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Resumed {
+    /// It is behind what is still held: it gets a flush first.
+    pub behind: bool,
+    /// It announced this position, beyond anything assigned (divergence).
+    pub diverged: Option<u64>,
 }
 
 /// What [`OutLog::fill`] wrote.
@@ -157,16 +166,27 @@ impl OutLog {
     }
 
     /// A connection to `peer` is up; `last_applied` is what its hello says
-    /// it applied from us. Returns whether it is behind what is still held
-    /// (it will get a flush first).
-    pub(crate) fn connected(&mut self, peer: usize, last_applied: Option<Position>) -> bool {
+    /// it applied from us.
+    ///
+    /// A position of this incarnation beyond the last seq assigned is
+    /// **divergence**: the peer holds a position for us that we never gave
+    /// it (another party claimed our identity to it). It is not believed:
+    /// the peer resumes from what it acknowledged, so it gets seqs at or
+    /// below the position it announced, which makes it flush (section 9.5
+    /// of the protocol) instead of dropping them.
+    pub(crate) fn connected(&mut self, peer: usize, last_applied: Option<Position>) -> Resumed {
         let last = self.last_seq();
         let incarnation = self.incarnation;
         let c = &mut self.peers[peer];
+        let mut diverged = None;
         if let Some(p) = last_applied
             && p.incarnation == incarnation
         {
-            c.acked = c.acked.max(p.seq.min(last));
+            if p.seq > last {
+                diverged = Some(p.seq);
+            } else {
+                c.acked = c.acked.max(p.seq);
+            }
         }
         if c.knew_previous && self.opening_flush_for.is_some() {
             // Seq 1, the opening flush, is not for this peer.
@@ -176,7 +196,7 @@ impl OutLog {
         c.connected = true;
         let behind = c.acked + 1 < self.front_seq;
         self.trim();
-        behind
+        Resumed { behind, diverged }
     }
 
     /// The connection to `peer` is down.
@@ -396,6 +416,32 @@ mod tests {
         log.connected(0, Some(pos(&log, 6)));
         let got = drain(&mut log, 0);
         assert_eq!(got.iter().map(|x| x.0).collect::<Vec<_>>(), [7, 8, 9, 10]);
+    }
+
+    /// Hazard: a peer whose position for us was inflated by a party
+    /// claiming our identity must not make us trim what it never got.
+    #[test]
+    fn a_position_beyond_what_was_assigned_is_not_believed() {
+        let mut log = OutLog::new(7, 1, 100, usize::MAX);
+        log.connected(0, None);
+        for i in 0..10 {
+            log.push(key(&i.to_string()));
+        }
+        drain(&mut log, 0);
+        log.ack(0, pos(&log, 4)).expect("ack");
+        log.disconnected(0);
+        let inflated = Position {
+            incarnation: 7,
+            seq: 1_000_000,
+        };
+        let resumed = log.connected(0, Some(inflated));
+        assert_eq!(resumed.diverged, Some(1_000_000));
+        assert_eq!(log.held(), 6, "5..=10 still held");
+        let got = drain(&mut log, 0);
+        assert_eq!(
+            got.iter().map(|x| x.0).collect::<Vec<_>>(),
+            [5, 6, 7, 8, 9, 10]
+        );
     }
 
     #[test]

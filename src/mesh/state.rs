@@ -77,9 +77,20 @@ pub(crate) fn lock(path: &Path) -> std::io::Result<File> {
     }
 }
 
-/// Writes the file atomically (a temporary file renamed over it), synced.
+/// The temporary file a write goes through: `<state file>.tmp`, so that
+/// two state files in one directory (`x.a`, `x.b`) never share one.
+fn temp_path(path: &Path) -> PathBuf {
+    let mut name = OsString::from(path.as_os_str());
+    name.push(".tmp");
+    PathBuf::from(name)
+}
+
+/// Writes the file atomically (a temporary file renamed over it), synced,
+/// and the directory synced after the rename: without that, a power loss
+/// can bring back the old file, and an old `clean = true` would skip the
+/// flush the peers need. Blocking: call it off the async runtime.
 pub(crate) fn write(path: &Path, incarnation: u64, clean: bool) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
+    let tmp = temp_path(path);
     {
         let mut f = std::fs::File::create(&tmp)?;
         writeln!(f, "# cachecast node state: how the last run ended")?;
@@ -87,7 +98,21 @@ pub(crate) fn write(path: &Path, incarnation: u64, clean: bool) -> std::io::Resu
         writeln!(f, "clean={clean}")?;
         f.sync_all()?;
     }
-    std::fs::rename(&tmp, path)
+    std::fs::rename(&tmp, path)?;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    File::open(dir)?.sync_all()
+}
+
+/// [`write`] on a blocking thread, so that the fsyncs do not stall the
+/// tasks sharing this runtime's threads.
+pub(crate) async fn write_async(path: &Path, incarnation: u64, clean: bool) -> std::io::Result<()> {
+    let path = path.to_path_buf();
+    tokio::task::spawn_blocking(move || write(&path, incarnation, clean))
+        .await
+        .map_err(std::io::Error::other)?
 }
 
 #[cfg(test)]
@@ -114,6 +139,25 @@ mod tests {
             read(&p).expect("read").is_some_and(|p| !p.clean),
             "no incarnation: not trusted"
         );
+    }
+
+    /// Hazard: `x.a` and `x.b` used one temporary name (`x.tmp`), so two
+    /// nodes writing at once could rename each other's record into place.
+    #[test]
+    fn two_state_files_in_one_directory_use_their_own_temporary_files() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (a, b) = (dir.path().join("x.a"), dir.path().join("x.b"));
+        assert_ne!(temp_path(&a), temp_path(&b));
+        write(&a, 1, true).expect("write a");
+        write(&b, 2, false).expect("write b");
+        assert_eq!(read(&a).expect("read").map(|p| p.incarnation), Some(1));
+        assert_eq!(read(&b).expect("read").map(|p| p.incarnation), Some(2));
+        let left: Vec<_> = std::fs::read_dir(dir.path())
+            .expect("list")
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name())
+            .collect();
+        assert_eq!(left.len(), 2, "no temporary file left: {left:?}");
     }
 
     #[test]

@@ -508,6 +508,12 @@ fn render_metrics(app: &App, st: &Status) -> String {
         plain(c.protocol_errors),
     );
     metric(
+        "cachecast_diverged_total",
+        "counter",
+        "Peer streams whose numbering diverged from the position held (another party claimed an identity, or a broken peer); each flushed.",
+        plain(c.diverged),
+    );
+    metric(
         "cachecast_buffer_held",
         "gauge",
         "Invalidations held in the replay buffer.",

@@ -244,7 +244,8 @@ pub async fn run(
         hook,
     });
     if let Some(w) = webhook {
-        tokio::spawn(w.run(shutdown.clone()));
+        // Tracked like the hook: shutdown waits for its last delivery.
+        tracker.spawn(w.run(shutdown.clone()));
     }
     info!(api = %api_addr, node = %mesh.node(), max_connections = conns.max, idle_timeout = ?idle, "sidecar API listening");
     let listener = conn::ApiListener::new(api_listener, conns, idle);

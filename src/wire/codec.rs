@@ -19,6 +19,15 @@ pub const MAX_FRAME: usize = 1024 * 1024;
 /// Length of the frame header.
 const HEADER: usize = 4;
 
+/// Largest frame payload before the handshake is complete: a `Hello` is
+/// well under 1 KiB and a `Reject` reason at most 64 KiB, so a party that
+/// has not proven anything cannot make a node buffer a 1 MiB frame.
+pub const MAX_HANDSHAKE_FRAME: usize = MAX_STRING + 16;
+
+/// Most items in one `Batch`: what a receiver decodes at once stays small
+/// whatever a peer sends (section 6 of the protocol).
+pub const MAX_BATCH_ITEMS: usize = 4096;
+
 /// Longest node identity accepted in a `Hello` (a DNS name is at most 253
 /// bytes, plus `:port`).
 const MAX_NODE_ID: usize = 512;
@@ -34,15 +43,19 @@ fn config() -> impl bincode::config::Config {
 /// Why a frame could not be encoded or decoded. Any of these closes the
 /// connection; none of them stops the node.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum CodecError {
     /// Reading from or writing to the socket failed.
     #[error("i/o error: {0}")]
     Io(#[from] std::io::Error),
-    /// The length prefix announces more than [`MAX_FRAME`] bytes.
-    #[error("frame of {len} bytes exceeds the limit of {MAX_FRAME}")]
+    /// The length prefix announces more than [`MAX_FRAME`] bytes (or
+    /// [`MAX_HANDSHAKE_FRAME`] during the handshake).
+    #[error("frame of {len} bytes exceeds the limit of {limit}")]
     FrameTooLarge {
         /// The announced length.
         len: u64,
+        /// The limit in force.
+        limit: usize,
     },
     /// The payload is not a valid message.
     #[error("malformed message: {0}")]
@@ -56,6 +69,18 @@ pub enum CodecError {
     /// A node identity is longer than any host name and port can be.
     #[error("node identity of {0} bytes is too long")]
     NodeIdTooLong(usize),
+    /// A message of a kind not allowed at this point (the handshake),
+    /// refused before its body was decoded.
+    #[error("expected {expected}, got {got}")]
+    Unexpected {
+        /// What was allowed.
+        expected: &'static str,
+        /// The kind that came.
+        got: &'static str,
+    },
+    /// A `Batch` with more items than [`MAX_BATCH_ITEMS`].
+    #[error("batch of {0} items exceeds the limit of {MAX_BATCH_ITEMS}")]
+    TooManyItems(u64),
     /// A message to send could not be encoded.
     #[error("cannot encode message: {0}")]
     Encode(String),
@@ -68,6 +93,56 @@ pub struct FrameCodec {
     /// Cache names seen lately on this stream, shared by the items that
     /// carry them.
     names: Names,
+    /// During the handshake: the kinds of message accepted next, checked
+    /// on the tag before the body is decoded, and the smaller frame limit.
+    handshake: Option<Expect>,
+}
+
+/// Message kinds a handshake step accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expect {
+    /// A `Hello` (the acceptor's first frame).
+    Hello,
+    /// A `Hello` or a `Reject` (the dialer's first frame).
+    HelloOrReject,
+    /// An `Auth` or a `Reject`.
+    AuthOrReject,
+}
+
+impl Expect {
+    fn allows(self, tag: u8) -> bool {
+        match self {
+            Expect::Hello => tag == TAG_HELLO,
+            Expect::HelloOrReject => tag == TAG_HELLO || tag == TAG_REJECT,
+            Expect::AuthOrReject => tag == TAG_AUTH || tag == TAG_REJECT,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Expect::Hello => "Hello",
+            Expect::HelloOrReject => "Hello or Reject",
+            Expect::AuthOrReject => "Auth or Reject",
+        }
+    }
+}
+
+/// `Message` variant indexes (one varint byte each), as section 5.1 of the
+/// protocol numbers them.
+const TAG_HELLO: u8 = 0;
+const TAG_AUTH: u8 = 1;
+const TAG_BATCH: u8 = 2;
+const TAG_REJECT: u8 = 7;
+
+/// A message kind's name by its tag, for errors.
+fn kind_of(tag: u8) -> &'static str {
+    const NAMES: [&str; 8] = [
+        "Hello", "Auth", "Batch", "Ack", "Ping", "Pong", "Goodbye", "Reject",
+    ];
+    NAMES
+        .get(usize::from(tag))
+        .copied()
+        .unwrap_or("an unknown message")
 }
 
 impl Default for FrameCodec {
@@ -87,6 +162,34 @@ impl FrameCodec {
         FrameCodec {
             frames,
             names: Names::default(),
+            handshake: None,
+        }
+    }
+
+    /// A codec for the first frames of a connection: only the kinds
+    /// `expect` names are decoded (anything else is an error before its
+    /// body is looked at), in frames of at most [`MAX_HANDSHAKE_FRAME`].
+    pub fn handshake(expect: Expect) -> Self {
+        let mut c = Self::new();
+        c.handshake = Some(expect);
+        c
+    }
+
+    /// The next handshake step accepts `expect`.
+    pub fn expect(&mut self, expect: Expect) {
+        self.handshake = Some(expect);
+    }
+
+    /// The handshake is over: every message, in frames up to [`MAX_FRAME`].
+    pub fn established(&mut self) {
+        self.handshake = None;
+    }
+
+    fn max_frame(&self) -> usize {
+        if self.handshake.is_some() {
+            MAX_HANDSHAKE_FRAME
+        } else {
+            MAX_FRAME
         }
     }
 }
@@ -155,6 +258,17 @@ fn check(msg: &Message) -> Result<(), CodecError> {
 
 /// Decodes one frame's payload.
 fn decode_payload(payload: &[u8], names: &mut Names) -> Result<Message, CodecError> {
+    // A batch's item count is read before any item, by either decoder.
+    if payload.first() == Some(&TAG_BATCH) {
+        let mut r = Reader {
+            bytes: &payload[1..],
+        };
+        if let (Some(_), Some(count)) = (r.varint(253), r.varint(253))
+            && count > MAX_BATCH_ITEMS as u64
+        {
+            return Err(CodecError::TooManyItems(count));
+        }
+    }
     let msg = match decode_batch(payload, names) {
         Some(batch) => batch,
         None => {
@@ -270,8 +384,24 @@ impl Decoder for FrameCodec {
             return Ok(None);
         }
         let len = u32::from_be_bytes([src[0], src[1], src[2], src[3]]) as usize;
-        if len > MAX_FRAME {
-            return Err(CodecError::FrameTooLarge { len: len as u64 });
+        // During the handshake the tag is checked as soon as it arrives,
+        // before the length or the body: a message out of place is named.
+        if let Some(expect) = self.handshake
+            && len > 0
+            && let Some(&tag) = src.get(HEADER)
+            && !expect.allows(tag)
+        {
+            return Err(CodecError::Unexpected {
+                expected: expect.name(),
+                got: kind_of(tag),
+            });
+        }
+        let limit = self.max_frame();
+        if len > limit {
+            return Err(CodecError::FrameTooLarge {
+                len: len as u64,
+                limit,
+            });
         }
         if src.len() < HEADER + len {
             // Not all here yet: make room, and leave the header in place.
@@ -596,7 +726,7 @@ mod tests {
         let mut codec = FrameCodec::new();
         let mut buf = BytesMut::from(&[0x80, 0, 0, 0][..]);
         match codec.decode(&mut buf) {
-            Err(CodecError::FrameTooLarge { len }) => assert_eq!(len, 0x8000_0000),
+            Err(CodecError::FrameTooLarge { len, .. }) => assert_eq!(len, 0x8000_0000),
             other => panic!("unexpected {other:?}"),
         }
     }

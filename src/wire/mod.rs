@@ -12,7 +12,10 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-pub use codec::{CodecError, FrameCodec, MAX_FRAME, encode_batch_frame};
+pub use codec::{
+    CodecError, Expect, FrameCodec, MAX_BATCH_ITEMS, MAX_FRAME, MAX_HANDSHAKE_FRAME,
+    encode_batch_frame,
+};
 
 /// The four bytes every `Hello` starts with, so that a stranger speaking
 /// another protocol is recognised at once.
