@@ -2,7 +2,7 @@
 //! with Redis pub/sub and a raw TCP floor.
 //!
 //! ```sh
-//! cargo run --release --example bench -- [--json] [--processes]
+//! cargo run --release --features cli --example bench -- [--json] [--processes]
 //! ```
 //!
 //! Each system runs the same workloads with 2 and with 5 nodes (one origin,
@@ -1109,9 +1109,16 @@ mod sidecar {
         {
             let release = dir.file_name().is_some_and(|d| d == "release");
             let mut cmd = std::process::Command::new(cargo);
-            cmd.args(["build", "--quiet", "--bin", "cachecast"])
-                .arg("--manifest-path")
-                .arg(Path::new(&manifest).join("Cargo.toml"));
+            cmd.args([
+                "build",
+                "--quiet",
+                "--features",
+                "cli",
+                "--bin",
+                "cachecast",
+            ])
+            .arg("--manifest-path")
+            .arg(Path::new(&manifest).join("Cargo.toml"));
             if release {
                 cmd.arg("--release");
             }
@@ -1122,7 +1129,7 @@ mod sidecar {
         }
         if !bin.exists() {
             bail!(
-                "{} not found: cargo build --release --bin cachecast",
+                "{} not found: cargo build --release --features cli --bin cachecast",
                 bin.display()
             );
         }

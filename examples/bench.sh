@@ -17,5 +17,5 @@ if ! command -v redis-server >/dev/null 2>&1; then
 fi
 
 # One build at a time: the sidecar binary (for its idle RSS) and the bench.
-cargo build --release --bin cachecast --example bench >&2
+cargo build --release --features cli --bin cachecast --example bench >&2
 exec target/release/examples/bench "$@"

@@ -43,6 +43,7 @@ pub fn acceptor(input: &[u8]) {
 /// Parses `input` as Redis-protocol requests twice, whole and one byte at
 /// a time: both must give the same requests and the same error, and a
 /// glob pattern made of the input must match without blowing up.
+#[cfg(feature = "sidecar")]
 pub fn resp_requests(input: &[u8]) {
     use crate::sidecar::resp::{glob, parse::Parser};
     let run = |chunk: usize, authenticated: bool| {

@@ -55,6 +55,7 @@ pub mod demo;
 #[doc(hidden)]
 pub mod fuzz;
 pub mod mesh;
+#[cfg(feature = "sidecar")]
 pub mod sidecar;
 pub mod tls;
 pub mod wire;

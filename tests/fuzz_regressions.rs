@@ -49,6 +49,7 @@ fn handshake_inputs_replay() {
     }
 }
 
+#[cfg(feature = "sidecar")]
 #[test]
 fn resp_parser_inputs_replay() {
     let all = inputs("resp_parser");

@@ -321,34 +321,33 @@ fn a_payload_of_exactly_max_frame_round_trips() {
     assert_eq!(left, 0);
 }
 
-/// The same with many small items: a batch of 1,048,569 Flush items is
-/// exactly 1 MiB on the wire, while bincode counts 4 bytes per item tag.
+/// A batch of many small items: 4,096 round-trip; one more is refused by
+/// the encoder and, before any item is decoded, by the decoder (section 6).
 #[test]
-fn a_max_frame_of_small_items_round_trips() {
-    // tag 02, first_seq 01, count fc + u32 LE, then one byte per Flush.
-    let n = SPEC_MAX_FRAME - 1 - 1 - 5;
+fn a_batch_of_the_item_limit_round_trips_and_one_more_is_refused() {
     let msg = Message::Batch(Batch {
         first_seq: 1,
-        items: vec![Item::Flush; n],
+        items: vec![Item::Flush; 4096],
     });
-    let bytes = encode(&msg).expect("a payload of exactly 1 MiB is allowed");
-    assert_eq!(bytes.len(), 4 + SPEC_MAX_FRAME);
+    let bytes = encode(&msg).expect("4,096 items are allowed");
     let (result, left) = decode(&bytes);
     assert_eq!(result.expect("decodes"), Some(msg));
     assert_eq!(left, 0);
-}
-
-/// A quarter MiB of Flush items, the size at which a limit counted in
-/// wire bytes would refuse them.
-#[test]
-fn a_quarter_mib_of_small_items_round_trips() {
-    let msg = Message::Batch(Batch {
+    let over = Message::Batch(Batch {
         first_seq: 1,
-        items: vec![Item::Flush; 262_140],
+        items: vec![Item::Flush; 4097],
     });
-    let bytes = encode(&msg).expect("encode");
-    assert!(bytes.len() < SPEC_MAX_FRAME / 4 + 16);
-    assert_eq!(decode(&bytes).0.expect("decodes"), Some(msg));
+    assert!(encode(&over).is_err(), "the encoder refuses 4,097 items");
+    // The same bytes by hand: tag 02, first_seq 01, count fb + u16 LE.
+    let mut payload = vec![2u8, 1, 0xfb];
+    payload.extend_from_slice(&4097u16.to_le_bytes());
+    payload.extend(std::iter::repeat_n(2u8, 4097));
+    let mut framed = (payload.len() as u32).to_be_bytes().to_vec();
+    framed.extend_from_slice(&payload);
+    assert!(matches!(
+        decode(&framed).0,
+        Err(CodecError::TooManyItems(4097))
+    ));
 }
 
 #[test]

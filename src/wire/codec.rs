@@ -237,6 +237,9 @@ fn check(msg: &Message) -> Result<(), CodecError> {
             Err(CodecError::NodeIdTooLong(h.node.len()))
         }
         Message::Batch(b) => {
+            if b.items.len() > MAX_BATCH_ITEMS {
+                return Err(CodecError::TooManyItems(b.items.len() as u64));
+            }
             if b.first_seq == 0 {
                 return Err(CodecError::Malformed("batch numbered from 0".into()));
             }
@@ -502,6 +505,10 @@ pub fn encode_batch_frame(
     items: (&[Item], &[Item]),
     dst: &mut BytesMut,
 ) -> Result<(), CodecError> {
+    let count = items.0.len() + items.1.len();
+    if count > MAX_BATCH_ITEMS {
+        return Err(CodecError::TooManyItems(count as u64));
+    }
     let start = dst.len();
     let bound: usize = items
         .0

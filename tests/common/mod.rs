@@ -2,6 +2,7 @@
 //! recorder per node, and a fault-injecting TCP proxy.
 #![allow(dead_code)]
 
+#[cfg(feature = "cli")]
 pub mod procs;
 
 use std::collections::HashMap;
