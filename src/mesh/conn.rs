@@ -436,7 +436,6 @@ async fn find_peer(shared: &Shared, node: &str) -> Option<usize> {
 /// acks and pongs; returns why it ended. `floor` is the seq our hello
 /// announced: the origin never sends it or anything below on this
 /// connection.
-#[allow(clippy::too_many_arguments)]
 async fn receive(
     shared: &Shared,
     peer: usize,
