@@ -1049,6 +1049,60 @@ async fn a_batch_over_the_item_limit_closes_the_connection() {
     b.shutdown().await;
 }
 
+/// Hazard: one mutex over every origin's state was held while callbacks
+/// ran, so one slow callback held up every peer's deliveries. Now a
+/// callback stuck on A's invalidation does not hold up B's: each peer has
+/// its own lock, and none is held while application code runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_callback_for_one_peer_does_not_hold_up_another() {
+    let (la, lb, lc) = (bind().await, bind().await, bind().await);
+    let (pa, pb, pc) = (port(&la), port(&lb), port(&lc));
+    let (a, _ra) = start(cfg(pa, &[pc], 1024), la, common::tuning()).await;
+    let (b, _rb) = start(cfg(pb, &[pc], 1024), lb, common::tuning()).await;
+    let release = Arc::new(AtomicBool::new(false));
+    let blocked = release.clone();
+    let (rc, record) = Recorder::new();
+    let c = Mesh::builder(cfg(pc, &[pa, pb], 1024))
+        .tuning(common::tuning())
+        .listener(lc)
+        .on_event(move |e| {
+            if is_key(e, "slow") {
+                // The application takes its time (bounded, so that a
+                // failing test still ends).
+                let until = Instant::now() + Duration::from_secs(20);
+                while !blocked.load(Ordering::Acquire) && Instant::now() < until {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+        })
+        .on_event(record)
+        .start()
+        .await
+        .expect("start c");
+    let hc = c.clone();
+    wait_until("C connected to both", LONG, || {
+        hc.status().peers.iter().all(|p| p.connected)
+    })
+    .await;
+    a.invalidate("c", "slow").expect("send");
+    // A's callback is stuck; B's invalidation must still arrive.
+    b.invalidate("c", "quick").expect("send");
+    rc.wait_for(
+        "B's invalidation while A's callback is stuck",
+        SHORT,
+        |evs| has_key(evs, "quick"),
+    )
+    .await;
+    release.store(true, Ordering::Release);
+    rc.wait_for("A's invalidation, once released", SHORT, |evs| {
+        has_key(evs, "slow")
+    })
+    .await;
+    for h in [a, b, c] {
+        h.shutdown().await;
+    }
+}
+
 /// Hazard: a peer that completed the hellos and then failed the session
 /// was redialled at the first delay forever. Now the delay grows until a
 /// session proves healthy: with a 50 ms first delay, an acceptor that

@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
 
+use super::handshake;
 use super::io::Io;
 use super::limits::{Admit, IpSlot, lookup};
 use super::{Dir, Event, FlushReason, Rejected, Shared, Silence, lock};
@@ -242,18 +243,8 @@ pub(super) async fn serve_io(
             return reject(shared, &mut wr, hs, &reason).await;
         }
     };
-    if hello.magic != MAGIC {
-        return reject(shared, &mut wr, hs, "bad magic: not a cachecast peer").await;
-    }
-    // Each side sends the highest version it speaks and both use the
-    // lower; this node speaks only version 1, so any version from 1 on will
-    // do (a newer peer steps down to ours).
-    if hello.version < PROTOCOL_VERSION {
-        let reason = format!(
-            "unsupported protocol version {} (this node speaks {PROTOCOL_VERSION})",
-            hello.version
-        );
-        return reject(shared, &mut wr, hs, &reason).await;
+    if let Err(e) = handshake::check_hello(&hello) {
+        return reject(shared, &mut wr, hs, &e.to_string()).await;
     }
     let found = timeout_at(deadline, find_peer(shared, &hello.node)).await;
     let Some(peer) = found.ok().flatten() else {
@@ -279,39 +270,21 @@ pub(super) async fn serve_io(
         );
         return reject(shared, &mut wr, Rejected::Tls, &reason).await;
     }
-    match (&shared.secret, hello.auth) {
-        // Nodes named, not "this node" and "the peer": the dialer logs the
-        // text as is, where those words would point the other way.
-        (Some(_), false) => {
-            let reason = format!(
-                "{} requires a shared secret (cachecast.secret) and {id} has none",
-                shared.me
-            );
-            return reject(shared, &mut wr, Rejected::Auth, &reason).await;
-        }
-        (None, true) => {
-            let reason = format!(
-                "{id} has a shared secret (cachecast.secret) and {} has none",
-                shared.me
-            );
-            return reject(shared, &mut wr, Rejected::Auth, &reason).await;
-        }
-        _ => {}
+    if let Err(e) = handshake::check_secrets(shared.secret.is_some(), &hello, &shared.me, &id) {
+        return reject(shared, &mut wr, Rejected::Auth, &e.to_string()).await;
     }
     // Nothing changes state before the peer has proven who it is: the
     // reply position is only read here, and applied below.
-    let reply = lock(&shared.origins).applied(peer);
+    let reply = lock(&shared.peers[peer].state).applied();
     let ours = hello_for(shared, reply);
     let mut buf = BytesMut::new();
     let mut codec = FrameCodec::new();
-    let transcript = auth::Transcript {
-        dialer: &hello,
-        acceptor: &ours,
+    let hellos = handshake::Hellos {
+        role: auth::Role::Acceptor,
+        ours: &ours,
+        theirs: &hello,
     };
-    let our_proof = shared
-        .secret
-        .as_ref()
-        .map(|s| auth::prove(s, auth::Role::Acceptor, &transcript));
+    let our_proof = shared.secret.as_ref().map(|s| hellos.proof(s));
     let encoded = codec
         .encode(Message::Hello(ours.clone()), &mut buf)
         .and_then(|()| match our_proof {
@@ -347,11 +320,8 @@ pub(super) async fn serve_io(
                 .await;
             }
         };
-        if !auth::verify(secret, auth::Role::Dialer, &transcript, &proof) {
-            let reason = format!(
-                "authentication failed for {id}: wrong shared secret (cachecast.secret differs?)"
-            );
-            return reject(shared, &mut wr, Rejected::Auth, &reason).await;
+        if let Err(e) = hellos.check_proof(secret, &proof, &id) {
+            return reject(shared, &mut wr, Rejected::Auth, &e.to_string()).await;
         }
     }
     drop(slot);
@@ -375,17 +345,11 @@ pub(super) async fn serve_io(
     lock(&shared.out).peer_position(peer, hello.last_applied);
     // This connection supersedes any older one from the same peer.
     let conn_token = shared.token.child_token();
-    let generation = {
-        let mut links = lock(&shared.links);
-        let l = &mut links[peer];
-        if let Some(old) = l.inbound_cancel.replace(conn_token.clone()) {
-            old.cancel();
-        }
-        l.inbound_gen += 1;
-        l.inbound_incarnation = incarnation;
-        l.inbound_heard = Some(std::time::Instant::now());
-        l.inbound_gen
-    };
+    let generation = lock(&shared.peers[peer].state).inbound_takes_over(
+        incarnation,
+        conn_token.clone(),
+        std::time::Instant::now(),
+    );
     info!(peer = %id, incarnation = format_args!("{incarnation:016x}"), "inbound link up");
     shared.set_inbound(peer, generation, true, "");
     let reason = receive(shared, peer, incarnation, floor, reader, wr, &conn_token).await;
@@ -450,6 +414,8 @@ async fn receive(
     let read = async {
         let mut said_goodbye = false;
         let mut silence = Silence::new(dead_after);
+        // A batch's events, kept between batches for its allocation.
+        let mut events = Vec::new();
         loop {
             let next = tokio::select! {
                 biased;
@@ -473,38 +439,35 @@ async fn receive(
             match msg {
                 Message::Batch(batch) => {
                     let n = batch.items.len() as u64;
+                    let info = &shared.peers[peer];
+                    // The turn first: this peer's events reach the
+                    // application in the order decided; its state lock is
+                    // released before any of them is emitted.
                     let result = {
-                        let mut origins = lock(&shared.origins);
-                        let mut applied = 0u64;
-                        // One snapshot of the callbacks for the batch.
-                        let mut callbacks = shared.callbacks();
-                        let r = origins.batch(
-                            peer,
+                        let _turn = lock(&info.turn);
+                        let r = lock(&info.state).origin.batch(
                             incarnation,
                             &mut floor,
                             batch.first_seq,
                             batch.items,
-                            &mut |e| {
-                                if let Event::Flush {
-                                    reason: reason @ FlushReason::Diverged { .. },
-                                    ..
-                                } = &e
-                                {
-                                    shared.stats.diverged.fetch_add(1, Ordering::Relaxed);
-                                    warn!(%reason, "the peer's stream went below what this node held for it (another party claimed its identity?): flushing");
-                                }
-                                applied += 1;
-                                shared.emit_with(&mut callbacks, e)
-                            },
+                            &mut |e| events.push(e),
                         );
-                        shared.stats.received.fetch_add(applied, Ordering::Relaxed);
-                        if let Ok(pos) = r {
-                            shared.publish_applied(peer, Some(pos));
+                        let applied = events.len() as u64;
+                        // One snapshot of the callbacks for the batch.
+                        let mut callbacks = shared.callbacks();
+                        for e in events.drain(..) {
+                            if let Event::Flush {
+                                reason: reason @ FlushReason::Diverged { .. },
+                                ..
+                            } = &e
+                            {
+                                shared.stats.diverged.fetch_add(1, Ordering::Relaxed);
+                                warn!(%reason, "the peer's stream went below what this node held for it (another party claimed its identity?): flushing");
+                            }
+                            shared.emit_with(&mut callbacks, e);
                         }
-                        shared.peers[peer]
-                            .stats
-                            .received
-                            .fetch_add(applied, Ordering::Relaxed);
+                        shared.stats.received.fetch_add(applied, Ordering::Relaxed);
+                        info.stats.received.fetch_add(applied, Ordering::Relaxed);
                         r
                     };
                     match result {
@@ -517,11 +480,9 @@ async fn receive(
                 }
                 Message::Ping => owed_tx.send_modify(|o| o.pongs += 1),
                 Message::Goodbye { last_seq } => {
-                    {
-                        let mut origins = lock(&shared.origins);
-                        origins.goodbye(peer, incarnation, last_seq);
-                        shared.publish_applied(peer, origins.applied(peer));
-                    }
+                    lock(&shared.peers[peer].state)
+                        .origin
+                        .goodbye(incarnation, last_seq);
                     said_goodbye = true;
                     info!(last_seq, "peer said goodbye");
                 }

@@ -39,25 +39,23 @@ pub(crate) struct DuplicateIdentity {
 /// Incarnations remembered per peer after they were replaced.
 const RETIRED: usize = 8;
 
-/// What this node applied from each peer.
+/// What this node applied from one peer: its part of the receiver's state.
 #[derive(Debug)]
-pub(crate) struct Origins {
-    ids: Vec<PeerId>,
-    states: Vec<Option<Origin>>,
-    /// Incarnations each peer had before its current one. A restarted node
+pub(crate) struct OriginRecord {
+    id: PeerId,
+    state: Option<Origin>,
+    /// Incarnations the peer had before its current one. A restarted node
     /// draws a new random one, so one of these coming back means two nodes
     /// answer to one identity; accepting it would flush at every switch.
-    retired: Vec<Vec<u64>>,
+    retired: Vec<u64>,
 }
 
-impl Origins {
-    pub(crate) fn new(ids: Vec<PeerId>) -> Self {
-        let states = vec![None; ids.len()];
-        let retired = vec![Vec::new(); ids.len()];
-        Origins {
-            ids,
-            states,
-            retired,
+impl OriginRecord {
+    pub(crate) fn new(id: PeerId) -> Self {
+        OriginRecord {
+            id,
+            state: None,
+            retired: Vec::new(),
         }
     }
 
@@ -76,13 +74,12 @@ impl Origins {
     /// given up).
     pub(crate) fn hello(
         &mut self,
-        peer: usize,
         incarnation: u64,
         live: &[u64],
         emit: &mut impl FnMut(Event),
     ) -> Result<Option<Position>, DuplicateIdentity> {
-        let returning = self.retired[peer].contains(&incarnation);
-        if let Some(s) = self.states[peer]
+        let returning = self.retired.contains(&incarnation);
+        if let Some(s) = self.state
             && s.incarnation != incarnation
             && live.contains(&s.incarnation)
         {
@@ -92,20 +89,20 @@ impl Origins {
                 returning,
             });
         }
-        self.retired[peer].retain(|&r| r != incarnation);
-        let reply = self.applied(peer);
-        let state = &mut self.states[peer];
+        self.retired.retain(|&r| r != incarnation);
+        let reply = self.applied();
+        let state = &mut self.state;
         match state {
             Some(s) if s.incarnation == incarnation => {}
             Some(s) => {
                 let clean = !returning && s.goodbye.is_some_and(|last| s.last_applied >= last);
                 if !clean {
                     emit(Event::Flush {
-                        origin: Some(self.ids[peer].clone()),
+                        origin: Some(self.id.clone()),
                         reason: FlushReason::PeerRestarted,
                     });
                 }
-                let retired = &mut self.retired[peer];
+                let retired = &mut self.retired;
                 if retired.len() == RETIRED {
                     retired.remove(0);
                 }
@@ -130,18 +127,14 @@ impl Origins {
     /// numbering is taken from here on.
     pub(crate) fn batch(
         &mut self,
-        peer: usize,
         incarnation: u64,
         floor: &mut u64,
         first_seq: u64,
         items: Vec<Item>,
         emit: &mut impl FnMut(Event),
     ) -> Result<Position, Superseded> {
-        let origin = &self.ids[peer];
-        let Some(s) = self.states[peer]
-            .as_mut()
-            .filter(|s| s.incarnation == incarnation)
-        else {
+        let origin = &self.id;
+        let Some(s) = self.state.as_mut().filter(|s| s.incarnation == incarnation) else {
             return Err(Superseded);
         };
         for (i, item) in items.into_iter().enumerate() {
@@ -185,11 +178,8 @@ impl Origins {
     }
 
     /// The peer's current incarnation said goodbye after `last_seq`.
-    pub(crate) fn goodbye(&mut self, peer: usize, incarnation: u64, last_seq: u64) {
-        if let Some(s) = self.states[peer]
-            .as_mut()
-            .filter(|s| s.incarnation == incarnation)
-        {
+    pub(crate) fn goodbye(&mut self, incarnation: u64, last_seq: u64) {
+        if let Some(s) = self.state.as_mut().filter(|s| s.incarnation == incarnation) {
             s.goodbye = Some(last_seq);
             if s.fresh {
                 // The origin writes everything this node needs before its
@@ -203,8 +193,8 @@ impl Origins {
 
     /// What was applied from `peer`'s latest incarnation (what a hello from
     /// it is answered with).
-    pub(crate) fn applied(&self, peer: usize) -> Option<Position> {
-        self.states[peer].map(|s| Position {
+    pub(crate) fn applied(&self) -> Option<Position> {
+        self.state.map(|s| Position {
             incarnation: s.incarnation,
             seq: s.last_applied,
         })
@@ -250,13 +240,13 @@ mod tests {
         }
     }
 
-    fn origins() -> Origins {
-        Origins::new(vec![Arc::from("a:1")])
+    fn origins() -> OriginRecord {
+        OriginRecord::new(Arc::from("a:1"))
     }
 
     /// A batch on a connection of its own whose hello announced nothing.
     fn run(
-        o: &mut Origins,
+        o: &mut OriginRecord,
         inc: u64,
         first: u64,
         items: Vec<Item>,
@@ -265,14 +255,14 @@ mod tests {
     }
 
     fn run_on(
-        o: &mut Origins,
+        o: &mut OriginRecord,
         floor: &mut u64,
         inc: u64,
         first: u64,
         items: Vec<Item>,
     ) -> (Vec<Event>, Result<Position, Superseded>) {
         let mut evs = Vec::new();
-        let r = o.batch(0, inc, floor, first, items, &mut |e| evs.push(e));
+        let r = o.batch(inc, floor, first, items, &mut |e| evs.push(e));
         (evs, r)
     }
 
@@ -288,7 +278,7 @@ mod tests {
     #[test]
     fn duplicates_are_dropped() {
         let mut o = origins();
-        assert_eq!(o.hello(0, 5, GONE, &mut |_| panic!("no event")), Ok(None));
+        assert_eq!(o.hello(5, GONE, &mut |_| panic!("no event")), Ok(None));
         let (evs, ack) = run(&mut o, 5, 1, vec![key("a"), key("b")]);
         assert_eq!(evs.len(), 2);
         assert_eq!(ack.expect("ack").seq, 2);
@@ -303,14 +293,14 @@ mod tests {
     #[test]
     fn seqs_at_or_below_what_the_connection_announced_are_divergence() {
         let mut o = origins();
-        o.hello(0, 5, GONE, &mut |_| {}).expect("hello");
+        o.hello(5, GONE, &mut |_| {}).expect("hello");
         run(&mut o, 5, 1, vec![key("a")]).1.expect("applied");
         // The claimant's batch: a gap (flushed), position now 1,000,000.
         let (evs, _) = run(&mut o, 5, 1_000_000, vec![key("x")]);
         assert_eq!(flushes(&evs), 1);
         // The real origin reconnects; our hello announces 1,000,000, and it
         // resumes from what it really sent: 2.
-        let mut floor = o.applied(0).expect("held").seq;
+        let mut floor = o.applied().expect("held").seq;
         assert_eq!(floor, 1_000_000);
         let (evs, ack) = run_on(&mut o, &mut floor, 5, 2, vec![key("b"), key("c")]);
         assert!(
@@ -339,7 +329,7 @@ mod tests {
     #[test]
     fn duplicates_from_an_older_connection_are_still_skipped_quietly() {
         let mut o = origins();
-        o.hello(0, 5, GONE, &mut |_| {}).expect("hello");
+        o.hello(5, GONE, &mut |_| {}).expect("hello");
         // The new connection's hello announced 2; the old one then applied
         // up to 4 before it was superseded.
         let mut new_conn = 2;
@@ -360,7 +350,7 @@ mod tests {
     #[test]
     fn a_gap_is_never_silent() {
         let mut o = origins();
-        o.hello(0, 5, GONE, &mut |_| {}).expect("hello");
+        o.hello(5, GONE, &mut |_| {}).expect("hello");
         run(&mut o, 5, 1, vec![key("a")]).1.expect("applied");
         let (evs, _) = run(&mut o, 5, 3, vec![key("c")]);
         assert_eq!(flushes(&evs), 1);
@@ -383,7 +373,7 @@ mod tests {
     #[test]
     fn first_batch_of_an_incarnation_may_start_anywhere() {
         let mut o = origins();
-        o.hello(0, 5, GONE, &mut |_| {}).expect("hello");
+        o.hello(5, GONE, &mut |_| {}).expect("hello");
         let (evs, _) = run(&mut o, 5, 40, vec![key("a")]);
         assert_eq!(flushes(&evs), 0);
     }
@@ -391,10 +381,10 @@ mod tests {
     #[test]
     fn crash_restart_flushes_and_clean_restart_does_not() {
         let mut o = origins();
-        o.hello(0, 5, GONE, &mut |_| {}).expect("hello");
+        o.hello(5, GONE, &mut |_| {}).expect("hello");
         run(&mut o, 5, 1, vec![key("a")]).1.expect("applied");
         let mut evs = Vec::new();
-        let reply = o.hello(0, 6, GONE, &mut |e| evs.push(e));
+        let reply = o.hello(6, GONE, &mut |e| evs.push(e));
         assert_eq!(
             reply,
             Ok(Some(Position {
@@ -407,15 +397,15 @@ mod tests {
         run(&mut o, 6, 1, vec![key("b"), key("c")])
             .1
             .expect("applied");
-        o.goodbye(0, 6, 2);
+        o.goodbye(6, 2);
         let mut evs = Vec::new();
-        o.hello(0, 7, GONE, &mut |e| evs.push(e)).expect("hello");
+        o.hello(7, GONE, &mut |e| evs.push(e)).expect("hello");
         assert!(evs.is_empty(), "goodbye and all applied: no flush");
 
         run(&mut o, 7, 1, vec![key("d")]).1.expect("applied");
-        o.goodbye(0, 7, 3); // said goodbye after 3, but 2 and 3 never arrived
+        o.goodbye(7, 3); // said goodbye after 3, but 2 and 3 never arrived
         let mut evs = Vec::new();
-        o.hello(0, 8, GONE, &mut |e| evs.push(e)).expect("hello");
+        o.hello(8, GONE, &mut |e| evs.push(e)).expect("hello");
         assert_eq!(flushes(&evs), 1);
     }
 
@@ -424,21 +414,21 @@ mod tests {
         let mut o = origins();
         // This node joined after the origin's first 40 were delivered to
         // its predecessor; the origin had nothing more for it.
-        o.hello(0, 5, GONE, &mut |_| {}).expect("hello");
-        o.goodbye(0, 5, 40);
+        o.hello(5, GONE, &mut |_| {}).expect("hello");
+        o.goodbye(5, 40);
         let mut evs = Vec::new();
-        o.hello(0, 6, GONE, &mut |e| evs.push(e)).expect("hello");
+        o.hello(6, GONE, &mut |e| evs.push(e)).expect("hello");
         assert!(evs.is_empty(), "{evs:?}");
     }
 
     #[test]
     fn another_incarnation_is_refused_while_the_current_one_is_connected() {
         let mut o = origins();
-        o.hello(0, 5, GONE, &mut |_| {}).expect("first");
+        o.hello(5, GONE, &mut |_| {}).expect("first");
         // A copy with the same identity while 5 is connected: refused,
         // nothing changes.
         assert_eq!(
-            o.hello(0, 6, &[5], &mut |_| panic!("no flush")),
+            o.hello(6, &[5], &mut |_| panic!("no flush")),
             Err(DuplicateIdentity {
                 current: 5,
                 other: 6,
@@ -446,7 +436,7 @@ mod tests {
             })
         );
         assert_eq!(
-            o.hello(0, 5, &[5], &mut |_| panic!("no flush")),
+            o.hello(5, &[5], &mut |_| panic!("no flush")),
             Ok(Some(Position {
                 incarnation: 5,
                 seq: 0
@@ -454,12 +444,11 @@ mod tests {
         );
         // 5 is gone without a goodbye (a crash): 6 is taken, with a flush.
         let mut flushes = 0;
-        o.hello(0, 6, GONE, &mut |_| flushes += 1)
-            .expect("a restart");
+        o.hello(6, GONE, &mut |_| flushes += 1).expect("a restart");
         assert_eq!(flushes, 1);
         // 5 cannot come back while 6 is connected.
         assert_eq!(
-            o.hello(0, 5, &[6], &mut |_| panic!("no flush")),
+            o.hello(5, &[6], &mut |_| panic!("no flush")),
             Err(DuplicateIdentity {
                 current: 6,
                 other: 5,
@@ -471,23 +460,22 @@ mod tests {
     #[test]
     fn an_incarnation_that_comes_back_once_the_current_is_gone_is_taken_with_a_flush() {
         let mut o = origins();
-        o.hello(0, 5, GONE, &mut |_| {}).expect("first");
-        o.hello(0, 6, GONE, &mut |_| {}).expect("5 gone, 6 in");
+        o.hello(5, GONE, &mut |_| {}).expect("first");
+        o.hello(6, GONE, &mut |_| {}).expect("5 gone, 6 in");
         // 6 said goodbye and is gone: 5 comes back. Its position here was
         // given up, so it costs a flush, goodbye or not.
-        o.goodbye(0, 6, 0);
+        o.goodbye(6, 0);
         let mut flushes = 0;
-        o.hello(0, 5, GONE, &mut |_| flushes += 1)
-            .expect("taken back");
+        o.hello(5, GONE, &mut |_| flushes += 1).expect("taken back");
         assert_eq!(flushes, 1);
-        assert_eq!(o.applied(0).map(|p| p.incarnation), Some(5));
+        assert_eq!(o.applied().map(|p| p.incarnation), Some(5));
     }
 
     #[test]
     fn batches_of_an_old_incarnation_are_refused() {
         let mut o = origins();
-        o.hello(0, 5, GONE, &mut |_| {}).expect("hello");
-        o.hello(0, 6, GONE, &mut |_| {}).expect("hello");
+        o.hello(5, GONE, &mut |_| {}).expect("hello");
+        o.hello(6, GONE, &mut |_| {}).expect("hello");
         let (evs, r) = run(&mut o, 5, 1, vec![key("a")]);
         assert!(evs.is_empty());
         assert_eq!(r, Err(Superseded));

@@ -15,16 +15,18 @@ use tokio_util::codec::{Encoder, FramedRead};
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::conn::{hello_for, identity_matches, parse_identity};
+use super::handshake::{self, HandshakeError};
 use super::io::Io;
 use super::limits::lookup;
+use super::outlog::Taken;
 use super::{Dir, Shared, Silence, lock};
 use crate::auth;
 use crate::config::NodeAddr;
-use crate::wire::{CodecError, Expect, FrameCodec, Hello, MAGIC, Message, PROTOCOL_VERSION};
+use crate::wire::{CodecError, Expect, FrameCodec, Hello, Message};
 
 /// Bytes of frames encoded per write while busy: large enough for one
-/// syscall to carry thousands of invalidations, small enough to hold the
-/// ring's lock only briefly.
+/// syscall to carry thousands of invalidations, small enough to keep the
+/// items taken from the ring per write few.
 const WRITE_CHUNK: usize = 256 * 1024;
 
 /// Why a link ended.
@@ -48,8 +50,8 @@ pub(super) enum LinkError {
     Rejected(String),
     #[error("protocol error: {0}")]
     Protocol(String),
-    #[error("authentication: {0}")]
-    Auth(String),
+    #[error("{}{}", if .0.is_auth() { "authentication: " } else { "" }, .0)]
+    Handshake(#[from] HandshakeError),
     #[error("{0}")]
     Tls(String),
 }
@@ -133,17 +135,17 @@ pub(super) async fn run(shared: Arc<Shared>, peer: usize) {
                         changed
                     });
                     {
-                        let mut links = lock(&shared.links);
-                        if links[peer].ever_connected {
+                        let l = &mut lock(&shared.peers[peer].state).link;
+                        if l.ever_connected {
                             shared.stats.reconnects.fetch_add(1, Ordering::Relaxed);
                             shared.peers[peer]
                                 .stats
                                 .reconnects
                                 .fetch_add(1, Ordering::Relaxed);
                         }
-                        links[peer].ever_connected = true;
-                        links[peer].outbound_incarnation = hello.incarnation;
-                        links[peer].last_error = None;
+                        l.ever_connected = true;
+                        l.outbound_incarnation = hello.incarnation;
+                        l.last_error = None;
                     }
                     if hello
                         .last_applied
@@ -192,14 +194,14 @@ pub(super) async fn run(shared: Arc<Shared>, peer: usize) {
                             } else {
                                 debug!(error = %text, "outbound link down");
                             }
-                            lock(&shared.links)[peer].last_error = Some(text.clone());
+                            lock(&shared.peers[peer].state).link.last_error = Some(text.clone());
                             shared.set_link(peer, Dir::Out, false, &text);
                         }
                     }
                 }
                 Err(e) => {
                     let text = e.to_string();
-                    lock(&shared.links)[peer].last_error = Some(text.clone());
+                    lock(&shared.peers[peer].state).link.last_error = Some(text.clone());
                     if last_logged.due(&text) {
                         warn!(error = %text, "cannot reach peer; retrying");
                     } else {
@@ -253,7 +255,7 @@ async fn connect(
     let (rd, mut wr) = tokio::io::split(io);
     // Nothing but the acceptor's Hello (or its Reject) is decoded first.
     let mut reader = FramedRead::new(rd, FrameCodec::handshake(Expect::HelloOrReject));
-    let applied = lock(&shared.origins).applied(peer);
+    let applied = lock(&info.state).applied();
     let ours = hello_for(shared, applied);
     let mut buf = BytesMut::new();
     let mut codec = FrameCodec::new();
@@ -273,15 +275,7 @@ async fn connect(
         }
     };
     let checked = async {
-        if hello.magic != MAGIC {
-            return Err(LinkError::Protocol("bad magic in hello".into()));
-        }
-        if hello.version < PROTOCOL_VERSION {
-            return Err(LinkError::Protocol(format!(
-                "peer speaks protocol version {}, this node {PROTOCOL_VERSION}",
-                hello.version
-            )));
-        }
+        handshake::check_hello(&hello)?;
         let matches = match parse_identity(&hello.node) {
             Some(c) => identity_matches(&c, &info.addr).await,
             None => false,
@@ -292,48 +286,34 @@ async fn connect(
                 info.addr, hello.node
             )));
         }
-        match (&shared.secret, hello.auth) {
-            (None, true) => {
-                return Err(LinkError::Auth(format!(
-                    "{} has a shared secret (cachecast.secret) and {} has none",
-                    info.id, shared.me
-                )));
-            }
-            (Some(_), false) => {
-                return Err(LinkError::Auth(format!(
-                    "{} requires a shared secret (cachecast.secret) and {} has none",
-                    shared.me, info.id
-                )));
-            }
-            (None, false) => {}
-            (Some(secret), true) => {
-                let transcript = auth::Transcript {
-                    dialer: &ours,
-                    acceptor: &hello,
-                };
-                reader.decoder_mut().expect(Expect::AuthOrReject);
-                let proof = match next_frame(&mut reader, deadline, hello_timeout).await? {
-                    Message::Auth { mac } => mac,
-                    Message::Reject { reason } => return Err(LinkError::Rejected(reason)),
-                    other => {
-                        return Err(LinkError::Protocol(format!(
-                            "expected Auth, got {}",
-                            other.kind()
-                        )));
-                    }
-                };
-                if !auth::verify(secret, auth::Role::Acceptor, &transcript, &proof) {
-                    return Err(LinkError::Auth(
-                        "the peer failed to prove the shared secret (cachecast.secret differs?)"
-                            .into(),
-                    ));
+        handshake::check_secrets(shared.secret.is_some(), &hello, &shared.me, &info.id)?;
+        if let Some(secret) = &shared.secret {
+            let hellos = handshake::Hellos {
+                role: auth::Role::Dialer,
+                ours: &ours,
+                theirs: &hello,
+            };
+            reader.decoder_mut().expect(Expect::AuthOrReject);
+            let proof = match next_frame(&mut reader, deadline, hello_timeout).await? {
+                Message::Auth { mac } => mac,
+                Message::Reject { reason } => return Err(LinkError::Rejected(reason)),
+                other => {
+                    return Err(LinkError::Protocol(format!(
+                        "expected Auth, got {}",
+                        other.kind()
+                    )));
                 }
-                let mac = auth::prove(secret, auth::Role::Dialer, &transcript);
-                codec.encode(Message::Auth { mac }, &mut buf)?;
-                timeout_at(deadline, wr.write_all(&buf))
-                    .await
-                    .map_err(|_| LinkError::HelloTimeout(hello_timeout))??;
-            }
+            };
+            hellos.check_proof(secret, &proof, &info.id)?;
+            codec.encode(
+                Message::Auth {
+                    mac: hellos.proof(secret),
+                },
+                &mut buf,
+            )?;
+            timeout_at(deadline, wr.write_all(&buf))
+                .await
+                .map_err(|_| LinkError::HelloTimeout(hello_timeout))??;
         }
         // The acceptor's incarnation tells of a restart even before its own
         // stream reaches us (it may be unable to).
@@ -345,7 +325,7 @@ async fn connect(
     .await;
     if let Err(e) = checked {
         // Tell the acceptor why, so that its log says more than "closed".
-        if matches!(e, LinkError::Protocol(_) | LinkError::Auth(_)) {
+        if matches!(e, LinkError::Protocol(_) | LinkError::Handshake(_)) {
             let reject = Message::Reject {
                 reason: format!("{} refuses: {e}", shared.me),
             };
@@ -493,6 +473,8 @@ async fn session(
     };
     let write = async {
         let mut buf = BytesMut::with_capacity(WRITE_CHUNK + 64 * 1024);
+        // What is taken from the ring under its lock, encoded after it.
+        let mut taken = Taken::default();
         let mut codec = FrameCodec::new();
         let mut last_write = Instant::now();
         // Both kept across passes, so that an idle wait sets no timer and
@@ -510,8 +492,9 @@ async fn session(
             }
             let (filled, last_written) = {
                 let mut out = lock(&shared.out);
-                (out.fill(peer, &mut buf, WRITE_CHUNK)?, out.sent(peer))
+                (out.take(peer, &mut taken, WRITE_CHUNK), out.sent(peer))
             };
+            taken.encode(&mut buf)?;
             if filled.items > 0 {
                 shared
                     .stats
@@ -564,8 +547,9 @@ async fn session(
                 // goodbye never names something that was not written.
                 let (filled, last_seq) = {
                     let mut out = lock(&shared.out);
-                    (out.fill(peer, &mut buf, WRITE_CHUNK)?, out.last_seq())
+                    (out.take(peer, &mut taken, WRITE_CHUNK), out.last_seq())
                 };
+                taken.encode(&mut buf)?;
                 if filled.items == 0 {
                     break last_seq;
                 }

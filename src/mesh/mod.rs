@@ -10,12 +10,14 @@
 
 mod conn;
 mod event;
+mod handshake;
 mod inbound;
 mod io;
 mod limits;
 mod link;
 mod metrics;
 mod outlog;
+mod peer;
 mod state;
 
 use std::collections::HashMap;
@@ -37,10 +39,9 @@ use tracing::{debug, info, warn};
 use crate::auth::Secret;
 use crate::config::{ClusterConfig, NodeAddr};
 use crate::tls::Tls;
-use crate::wire::{Item, ItemError, Position};
+use crate::wire::{Item, ItemError};
 
 pub use event::{Event, FlushReason, PeerId};
-use inbound::Origins;
 use metrics::Histogram;
 pub use metrics::{BUCKETS_US, HistogramSnapshot};
 use outlog::OutLog;
@@ -308,28 +309,6 @@ enum Dir {
     In,
 }
 
-/// A peer's links, as the runtime tracks them.
-#[derive(Debug, Default)]
-struct LinkState {
-    outbound: bool,
-    inbound: bool,
-    /// The peer's incarnation on each link, as its hello said (meaningful
-    /// while that link is up).
-    outbound_incarnation: u64,
-    inbound_incarnation: u64,
-    last_heard: Option<Instant>,
-    /// When the current inbound connection last carried a frame.
-    inbound_heard: Option<Instant>,
-    /// Generation of the current inbound connection; a newer connection
-    /// from the same peer supersedes the older one.
-    inbound_gen: u64,
-    inbound_cancel: Option<CancellationToken>,
-    /// Whether the outbound link was ever up (to count reconnects).
-    ever_connected: bool,
-    /// Why the outbound link last failed, until it is up again.
-    last_error: Option<String>,
-}
-
 /// A configured peer, as the runtime needs it.
 #[derive(Debug)]
 struct PeerInfo {
@@ -342,9 +321,13 @@ struct PeerInfo {
     /// The peer's acknowledged sequence number, for waiters.
     acked: watch::Sender<u64>,
     stats: PeerStats,
-    /// What we applied from it (incarnation, seq), published for
-    /// [`MeshHandle::status`] so that it needs no lock a callback may hold.
-    applied: Mutex<Option<Position>>,
+    /// What was applied from it and its links: one lock per peer, never
+    /// held while application code runs.
+    state: Mutex<peer::PeerState>,
+    /// Held while this peer's events are emitted (after its state lock is
+    /// released), so that they reach the application in the order they
+    /// were decided; no other lock is taken under it.
+    turn: Mutex<()>,
 }
 
 type Callback = Arc<dyn Fn(&Event) + Send + Sync>;
@@ -356,8 +339,6 @@ struct Shared {
     tuning: Tuning,
     peers: Vec<PeerInfo>,
     out: Mutex<OutLog>,
-    origins: Mutex<Origins>,
-    links: Mutex<Vec<LinkState>>,
     /// The event channel; without a live [`Events`] stream, events are not
     /// sent into it at all.
     fanout: Fanout,
@@ -365,8 +346,6 @@ struct Shared {
     /// Bumped when a callback is registered, so that a batch's events can
     /// share one snapshot of the list and still see a new one at once.
     callbacks_gen: AtomicU64,
-    /// Orders peer-up/peer-down events as their transitions were decided.
-    peer_events: Mutex<()>,
     stats: Stats,
     /// Set by [`MeshHandle::abort`]: links close without draining or
     /// saying goodbye, as in a crash.
@@ -515,38 +494,26 @@ impl Shared {
         up: bool,
         reason: &str,
     ) -> bool {
-        // Transitions are decided under the links lock and emitted after
-        // it (a callback may ask for the status), in the order decided.
-        let _order = lock(&self.peer_events);
-        let (was, now) = {
-            let mut links = lock(&self.links);
-            let l = &mut links[peer];
-            if generation.is_some_and(|g| g != l.inbound_gen) {
-                return false;
-            }
-            if generation.is_some() && !up {
-                l.inbound_cancel = None;
-            }
-            let was = l.outbound && l.inbound;
-            match dir {
-                Dir::Out => l.outbound = up,
-                Dir::In => l.inbound = up,
-            }
-            if up {
-                l.last_heard = Some(Instant::now());
-            }
-            (was, l.outbound && l.inbound)
+        let info = &self.peers[peer];
+        let _turn = lock(&info.turn);
+        let change = lock(&info.state).set_link(dir, generation, up, Instant::now());
+        let Some(transition) = change else {
+            return false;
         };
-        let id = self.peers[peer].id.clone();
-        if !was && now {
-            info!(peer = %id, "peer up");
-            self.emit(Event::PeerUp { peer: id });
-        } else if was && !now {
-            warn!(peer = %id, reason, "peer down");
-            self.emit(Event::PeerDown {
-                peer: id,
-                reason: reason.to_string(),
-            });
+        let id = info.id.clone();
+        match transition {
+            Some(peer::Transition::Up) => {
+                info!(peer = %id, "peer up");
+                self.emit(Event::PeerUp { peer: id });
+            }
+            Some(peer::Transition::Down) => {
+                warn!(peer = %id, reason, "peer down");
+                self.emit(Event::PeerDown {
+                    peer: id,
+                    reason: reason.to_string(),
+                });
+            }
+            None => {}
         }
         true
     }
@@ -596,33 +563,22 @@ impl Shared {
         }
     }
 
-    /// Publishes what was applied from `peer`, for [`MeshHandle::status`].
-    fn publish_applied(&self, peer: usize, pos: Option<Position>) {
-        *lock(&self.peers[peer].applied) = pos;
-    }
-
     /// A peer's incarnation, as its hello says (either direction): notices
     /// restarts (flushing when one was not clean) and duplicate identities.
     fn peer_incarnation(&self, peer: usize, incarnation: u64) -> Result<(), String> {
-        let live: Vec<u64> = {
-            let l = &lock(&self.links)[peer];
-            [
-                l.inbound.then_some(l.inbound_incarnation),
-                l.outbound.then_some(l.outbound_incarnation),
-            ]
-            .into_iter()
-            .flatten()
-            .collect()
-        };
-        let mut origins = lock(&self.origins);
-        let r = origins.hello(peer, incarnation, &live, &mut |e| self.emit(e));
-        self.publish_applied(peer, origins.applied(peer));
-        r.map(|_| ()).map_err(|d| {
+        let info = &self.peers[peer];
+        let _turn = lock(&info.turn);
+        let mut events = Vec::new();
+        let r = lock(&info.state).hello(incarnation, &mut events);
+        for e in events {
+            self.emit(e);
+        }
+        r.map_err(|d| {
             let reason = format!(
                 "two running nodes answer as {}: incarnation {:016x}{} while {:016x} is connected; \
                  check cluster.instance0 on each server (a restarted node is let in once its \
                  previous run's links are gone, within seconds)",
-                self.peers[peer].id,
+                info.id,
                 d.other,
                 if d.returning {
                     " came back"
@@ -642,12 +598,7 @@ impl Shared {
     }
 
     fn heard(&self, peer: usize, dir: Dir) {
-        let now = Instant::now();
-        let l = &mut lock(&self.links)[peer];
-        l.last_heard = Some(now);
-        if dir == Dir::In {
-            l.inbound_heard = Some(now);
-        }
+        lock(&self.peers[peer].state).heard(dir, Instant::now());
     }
 
     /// Why a new, unproven connection claiming `peer`'s `incarnation` must
@@ -656,19 +607,15 @@ impl Shared {
     /// every [`Tuning::ping_every`]). `None` when it may take over: the
     /// link is down or has gone silent, as after a network failure.
     fn live_inbound(&self, peer: usize, incarnation: u64) -> Option<String> {
-        let l = &lock(&self.links)[peer];
-        let heard = l.inbound_heard.map(|t| t.elapsed())?;
-        let live = l.inbound
-            && l.inbound_incarnation == incarnation
-            && heard < self.tuning.ping_every.saturating_mul(2);
-        live.then(|| {
-            format!(
-                "a live connection from {} (incarnation {incarnation:016x}) was heard {} ms ago; \
-                 a second one claiming it is refused until that one falls silent",
-                self.peers[peer].id,
-                heard.as_millis()
-            )
-        })
+        let within = self.tuning.ping_every.saturating_mul(2);
+        let ago =
+            lock(&self.peers[peer].state).live_inbound(incarnation, within, Instant::now())?;
+        Some(format!(
+            "a live connection from {} (incarnation {incarnation:016x}) was heard {} ms ago; \
+             a second one claiming it is refused until that one falls silent",
+            self.peers[peer].id,
+            ago.as_millis()
+        ))
     }
 }
 
@@ -890,17 +837,20 @@ fn build_shared(
     let peers: Vec<PeerInfo> = config
         .peers
         .iter()
-        .map(|p| PeerInfo {
-            id: Arc::from(p.addr.to_string()),
-            addr: p.addr.clone(),
-            dial: connect_via.get(&p.addr).copied(),
-            notify: Notify::new(),
-            acked: watch::channel(0).0,
-            stats: PeerStats::default(),
-            applied: Mutex::new(None),
+        .map(|p| {
+            let id: PeerId = Arc::from(p.addr.to_string());
+            PeerInfo {
+                state: Mutex::new(peer::PeerState::new(id.clone())),
+                id,
+                addr: p.addr.clone(),
+                dial: connect_via.get(&p.addr).copied(),
+                notify: Notify::new(),
+                acked: watch::channel(0).0,
+                stats: PeerStats::default(),
+                turn: Mutex::new(()),
+            }
         })
         .collect();
-    let ids: Vec<PeerId> = peers.iter().map(|p| p.id.clone()).collect();
     Ok(Arc::new(Shared {
         me,
         out: Mutex::new(OutLog::new(
@@ -909,13 +859,10 @@ fn build_shared(
             config.buffer,
             tuning.buffer_bytes,
         )),
-        origins: Mutex::new(Origins::new(ids)),
-        links: Mutex::new((0..peers.len()).map(|_| LinkState::default()).collect()),
         peers,
         fanout,
         callbacks: RwLock::new(Arc::new(callbacks)),
         callbacks_gen: AtomicU64::new(0),
-        peer_events: Mutex::new(()),
         stats: Stats::default(),
         aborted: AtomicBool::new(false),
         token: CancellationToken::new(),
@@ -1093,9 +1040,11 @@ impl MeshHandle {
     /// are reported as not acked (they get it on reconnect, or a flush).
     pub async fn wait_acked(&self, seq: u64, timeout: Duration) -> WaitOutcome {
         let deadline = tokio::time::Instant::now() + timeout;
-        let up: Vec<bool> = lock(&self.shared.links)
+        let up: Vec<bool> = self
+            .shared
+            .peers
             .iter()
-            .map(|l| l.outbound)
+            .map(|p| lock(&p.state).link.outbound)
             .collect();
         let waits = self.shared.peers.iter().zip(up).map(|(p, up)| {
             let mut rx = p.acked.subscribe();
@@ -1155,28 +1104,32 @@ impl MeshHandle {
                 .collect();
             (out.last_seq(), out.held(), out.overflows(), per)
         };
-        let applied: Vec<_> = s.peers.iter().map(|p| *lock(&p.applied)).collect();
-        let links = lock(&s.links);
         let peers = s
             .peers
             .iter()
             .enumerate()
-            .map(|(i, p)| PeerStatus {
-                id: p.id.clone(),
-                connected: links[i].outbound && links[i].inbound,
-                outbound: links[i].outbound,
-                inbound: links[i].inbound,
-                last_heard_ms: links[i]
-                    .last_heard
-                    .map(|t| now.saturating_duration_since(t).as_millis() as u64),
-                queued: per_peer[i].0,
-                acked_seq: per_peer[i].1,
-                applied: applied[i].map(|p| (format!("{:016x}", p.incarnation), p.seq)),
-                sent: p.stats.sent.load(Ordering::Relaxed),
-                received: p.stats.received.load(Ordering::Relaxed),
-                reconnects: p.stats.reconnects.load(Ordering::Relaxed),
-                ack_latency: p.stats.ack_latency.snapshot(),
-                last_error: links[i].last_error.clone(),
+            .map(|(i, p)| {
+                let st = lock(&p.state);
+                let l = &st.link;
+                PeerStatus {
+                    id: p.id.clone(),
+                    connected: l.outbound && l.inbound,
+                    outbound: l.outbound,
+                    inbound: l.inbound,
+                    last_heard_ms: l
+                        .last_heard
+                        .map(|t| now.saturating_duration_since(t).as_millis() as u64),
+                    queued: per_peer[i].0,
+                    acked_seq: per_peer[i].1,
+                    applied: st
+                        .applied()
+                        .map(|p| (format!("{:016x}", p.incarnation), p.seq)),
+                    sent: p.stats.sent.load(Ordering::Relaxed),
+                    received: p.stats.received.load(Ordering::Relaxed),
+                    reconnects: p.stats.reconnects.load(Ordering::Relaxed),
+                    ack_latency: p.stats.ack_latency.snapshot(),
+                    last_error: l.last_error.clone(),
+                }
             })
             .collect();
         let c = &s.stats;

@@ -288,17 +288,15 @@ impl OutLog {
         self.overflows
     }
 
-    /// Encodes what `peer` has not been sent, as `Batch` frames appended to
-    /// `dst`, up to about `max_bytes`; marks it sent.
-    pub(crate) fn fill(
-        &mut self,
-        peer: usize,
-        dst: &mut BytesMut,
-        max_bytes: usize,
-    ) -> Result<Filled, CodecError> {
+    /// Takes what `peer` has not been sent, up to about `max_bytes` of
+    /// encoded items, into `taken` (shared references: no string is
+    /// copied), and marks it sent. The caller encodes it after releasing
+    /// the lock this log lives under, so that encoding a large backlog
+    /// never holds up [`OutLog::push`].
+    pub(crate) fn take(&mut self, peer: usize, taken: &mut Taken, max_bytes: usize) -> Filled {
         let mut filled = Filled::default();
-        let start_len = dst.len();
-        while self.has_unsent(peer) && dst.len() - start_len < max_bytes {
+        let mut bytes = 0;
+        while self.has_unsent(peer) && bytes < max_bytes {
             let mut from = self.peers[peer].sent + 1;
             if from < self.front_seq {
                 // Entries this peer needs were dropped. A flush at the front
@@ -306,8 +304,8 @@ impl OutLog {
                 // last dropped entry stands in for them.
                 if self.items.front() != Some(&Item::Flush) {
                     let flush_seq = self.front_seq - 1;
-                    let flush = [Item::Flush];
-                    encode_batch_frame(flush_seq, (&flush, &[]), dst)?;
+                    taken.push_run(flush_seq, std::iter::once(Item::Flush));
+                    bytes += Item::Flush.encoded_len_bound();
                     filled.items += 1;
                     filled.gap_flush = true;
                     self.peers[peer].sent = flush_seq;
@@ -316,27 +314,66 @@ impl OutLog {
             }
             let offset = (from - self.front_seq) as usize;
             let mut end = offset;
-            let mut bytes = 0;
-            while end < self.items.len() && end - offset < BATCH_ITEMS && bytes < BATCH_BYTES {
-                bytes += self.items[end].encoded_len_bound();
+            let mut run_bytes = 0;
+            while end < self.items.len() && end - offset < BATCH_ITEMS && run_bytes < BATCH_BYTES {
+                run_bytes += self.items[end].encoded_len_bound();
                 end += 1;
             }
             if end == offset {
                 break;
             }
-            let (a, b) = self.items.as_slices();
-            let slices = if end <= a.len() {
-                (&a[offset..end], &b[..0])
-            } else if offset >= a.len() {
-                (&b[offset - a.len()..end - a.len()], &b[..0])
-            } else {
-                (&a[offset..], &b[..end - a.len()])
-            };
-            encode_batch_frame(from, slices, dst)?;
+            taken.push_run(from, self.items.range(offset..end).cloned());
+            bytes += run_bytes;
             filled.items += end - offset;
             self.peers[peer].sent = from + (end - offset) as u64 - 1;
         }
+        filled
+    }
+
+    /// [`OutLog::take`] and [`Taken::encode`] in one (tests).
+    #[cfg(test)]
+    pub(crate) fn fill(
+        &mut self,
+        peer: usize,
+        dst: &mut BytesMut,
+        max_bytes: usize,
+    ) -> Result<Filled, CodecError> {
+        let mut taken = Taken::default();
+        let filled = self.take(peer, &mut taken, max_bytes);
+        taken.encode(dst)?;
         Ok(filled)
+    }
+}
+
+/// Invalidations taken from the ring for one write: runs of consecutive
+/// seqs, each one `Batch` frame. Kept by the link between writes, for its
+/// allocations.
+#[derive(Debug, Default)]
+pub(crate) struct Taken {
+    /// (first seq, number of items) of each run, in order.
+    runs: Vec<(u64, usize)>,
+    items: Vec<Item>,
+}
+
+impl Taken {
+    fn push_run(&mut self, first_seq: u64, items: impl Iterator<Item = Item>) {
+        let before = self.items.len();
+        self.items.extend(items);
+        self.runs.push((first_seq, self.items.len() - before));
+    }
+
+    /// Encodes the runs as `Batch` frames appended to `dst`, and empties
+    /// itself.
+    pub(crate) fn encode(&mut self, dst: &mut BytesMut) -> Result<(), CodecError> {
+        let mut at = 0;
+        let result = self.runs.iter().try_for_each(|&(first_seq, n)| {
+            let run = &self.items[at..at + n];
+            at += n;
+            encode_batch_frame(first_seq, (run, &[]), dst)
+        });
+        self.runs.clear();
+        self.items.clear();
+        result
     }
 }
 

@@ -1,0 +1,193 @@
+//! The handshake's checks as plain functions of the two hellos (sans-IO),
+//! run the same way by the dialer and the acceptor (`proto/PROTOCOL.md`,
+//! sections 7.2 to 7.4). The tasks only move the frames; what is checked,
+//! in which order, and what each refusal says lives here.
+
+use crate::auth::{self, Role, Secret};
+use crate::wire::{Hello, MAC_LEN, MAGIC, PROTOCOL_VERSION};
+
+/// Why a handshake was refused. The text is the reason a Reject carries
+/// (and the log line), naming both nodes where the other side logs it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum HandshakeError {
+    /// Not a cachecast peer.
+    #[error("bad magic: not a cachecast peer")]
+    BadMagic,
+    /// A version older than ours (each side sends its highest; both use
+    /// the lower, and this node speaks only version 1).
+    #[error("unsupported protocol version {0} (this node speaks {PROTOCOL_VERSION})")]
+    Version(u16),
+    /// This side has a secret, the other does not.
+    #[error("{me} requires a shared secret (cachecast.secret) and {them} has none")]
+    SecretMissingThere { me: String, them: String },
+    /// The other side has a secret, this side does not.
+    #[error("{them} has a shared secret (cachecast.secret) and {me} has none")]
+    SecretMissingHere { me: String, them: String },
+    /// The other side's proof is wrong.
+    #[error("authentication failed for {them}: wrong shared secret (cachecast.secret differs?)")]
+    WrongSecret { them: String },
+}
+
+impl HandshakeError {
+    /// Whether it is about the shared secret (counted apart).
+    pub(crate) fn is_auth(&self) -> bool {
+        !matches!(self, HandshakeError::BadMagic | HandshakeError::Version(_))
+    }
+}
+
+/// The first checks of the other side's hello, before its identity: the
+/// magic, then the version.
+pub(crate) fn check_hello(theirs: &Hello) -> Result<(), HandshakeError> {
+    if theirs.magic != MAGIC {
+        return Err(HandshakeError::BadMagic);
+    }
+    if theirs.version < PROTOCOL_VERSION {
+        return Err(HandshakeError::Version(theirs.version));
+    }
+    Ok(())
+}
+
+/// The last check of the other side's hello, once its identity `them` is
+/// known: both sides have a secret, or neither.
+pub(crate) fn check_secrets(
+    have: bool,
+    theirs: &Hello,
+    me: &str,
+    them: &str,
+) -> Result<(), HandshakeError> {
+    let (me, them) = (me.to_string(), them.to_string());
+    match (have, theirs.auth) {
+        (true, false) => Err(HandshakeError::SecretMissingThere { me, them }),
+        (false, true) => Err(HandshakeError::SecretMissingHere { me, them }),
+        _ => Ok(()),
+    }
+}
+
+/// Both hellos, and who this side is in the handshake.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Hellos<'a> {
+    pub role: Role,
+    pub ours: &'a Hello,
+    pub theirs: &'a Hello,
+}
+
+impl<'a> Hellos<'a> {
+    fn transcript(&self) -> auth::Transcript<'a> {
+        match self.role {
+            Role::Dialer => auth::Transcript {
+                dialer: self.ours,
+                acceptor: self.theirs,
+            },
+            Role::Acceptor => auth::Transcript {
+                dialer: self.theirs,
+                acceptor: self.ours,
+            },
+        }
+    }
+
+    fn other(&self) -> Role {
+        match self.role {
+            Role::Dialer => Role::Acceptor,
+            Role::Acceptor => Role::Dialer,
+        }
+    }
+
+    /// The proof of the secret this side sends.
+    pub(crate) fn proof(&self, secret: &Secret) -> [u8; MAC_LEN] {
+        auth::prove(secret, self.role, &self.transcript())
+    }
+
+    /// Checks the other side's proof of the secret.
+    pub(crate) fn check_proof(
+        &self,
+        secret: &Secret,
+        mac: &[u8; MAC_LEN],
+        them: &str,
+    ) -> Result<(), HandshakeError> {
+        if auth::verify(secret, self.other(), &self.transcript(), mac) {
+            Ok(())
+        } else {
+            Err(HandshakeError::WrongSecret {
+                them: them.to_string(),
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hello(node: &str, auth: bool) -> Hello {
+        Hello {
+            magic: MAGIC,
+            version: PROTOCOL_VERSION,
+            node: node.into(),
+            incarnation: 7,
+            nonce: [node.len() as u8; 32],
+            last_applied: None,
+            auth,
+        }
+    }
+
+    fn secret(s: &str) -> Secret {
+        Secret::new(s.as_bytes().to_vec()).expect("secret")
+    }
+
+    #[test]
+    fn magic_then_version() {
+        let mut h = hello("a:1", false);
+        h.version = 0;
+        assert_eq!(check_hello(&h), Err(HandshakeError::Version(0)));
+        h.magic = *b"HTTP";
+        assert_eq!(check_hello(&h), Err(HandshakeError::BadMagic));
+        h = hello("a:1", false);
+        h.version = 9;
+        assert_eq!(check_hello(&h), Ok(()), "a newer peer steps down");
+    }
+
+    #[test]
+    fn both_sides_prove_and_check_each_other() {
+        let s = secret("0123456789abcdef0123");
+        let (d, a) = (hello("d:1", true), hello("acc:2", true));
+        let dialer = Hellos {
+            role: Role::Dialer,
+            ours: &d,
+            theirs: &a,
+        };
+        let acceptor = Hellos {
+            role: Role::Acceptor,
+            ours: &a,
+            theirs: &d,
+        };
+        let (dm, am) = (dialer.proof(&s), acceptor.proof(&s));
+        assert_eq!(acceptor.check_proof(&s, &dm, "d:1"), Ok(()));
+        assert_eq!(dialer.check_proof(&s, &am, "acc:2"), Ok(()));
+        // A proof reflected back is not the other role's.
+        assert!(acceptor.check_proof(&s, &am, "d:1").is_err());
+        let other = secret("another secret of 20b");
+        assert_eq!(
+            acceptor.check_proof(&other, &dm, "d:1"),
+            Err(HandshakeError::WrongSecret { them: "d:1".into() })
+        );
+    }
+
+    #[test]
+    fn a_secret_on_one_side_only_is_named_from_either_side() {
+        let (d, a) = (hello("d:1", false), hello("acc:2", true));
+        assert_eq!(
+            check_secrets(true, &d, "acc:2", "d:1"),
+            Err(HandshakeError::SecretMissingThere {
+                me: "acc:2".into(),
+                them: "d:1".into()
+            })
+        );
+        let e = check_secrets(false, &a, "d:1", "acc:2").expect_err("refused");
+        assert_eq!(
+            e.to_string(),
+            "acc:2 has a shared secret (cachecast.secret) and d:1 has none"
+        );
+        assert!(e.is_auth());
+        assert_eq!(check_secrets(true, &a, "d:1", "acc:2"), Ok(()));
+    }
+}
