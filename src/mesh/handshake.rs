@@ -28,13 +28,6 @@ pub(crate) enum HandshakeError {
     WrongSecret { them: String },
 }
 
-impl HandshakeError {
-    /// Whether it is about the shared secret (counted apart).
-    pub(crate) fn is_auth(&self) -> bool {
-        !matches!(self, HandshakeError::BadMagic | HandshakeError::Version(_))
-    }
-}
-
 /// The first checks of the other side's hello, before its identity: the
 /// magic, then the version.
 pub(crate) fn check_hello(theirs: &Hello) -> Result<(), HandshakeError> {
@@ -187,7 +180,6 @@ mod tests {
             e.to_string(),
             "acc:2 has a shared secret (cachecast.secret) and d:1 has none"
         );
-        assert!(e.is_auth());
         assert_eq!(check_secrets(true, &a, "d:1", "acc:2"), Ok(()));
     }
 }

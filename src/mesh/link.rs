@@ -50,7 +50,7 @@ pub(super) enum LinkError {
     Rejected(String),
     #[error("protocol error: {0}")]
     Protocol(String),
-    #[error("{}{}", if .0.is_auth() { "authentication: " } else { "" }, .0)]
+    #[error("{0}")]
     Handshake(#[from] HandshakeError),
     #[error("{0}")]
     Tls(String),
