@@ -201,6 +201,9 @@ async fn restart_seen_only_from_the_dialing_side_is_not_taken_for_clean() {
 async fn invalidation_accepted_as_shutdown_begins_is_sent_or_flushed() {
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut trials = 0;
+    // Invalidations accepted after the shutdown began: the window the
+    // hazard lives in. A run that never saw one proved nothing.
+    let late_accepted = Arc::new(AtomicU64::new(0));
     while Instant::now() < deadline && trials < 40 {
         trials += 1;
         let (mut c, listeners) = Cluster::reserve(2).await;
@@ -212,18 +215,24 @@ async fn invalidation_accepted_as_shutdown_begins_is_sent_or_flushed() {
         let a = c.h(0).clone();
         let max_ok = Arc::new(AtomicU64::new(0));
         let go = Arc::new(AtomicBool::new(false));
+        let stopping = Arc::new(AtomicBool::new(false));
         let mut threads = Vec::new();
         for t in 0..6 {
             let (a, max_ok, go) = (a.clone(), max_ok.clone(), go.clone());
+            let (stopping, late) = (stopping.clone(), late_accepted.clone());
             threads.push(std::thread::spawn(move || {
                 while !go.load(Ordering::Acquire) {
                     std::hint::spin_loop();
                 }
                 let mut k = 0u64;
                 loop {
+                    let after_start = stopping.load(Ordering::Acquire);
                     match a.invalidate("c", &format!("{t}-{k}")) {
                         Ok(seq) => {
                             max_ok.fetch_max(seq, Ordering::AcqRel);
+                            if after_start {
+                                late.fetch_add(1, Ordering::Relaxed);
+                            }
                         }
                         Err(InvalidateError::Closed) => return,
                         Err(e) => panic!("{e}"),
@@ -239,7 +248,12 @@ async fn invalidation_accepted_as_shutdown_begins_is_sent_or_flushed() {
         }
         drop(a);
         go.store(true, Ordering::Release);
-        tokio::time::sleep(Duration::from_millis(30)).await;
+        // Until the writers are well under way.
+        wait_until("invalidations flowing", SHORT, || {
+            max_ok.load(Ordering::Acquire) >= 1000
+        })
+        .await;
+        stopping.store(true, Ordering::Release);
         c.nodes[0].take().expect("A").shutdown().await;
         for t in threads {
             tokio::task::spawn_blocking(move || t.join())
@@ -252,6 +266,9 @@ async fn invalidation_accepted_as_shutdown_begins_is_sent_or_flushed() {
         let applied = hb.status().peers[0].applied.clone().map_or(0, |p| p.1);
         if applied >= last_ok {
             c.shutdown_all().await;
+            if late_accepted.load(Ordering::Relaxed) > 0 && trials >= 5 {
+                break;
+            }
             continue;
         }
         // The origin returned Ok(last_ok) but B applied only up to
@@ -275,6 +292,11 @@ async fn invalidation_accepted_as_shutdown_begins_is_sent_or_flushed() {
             trial = trials
         );
     }
+    assert!(
+        late_accepted.load(Ordering::Relaxed) > 0,
+        "in {trials} trials no invalidation was accepted after the shutdown began: \
+         the race was never exercised"
+    );
 }
 
 /// Stops A1 (node 0), starts A2 with the network whole again, and checks

@@ -313,7 +313,7 @@ async fn last_event_id_resumes_without_a_flush_and_a_foreign_one_flushes() {
 async fn bad_input_gets_json_errors_and_the_node_keeps_serving() {
     let mut c = Cluster::new(2, "");
     c.start_all().await;
-    let n = &c.nodes[0];
+    let n = &mut c.nodes[0];
     let big_key = "k".repeat(64 * 1024 + 1);
     let huge = "x".repeat(5 * 1024 * 1024);
     let many: Vec<Value> = (0..10_001)

@@ -12,10 +12,45 @@ use serde_json::{Value, json};
 
 pub const LONG: Duration = Duration::from_secs(20);
 
-/// A free loopback port (bound, then released for the sidecar to take).
+/// A loopback port for a sidecar to bind, chosen at random and checked
+/// free. It lies below the kernel's range of ephemeral ports, so that no
+/// outgoing connection (of this test or any other process) is given it
+/// between this check and the sidecar's bind, and it is never handed out
+/// twice in one test process, so that tests running side by side cannot
+/// pick the same one. [`Sidecar::wait_healthy`] checks that the process
+/// answering on it is the one started.
 pub fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr").port()
+    static GIVEN: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    let ephemeral_from = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let (lo, hi) = (10_000u16, ephemeral_from.max(10_001));
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    for _ in 0..10_000 {
+        let port = lo + (rand_u64() % u64::from(hi - lo)) as u16;
+        if given.contains(&port) {
+            continue;
+        }
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            given.insert(port);
+            return port;
+        }
+    }
+    panic!("no free loopback port in {lo}..{hi}");
+}
+
+/// A random number from the standard library alone (the hasher's keys).
+fn rand_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64),
+    );
+    h.finish()
 }
 
 /// One sidecar process and its configuration.
@@ -64,14 +99,29 @@ impl Sidecar {
         format!("127.0.0.1:{}", self.port)
     }
 
-    pub async fn wait_healthy(&self) {
+    /// Waits until this sidecar answers on its API. The answer must name
+    /// this node: another process on the port fails the test at once, and
+    /// so does this one exiting (its log says why).
+    pub async fn wait_healthy(&mut self) {
         let client = client();
         let deadline = tokio::time::Instant::now() + LONG;
         loop {
             if let Ok(r) = client.get(self.url("/healthz")).send().await
                 && r.status().is_success()
             {
+                let body: Value = r.json().await.unwrap_or_default();
+                assert_eq!(
+                    body["node"],
+                    json!(self.id()),
+                    "another process answers on {}",
+                    self.api
+                );
                 return;
+            }
+            if let Some(c) = self.child.as_mut()
+                && let Ok(Some(status)) = c.try_wait()
+            {
+                panic!("sidecar exited ({status}); log:\n{}", self.log_text());
             }
             assert!(
                 tokio::time::Instant::now() < deadline,
@@ -193,7 +243,7 @@ impl Cluster {
         for n in &mut self.nodes {
             n.spawn();
         }
-        for n in &self.nodes {
+        for n in &mut self.nodes {
             n.wait_healthy().await;
         }
     }
