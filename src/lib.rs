@@ -62,7 +62,7 @@ pub mod wire;
 
 pub use config::{ClusterConfig, NodeAddr};
 pub use mesh::{
-    Counters, Event, EventCounters, Events, FlushReason, HistogramSnapshot, InvalidateError, Mesh,
-    MeshBuilder, MeshHandle, PeerId, PeerStatus, Status, Tuning, WaitOutcome,
+    Counters, Event, EventCounters, Events, FlushReason, HistogramSnapshot, InvalidateError,
+    MemoryNetwork, Mesh, MeshBuilder, MeshHandle, PeerId, PeerStatus, Status, Tuning, WaitOutcome,
 };
 pub use wire::Item;

@@ -11,7 +11,7 @@ use futures_util::StreamExt;
 use rustls_pki_types::CertificateDer;
 use tokio::io::{AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, timeout, timeout_at};
 use tokio_util::codec::{Encoder, FramedRead};
 use tokio_util::sync::CancellationToken;
@@ -21,6 +21,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use super::handshake;
 use super::io::Io;
 use super::limits::{Admit, IpSlot, lookup};
+use super::transport::MemoryStream;
 use super::{Dir, Event, FlushReason, Rejected, Shared, Silence, lock};
 use crate::auth;
 use crate::config::NodeAddr;
@@ -66,14 +67,15 @@ pub(super) async fn identity_matches(claimed: &NodeAddr, configured: &NodeAddr) 
 }
 
 /// Accepts connections until shutdown.
-pub(super) async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, tracker: TaskTracker) {
+pub(super) async fn accept_loop(shared: Arc<Shared>, mut incoming: Incoming, tracker: TaskTracker) {
     loop {
         let accepted = tokio::select! {
-            r = listener.accept() => r,
+            r = incoming.accept() => r,
             _ = shared.token.cancelled() => return,
         };
         let (stream, remote) = match accepted {
-            Ok(a) => a,
+            Ok(Some(a)) => a,
+            Ok(None) => return,
             Err(e) => {
                 // Typically out of file descriptors: wait instead of spinning.
                 warn!(error = %e, "accept failed");
@@ -118,9 +120,40 @@ pub(super) async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, trac
                 return;
             };
             let span = info_span!("inbound", remote = %remote);
-            serve(&shared, stream, remote, slot).instrument(span).await;
+            match stream {
+                Conn::Tcp(stream) => serve(&shared, stream, remote, slot).instrument(span).await,
+                Conn::Memory(stream) => {
+                    let deadline = Instant::now() + shared.tuning.hello_timeout;
+                    let io = Io::Memory(stream);
+                    serve_io(&shared, io, None, Some(remote.ip()), deadline, slot)
+                        .instrument(span)
+                        .await
+                }
+            }
             drop(permit);
         });
+    }
+}
+
+/// Where inbound connections come from.
+pub(super) enum Incoming {
+    Tcp(TcpListener),
+    Memory(mpsc::UnboundedReceiver<(MemoryStream, SocketAddr)>),
+}
+
+/// An accepted connection, before the handshake.
+enum Conn {
+    Tcp(TcpStream),
+    Memory(MemoryStream),
+}
+
+impl Incoming {
+    /// The next connection; `None` once no more can come.
+    async fn accept(&mut self) -> std::io::Result<Option<(Conn, SocketAddr)>> {
+        match self {
+            Incoming::Tcp(l) => l.accept().await.map(|(s, a)| Some((Conn::Tcp(s), a))),
+            Incoming::Memory(rx) => Ok(rx.recv().await.map(|(s, a)| (Conn::Memory(s), a))),
+        }
     }
 }
 
@@ -348,7 +381,7 @@ pub(super) async fn serve_io(
     let generation = lock(&shared.peers[peer].state).inbound_takes_over(
         incarnation,
         conn_token.clone(),
-        std::time::Instant::now(),
+        Instant::now(),
     );
     info!(peer = %id, incarnation = format_args!("{incarnation:016x}"), "inbound link up");
     shared.set_inbound(peer, generation, true, "");

@@ -19,7 +19,7 @@ use super::handshake::{self, HandshakeError};
 use super::io::Io;
 use super::limits::lookup;
 use super::outlog::Taken;
-use super::{Dir, Shared, Silence, lock};
+use super::{Dir, PeerInfo, Shared, Silence, lock};
 use crate::auth;
 use crate::config::NodeAddr;
 use crate::wire::{CodecError, Expect, FrameCodec, Hello, Message};
@@ -228,29 +228,22 @@ async fn connect(
     peer: usize,
 ) -> Result<(Reader, WriteHalf<Io>, Hello), LinkError> {
     let info = &shared.peers[peer];
-    let stream = match info.dial {
-        Some(via) => timeout(shared.tuning.connect_timeout, TcpStream::connect(via))
-            .await
-            .map_err(|_| LinkError::Connect(format!("{via}: no answer")))?
-            .map_err(|e| LinkError::Connect(format!("{via}: {e}")))?,
-        None => dial(&info.addr, shared.tuning.connect_timeout).await?,
-    };
-    // Latency matters more than packet count; writes are batched anyway.
-    stream.set_nodelay(true)?;
     let hello_timeout = shared.tuning.hello_timeout;
-    let deadline = Instant::now() + hello_timeout;
-    let io = match &shared.tls {
-        None => Io::Plain(stream),
-        Some(tls) => match timeout_at(deadline, tls.connect(&info.addr.host, stream)).await {
-            Ok(Ok(s)) => Io::Client(Box::new(s)),
-            Ok(Err(e)) => {
-                return Err(LinkError::Tls(format!(
-                    "TLS handshake with {} failed: {e} (does it have cachecast.tls configured, with a certificate from the same CA naming {}?)",
-                    info.addr, info.addr.host
-                )));
-            }
-            Err(_) => return Err(LinkError::HelloTimeout(hello_timeout)),
-        },
+    // One deadline covers the handshake from the connection on, TLS
+    // included.
+    let (io, deadline) = match &shared.network {
+        Some(net) => {
+            let s = net
+                .connect(
+                    &shared.config.node,
+                    &info.addr,
+                    shared.tuning.connect_timeout,
+                )
+                .await
+                .map_err(|e| LinkError::Connect(format!("{}: {e}", info.addr)))?;
+            (Io::Memory(s), Instant::now() + hello_timeout)
+        }
+        None => tcp_transport(shared, info).await?,
     };
     let (rd, mut wr) = tokio::io::split(io);
     // Nothing but the acceptor's Hello (or its Reject) is decoded first.
@@ -338,6 +331,34 @@ async fn connect(
     }
     reader.decoder_mut().established();
     Ok((reader, wr, hello))
+}
+
+/// Dials the peer over TCP (resolving its name afresh), with TLS when
+/// configured; with the handshake's deadline, counted from the TCP
+/// connection.
+async fn tcp_transport(shared: &Shared, info: &PeerInfo) -> Result<(Io, Instant), LinkError> {
+    let stream = match info.dial {
+        Some(via) => timeout(shared.tuning.connect_timeout, TcpStream::connect(via))
+            .await
+            .map_err(|_| LinkError::Connect(format!("{via}: no answer")))?
+            .map_err(|e| LinkError::Connect(format!("{via}: {e}")))?,
+        None => dial(&info.addr, shared.tuning.connect_timeout).await?,
+    };
+    // Latency matters more than packet count; writes are batched anyway.
+    stream.set_nodelay(true)?;
+    let hello_timeout = shared.tuning.hello_timeout;
+    let deadline = Instant::now() + hello_timeout;
+    let Some(tls) = &shared.tls else {
+        return Ok((Io::Plain(stream), deadline));
+    };
+    match timeout_at(deadline, tls.connect(&info.addr.host, stream)).await {
+        Ok(Ok(s)) => Ok((Io::Client(Box::new(s)), deadline)),
+        Ok(Err(e)) => Err(LinkError::Tls(format!(
+            "TLS handshake with {} failed: {e} (does it have cachecast.tls configured, with a certificate from the same CA naming {}?)",
+            info.addr, info.addr.host
+        ))),
+        Err(_) => Err(LinkError::HelloTimeout(hello_timeout)),
+    }
 }
 
 /// Writes `buf`, bounded: a write that makes no progress for `dead_after`

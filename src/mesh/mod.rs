@@ -19,13 +19,16 @@ mod metrics;
 mod outlog;
 mod peer;
 mod state;
+mod transport;
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use serde::Serialize;
 use tokio::net::TcpListener;
@@ -45,6 +48,7 @@ pub use event::{Event, FlushReason, PeerId};
 use metrics::Histogram;
 pub use metrics::{BUCKETS_US, HistogramSnapshot};
 use outlog::OutLog;
+pub use transport::MemoryNetwork;
 
 /// Timers and bounds of the runtime. The defaults suit production; tests
 /// may shorten them.
@@ -368,6 +372,8 @@ struct Shared {
     shutdown_at: std::sync::OnceLock<tokio::time::Instant>,
     /// The state file's lock, held while this run may write the file.
     state_lock: Mutex<Option<std::fs::File>>,
+    /// The in-memory network the node lives on instead of TCP (tests).
+    network: Option<MemoryNetwork>,
 }
 
 /// Why an inbound connection was refused (for counters).
@@ -637,6 +643,7 @@ impl Mesh {
             connect_via: HashMap::new(),
             callbacks: Vec::new(),
             fanout: None,
+            network: None,
         }
     }
 }
@@ -650,6 +657,7 @@ pub struct MeshBuilder {
     callbacks: Vec<Callback>,
     /// The event channel, once [`MeshBuilder::subscribe`] made it.
     fanout: Option<Fanout>,
+    network: Option<MemoryNetwork>,
 }
 
 /// Where [`Events`] streams come from: the channel, the count of live
@@ -716,6 +724,15 @@ impl MeshBuilder {
         self
     }
 
+    /// Joins an in-memory network instead of TCP (tests): the node binds
+    /// nothing, is reached under its identity, and reaches its peers
+    /// through `network`, which the test can partition and cut. TLS is not
+    /// used there; a shared secret is.
+    pub fn network(mut self, network: MemoryNetwork) -> Self {
+        self.network = Some(network);
+        self
+    }
+
     /// Dial `peer` at `addr` instead of its configured address (a proxy or
     /// port mapping in between); its identity stays `peer`.
     pub fn connect_via(mut self, peer: NodeAddr, addr: SocketAddr) -> Self {
@@ -733,9 +750,10 @@ impl MeshBuilder {
             connect_via,
             callbacks,
             fanout,
+            network,
         } = self;
         let fanout = fanout.unwrap_or_else(|| Fanout::new(tuning.event_capacity));
-        let shared = build_shared(config, tuning, connect_via, callbacks, fanout)?;
+        let shared = build_shared(config, tuning, connect_via, callbacks, fanout, network)?;
         if let Some(path) = &shared.config.state_file {
             let state_err = |e: std::io::Error| StartError::State {
                 path: path.display().to_string(),
@@ -757,16 +775,22 @@ impl MeshBuilder {
                 .await
                 .map_err(state_err)?;
         }
-        let listener = match listener {
-            Some(l) => l,
-            None => TcpListener::bind(shared.config.bind)
-                .await
-                .map_err(|source| StartError::Bind {
-                    addr: shared.config.bind,
-                    source,
-                })?,
+        let incoming = match (&shared.network, listener) {
+            (Some(net), _) => conn::Incoming::Memory(net.listen(&shared.config.node)),
+            (None, Some(l)) => conn::Incoming::Tcp(l),
+            (None, None) => {
+                conn::Incoming::Tcp(TcpListener::bind(shared.config.bind).await.map_err(
+                    |source| StartError::Bind {
+                        addr: shared.config.bind,
+                        source,
+                    },
+                )?)
+            }
         };
-        let local = listener.local_addr().ok();
+        let local = match &incoming {
+            conn::Incoming::Tcp(l) => l.local_addr().ok(),
+            conn::Incoming::Memory(_) => None,
+        };
         info!(
             node = %shared.me,
             incarnation = format_args!("{:016x}", lock(&shared.out).incarnation()),
@@ -789,7 +813,7 @@ impl MeshBuilder {
             let allowlist = shared.allowlist.clone();
             tracker.spawn(async move { allowlist.resolve_first().await });
         }
-        tracker.spawn(conn::accept_loop(shared.clone(), listener, tracker.clone()));
+        tracker.spawn(conn::accept_loop(shared.clone(), incoming, tracker.clone()));
         for peer in 0..shared.peers.len() {
             tracker.spawn(link::run(shared.clone(), peer));
         }
@@ -809,6 +833,7 @@ fn build_shared(
     connect_via: HashMap<NodeAddr, SocketAddr>,
     callbacks: Vec<Callback>,
     fanout: Fanout,
+    network: Option<MemoryNetwork>,
 ) -> Result<Arc<Shared>, StartError> {
     if config.peers.len() >= crate::config::MAX_INSTANCES {
         return Err(StartError::Config(format!(
@@ -877,6 +902,7 @@ fn build_shared(
         duplicate_log: limits::LogLimiter::new(1, Duration::from_secs(60)),
         shutdown_at: std::sync::OnceLock::new(),
         state_lock: Mutex::new(None),
+        network,
         tuning,
         config,
     }))
@@ -1299,7 +1325,7 @@ pub fn fuzz_acceptor(input: &[u8]) {
         ..Tuning::default()
     };
     let fanout = Fanout::new(tuning.event_capacity);
-    let Ok(shared) = build_shared(config, tuning, HashMap::new(), Vec::new(), fanout) else {
+    let Ok(shared) = build_shared(config, tuning, HashMap::new(), Vec::new(), fanout, None) else {
         return;
     };
     rt.block_on(async {
@@ -1309,7 +1335,8 @@ pub fn fuzz_acceptor(input: &[u8]) {
             return;
         };
         let deadline = tokio::time::Instant::now() + shared.tuning.hello_timeout;
-        let serve = conn::serve_io(&shared, io::Io::Memory(server), None, None, deadline, slot);
+        let server = io::Io::Memory(transport::MemoryStream::plain(server));
+        let serve = conn::serve_io(&shared, server, None, None, deadline, slot);
         let talk = async {
             let _ = client.write_all(bytes).await;
             let _ = client.shutdown().await;

@@ -3,7 +3,9 @@
 //! only decide; callers emit the events they return once the lock is
 //! released, so no application code ever runs under it.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use tokio_util::sync::CancellationToken;
 

@@ -1,0 +1,264 @@
+//! How nodes reach each other: TCP (with TLS when configured) in
+//! production, or an in-memory network that tests drive: partitions,
+//! one-way drops and cuts, with every timer of the mesh under
+//! `tokio::time::pause()`, so that heartbeats, dead-peer detection,
+//! backoff and replay are tested deterministically and fast.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use std::future::Future;
+
+use tokio::io::{AsyncRead, AsyncWrite, DuplexStream, ReadBuf};
+use tokio::sync::mpsc;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+
+use crate::config::NodeAddr;
+
+/// Bytes buffered in each direction of an in-memory connection.
+const PIPE_BYTES: usize = 256 * 1024;
+
+/// One direction of the in-memory links between two nodes: whether its
+/// bytes are dropped silently (no reset, no end of stream), as on a path
+/// where a firewall drops packets.
+#[derive(Debug, Default)]
+struct Direction {
+    silent: AtomicBool,
+}
+
+/// An in-memory network of nodes, for tests: each node joins it under its
+/// identity (see `MeshBuilder::network`), and the test cuts, silences and
+/// heals the paths between them. Cheap to clone; clones share the network.
+#[derive(Clone, Default)]
+pub struct MemoryNetwork {
+    inner: Arc<Mutex<Net>>,
+}
+
+impl std::fmt::Debug for MemoryNetwork {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryNetwork").finish_non_exhaustive()
+    }
+}
+
+#[derive(Default)]
+struct Net {
+    /// Nodes accepting connections, by identity.
+    listening: HashMap<String, mpsc::UnboundedSender<(MemoryStream, SocketAddr)>>,
+    /// Each direction (from, to) between two nodes.
+    directions: HashMap<(String, String), Arc<Direction>>,
+    /// Every connection made, by its (dialer, acceptor), to cut them.
+    open: HashMap<(String, String), Vec<CancellationToken>>,
+    /// Connection attempts, by (dialer, acceptor).
+    attempts: HashMap<(String, String), u64>,
+}
+
+impl Net {
+    fn direction(&mut self, from: &str, to: &str) -> Arc<Direction> {
+        self.directions
+            .entry((from.to_string(), to.to_string()))
+            .or_default()
+            .clone()
+    }
+}
+
+impl MemoryNetwork {
+    /// An empty network.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Net> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Drops the bytes from `from` to `to` silently, on open connections
+    /// and new ones (a new connection from `from` to `to` is not answered).
+    pub fn drop_one_way(&self, from: &NodeAddr, to: &NodeAddr) {
+        let d = self.lock().direction(&from.to_string(), &to.to_string());
+        d.silent.store(true, Ordering::SeqCst);
+    }
+
+    /// Silences both directions between `a` and `b`.
+    pub fn partition(&self, a: &NodeAddr, b: &NodeAddr) {
+        self.drop_one_way(a, b);
+        self.drop_one_way(b, a);
+    }
+
+    /// Lets everything between `a` and `b` through again.
+    pub fn heal(&self, a: &NodeAddr, b: &NodeAddr) {
+        let mut net = self.lock();
+        for (x, y) in [(a, b), (b, a)] {
+            let d = net.direction(&x.to_string(), &y.to_string());
+            d.silent.store(false, Ordering::SeqCst);
+        }
+    }
+
+    /// Resets every open connection between `a` and `b` (either side
+    /// sees an error at once, as after a TCP reset).
+    pub fn cut(&self, a: &NodeAddr, b: &NodeAddr) {
+        let mut net = self.lock();
+        for key in [
+            (a.to_string(), b.to_string()),
+            (b.to_string(), a.to_string()),
+        ] {
+            for reset in net.open.remove(&key).unwrap_or_default() {
+                reset.cancel();
+            }
+        }
+    }
+
+    /// How many times `from` tried to connect to `to`.
+    pub fn attempts(&self, from: &NodeAddr, to: &NodeAddr) -> u64 {
+        let key = (from.to_string(), to.to_string());
+        self.lock().attempts.get(&key).copied().unwrap_or(0)
+    }
+
+    /// `node` accepts connections from now on.
+    pub(crate) fn listen(
+        &self,
+        node: &NodeAddr,
+    ) -> mpsc::UnboundedReceiver<(MemoryStream, SocketAddr)> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.lock().listening.insert(node.to_string(), tx);
+        rx
+    }
+
+    /// Connects `from` to `to`: refused at once when nobody listens there,
+    /// unanswered until `timeout` when the path from `from` is silent.
+    pub(crate) async fn connect(
+        &self,
+        from: &NodeAddr,
+        to: &NodeAddr,
+        timeout: Duration,
+    ) -> io::Result<MemoryStream> {
+        let (key_from, key_to) = (from.to_string(), to.to_string());
+        let attempt = {
+            let mut net = self.lock();
+            *net.attempts
+                .entry((key_from.clone(), key_to.clone()))
+                .or_default() += 1;
+            let forth = net.direction(&key_from, &key_to);
+            let back = net.direction(&key_to, &key_from);
+            let silent = forth.silent.load(Ordering::SeqCst) || back.silent.load(Ordering::SeqCst);
+            match net.listening.get(&key_to) {
+                _ if silent => None,
+                None => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::ConnectionRefused,
+                        "connection refused",
+                    ));
+                }
+                Some(tx) => {
+                    let (a, b) = tokio::io::duplex(PIPE_BYTES);
+                    let reset = CancellationToken::new();
+                    let ours = MemoryStream::new(a, forth, reset.clone());
+                    let theirs = MemoryStream::new(b, back, reset.clone());
+                    let source = SocketAddr::new(source_ip(from), 0);
+                    if tx.send((theirs, source)).is_err() {
+                        return Err(io::Error::new(
+                            io::ErrorKind::ConnectionRefused,
+                            "connection refused",
+                        ));
+                    }
+                    net.open.entry((key_from, key_to)).or_default().push(reset);
+                    Some(ours)
+                }
+            }
+        };
+        match attempt {
+            Some(s) => Ok(s),
+            None => {
+                // The SYN is dropped: nothing answers before the timeout.
+                tokio::time::sleep(timeout).await;
+                Err(io::Error::new(io::ErrorKind::TimedOut, "no answer"))
+            }
+        }
+    }
+}
+
+/// The address a node's connections come from: its host when that is an
+/// IP address, else loopback.
+fn source_ip(node: &NodeAddr) -> IpAddr {
+    node.host.parse().unwrap_or(IpAddr::from([127, 0, 0, 1]))
+}
+
+/// One end of an in-memory connection.
+pub struct MemoryStream {
+    inner: DuplexStream,
+    /// Whether what this end writes is dropped silently.
+    out: Arc<Direction>,
+    /// Resolves when the connection is reset; polled beside every read
+    /// and write, so that a waiting one wakes up.
+    reset: Pin<Box<WaitForCancellationFutureOwned>>,
+}
+
+impl std::fmt::Debug for MemoryStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryStream").finish_non_exhaustive()
+    }
+}
+
+impl MemoryStream {
+    fn new(inner: DuplexStream, out: Arc<Direction>, reset: CancellationToken) -> Self {
+        MemoryStream {
+            inner,
+            out,
+            reset: Box::pin(reset.cancelled_owned()),
+        }
+    }
+
+    /// A plain pipe end with no network around it (the fuzz harness).
+    pub(crate) fn plain(inner: DuplexStream) -> Self {
+        Self::new(inner, Arc::default(), CancellationToken::new())
+    }
+
+    fn check_reset(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
+        match self.reset.as_mut().poll(cx) {
+            Poll::Ready(()) => Err(io::Error::new(
+                io::ErrorKind::ConnectionReset,
+                "connection reset",
+            )),
+            Poll::Pending => Ok(()),
+        }
+    }
+}
+
+impl AsyncRead for MemoryStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        self.check_reset(cx)?;
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for MemoryStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.check_reset(cx)?;
+        if self.out.silent.load(Ordering::SeqCst) {
+            return Poll::Ready(Ok(buf.len()));
+        }
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.check_reset(cx)?;
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
