@@ -46,7 +46,7 @@ impl Cache {
                     entries.remove(&**cache);
                 }
                 Event::Flush { .. } => entries.clear(),
-                Event::PeerUp { .. } | Event::PeerDown { .. } => {}
+                _ => {} // peer up or down (and kinds added later): nothing to drop
             }
         });
     }

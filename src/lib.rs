@@ -23,7 +23,7 @@
 //!         Event::Invalidated { cache, key, .. } => { /* drop cache[key] */ }
 //!         Event::CacheCleared { cache, .. } => { /* empty that cache */ }
 //!         Event::Flush { .. } => { /* empty every cache */ }
-//!         Event::PeerUp { .. } | Event::PeerDown { .. } => {}
+//!         _ => {} // peer up or down (and kinds added later): nothing to drop
 //!     }
 //! }
 //! mesh.shutdown().await; // drains what is queued, says goodbye

@@ -263,7 +263,7 @@ async fn invalidation_accepted_as_shutdown_begins_is_sent_or_flushed() {
         }
         let last_ok = max_ok.load(Ordering::Acquire);
         let hb = c.h(1).clone();
-        let applied = hb.status().peers[0].applied.clone().map_or(0, |p| p.1);
+        let applied = hb.status().peers[0].applied.map_or(0, |p| p.seq);
         if applied >= last_ok {
             c.shutdown_all().await;
             if late_accepted.load(Ordering::Relaxed) > 0 && trials >= 5 {

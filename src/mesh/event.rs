@@ -66,6 +66,7 @@ impl fmt::Display for FlushReason {
 
 /// Something the application should know.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Event {
     /// One entry is stale: drop `key` from cache `cache`.
     Invalidated {

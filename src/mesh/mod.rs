@@ -42,7 +42,7 @@ use tracing::{debug, info, warn};
 use crate::auth::Secret;
 use crate::config::{ClusterConfig, NodeAddr};
 use crate::tls::Tls;
-use crate::wire::{Item, ItemError};
+use crate::wire::{Item, ItemError, Position};
 
 pub use event::{Event, FlushReason, PeerId};
 use metrics::Histogram;
@@ -102,6 +102,7 @@ impl Default for Tuning {
 
 /// Why the mesh could not start.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum StartError {
     /// The listening socket could not be bound.
     #[error("cannot listen on {addr}: {source}")]
@@ -112,17 +113,25 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
-    /// The configuration cannot run (e.g. more peers than allowed).
-    #[error("invalid configuration: {0}")]
-    Config(String),
-    /// The secret or the TLS files cannot be used.
+    /// More peers than a cluster may have.
+    #[error("invalid configuration: {peers} peers; at most {max}")]
+    TooManyPeers {
+        /// Peers configured.
+        peers: usize,
+        /// The most allowed.
+        max: usize,
+    },
+    /// The shared secret cannot be used.
     #[error("security settings: {0}")]
-    Security(String),
+    Secret(#[from] crate::auth::SecretError),
+    /// The TLS files cannot be used.
+    #[error("security settings: {0}")]
+    Tls(#[from] crate::tls::TlsError),
     /// The state file cannot be read or written.
-    #[error("state file {path}: {source}")]
+    #[error("state file {}: {source}", path.display())]
     State {
         /// The file.
-        path: String,
+        path: std::path::PathBuf,
         /// What the system said.
         #[source]
         source: std::io::Error,
@@ -131,6 +140,7 @@ pub enum StartError {
 
 /// Why an invalidation was not accepted.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum InvalidateError {
     /// It breaks the protocol's limits (empty cache name, string too long).
     #[error(transparent)]
@@ -142,6 +152,7 @@ pub enum InvalidateError {
 
 /// Which peers acknowledged, after [`MeshHandle::invalidate_and_wait`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
 pub struct WaitOutcome {
     /// The sequence number waited for.
     pub seq: u64,
@@ -239,6 +250,7 @@ pub struct Counters {
 
 /// Events delivered to the application since start, by kind.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
 pub struct EventCounters {
     /// [`Event::Invalidated`].
     pub invalidated: u64,
@@ -254,7 +266,8 @@ pub struct EventCounters {
 }
 
 /// One peer's state, as in [`Status`].
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct PeerStatus {
     /// The peer's identity.
     pub id: PeerId,
@@ -264,14 +277,14 @@ pub struct PeerStatus {
     pub outbound: bool,
     /// Its inbound link (its invalidations to us) is up.
     pub inbound: bool,
-    /// Milliseconds since anything was heard from it, if ever.
-    pub last_heard_ms: Option<u64>,
+    /// Time since anything was heard from it, if ever.
+    pub last_heard: Option<Duration>,
     /// Our invalidations it has not acknowledged that are still held.
     pub queued: u64,
     /// The last of our sequence numbers it acknowledged.
     pub acked_seq: u64,
-    /// What we applied from it: its incarnation (hex) and sequence number.
-    pub applied: Option<(String, u64)>,
+    /// What we applied from it: its incarnation and sequence number.
+    pub applied: Option<Position>,
     /// Items written to it (replays included).
     pub sent: u64,
     /// Items applied from it.
@@ -285,12 +298,13 @@ pub struct PeerStatus {
 }
 
 /// A snapshot of the node.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Status {
     /// This node's identity.
     pub node: PeerId,
-    /// This run's incarnation, in hex.
-    pub incarnation: String,
+    /// This run's incarnation.
+    pub incarnation: u64,
     /// The last sequence number this node assigned.
     pub last_seq: u64,
     /// Invalidations held in the replay buffer.
@@ -649,6 +663,7 @@ impl Mesh {
 }
 
 /// Options of a node before it starts; see [`Mesh::builder`].
+#[must_use = "a builder starts nothing until `start()` is awaited"]
 pub struct MeshBuilder {
     config: ClusterConfig,
     tuning: Tuning,
@@ -756,7 +771,7 @@ impl MeshBuilder {
         let shared = build_shared(config, tuning, connect_via, callbacks, fanout, network)?;
         if let Some(path) = &shared.config.state_file {
             let state_err = |e: std::io::Error| StartError::State {
-                path: path.display().to_string(),
+                path: path.clone(),
                 source: e,
             };
             *lock(&shared.state_lock) = Some(state::lock(path).map_err(state_err)?);
@@ -836,24 +851,13 @@ fn build_shared(
     network: Option<MemoryNetwork>,
 ) -> Result<Arc<Shared>, StartError> {
     if config.peers.len() >= crate::config::MAX_INSTANCES {
-        return Err(StartError::Config(format!(
-            "{} peers; at most {}",
-            config.peers.len(),
-            crate::config::MAX_INSTANCES - 1
-        )));
+        return Err(StartError::TooManyPeers {
+            peers: config.peers.len(),
+            max: crate::config::MAX_INSTANCES - 1,
+        });
     }
-    let secret = config
-        .secret
-        .as_ref()
-        .map(Secret::load)
-        .transpose()
-        .map_err(|e| StartError::Security(e.to_string()))?;
-    let tls = config
-        .tls
-        .as_ref()
-        .map(Tls::load)
-        .transpose()
-        .map_err(|e| StartError::Security(e.to_string()))?;
+    let secret = config.secret.as_ref().map(Secret::load).transpose()?;
+    let tls = config.tls.as_ref().map(Tls::load).transpose()?;
     if let Some(problem) = tls.as_ref().and_then(Tls::warning) {
         warn!("{problem}");
     }
@@ -1142,14 +1146,10 @@ impl MeshHandle {
                     connected: l.outbound && l.inbound,
                     outbound: l.outbound,
                     inbound: l.inbound,
-                    last_heard_ms: l
-                        .last_heard
-                        .map(|t| now.saturating_duration_since(t).as_millis() as u64),
+                    last_heard: l.last_heard.map(|t| now.saturating_duration_since(t)),
                     queued: per_peer[i].0,
                     acked_seq: per_peer[i].1,
-                    applied: st
-                        .applied()
-                        .map(|p| (format!("{:016x}", p.incarnation), p.seq)),
+                    applied: st.applied(),
                     sent: p.stats.sent.load(Ordering::Relaxed),
                     received: p.stats.received.load(Ordering::Relaxed),
                     reconnects: p.stats.reconnects.load(Ordering::Relaxed),
@@ -1162,7 +1162,7 @@ impl MeshHandle {
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
         Status {
             node: s.me.clone(),
-            incarnation: format!("{:016x}", self.incarnation()),
+            incarnation: self.incarnation(),
             last_seq,
             buffered,
             buffer_capacity: s.config.buffer,
@@ -1243,6 +1243,7 @@ impl MeshHandle {
 }
 
 /// A stream of [`Event`]s; see [`MeshHandle::subscribe`].
+#[must_use = "events are only kept for a stream that is read"]
 pub struct Events {
     inner: BroadcastStream<Event>,
     /// Resolves when the node has stopped: the stream then ends.

@@ -380,10 +380,47 @@ fn sse_stream(state: SseState) -> impl Stream<Item = Result<SseEvent, Infallible
     })
 }
 
+/// The node's status as the API gives it: incarnations in hex, times in
+/// milliseconds (the library keeps them typed).
+fn status_json(st: &crate::mesh::Status) -> Value {
+    let hex = |i: u64| format!("{i:016x}");
+    let peers: Vec<Value> = st
+        .peers
+        .iter()
+        .map(|p| {
+            json!({
+                "id": &*p.id,
+                "connected": p.connected,
+                "outbound": p.outbound,
+                "inbound": p.inbound,
+                "last_heard_ms": p.last_heard.map(|d| d.as_millis() as u64),
+                "queued": p.queued,
+                "acked_seq": p.acked_seq,
+                "applied": p.applied.map(|a| json!([hex(a.incarnation), a.seq])),
+                "sent": p.sent,
+                "received": p.received,
+                "reconnects": p.reconnects,
+                "ack_latency": serde_json::to_value(&p.ack_latency).unwrap_or(Value::Null),
+                "last_error": p.last_error,
+            })
+        })
+        .collect();
+    json!({
+        "node": &*st.node,
+        "incarnation": hex(st.incarnation),
+        "last_seq": st.last_seq,
+        "buffered": st.buffered,
+        "buffer_capacity": st.buffer_capacity,
+        "buffer_overflows": st.buffer_overflows,
+        "peers": peers,
+        "counters": serde_json::to_value(&st.counters).unwrap_or(Value::Null),
+    })
+}
+
 async fn status(State(app): State<Arc<App>>) -> Response {
     let st = app.mesh.status();
     let (held, capacity) = app.hub.held();
-    let mut body = serde_json::to_value(&st).unwrap_or_else(|_| json!({}));
+    let mut body = status_json(&st);
     if let Value::Object(map) = &mut body {
         map.insert(
             "sidecar".into(),
@@ -592,7 +629,8 @@ fn render_metrics(app: &App, st: &Status) -> String {
         st.peers
             .iter()
             .filter_map(|p| {
-                p.last_heard_ms
+                p.last_heard
+                    .map(|d| d.as_millis() as u64)
                     .map(|ms| (format!("{{peer=\"{}\"}}", label(&p.id)), ms))
             })
             .collect(),
