@@ -43,9 +43,11 @@
 //!   by key and line.
 //! - [`wire`]: the protocol's messages and codec (`proto/PROTOCOL.md` is the
 //!   normative description of the bytes).
-//! - [`mesh`]: the runtime. Delivery logic lives in two synchronous state
-//!   machines (the origin's replay ring and the receiver's per-origin
-//!   state); tasks only move bytes and timers around them.
+//! - [`mesh`]: the runtime. Delivery logic lives in synchronous state
+//!   machines (the origin's replay ring, each peer's state with what was
+//!   applied from it, the handshake's checks); tasks only move bytes and
+//!   timers around them, over TCP, TLS or an in-memory network
+//!   ([`MemoryNetwork`]) on which tests run under paused time.
 //! - [`demo`]: `cachecast demo`.
 #![warn(missing_docs)]
 

@@ -141,7 +141,7 @@ impl Tls {
 
     /// TLS over an accepted connection; the client's certificate is
     /// verified against the CA here, and its name later, once the peer has
-    /// said who it is ([`peer_is`]).
+    /// said who it is (`peer_is`).
     pub async fn accept(&self, tcp: TcpStream) -> std::io::Result<server::TlsStream<TcpStream>> {
         self.acceptor.accept(tcp).await
     }

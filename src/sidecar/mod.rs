@@ -2,7 +2,7 @@
 //! in any language (DHIS 2 is Java) running beside it.
 //!
 //! Every event the mesh delivers is numbered into a bounded ring
-//! ([`hub`]); SSE clients and the webhook read it at their own pace, so
+//! (`hub`); SSE clients and the webhook read it at their own pace, so
 //! none of them can slow the mesh. A reader that falls off the ring's tail,
 //! or that connects without a `Last-Event-ID` this run can resume from,
 //! gets a flush first: the guarantee of the mesh reaches the application

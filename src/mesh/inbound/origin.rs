@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use crate::wire::{Item, Position};
 
-use super::event::{Event, FlushReason, PeerId};
+use crate::mesh::event::{Event, FlushReason, PeerId};
 
 #[derive(Debug, Clone, Copy)]
 struct Origin {

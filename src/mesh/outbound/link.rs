@@ -14,14 +14,14 @@ use tokio::time::{Instant, sleep, sleep_until, timeout, timeout_at};
 use tokio_util::codec::{Encoder, FramedRead};
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use super::conn::{hello_for, identity_matches, parse_identity};
-use super::handshake::{self, HandshakeError};
-use super::io::Io;
-use super::limits::lookup;
-use super::outlog::Taken;
-use super::{Dir, PeerInfo, Shared, Silence, lock};
+use super::ring::Taken;
 use crate::auth;
 use crate::config::NodeAddr;
+use crate::mesh::handshake::{self, HandshakeError};
+use crate::mesh::inbound::{hello_for, identity_matches, parse_identity};
+use crate::mesh::io::Io;
+use crate::mesh::limits::lookup;
+use crate::mesh::{Dir, PeerInfo, Shared, Silence, lock};
 use crate::wire::{CodecError, Expect, FrameCodec, Hello, Message};
 
 /// Bytes of frames encoded per write while busy: large enough for one
@@ -31,7 +31,7 @@ const WRITE_CHUNK: usize = 256 * 1024;
 
 /// Why a link ended.
 #[derive(Debug, thiserror::Error)]
-pub(super) enum LinkError {
+pub(crate) enum LinkError {
     #[error("connect failed: {0}")]
     Connect(String),
     #[error("{0}")]
@@ -96,7 +96,7 @@ impl RepeatLog {
 }
 
 /// The link task for `peer`.
-pub(super) async fn run(shared: Arc<Shared>, peer: usize) {
+pub(crate) async fn run(shared: Arc<Shared>, peer: usize) {
     let id = shared.peers[peer].id.clone();
     let span = info_span!("link", peer = %id);
     async move {

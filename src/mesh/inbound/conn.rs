@@ -18,19 +18,19 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use super::handshake;
-use super::io::Io;
-use super::limits::{Admit, IpSlot, lookup};
-use super::transport::MemoryStream;
-use super::{Dir, Event, FlushReason, Rejected, Shared, Silence, lock};
 use crate::auth;
 use crate::config::NodeAddr;
+use crate::mesh::handshake;
+use crate::mesh::io::Io;
+use crate::mesh::limits::{Admit, IpSlot, lookup};
+use crate::mesh::transport::MemoryStream;
+use crate::mesh::{Dir, Event, FlushReason, Rejected, Shared, Silence, lock};
 use crate::wire::{
     CodecError, Expect, FrameCodec, Hello, MAGIC, Message, NONCE_LEN, PROTOCOL_VERSION, Position,
 };
 
 /// Our hello, carrying what we applied from the peer.
-pub(super) fn hello_for(shared: &Shared, last_applied: Option<Position>) -> Hello {
+pub(crate) fn hello_for(shared: &Shared, last_applied: Option<Position>) -> Hello {
     let mut nonce = [0u8; NONCE_LEN];
     rand::fill(&mut nonce);
     Hello {
@@ -55,7 +55,7 @@ async fn resolve(addr: &NodeAddr) -> Vec<IpAddr> {
 
 /// Whether a claimed identity is the configured peer: equal ports, and the
 /// same host name (ASCII case ignored) or intersecting addresses.
-pub(super) async fn identity_matches(claimed: &NodeAddr, configured: &NodeAddr) -> bool {
+pub(crate) async fn identity_matches(claimed: &NodeAddr, configured: &NodeAddr) -> bool {
     if claimed.port != configured.port {
         return false;
     }
@@ -67,7 +67,7 @@ pub(super) async fn identity_matches(claimed: &NodeAddr, configured: &NodeAddr) 
 }
 
 /// Accepts connections until shutdown.
-pub(super) async fn accept_loop(shared: Arc<Shared>, mut incoming: Incoming, tracker: TaskTracker) {
+pub(crate) async fn accept_loop(shared: Arc<Shared>, mut incoming: Incoming, tracker: TaskTracker) {
     loop {
         let accepted = tokio::select! {
             r = incoming.accept() => r,
@@ -136,7 +136,7 @@ pub(super) async fn accept_loop(shared: Arc<Shared>, mut incoming: Incoming, tra
 }
 
 /// Where inbound connections come from.
-pub(super) enum Incoming {
+pub(crate) enum Incoming {
     Tcp(TcpListener),
     Memory(mpsc::UnboundedReceiver<(MemoryStream, SocketAddr)>),
 }
@@ -245,7 +245,7 @@ async fn serve(shared: &Shared, stream: TcpStream, remote: SocketAddr, slot: IpS
 
 /// The handshake and the session over an established transport; `source`
 /// is the connection's source address (none for an in-memory pipe).
-pub(super) async fn serve_io(
+pub(crate) async fn serve_io(
     shared: &Shared,
     io: Io,
     cert: Option<CertificateDer<'static>>,
@@ -407,7 +407,7 @@ async fn reject<W: AsyncWrite + Unpin>(shared: &Shared, wr: &mut W, kind: Reject
 }
 
 /// A node identity as sent in a hello: `host:port` written in full.
-pub(super) fn parse_identity(node: &str) -> Option<NodeAddr> {
+pub(crate) fn parse_identity(node: &str) -> Option<NodeAddr> {
     let claimed: NodeAddr = node.parse().ok()?;
     claimed
         .to_string()

@@ -1,0 +1,8 @@
+//! The sending side: the task per peer that dials it and writes this
+//! node's invalidations ([`link`]), and the synchronous replay ring with
+//! each peer's cursor ([`ring`]).
+
+pub(crate) mod link;
+pub(crate) mod ring;
+
+pub(crate) use ring::OutLog;

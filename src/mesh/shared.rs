@@ -1,0 +1,327 @@
+//! The state every task of a node shares, and the few rules that span
+//! peers: event emission in order, link transitions, refusals.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use tokio::sync::{Notify, Semaphore, watch};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::*;
+use crate::auth::Secret;
+use crate::config::{ClusterConfig, NodeAddr};
+use crate::tls::Tls;
+
+/// A configured peer, as the runtime needs it.
+#[derive(Debug)]
+pub(crate) struct PeerInfo {
+    pub(crate) id: PeerId,
+    pub(crate) addr: NodeAddr,
+    /// Where to dial instead of `addr`, if set.
+    pub(crate) dial: Option<SocketAddr>,
+    /// Wakes the link task when there is something to send.
+    pub(crate) notify: Notify,
+    /// The peer's acknowledged sequence number, for waiters.
+    pub(crate) acked: watch::Sender<u64>,
+    pub(crate) stats: PeerStats,
+    /// What was applied from it and its links: one lock per peer, never
+    /// held while application code runs.
+    pub(crate) state: Mutex<peer::PeerState>,
+    /// Held while this peer's events are emitted (after its state lock is
+    /// released), so that they reach the application in the order they
+    /// were decided; no other lock is taken under it.
+    pub(crate) turn: Mutex<()>,
+}
+
+pub(crate) type Callback = Arc<dyn Fn(&Event) + Send + Sync>;
+
+/// State shared by the handle and every task.
+pub(crate) struct Shared {
+    pub(crate) me: PeerId,
+    pub(crate) config: ClusterConfig,
+    pub(crate) tuning: Tuning,
+    pub(crate) peers: Vec<PeerInfo>,
+    pub(crate) out: Mutex<OutLog>,
+    /// The event channel; without a live [`Events`] stream, events are not
+    /// sent into it at all.
+    pub(crate) fanout: Fanout,
+    pub(crate) callbacks: RwLock<Arc<Vec<Callback>>>,
+    /// Bumped when a callback is registered, so that a batch's events can
+    /// share one snapshot of the list and still see a new one at once.
+    pub(crate) callbacks_gen: AtomicU64,
+    pub(crate) stats: Stats,
+    /// Set by [`MeshHandle::abort`]: links close without draining or
+    /// saying goodbye, as in a crash.
+    pub(crate) aborted: AtomicBool,
+    pub(crate) token: CancellationToken,
+    pub(crate) conn_limit: Arc<Semaphore>,
+    /// The shared secret, when peers must prove they know it.
+    pub(crate) secret: Option<Secret>,
+    /// Mutual TLS, when configured.
+    pub(crate) tls: Option<Tls>,
+    /// Source addresses allowed to connect (the peers').
+    pub(crate) allowlist: Arc<limits::Allowlist>,
+    /// Handshakes under way per source address.
+    pub(crate) per_ip: limits::PerIp,
+    /// Bounds the log lines of refused connections.
+    pub(crate) reject_log: limits::LogLimiter,
+    /// Bounds the log lines about two nodes with one identity.
+    pub(crate) duplicate_log: limits::LogLimiter,
+    /// When a shutdown must be over; set when it begins.
+    pub(crate) shutdown_at: std::sync::OnceLock<tokio::time::Instant>,
+    /// The state file's lock, held while this run may write the file.
+    pub(crate) state_lock: Mutex<Option<std::fs::File>>,
+    /// The in-memory network the node lives on instead of TCP (tests).
+    pub(crate) network: Option<MemoryNetwork>,
+}
+
+/// Why an inbound connection was refused (for counters).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Rejected {
+    NotAllowed,
+    Handshake,
+    Auth,
+    Tls,
+    Limit,
+}
+
+/// Notices `limit` of silence on a stream with one timer, moved only when
+/// it fires early: no timer is set and cleared per message.
+pub(crate) struct Silence {
+    pub(crate) limit: Duration,
+    pub(crate) last: tokio::time::Instant,
+    pub(crate) timer: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
+impl Silence {
+    pub(crate) fn new(limit: Duration) -> Self {
+        let last = tokio::time::Instant::now();
+        Silence {
+            limit,
+            last,
+            timer: Box::pin(tokio::time::sleep_until(last + limit)),
+        }
+    }
+
+    /// Something was heard.
+    pub(crate) fn heard(&mut self) {
+        self.last = tokio::time::Instant::now();
+    }
+
+    /// Resolves once nothing was heard for `limit`.
+    pub(crate) async fn expired(&mut self) {
+        loop {
+            self.timer.as_mut().await;
+            let due = self.last + self.limit;
+            if tokio::time::Instant::now() >= due {
+                return;
+            }
+            self.timer.as_mut().reset(due);
+        }
+    }
+}
+
+/// The callbacks as of one moment, reused for many events while no
+/// callback is registered.
+pub(crate) struct CallbackSnapshot {
+    pub(crate) generation: u64,
+    pub(crate) list: Arc<Vec<Callback>>,
+}
+
+impl Shared {
+    pub(crate) fn emit(&self, event: Event) {
+        let mut callbacks = self.callbacks();
+        self.emit_with(&mut callbacks, event);
+    }
+
+    /// A snapshot of the callbacks, so that a callback may register another.
+    pub(crate) fn callbacks(&self) -> CallbackSnapshot {
+        // The generation is read first: a registration after this read is
+        // noticed by the next `emit_with`.
+        let generation = self.callbacks_gen.load(Ordering::Acquire);
+        let list = self
+            .callbacks
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        CallbackSnapshot { generation, list }
+    }
+
+    /// Emits `event` with a snapshot taken for a run of events (a batch),
+    /// refreshed if a callback was registered since.
+    pub(crate) fn emit_with(&self, callbacks: &mut CallbackSnapshot, event: Event) {
+        let counter = match event {
+            Event::Invalidated { .. } => &self.stats.ev_invalidated,
+            Event::CacheCleared { .. } => &self.stats.ev_cache_cleared,
+            Event::Flush { .. } => &self.stats.flushes_received,
+            Event::PeerUp { .. } => &self.stats.ev_peer_up,
+            Event::PeerDown { .. } => &self.stats.ev_peer_down,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        if self.callbacks_gen.load(Ordering::Acquire) != callbacks.generation {
+            *callbacks = self.callbacks();
+        }
+        for cb in callbacks.list.iter() {
+            cb(&event);
+        }
+        // Into the channel only for subscribers: with none, sending would
+        // only lock it to find that out.
+        if self.fanout.subscribers.load(Ordering::SeqCst) > 0 {
+            let _ = self.fanout.events.send(event);
+        }
+    }
+
+    /// Records a link going up or down, and emits peer-up / peer-down on
+    /// the transitions of "both links up".
+    pub(crate) fn set_link(&self, peer: usize, dir: Dir, up: bool, reason: &str) {
+        self.set_link_if(peer, dir, None, up, reason);
+    }
+
+    /// The inbound link's state, changed only by connection `generation`
+    /// (the current one): an older connection ending, or coming up late,
+    /// cannot overwrite what a newer one set. Returns whether it applied.
+    pub(crate) fn set_inbound(&self, peer: usize, generation: u64, up: bool, reason: &str) -> bool {
+        self.set_link_if(peer, Dir::In, Some(generation), up, reason)
+    }
+
+    pub(crate) fn set_link_if(
+        &self,
+        peer: usize,
+        dir: Dir,
+        generation: Option<u64>,
+        up: bool,
+        reason: &str,
+    ) -> bool {
+        let info = &self.peers[peer];
+        let _turn = lock(&info.turn);
+        let change = lock(&info.state).set_link(dir, generation, up, Instant::now());
+        let Some(transition) = change else {
+            return false;
+        };
+        let id = info.id.clone();
+        match transition {
+            Some(peer::Transition::Up) => {
+                info!(peer = %id, "peer up");
+                self.emit(Event::PeerUp { peer: id });
+            }
+            Some(peer::Transition::Down) => {
+                warn!(peer = %id, reason, "peer down");
+                self.emit(Event::PeerDown {
+                    peer: id,
+                    reason: reason.to_string(),
+                });
+            }
+            None => {}
+        }
+        true
+    }
+
+    /// When the shutdown under way must be over.
+    pub(crate) fn shutdown_deadline(&self) -> tokio::time::Instant {
+        *self
+            .shutdown_at
+            .get_or_init(|| tokio::time::Instant::now() + self.tuning.shutdown_timeout)
+    }
+
+    pub(crate) fn count_rejection(&self, kind: Rejected) {
+        let s = &self.stats;
+        s.rejected_connections.fetch_add(1, Ordering::Relaxed);
+        let c = match kind {
+            Rejected::NotAllowed => &s.rejected_not_allowed,
+            Rejected::Handshake => &s.rejected_handshake,
+            Rejected::Auth => &s.rejected_auth,
+            Rejected::Tls => &s.rejected_tls,
+            Rejected::Limit => &s.rejected_limit,
+        };
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts and logs (rate-limited) a connection closed without a word.
+    pub(crate) fn reject_quietly(&self, kind: Rejected, remote: SocketAddr, reason: &str) {
+        self.refused(kind, Some(&remote), reason);
+    }
+
+    /// The same, for a connection whose peer is known.
+    pub(crate) fn reject_quietly_peer(&self, kind: Rejected, peer: &str, reason: &str) {
+        self.refused(kind, Some(&peer), reason);
+    }
+
+    /// Counts a refused connection and logs it, within the rate limit
+    /// (`who` is left out where the span already names the connection).
+    pub(crate) fn refused(
+        &self,
+        kind: Rejected,
+        who: Option<&dyn std::fmt::Display>,
+        reason: &str,
+    ) {
+        self.count_rejection(kind);
+        let (log, held) = self.reject_log.admit();
+        if held > 0 {
+            warn!(held, "rejected connections not logged (rate limit)");
+        }
+        match (log, who) {
+            (false, _) => {}
+            (true, Some(who)) => warn!(%who, reason, "connection refused"),
+            (true, None) => warn!(reason, "connection refused"),
+        }
+    }
+
+    /// A peer's incarnation, as its hello says (either direction): notices
+    /// restarts (flushing when one was not clean) and duplicate identities.
+    pub(crate) fn peer_incarnation(&self, peer: usize, incarnation: u64) -> Result<(), String> {
+        let info = &self.peers[peer];
+        let _turn = lock(&info.turn);
+        let mut events = Vec::new();
+        let r = lock(&info.state).hello(incarnation, &mut events);
+        for e in events {
+            self.emit(e);
+        }
+        r.map_err(|d| {
+            let reason = format!(
+                "two running nodes answer as {}: incarnation {:016x}{} while {:016x} is connected; \
+                 check cluster.instance0 on each server (a restarted node is let in once its \
+                 previous run's links are gone, within seconds)",
+                info.id,
+                d.other,
+                if d.returning {
+                    " came back"
+                } else {
+                    " arrived"
+                },
+                d.current
+            );
+            // Both nodes keep retrying: one line a minute says it.
+            match self.duplicate_log.admit() {
+                (true, 0) => tracing::error!("{reason}"),
+                (true, held) => tracing::error!(held_back = held, "{reason}"),
+                (false, _) => debug!("{reason}"),
+            }
+            reason
+        })
+    }
+
+    pub(crate) fn heard(&self, peer: usize, dir: Dir) {
+        lock(&self.peers[peer].state).heard(dir, Instant::now());
+    }
+
+    /// Why a new, unproven connection claiming `peer`'s `incarnation` must
+    /// not take over: the current inbound link of that incarnation is up
+    /// and was heard within two heartbeats (the real peer pings at least
+    /// every [`Tuning::ping_every`]). `None` when it may take over: the
+    /// link is down or has gone silent, as after a network failure.
+    pub(crate) fn live_inbound(&self, peer: usize, incarnation: u64) -> Option<String> {
+        let within = self.tuning.ping_every.saturating_mul(2);
+        let ago =
+            lock(&self.peers[peer].state).live_inbound(incarnation, within, Instant::now())?;
+        Some(format!(
+            "a live connection from {} (incarnation {incarnation:016x}) was heard {} ms ago; \
+             a second one claiming it is refused until that one falls silent",
+            self.peers[peer].id,
+            ago.as_millis()
+        ))
+    }
+}
