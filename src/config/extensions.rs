@@ -1,0 +1,550 @@
+//! Our `cachecast.*` extensions, and the `redis.*` keys the
+//! Redis-protocol endpoint reads.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+
+use super::*;
+
+pub(crate) struct Extensions {
+    pub(crate) bind: SocketAddr,
+    pub(crate) secret: Option<SecretSource>,
+    pub(crate) tls: Option<TlsFiles>,
+    pub(crate) api: SocketAddr,
+    pub(crate) api_bind_explicit: bool,
+    pub(crate) buffer: usize,
+    pub(crate) webhook_url: Option<String>,
+    pub(crate) state_file: Option<PathBuf>,
+    pub(crate) flush_hook: Option<FlushHookConfig>,
+}
+
+/// An IP address, IPv6 optionally in brackets.
+pub(crate) fn ip_literal(text: &str) -> Option<IpAddr> {
+    let inner = text
+        .strip_prefix('[')
+        .and_then(|t| t.strip_suffix(']'))
+        .unwrap_or(text);
+    match inner.parse::<IpAddr>() {
+        Ok(IpAddr::V4(_)) if inner.len() != text.len() => None, // `[10.0.0.1]`
+        Ok(ip) => Some(ip),
+        Err(_) => None,
+    }
+}
+
+/// `cachecast.bind`: `addr` or `addr:port`, an IP address (no name).
+pub(crate) fn parse_bind(text: &str) -> Result<(IpAddr, Option<u16>), String> {
+    if let Some(ip) = ip_literal(text) {
+        return Ok((ip, None));
+    }
+    if let Some((host, port)) = text.rsplit_once(':')
+        && let Some(ip) = ip_literal(host).filter(|ip| ip.is_ipv4() || host.starts_with('['))
+    {
+        return Ok((ip, Some(parse_port(port)?)));
+    }
+    Err(format!(
+        "`{text}` is not `address` or `address:port` (an IP address, not a name; IPv6 in brackets with a port)"
+    ))
+}
+
+pub(crate) fn extensions(
+    keys: &BTreeMap<String, Entry>,
+    node_port: u16,
+    report: &mut Report,
+) -> Option<Extensions> {
+    let mut ok = true;
+    // Each lookup: Ok(None) when not set, Err when already reported.
+    let get = |key: &str, ok: &mut bool| match value(keys, key) {
+        Ok(v) => v,
+        Err(()) => {
+            *ok = false;
+            None
+        }
+    };
+    // cachecast.bind: `addr` or `addr:port`.
+    let mut bind = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), node_port);
+    if let Some(entry) = get("cachecast.bind", &mut ok) {
+        match parse_bind(&entry.value) {
+            Ok((ip, port)) => {
+                bind.set_ip(ip);
+                if let Some(port) = port {
+                    bind.set_port(port);
+                }
+            }
+            Err(msg) => {
+                report.error("cachecast.bind", Some(entry.line), msg);
+                ok = false;
+            }
+        }
+    }
+    let secret = match (
+        get("cachecast.secret", &mut ok),
+        get("cachecast.secret.file", &mut ok),
+    ) {
+        (Some(a), Some(f)) => {
+            report.error(
+                "cachecast.secret",
+                Some(a.line),
+                format!(
+                    "both cachecast.secret and cachecast.secret.file (line {}) are set; keep one",
+                    f.line
+                ),
+            );
+            ok = false;
+            None
+        }
+        (Some(a), None) => Some(SecretSource::Inline(a.value.clone())),
+        (None, Some(f)) => Some(SecretSource::File(PathBuf::from(&f.value))),
+        (None, None) => None,
+    };
+    let tls_keys = [
+        "cachecast.tls.cert",
+        "cachecast.tls.key",
+        "cachecast.tls.ca",
+    ];
+    let tls_values: Vec<Option<&Entry>> = tls_keys.iter().map(|k| get(k, &mut ok)).collect();
+    let tls = match tls_values.as_slice() {
+        [Some(c), Some(k), Some(a)] => Some(TlsFiles {
+            cert: PathBuf::from(&c.value),
+            key: PathBuf::from(&k.value),
+            ca: PathBuf::from(&a.value),
+        }),
+        [None, None, None] => None,
+        _ => {
+            let set: Vec<String> = tls_keys
+                .iter()
+                .zip(&tls_values)
+                .filter_map(|(k, v)| v.map(|e| format!("{k} (line {})", e.line)))
+                .collect();
+            for (key, _) in tls_keys
+                .iter()
+                .zip(&tls_values)
+                .filter(|(_, v)| v.is_none())
+            {
+                report.error(
+                    key,
+                    None,
+                    format!(
+                        "not set, but {} is: mutual TLS needs all three of cachecast.tls.cert, cachecast.tls.key and cachecast.tls.ca",
+                        set.join(" and ")
+                    ),
+                );
+            }
+            ok = false;
+            None
+        }
+    };
+    let api_port = match port_of(keys, "cachecast.api.port", report) {
+        Ok(p) => p.unwrap_or(DEFAULT_API_PORT),
+        Err(()) => {
+            ok = false;
+            DEFAULT_API_PORT
+        }
+    };
+    let mut api = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), api_port);
+    let mut api_bind_explicit = false;
+    if let Some(entry) = get("cachecast.api.bind", &mut ok) {
+        match ip_literal(&entry.value) {
+            Some(ip) => {
+                api.set_ip(ip);
+                api_bind_explicit = true;
+                if !ip.to_canonical().is_loopback() {
+                    report.warn(
+                        "cachecast.api.bind",
+                        Some(entry.line),
+                        format!(
+                            "{ip} is not a loopback address: the sidecar's API (which can invalidate every cache) is open to the network"
+                        ),
+                    );
+                }
+            }
+            None => {
+                report.error(
+                    "cachecast.api.bind",
+                    Some(entry.line),
+                    format!("`{}` is not an IP address", entry.value),
+                );
+                ok = false;
+            }
+        }
+    }
+    let mut buffer = DEFAULT_BUFFER;
+    if let Some(entry) = get("cachecast.buffer", &mut ok) {
+        let digits = entry.value.bytes().all(|b| b.is_ascii_digit());
+        match entry.value.parse::<usize>() {
+            Ok(n) if digits && (1..=MAX_BUFFER).contains(&n) => buffer = n,
+            _ => {
+                report.error(
+                    "cachecast.buffer",
+                    Some(entry.line),
+                    format!(
+                        "`{}` is not a number of invalidations from 1 to {MAX_BUFFER}",
+                        entry.value
+                    ),
+                );
+                ok = false;
+            }
+        }
+    }
+    let remote = match get("cachecast.webhook.remote", &mut ok) {
+        None => false,
+        Some(e) if e.value.eq_ignore_ascii_case("true") => true,
+        Some(e) if e.value.eq_ignore_ascii_case("false") => false,
+        Some(e) => {
+            report.error(
+                "cachecast.webhook.remote",
+                Some(e.line),
+                format!("`{}` is not `true` or `false`", e.value),
+            );
+            ok = false;
+            false
+        }
+    };
+    let state_file = get("cachecast.state.file", &mut ok).map(|e| PathBuf::from(&e.value));
+    let mut webhook_url = None;
+    if let Some(entry) = get("cachecast.webhook.url", &mut ok) {
+        match check_webhook(&entry.value, remote) {
+            Ok(None) => webhook_url = Some(entry.value.clone()),
+            Ok(Some(warning)) => {
+                report.warn("cachecast.webhook.url", Some(entry.line), warning);
+                webhook_url = Some(entry.value.clone());
+            }
+            Err(msg) => {
+                report.error("cachecast.webhook.url", Some(entry.line), msg);
+                ok = false;
+            }
+        }
+    }
+    let mut flush_hook = None;
+    if let Some(entry) = get("cachecast.flush.url", &mut ok) {
+        match check_flush_url(&entry.value) {
+            Ok(warning) => {
+                if let Some(w) = warning {
+                    report.warn("cachecast.flush.url", Some(entry.line), w);
+                }
+                flush_hook = Some(FlushHookConfig {
+                    url: entry.value.clone(),
+                    credentials: None,
+                });
+            }
+            Err(msg) => {
+                report.error("cachecast.flush.url", Some(entry.line), msg);
+                ok = false;
+            }
+        }
+    }
+    match (get("cachecast.flush.credentials.file", &mut ok), &mut flush_hook) {
+        (Some(entry), Some(hook)) => hook.credentials = Some(PathBuf::from(&entry.value)),
+        (Some(entry), None) if ok => report.warn(
+            "cachecast.flush.credentials.file",
+            Some(entry.line),
+            "set without cachecast.flush.url: not used",
+        ),
+        (None, Some(hook)) => report.warn(
+            "cachecast.flush.url",
+            keys.get("cachecast.flush.url").map(|e| e.line),
+            format!(
+                "no cachecast.flush.credentials.file: {} is called without authentication (DHIS 2's cacheClear needs a user that may perform maintenance)",
+                hook.url
+            ),
+        ),
+        _ => {}
+    }
+    ok.then_some(Extensions {
+        bind,
+        secret,
+        tls,
+        api,
+        api_bind_explicit,
+        buffer,
+        webhook_url,
+        state_file,
+        flush_hook,
+    })
+}
+
+/// Checks a flush-hook URL: `http://` or `https://`, parsed by the HTTP
+/// client's own parser. Plain HTTP to another host is allowed with a
+/// warning: the hook carries credentials.
+pub(crate) fn check_flush_url(url: &str) -> Result<Option<String>, String> {
+    let parsed = url::Url::parse(url).map_err(|e| format!("`{url}` is not a valid URL: {e}"))?;
+    if !matches!(parsed.scheme(), "http" | "https") {
+        return Err(format!("`{url}` is not an http:// or https:// URL"));
+    }
+    let host = match parsed.host() {
+        Some(url::Host::Domain(d)) if !d.is_empty() => d.to_string(),
+        Some(url::Host::Ipv4(ip)) => ip.to_string(),
+        Some(url::Host::Ipv6(ip)) => ip.to_string(),
+        _ => return Err(format!("`{url}` names no host")),
+    };
+    if parsed.port() == Some(0) {
+        return Err(format!("`{url}`: port 0 is not allowed (1..65535)"));
+    }
+    if !parsed.username().is_empty() || parsed.password().is_some() {
+        return Err(format!(
+            "`{url}` holds credentials; put `user:password` in the file named by cachecast.flush.credentials.file instead"
+        ));
+    }
+    let local = loopback(&host) == Some(true);
+    Ok((parsed.scheme() == "http" && !local).then(|| {
+        format!("the flush hook goes to {host} over plain HTTP: its credentials cross the network in clear text (use https://)")
+    }))
+}
+
+/// Whether a DHIS 2 switch is on. DHIS 2 writes `on`/`off`; `true` and
+/// `false` are read the same way.
+pub(crate) fn switch(keys: &BTreeMap<String, Entry>, key: &str, report: &mut Report) -> bool {
+    let Some(entry) = keys.get(key).filter(|e| !e.broken) else {
+        return false;
+    };
+    match entry.value.to_ascii_lowercase().as_str() {
+        "on" | "true" => true,
+        "off" | "false" | "" => false,
+        _ => {
+            report.warn(
+                key,
+                Some(entry.line),
+                format!("`{}` is not `on` or `off`; read as off", entry.value),
+            );
+            false
+        }
+    }
+}
+
+/// Port of DHIS 2's Redis when `redis.port` is not set.
+pub const DEFAULT_REDIS_PORT: u16 = 6379;
+
+/// Decides the Redis-protocol endpoint: `cachecast.resp.port`, else
+/// DHIS 2's `redis.*` keys when they send its cache invalidation to this
+/// machine. Returns the endpoint (if on) and why, or `None` after an
+/// error.
+pub(crate) fn resp_endpoint(
+    keys: &BTreeMap<String, Entry>,
+    api: SocketAddr,
+    mesh: SocketAddr,
+    report: &mut Report,
+) -> Option<(Option<RespConfig>, String)> {
+    let line = |k: &str| keys.get(k).map(|e| e.line);
+    let text = |k: &str| {
+        keys.get(k)
+            .filter(|e| !e.broken && !e.value.is_empty())
+            .map(|e| e.value.clone())
+    };
+    let mut ok = true;
+    let explicit = match port_of(keys, "cachecast.resp.port", report) {
+        Ok(p) => p,
+        Err(()) => return None,
+    };
+    let bind = match text("cachecast.resp.bind") {
+        None => None,
+        Some(v) => match ip_literal(&v) {
+            Some(ip) => Some(ip),
+            None => {
+                report.error(
+                    "cachecast.resp.bind",
+                    line("cachecast.resp.bind"),
+                    format!("`{v}` is not an IP address"),
+                );
+                return None;
+            }
+        },
+    };
+    let invalidation = switch(keys, "redis.cache.invalidation.enabled", report);
+    let redis_enabled = switch(keys, "redis.enabled", report);
+    // DHIS 2 reads this one as a Java boolean: only `true` is on.
+    let ssl = keys
+        .get("redis.use.ssl")
+        .is_some_and(|e| !e.broken && e.value.eq_ignore_ascii_case("true"));
+    let host = text("redis.host").unwrap_or_else(|| "localhost".into());
+    let password = text("redis.password");
+    let host_local = loopback(&host) == Some(true);
+    // Where DHIS 2 would connect when its invalidation goes to this machine.
+    let app_points_here = invalidation && host_local;
+    // Read only when DHIS 2's invalidation comes here: otherwise the key is
+    // the application's alone, whatever it holds.
+    let redis_port = if app_points_here {
+        match port_of(keys, "redis.port", report) {
+            Ok(p) => p.unwrap_or(DEFAULT_REDIS_PORT),
+            Err(()) => {
+                ok = false;
+                DEFAULT_REDIS_PORT
+            }
+        }
+    } else {
+        DEFAULT_REDIS_PORT
+    };
+    let (port, source, why) = match explicit {
+        Some(port) => (
+            port,
+            RespSource::Explicit,
+            "on: cachecast.resp.port is set".to_string(),
+        ),
+        None if !invalidation => {
+            return ok.then(|| {
+                (
+                    None,
+                    "off: neither cachecast.resp.port nor redis.cache.invalidation.enabled = on is set"
+                        .to_string(),
+                )
+            });
+        }
+        None if redis_enabled => {
+            return ok.then(|| {
+                (
+                    None,
+                    "off: redis.enabled = on, so DHIS 2 also keeps sessions and leader election in Redis, which the sidecar does not serve; \
+                     keep the real Redis, or set cachecast.resp.port to serve pub/sub on another port"
+                        .to_string(),
+                )
+            });
+        }
+        None if !host_local => {
+            return ok.then(|| {
+                (
+                    None,
+                    format!(
+                        "off: redis.host = {host} is not this machine, so DHIS 2 invalidates through that Redis; \
+                         set redis.host = localhost to use the mesh instead"
+                    ),
+                )
+            });
+        }
+        None => (
+            redis_port,
+            RespSource::RedisKeys,
+            format!(
+                "on: redis.cache.invalidation.enabled = on and redis.host = {host} point DHIS 2 at this sidecar"
+            ),
+        ),
+    };
+    if source == RespSource::Explicit && app_points_here && !redis_enabled && port != redis_port {
+        report.warn(
+            "cachecast.resp.port",
+            line("cachecast.resp.port"),
+            format!(
+                "DHIS 2's cache invalidation goes to {host}:{redis_port} (redis.host, redis.port), not to this endpoint's port {port}: DHIS 2 will not reach the sidecar"
+            ),
+        );
+    }
+    if ssl && app_points_here && port == redis_port {
+        report.error(
+            "redis.use.ssl",
+            line("redis.use.ssl"),
+            "DHIS 2 would speak TLS to its sidecar, which serves plain RESP on loopback; set redis.use.ssl = false (the traffic never leaves this machine)",
+        );
+        ok = false;
+    }
+    let addrs: Vec<SocketAddr> = match bind {
+        Some(ip) => vec![SocketAddr::new(ip, port)],
+        None if source == RespSource::RedisKeys && !host.eq_ignore_ascii_case("localhost") => {
+            match host.parse::<IpAddr>() {
+                Ok(ip) => vec![SocketAddr::new(ip, port)],
+                Err(_) => vec![SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port)],
+            }
+        }
+        None if source == RespSource::RedisKeys => vec![
+            SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port),
+            SocketAddr::new(IpAddr::V6(std::net::Ipv6Addr::LOCALHOST), port),
+        ],
+        None => vec![SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port)],
+    };
+    let key = match source {
+        RespSource::Explicit => "cachecast.resp.port",
+        RespSource::RedisKeys => "redis.port",
+    };
+    for addr in &addrs {
+        // The same port on the same address, or on a wildcard that covers
+        // it (`0.0.0.0` covers IPv4 only; `::` both, as Linux binds it).
+        let covers = |wild: IpAddr, other: IpAddr| {
+            wild.is_unspecified() && (wild.is_ipv6() || other.is_ipv4())
+        };
+        let clash = |other: SocketAddr| {
+            other.port() == addr.port()
+                && (other.ip() == addr.ip()
+                    || covers(other.ip(), addr.ip())
+                    || covers(addr.ip(), other.ip()))
+        };
+        for (other, what) in [(api, "the sidecar's API"), (mesh, "the listener for peers")] {
+            if clash(other) {
+                report.error(
+                    key,
+                    line(key),
+                    format!(
+                        "the Redis-protocol endpoint ({addr}) and {what} ({other}) would share port {}",
+                        addr.port()
+                    ),
+                );
+                ok = false;
+            }
+        }
+    }
+    if let Some(ip) = bind
+        && !ip.to_canonical().is_loopback()
+    {
+        report.warn(
+            "cachecast.resp.bind",
+            line("cachecast.resp.bind"),
+            format!(
+                "{ip} is not a loopback address: anyone who reaches it can publish invalidations{}",
+                if password.is_none() {
+                    " (and no redis.password is set)"
+                } else {
+                    ""
+                }
+            ),
+        );
+    }
+    if !ok {
+        return None;
+    }
+    Some((
+        Some(RespConfig {
+            addrs,
+            password,
+            bind_explicit: bind.is_some(),
+            source,
+        }),
+        why,
+    ))
+}
+
+/// Checks a webhook URL: plain `http://` to a loopback host, unless
+/// `remote` allows another host (then with a warning).
+pub(crate) fn check_webhook(url: &str, remote: bool) -> Result<Option<String>, String> {
+    if !url
+        .get(..7)
+        .is_some_and(|s| s.eq_ignore_ascii_case("http://"))
+    {
+        return Err(format!(
+            "`{url}` is not an http:// URL (the webhook goes to the local application; https is not supported)"
+        ));
+    }
+    // The same parser as the HTTP client's, so that what passes here is
+    // what the sidecar can call.
+    let parsed = url::Url::parse(url).map_err(|e| format!("`{url}` is not a valid URL: {e}"))?;
+    let host = match parsed.host() {
+        Some(url::Host::Domain(d)) => d.to_string(),
+        Some(url::Host::Ipv4(ip)) => ip.to_string(),
+        Some(url::Host::Ipv6(ip)) => ip.to_string(),
+        None => return Err(format!("`{url}` names no host")),
+    };
+    if host.is_empty() {
+        return Err(format!("`{url}` names no host"));
+    }
+    if parsed.port() == Some(0) {
+        return Err(format!("`{url}`: port 0 is not allowed (1..65535)"));
+    }
+    let loopback = host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<IpAddr>()
+            .is_ok_and(|ip| ip.to_canonical().is_loopback());
+    match (loopback, remote) {
+        (true, _) => Ok(None),
+        (false, true) => Ok(Some(format!(
+            "the webhook goes to {host}, off this machine: invalidations (cache names and keys) leave it in clear text"
+        ))),
+        (false, false) => Err(format!(
+            "{host} is not a loopback address; the webhook is for the local application (set cachecast.webhook.remote = true to allow another host)"
+        )),
+    }
+}

@@ -1,0 +1,675 @@
+//! `dhis.conf` → [`ClusterConfig`].
+//!
+//! The file is a Java properties file holding the whole application's
+//! settings; this module reads only the cluster keys (both legacy DHIS 2
+//! formats) and our own `cachecast.*` extensions, and reports every problem
+//! at once, each naming its key and line. No I/O happens here but reading the
+//! file; name resolution is a separate, explicit step ([`resolve`]).
+
+mod extensions;
+mod legacy;
+mod properties;
+mod resolve;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+pub use extensions::DEFAULT_REDIS_PORT;
+use extensions::*;
+use legacy::*;
+use properties::*;
+pub use resolve::{Resolved, resolve};
+
+/// Port of a cluster node when the file names none.
+pub const DEFAULT_PORT: u16 = 4001;
+/// Port of the sidecar's local HTTP API when the file names none.
+pub const DEFAULT_API_PORT: u16 = 4002;
+/// Replay buffer per peer, in invalidations, when the file names none.
+pub const DEFAULT_BUFFER: usize = 65_536;
+/// Largest accepted `cachecast.buffer`.
+pub const MAX_BUFFER: usize = 16 * 1024 * 1024;
+/// At most this many instances (this node included), as in DHIS 2.
+pub const MAX_INSTANCES: usize = 5;
+/// Where the file is looked for when neither `--config` nor `DHIS2_HOME` say.
+pub const DEFAULT_PATH: &str = "/opt/dhis2/dhis.conf";
+
+/// A node's identity and address: `host:port`, as its peers reach it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct NodeAddr {
+    /// Host name or IP address (IPv6 without brackets).
+    pub host: String,
+    /// TCP port.
+    pub port: u16,
+}
+
+impl NodeAddr {
+    /// A node address from its parts.
+    pub fn new(host: impl Into<String>, port: u16) -> Self {
+        NodeAddr {
+            host: host.into(),
+            port,
+        }
+    }
+
+    /// Whether both name the same node by their text alone (no lookup):
+    /// equal ports, and host names equal ignoring ASCII case or equal IP
+    /// addresses however written (`::1` and `0:0::1`).
+    pub fn same_name(&self, other: &NodeAddr) -> bool {
+        self.port == other.port
+            && (self.host.eq_ignore_ascii_case(&other.host)
+                || matches!(
+                    (self.host.parse::<IpAddr>(), other.host.parse::<IpAddr>()),
+                    (Ok(a), Ok(b)) if a.to_canonical() == b.to_canonical()
+                ))
+    }
+
+    /// Resolves the host (an IP literal needs no lookup). Blocking.
+    pub fn resolve(&self) -> std::io::Result<Vec<IpAddr>> {
+        if let Ok(ip) = self.host.parse::<IpAddr>() {
+            return Ok(vec![ip]);
+        }
+        let mut ips: Vec<IpAddr> = (self.host.as_str(), self.port)
+            .to_socket_addrs()?
+            .map(|a| a.ip())
+            .collect();
+        ips.sort();
+        ips.dedup();
+        Ok(ips)
+    }
+}
+
+impl fmt::Display for NodeAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// Why a `host:port` text is not a node address.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct AddrError(String);
+
+impl FromStr for NodeAddr {
+    type Err = AddrError;
+
+    /// Parses `host`, `host:port`, `[v6]:port` or a bare IPv6 address; the
+    /// port defaults to [`DEFAULT_PORT`].
+    fn from_str(s: &str) -> Result<Self, AddrError> {
+        let s = s.trim();
+        if s.parse::<IpAddr>().is_ok() {
+            check_host(s).map_err(AddrError)?;
+            return Ok(NodeAddr::new(s, DEFAULT_PORT));
+        }
+        let (host, port) = if let Some(rest) = s.strip_prefix('[') {
+            let (host, after) = rest
+                .split_once(']')
+                .ok_or_else(|| AddrError(format!("`{s}`: missing `]` after an IPv6 address")))?;
+            match after {
+                "" => (host, None),
+                _ => match after.strip_prefix(':') {
+                    Some(p) => (host, Some(p)),
+                    None => return Err(AddrError(format!("`{s}`: expected `:port` after `]`"))),
+                },
+            }
+        } else {
+            match s.rsplit_once(':') {
+                Some((h, p)) => (h, Some(p)),
+                None => (s, None),
+            }
+        };
+        check_host(host).map_err(AddrError)?;
+        let port = match port {
+            Some(p) => parse_port(p).map_err(AddrError)?,
+            None => DEFAULT_PORT,
+        };
+        Ok(NodeAddr::new(host, port))
+    }
+}
+
+/// A configured peer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peer {
+    /// The peer's identity and address.
+    pub addr: NodeAddr,
+    /// Where it was configured, e.g. `cluster.instance2` or
+    /// `cluster.members[1]`, for messages.
+    pub source: String,
+    /// The line of its host name, when read from a file.
+    pub line: Option<usize>,
+}
+
+/// Which legacy DHIS 2 format the cluster was written in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// `cluster.instanceN.hostname` / `cluster.instanceN.cache.port`.
+    Instances,
+    /// `cluster.hostname` / `cluster.members` / `cluster.cache.port`
+    /// (DHIS 2 2.29–2.40).
+    Members,
+    /// Built in code, not read from a file.
+    Programmatic,
+}
+
+/// Where the shared secret comes from.
+#[derive(Clone, PartialEq, Eq)]
+pub enum SecretSource {
+    /// `cachecast.secret`: the secret itself.
+    Inline(String),
+    /// `cachecast.secret.file`: a file holding it.
+    File(PathBuf),
+}
+
+impl fmt::Debug for SecretSource {
+    // Never print the secret itself.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SecretSource::Inline(_) => f.write_str("Inline(<redacted>)"),
+            SecretSource::File(p) => f.debug_tuple("File").field(p).finish(),
+        }
+    }
+}
+
+/// PEM files for mutual TLS between peers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// This node's certificate chain.
+    pub cert: PathBuf,
+    /// This node's private key.
+    pub key: PathBuf,
+    /// The CA that signs every peer's certificate.
+    pub ca: PathBuf,
+}
+
+/// The resolved cluster: this node, its peers, and our extensions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterConfig {
+    /// This node's identity (`cluster.instance0` or `cluster.hostname`).
+    pub node: NodeAddr,
+    /// The other nodes, at most four.
+    pub peers: Vec<Peer>,
+    /// Which format the file used.
+    pub format: Format,
+    /// Where to listen for peers (`cachecast.bind`).
+    pub bind: SocketAddr,
+    /// Shared secret for peer authentication.
+    pub secret: Option<SecretSource>,
+    /// Mutual TLS between peers.
+    pub tls: Option<TlsFiles>,
+    /// The sidecar's local HTTP API address.
+    pub api: SocketAddr,
+    /// Whether `cachecast.api.bind` was set (only then may it be
+    /// non-loopback).
+    pub api_bind_explicit: bool,
+    /// Replay buffer per peer, in invalidations.
+    pub buffer: usize,
+    /// `cachecast.webhook.url`, if set.
+    pub webhook_url: Option<String>,
+    /// `cachecast.state.file`: where the node records how its run ended,
+    /// so that a start after a crash flushes its peers.
+    pub state_file: Option<PathBuf>,
+    /// The Redis-protocol pub/sub endpoint, when it is on.
+    pub resp: Option<RespConfig>,
+    /// Why the endpoint is on or off, in a sentence `check` prints.
+    pub resp_why: String,
+    /// The flush hook (`cachecast.flush.url`), if set.
+    pub flush_hook: Option<FlushHookConfig>,
+}
+
+/// Where the Redis-protocol endpoint's settings came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RespSource {
+    /// `cachecast.resp.port`.
+    Explicit,
+    /// DHIS 2's `redis.*` keys point at this machine.
+    RedisKeys,
+}
+
+/// The Redis-protocol (RESP) pub/sub endpoint of the sidecar.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RespConfig {
+    /// Where to listen: one address, or two for `localhost` (IPv4 and
+    /// IPv6, since a client may resolve the name to either).
+    pub addrs: Vec<SocketAddr>,
+    /// The password clients must give (`redis.password`), if any.
+    pub password: Option<String>,
+    /// Whether `cachecast.resp.bind` chose the address (only then may it
+    /// be non-loopback).
+    pub bind_explicit: bool,
+    /// Which keys turned it on.
+    pub source: RespSource,
+}
+
+impl fmt::Debug for RespConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RespConfig")
+            .field("addrs", &self.addrs)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("bind_explicit", &self.bind_explicit)
+            .field("source", &self.source)
+            .finish()
+    }
+}
+
+/// The flush hook: an HTTP(S) endpoint of the application that clears
+/// every cache, called when the application may hold an entry that no
+/// message will name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FlushHookConfig {
+    /// `cachecast.flush.url`.
+    pub url: String,
+    /// `cachecast.flush.credentials.file`: `user:password` for Basic
+    /// authentication.
+    pub credentials: Option<PathBuf>,
+}
+
+impl ClusterConfig {
+    /// A cluster built in code (tests, the demo, embedding without a file):
+    /// listens on all addresses at `node`'s port, default extensions.
+    pub fn new(node: NodeAddr, peers: impl IntoIterator<Item = NodeAddr>) -> Self {
+        let peers = peers
+            .into_iter()
+            .enumerate()
+            .map(|(i, addr)| Peer {
+                addr,
+                source: format!("peer {}", i + 1),
+                line: None,
+            })
+            .collect();
+        ClusterConfig {
+            bind: SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), node.port),
+            node,
+            peers,
+            format: Format::Programmatic,
+            secret: None,
+            tls: None,
+            api: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), DEFAULT_API_PORT),
+            api_bind_explicit: false,
+            buffer: DEFAULT_BUFFER,
+            webhook_url: None,
+            state_file: None,
+            resp: None,
+            resp_why: "off (built in code)".into(),
+            flush_hook: None,
+        }
+    }
+}
+
+/// How serious a [`Problem`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Severity {
+    /// Worth knowing, nothing wrong (e.g. a key we ignore on purpose).
+    Note,
+    /// Probably a mistake, but the configuration works.
+    Warning,
+    /// The configuration cannot be used.
+    Error,
+}
+
+/// One finding about the file, naming the key and line where it can.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// How serious it is.
+    pub severity: Severity,
+    /// The key concerned, if one.
+    pub key: Option<String>,
+    /// The 1-based line, if known.
+    pub line: Option<usize>,
+    /// What is wrong, and what to do.
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let sev = match self.severity {
+            Severity::Note => "note",
+            Severity::Warning => "warning",
+            Severity::Error => "error",
+        };
+        write!(f, "{sev}: ")?;
+        if let Some(line) = self.line {
+            write!(f, "line {line}: ")?;
+        }
+        if let Some(key) = &self.key {
+            write!(f, "{key}: ")?;
+        }
+        f.write_str(&self.message)
+    }
+}
+
+/// A configuration read successfully, with what is worth a look.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    /// The cluster.
+    pub config: ClusterConfig,
+    /// Warnings and notes (never errors).
+    pub warnings: Vec<Problem>,
+}
+
+/// Why no configuration could be had.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {}: {}", path.display(), describe_io(source))]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// What the system said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The path names a directory or another non-file.
+    #[error("{} is not a regular file (expected a dhis.conf file)", path.display())]
+    NotAFile {
+        /// The path.
+        path: PathBuf,
+    },
+    /// The file was read, and has errors (every one is listed).
+    #[error("{} error(s) in the configuration:\n{}", errors.len(), list(errors))]
+    Invalid {
+        /// Every error found.
+        errors: Vec<Problem>,
+        /// Warnings found alongside.
+        warnings: Vec<Problem>,
+    },
+}
+
+fn describe_io(e: &std::io::Error) -> String {
+    match e.kind() {
+        std::io::ErrorKind::NotFound => {
+            "no such file (give --config PATH or set DHIS2_HOME)".into()
+        }
+        std::io::ErrorKind::PermissionDenied => {
+            "permission denied (the file must be readable by the user cachecast runs as)".into()
+        }
+        _ => e.to_string(),
+    }
+}
+
+fn list(problems: &[Problem]) -> String {
+    problems
+        .iter()
+        .map(|p| format!("  {p}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Where the configuration file is: `explicit` (from `--config`), else
+/// `$DHIS2_HOME/dhis.conf`, else [`DEFAULT_PATH`].
+pub fn locate(explicit: Option<&Path>, dhis2_home: Option<&std::ffi::OsStr>) -> PathBuf {
+    match (explicit, dhis2_home) {
+        (Some(p), _) => p.to_path_buf(),
+        (None, Some(home)) if !home.is_empty() => Path::new(home).join("dhis.conf"),
+        _ => PathBuf::from(DEFAULT_PATH),
+    }
+}
+
+/// Reads and parses a configuration file.
+pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
+    let meta = std::fs::metadata(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    if !meta.is_file() {
+        return Err(ConfigError::NotAFile {
+            path: path.to_path_buf(),
+        });
+    }
+    let bytes = std::fs::read(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    parse_bytes(&bytes)
+}
+
+/// Parses a configuration from text.
+pub fn parse_str(text: &str) -> Result<Loaded, ConfigError> {
+    parse_bytes(text.as_bytes())
+}
+
+/// Our prefixes: keys under them are read, everything else is ignored.
+const CLUSTER: &str = "cluster.";
+const OURS: &str = "cachecast.";
+
+/// The keys of the `cluster.hostname` / `cluster.members` format.
+const MEMBERS_KEYS: [&str; 3] = ["cluster.hostname", "cluster.members", "cluster.cache.port"];
+
+/// Keys of ours outside `cluster.instanceN.`; with instance keys
+/// normalised to `cluster.instanceN.*`, the list typos are matched against.
+const KNOWN_KEYS: &[&str] = &[
+    "cluster.instanceN.hostname",
+    "cluster.instanceN.cache.port",
+    "cluster.instanceN.cache.remote.object.port",
+    "cluster.hostname",
+    "cluster.members",
+    "cluster.cache.port",
+    "cluster.cache.remote.object.port",
+    "cachecast.secret",
+    "cachecast.secret.file",
+    "cachecast.bind",
+    "cachecast.tls.cert",
+    "cachecast.tls.key",
+    "cachecast.tls.ca",
+    "cachecast.api.port",
+    "cachecast.api.bind",
+    "cachecast.buffer",
+    "cachecast.webhook.url",
+    "cachecast.webhook.remote",
+    "cachecast.state.file",
+    "cachecast.resp.port",
+    "cachecast.resp.bind",
+    "cachecast.flush.url",
+    "cachecast.flush.credentials.file",
+];
+
+/// DHIS 2's own keys that decide whether its caches are invalidated
+/// through Redis pub/sub, and where (the Redis-protocol endpoint serves
+/// there when they point at this machine). Every other `redis.` key is the
+/// application's alone and is not read.
+const REDIS_KEYS: &[&str] = &[
+    "redis.cache.invalidation.enabled",
+    "redis.enabled",
+    "redis.host",
+    "redis.port",
+    "redis.password",
+    "redis.use.ssl",
+];
+
+const NOT_SET_INSTANCE0: &str = "not set: clustering is off (set it to this node's host name or IP address, as its peers reach it)";
+
+/// Parses a configuration from the file's bytes.
+pub fn parse_bytes(bytes: &[u8]) -> Result<Loaded, ConfigError> {
+    let mut report = Report::default();
+    let keys = read_keys(bytes, &mut report);
+    let config = build(&keys, &mut report);
+    // In file order; problems without a line (a key not set) last.
+    report
+        .problems
+        .sort_by_key(|p| p.line.unwrap_or(usize::MAX));
+    let (mut errors, warnings): (Vec<Problem>, Vec<Problem>) = report
+        .problems
+        .into_iter()
+        .partition(|p| p.severity == Severity::Error);
+    match config {
+        Some(config) if errors.is_empty() => Ok(Loaded { config, warnings }),
+        _ => {
+            // Every path that yields no configuration reports why; should
+            // one ever fail to, say so rather than fail with no reason.
+            if errors.is_empty() {
+                errors.push(Problem {
+                    severity: Severity::Error,
+                    key: None,
+                    line: None,
+                    message: "no usable cluster configuration (internal: no reason recorded)"
+                        .into(),
+                });
+            }
+            Err(ConfigError::Invalid { errors, warnings })
+        }
+    }
+}
+
+fn build(keys: &BTreeMap<String, Entry>, report: &mut Report) -> Option<ClusterConfig> {
+    // Sort every key into: an instance field, a members-format key, one of
+    // our extensions, or unknown. Only keys that are set decide the format
+    // (an empty value means "not set").
+    let mut instance_seen: Option<(&str, usize)> = None;
+    let mut members_seen: Option<(&str, usize)> = None;
+    // With nothing set, the format whose keys are present (empty) decides
+    // which key the "not set" error names.
+    let mut members_empty = false;
+    for (key, entry) in keys {
+        let line = Some(entry.line);
+        match instance_key(key) {
+            InstanceKey::Field(n, field) => {
+                if n >= MAX_INSTANCES as u64 {
+                    let range = format!(
+                        "at most {MAX_INSTANCES} instances (cluster.instance0 to cluster.instance{})",
+                        MAX_INSTANCES - 1
+                    );
+                    if entry.present() {
+                        report.error(key, line, range);
+                    } else {
+                        report.warn(
+                            key,
+                            line,
+                            format!("empty value: treated as not set ({range})"),
+                        );
+                    }
+                } else if field == "cache.remote.object.port" {
+                    report.note(
+                        key,
+                        line,
+                        "RMI object port: ignored (cachecast needs one port only)",
+                    );
+                    continue;
+                } else {
+                    warn_empty(key, entry, report);
+                }
+                if entry.present() {
+                    first_of(&mut instance_seen, key, entry.line);
+                }
+            }
+            InstanceKey::Other if MEMBERS_KEYS.contains(&key.as_str()) => {
+                warn_empty(key, entry, report);
+                if entry.present() {
+                    first_of(&mut members_seen, key, entry.line);
+                } else {
+                    members_empty = true;
+                }
+            }
+            InstanceKey::Other if key == "cluster.cache.remote.object.port" => {
+                report.note(
+                    key,
+                    line,
+                    "RMI object port: ignored (cachecast needs one port only)",
+                );
+            }
+            InstanceKey::Other if KNOWN_KEYS.contains(&key.as_str()) => {
+                warn_empty(key, entry, report);
+            }
+            // DHIS 2's keys, checked where the endpoint is decided; an
+            // empty one is DHIS 2's default, not a mistake of ours.
+            InstanceKey::Other if REDIS_KEYS.contains(&key.as_str()) => {}
+            InstanceKey::Other => unknown_key(key, entry, report),
+        }
+    }
+    let cluster = match (instance_seen, members_seen) {
+        (Some((a, la)), Some((b, lb))) => {
+            let (a, la, b, lb) = if la <= lb {
+                (a, la, b, lb)
+            } else {
+                (b, lb, a, la)
+            };
+            report.error(
+                b,
+                Some(lb),
+                format!(
+                    "the file mixes both cluster formats (`{a}` on line {la} and `{b}`); use one of them"
+                ),
+            );
+            None
+        }
+        (None, Some(_)) => Some((members_format(keys, report), Format::Members)),
+        (None, None)
+            if members_empty
+                && !keys
+                    .keys()
+                    .any(|k| matches!(instance_key(k), InstanceKey::Field(..))) =>
+        {
+            Some((members_format(keys, report), Format::Members))
+        }
+        _ => Some((instances_format(keys, report), Format::Instances)),
+    };
+    if let Some((nodes, _)) = &cluster
+        && let Some(node) = &nodes.node
+    {
+        check_duplicates(node, &nodes.peers, report);
+        check_loopback(node, &nodes.peers, report);
+        if nodes.ok && nodes.peers.is_empty() {
+            report.warn(
+                &node.source,
+                node.line,
+                "no peers configured: this node has nobody to keep coherent with",
+            );
+        }
+    }
+    // Our extensions are checked even when the cluster keys failed, so
+    // that every problem is listed at once.
+    let node_port = cluster
+        .as_ref()
+        .and_then(|(n, _)| n.node.as_ref())
+        .map_or(DEFAULT_PORT, |n| n.addr.port);
+    let ext = extensions(keys, node_port, report);
+    let (nodes, format) = cluster?;
+    let mut ext = ext?;
+    let node = nodes.node.filter(|_| nodes.ok)?;
+    // An IPv6 node listens on the IPv6 wildcard by default (which on Linux
+    // takes IPv4 too): 0.0.0.0 would leave its peers unable to connect.
+    let bind_set = keys
+        .get("cachecast.bind")
+        .is_some_and(|e| !e.value.is_empty());
+    if !bind_set && node.addr.host.parse::<std::net::Ipv6Addr>().is_ok() {
+        ext.bind.set_ip(IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED));
+    }
+    if ext.api.port() == ext.bind.port()
+        && (ext.api.ip() == ext.bind.ip()
+            || ext.api.ip().is_unspecified()
+            || ext.bind.ip().is_unspecified())
+    {
+        report.error(
+            "cachecast.api.port",
+            keys.get("cachecast.api.port").map(|e| e.line),
+            format!(
+                "the sidecar's API ({}) and the listener for peers ({}) would share port {}; set cachecast.api.port to another port",
+                ext.api,
+                ext.bind,
+                ext.api.port()
+            ),
+        );
+        return None;
+    }
+    let (resp, resp_why) = resp_endpoint(keys, ext.api, ext.bind, report)?;
+    Some(ClusterConfig {
+        node: node.addr,
+        peers: nodes.peers,
+        format,
+        bind: ext.bind,
+        secret: ext.secret,
+        tls: ext.tls,
+        api: ext.api,
+        api_bind_explicit: ext.api_bind_explicit,
+        buffer: ext.buffer,
+        webhook_url: ext.webhook_url,
+        state_file: ext.state_file,
+        resp,
+        resp_why,
+        flush_hook: ext.flush_hook,
+    })
+}
