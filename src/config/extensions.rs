@@ -47,40 +47,79 @@ pub(crate) fn parse_bind(text: &str) -> Result<(IpAddr, Option<u16>), String> {
     ))
 }
 
+/// The `cachecast.*` keys, each concern read by a function of its own
+/// that returns `None` once it reported a problem (a key set twice
+/// included); every problem is reported, not only the first.
 pub(crate) fn extensions(
     keys: &BTreeMap<String, Entry>,
     node_port: u16,
     report: &mut Report,
 ) -> Option<Extensions> {
-    let mut ok = true;
-    // Each lookup: Ok(None) when not set, Err when already reported.
-    let get = |key: &str, ok: &mut bool| match value(keys, key) {
-        Ok(v) => v,
-        Err(()) => {
-            *ok = false;
+    let bind = bind(keys, node_port, report);
+    let secret = secret(keys, report);
+    let tls = tls(keys, report);
+    let api = api(keys, report);
+    let buffer = buffer(keys, report);
+    let state_file = path(keys, "cachecast.state.file");
+    let webhook_url = webhook(keys, report);
+    let flush_hook = flush_hook(keys, report);
+    let ((api, api_bind_explicit), bind, secret, tls, buffer, webhook_url, flush_hook) = (
+        api?,
+        bind?,
+        secret?,
+        tls?,
+        buffer?,
+        webhook_url?,
+        flush_hook?,
+    );
+    Some(Extensions {
+        bind,
+        secret,
+        tls,
+        api,
+        api_bind_explicit,
+        buffer,
+        webhook_url,
+        state_file,
+        flush_hook,
+    })
+}
+
+/// A path-valued key, any value accepted (it is checked when used).
+fn path(keys: &BTreeMap<String, Entry>, key: &str) -> Option<PathBuf> {
+    value(keys, key)
+        .ok()
+        .flatten()
+        .map(|e| PathBuf::from(&e.value))
+}
+
+/// `cachecast.bind`: `addr` or `addr:port`; by default every address, on
+/// this node's port.
+fn bind(keys: &BTreeMap<String, Entry>, node_port: u16, report: &mut Report) -> Option<SocketAddr> {
+    let mut bind = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), node_port);
+    let Some(entry) = value(keys, "cachecast.bind").ok()? else {
+        return Some(bind);
+    };
+    match parse_bind(&entry.value) {
+        Ok((ip, port)) => {
+            bind.set_ip(ip);
+            if let Some(port) = port {
+                bind.set_port(port);
+            }
+            Some(bind)
+        }
+        Err(msg) => {
+            report.error("cachecast.bind", Some(entry.line), msg);
             None
         }
-    };
-    // cachecast.bind: `addr` or `addr:port`.
-    let mut bind = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), node_port);
-    if let Some(entry) = get("cachecast.bind", &mut ok) {
-        match parse_bind(&entry.value) {
-            Ok((ip, port)) => {
-                bind.set_ip(ip);
-                if let Some(port) = port {
-                    bind.set_port(port);
-                }
-            }
-            Err(msg) => {
-                report.error("cachecast.bind", Some(entry.line), msg);
-                ok = false;
-            }
-        }
     }
-    let secret = match (
-        get("cachecast.secret", &mut ok),
-        get("cachecast.secret.file", &mut ok),
-    ) {
+}
+
+/// `cachecast.secret` or `cachecast.secret.file`, not both.
+fn secret(keys: &BTreeMap<String, Entry>, report: &mut Report) -> Option<Option<SecretSource>> {
+    let inline = value(keys, "cachecast.secret").ok()?;
+    let file = value(keys, "cachecast.secret.file").ok()?;
+    match (inline, file) {
         (Some(a), Some(f)) => {
             report.error(
                 "cachecast.secret",
@@ -90,37 +129,39 @@ pub(crate) fn extensions(
                     f.line
                 ),
             );
-            ok = false;
             None
         }
-        (Some(a), None) => Some(SecretSource::Inline(a.value.clone())),
-        (None, Some(f)) => Some(SecretSource::File(PathBuf::from(&f.value))),
-        (None, None) => None,
-    };
+        (Some(a), None) => Some(Some(SecretSource::Inline(a.value.clone()))),
+        (None, Some(f)) => Some(Some(SecretSource::File(PathBuf::from(&f.value)))),
+        (None, None) => Some(None),
+    }
+}
+
+/// `cachecast.tls.cert`, `.key` and `.ca`: all three, or none.
+fn tls(keys: &BTreeMap<String, Entry>, report: &mut Report) -> Option<Option<TlsFiles>> {
     let tls_keys = [
         "cachecast.tls.cert",
         "cachecast.tls.key",
         "cachecast.tls.ca",
     ];
-    let tls_values: Vec<Option<&Entry>> = tls_keys.iter().map(|k| get(k, &mut ok)).collect();
-    let tls = match tls_values.as_slice() {
-        [Some(c), Some(k), Some(a)] => Some(TlsFiles {
+    let mut values = Vec::with_capacity(3);
+    for k in tls_keys {
+        values.push(value(keys, k).ok()?);
+    }
+    match values.as_slice() {
+        [Some(c), Some(k), Some(a)] => Some(Some(TlsFiles {
             cert: PathBuf::from(&c.value),
             key: PathBuf::from(&k.value),
             ca: PathBuf::from(&a.value),
-        }),
-        [None, None, None] => None,
+        })),
+        [None, None, None] => Some(None),
         _ => {
             let set: Vec<String> = tls_keys
                 .iter()
-                .zip(&tls_values)
+                .zip(&values)
                 .filter_map(|(k, v)| v.map(|e| format!("{k} (line {})", e.line)))
                 .collect();
-            for (key, _) in tls_keys
-                .iter()
-                .zip(&tls_values)
-                .filter(|(_, v)| v.is_none())
-            {
+            for (key, _) in tls_keys.iter().zip(&values).filter(|(_, v)| v.is_none()) {
                 report.error(
                     key,
                     None,
@@ -130,24 +171,31 @@ pub(crate) fn extensions(
                     ),
                 );
             }
-            ok = false;
             None
         }
-    };
-    let api_port = match port_of(keys, "cachecast.api.port", report) {
-        Ok(p) => p.unwrap_or(DEFAULT_API_PORT),
-        Err(()) => {
-            ok = false;
-            DEFAULT_API_PORT
-        }
-    };
-    let mut api = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), api_port);
-    let mut api_bind_explicit = false;
-    if let Some(entry) = get("cachecast.api.bind", &mut ok) {
+    }
+}
+
+/// `cachecast.api.port` and `cachecast.api.bind`: the sidecar's API
+/// address, and whether its address was set (loopback unless said).
+fn api(keys: &BTreeMap<String, Entry>, report: &mut Report) -> Option<(SocketAddr, bool)> {
+    let port = port_of(keys, "cachecast.api.port", report);
+    let bind = value(keys, "cachecast.api.bind");
+    let mut api = SocketAddr::new(
+        IpAddr::V4(Ipv4Addr::LOCALHOST),
+        port.as_ref()
+            .ok()
+            .copied()
+            .flatten()
+            .unwrap_or(DEFAULT_API_PORT),
+    );
+    let mut explicit = false;
+    let mut ok = port.is_ok() && bind.is_ok();
+    if let Ok(Some(entry)) = bind {
         match ip_literal(&entry.value) {
             Some(ip) => {
                 api.set_ip(ip);
-                api_bind_explicit = true;
+                explicit = true;
                 if !ip.to_canonical().is_loopback() {
                     report.warn(
                         "cachecast.api.bind",
@@ -168,99 +216,106 @@ pub(crate) fn extensions(
             }
         }
     }
-    let mut buffer = DEFAULT_BUFFER;
-    if let Some(entry) = get("cachecast.buffer", &mut ok) {
-        let digits = entry.value.bytes().all(|b| b.is_ascii_digit());
-        match entry.value.parse::<usize>() {
-            Ok(n) if digits && (1..=MAX_BUFFER).contains(&n) => buffer = n,
-            _ => {
-                report.error(
-                    "cachecast.buffer",
-                    Some(entry.line),
-                    format!(
-                        "`{}` is not a number of invalidations from 1 to {MAX_BUFFER}",
-                        entry.value
-                    ),
-                );
-                ok = false;
-            }
+    ok.then_some((api, explicit))
+}
+
+/// `cachecast.buffer`: invalidations held per peer, 1 to [`MAX_BUFFER`].
+fn buffer(keys: &BTreeMap<String, Entry>, report: &mut Report) -> Option<usize> {
+    let Some(entry) = value(keys, "cachecast.buffer").ok()? else {
+        return Some(DEFAULT_BUFFER);
+    };
+    let digits = entry.value.bytes().all(|b| b.is_ascii_digit());
+    match entry.value.parse::<usize>() {
+        Ok(n) if digits && (1..=MAX_BUFFER).contains(&n) => Some(n),
+        _ => {
+            report.error(
+                "cachecast.buffer",
+                Some(entry.line),
+                format!(
+                    "`{}` is not a number of invalidations from 1 to {MAX_BUFFER}",
+                    entry.value
+                ),
+            );
+            None
         }
     }
-    let remote = match get("cachecast.webhook.remote", &mut ok) {
-        None => false,
-        Some(e) if e.value.eq_ignore_ascii_case("true") => true,
-        Some(e) if e.value.eq_ignore_ascii_case("false") => false,
+}
+
+/// `cachecast.webhook.url`, checked against `cachecast.webhook.remote`.
+fn webhook(keys: &BTreeMap<String, Entry>, report: &mut Report) -> Option<Option<String>> {
+    let remote = match value(keys, "cachecast.webhook.remote").ok()? {
+        None => Some(false),
+        Some(e) if e.value.eq_ignore_ascii_case("true") => Some(true),
+        Some(e) if e.value.eq_ignore_ascii_case("false") => Some(false),
         Some(e) => {
             report.error(
                 "cachecast.webhook.remote",
                 Some(e.line),
                 format!("`{}` is not `true` or `false`", e.value),
             );
-            ok = false;
-            false
+            None
         }
     };
-    let state_file = get("cachecast.state.file", &mut ok).map(|e| PathBuf::from(&e.value));
-    let mut webhook_url = None;
-    if let Some(entry) = get("cachecast.webhook.url", &mut ok) {
-        match check_webhook(&entry.value, remote) {
-            Ok(None) => webhook_url = Some(entry.value.clone()),
-            Ok(Some(warning)) => {
-                report.warn("cachecast.webhook.url", Some(entry.line), warning);
-                webhook_url = Some(entry.value.clone());
+    let Some(entry) = value(keys, "cachecast.webhook.url").ok()? else {
+        return remote.map(|_| None);
+    };
+    // Checked even when `remote` was wrong, so that both are reported.
+    match check_webhook(&entry.value, remote.unwrap_or(false)) {
+        Ok(warning) => {
+            if let Some(w) = warning {
+                report.warn("cachecast.webhook.url", Some(entry.line), w);
             }
-            Err(msg) => {
-                report.error("cachecast.webhook.url", Some(entry.line), msg);
-                ok = false;
-            }
+            remote.map(|_| Some(entry.value.clone()))
+        }
+        Err(msg) => {
+            report.error("cachecast.webhook.url", Some(entry.line), msg);
+            None
         }
     }
-    let mut flush_hook = None;
-    if let Some(entry) = get("cachecast.flush.url", &mut ok) {
-        match check_flush_url(&entry.value) {
-            Ok(warning) => {
-                if let Some(w) = warning {
-                    report.warn("cachecast.flush.url", Some(entry.line), w);
-                }
-                flush_hook = Some(FlushHookConfig {
-                    url: entry.value.clone(),
-                    credentials: None,
-                });
-            }
-            Err(msg) => {
-                report.error("cachecast.flush.url", Some(entry.line), msg);
-                ok = false;
+}
+
+/// `cachecast.flush.url` and `cachecast.flush.credentials.file`.
+fn flush_hook(
+    keys: &BTreeMap<String, Entry>,
+    report: &mut Report,
+) -> Option<Option<FlushHookConfig>> {
+    let url = value(keys, "cachecast.flush.url").ok()?;
+    let credentials = value(keys, "cachecast.flush.credentials.file").ok()?;
+    let Some(entry) = url else {
+        if let Some(c) = credentials {
+            report.warn(
+                "cachecast.flush.credentials.file",
+                Some(c.line),
+                "set without cachecast.flush.url: not used",
+            );
+        }
+        return Some(None);
+    };
+    match check_flush_url(&entry.value) {
+        Ok(warning) => {
+            if let Some(w) = warning {
+                report.warn("cachecast.flush.url", Some(entry.line), w);
             }
         }
+        Err(msg) => {
+            report.error("cachecast.flush.url", Some(entry.line), msg);
+            return None;
+        }
     }
-    match (get("cachecast.flush.credentials.file", &mut ok), &mut flush_hook) {
-        (Some(entry), Some(hook)) => hook.credentials = Some(PathBuf::from(&entry.value)),
-        (Some(entry), None) if ok => report.warn(
-            "cachecast.flush.credentials.file",
-            Some(entry.line),
-            "set without cachecast.flush.url: not used",
-        ),
-        (None, Some(hook)) => report.warn(
+    if credentials.is_none() {
+        report.warn(
             "cachecast.flush.url",
-            keys.get("cachecast.flush.url").map(|e| e.line),
+            Some(entry.line),
             format!(
                 "no cachecast.flush.credentials.file: {} is called without authentication (DHIS 2's cacheClear needs a user that may perform maintenance)",
-                hook.url
+                entry.value
             ),
-        ),
-        _ => {}
+        );
     }
-    ok.then_some(Extensions {
-        bind,
-        secret,
-        tls,
-        api,
-        api_bind_explicit,
-        buffer,
-        webhook_url,
-        state_file,
-        flush_hook,
-    })
+    Some(Some(FlushHookConfig {
+        url: entry.value.clone(),
+        credentials: credentials.map(|c| PathBuf::from(&c.value)),
+    }))
 }
 
 /// Checks a flush-hook URL: `http://` or `https://`, parsed by the HTTP
