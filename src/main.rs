@@ -104,71 +104,6 @@ fn print_problems(problems: &[Problem]) {
     }
 }
 
-/// What `run` would refuse at start: the secret, the TLS files, the state
-/// file's folder.
-fn check_files(config: &config::ClusterConfig) -> Vec<Problem> {
-    let error = |key: &str, message: String| Problem {
-        severity: config::Severity::Error,
-        key: Some(key.to_string()),
-        line: None,
-        message,
-    };
-    let mut problems = Vec::new();
-    if let Some(source) = &config.secret
-        && let Err(e) = cachecast::auth::Secret::load(source)
-    {
-        problems.push(error("cachecast.secret", e.to_string()));
-    }
-    if let Some(files) = &config.tls {
-        match cachecast::tls::Tls::load(files) {
-            Err(e) => problems.push(error("cachecast.tls", e.to_string())),
-            // Loadable, yet the peers would refuse it: a warning, as `run`
-            // logs it (it starts anyway: the files may be replaced soon).
-            Ok(tls) => {
-                if let Some(message) = tls.warning() {
-                    problems.push(Problem {
-                        severity: config::Severity::Warning,
-                        key: Some("cachecast.tls.cert".to_string()),
-                        line: None,
-                        message: message.to_string(),
-                    });
-                }
-            }
-        }
-    }
-    if let Some(hook) = &config.flush_hook
-        && let Some(path) = &hook.credentials
-        && let Err(e) = cachecast::sidecar::load_credentials(path)
-    {
-        problems.push(error("cachecast.flush.credentials.file", e.to_string()));
-    }
-    if let Some(path) = &config.state_file {
-        let dir = path
-            .parent()
-            .filter(|d| !d.as_os_str().is_empty())
-            .unwrap_or(std::path::Path::new("."));
-        if !dir.is_dir() {
-            problems.push(error(
-                "cachecast.state.file",
-                format!("the folder {} does not exist", dir.display()),
-            ));
-        } else if path.is_dir() {
-            problems.push(error(
-                "cachecast.state.file",
-                format!("{} is a folder; name a file in it", path.display()),
-            ));
-        } else if let Err(e) = std::fs::File::open(path)
-            && e.kind() != std::io::ErrorKind::NotFound
-        {
-            problems.push(error(
-                "cachecast.state.file",
-                format!("cannot read {}: {e}", path.display()),
-            ));
-        }
-    }
-    problems
-}
-
 fn check(explicit: Option<PathBuf>) -> ExitCode {
     let (path, why) = config_path(explicit);
     let Loaded { config, warnings } = match config::load(&path) {
@@ -187,116 +122,8 @@ fn check(explicit: Option<PathBuf>) -> ExitCode {
         }
     };
     let (resolved, mut problems) = config::resolve(&config, Duration::from_secs(3));
-    problems.extend(check_files(&config));
-    let show = |i: usize| match &resolved[i].ips {
-        Ok(ips) => ips
-            .iter()
-            .map(|ip| ip.to_string())
-            .collect::<Vec<_>>()
-            .join(", "),
-        Err(_) => "(does not resolve now)".into(),
-    };
-    let format = match config.format {
-        config::Format::Instances => "cluster.instanceN keys",
-        config::Format::Members => "cluster.hostname/cluster.members keys",
-        config::Format::Programmatic => "built in code",
-    };
-    use std::fmt::Write as _;
-    let mut report = String::new();
-    let _ = writeln!(report, "config     {} ({format})", path.display());
-    let _ = writeln!(
-        report,
-        "this node  {}  resolves to {}",
-        config.node,
-        show(0)
-    );
-    let _ = writeln!(report, "listens on {}", config.bind);
-    let _ = writeln!(report, "peers      {}", config.peers.len());
-    for (i, peer) in config.peers.iter().enumerate() {
-        let line = peer.line.map(|l| format!(", line {l}")).unwrap_or_default();
-        let _ = writeln!(
-            report,
-            "  {}  ({}{line})  resolves to {}",
-            peer.addr,
-            peer.source,
-            show(i + 1)
-        );
-    }
-    let _ = writeln!(
-        report,
-        "secret     {}",
-        match &config.secret {
-            None => "none (only the source-address allowlist protects the port)".to_string(),
-            Some(config::SecretSource::Inline(_)) => "set (cachecast.secret)".to_string(),
-            Some(config::SecretSource::File(p)) => format!("from {}", p.display()),
-        }
-    );
-    let _ = writeln!(
-        report,
-        "tls        {}",
-        match &config.tls {
-            None => "off".to_string(),
-            Some(t) => format!("cert {}, CA {}", t.cert.display(), t.ca.display()),
-        }
-    );
-    let _ = writeln!(report, "api        http://{}", config.api);
-    let _ = writeln!(
-        report,
-        "webhook    {}",
-        config.webhook_url.as_deref().unwrap_or("none")
-    );
-    let _ = writeln!(
-        report,
-        "redis      {}",
-        match &config.resp {
-            None => config.resp_why.clone(),
-            Some(r) => format!(
-                "{} ({}; {})",
-                r.addrs
-                    .iter()
-                    .map(|a| a.to_string())
-                    .collect::<Vec<_>>()
-                    .join(" and "),
-                if r.password.is_some() {
-                    "password from redis.password"
-                } else {
-                    "no password"
-                },
-                config.resp_why
-            ),
-        }
-    );
-    let _ = writeln!(
-        report,
-        "flush hook {}",
-        match &config.flush_hook {
-            None if config.resp.is_some() =>
-                "none: a flush, a whole-cache invalidation or a missed message cannot reach Redis-protocol subscribers (set cachecast.flush.url)".to_string(),
-            None => "none".to_string(),
-            Some(h) => format!(
-                "POST {}{}",
-                h.url,
-                h.credentials
-                    .as_ref()
-                    .map(|p| format!(" (Basic credentials from {})", p.display()))
-                    .unwrap_or_default()
-            ),
-        }
-    );
-    let _ = writeln!(
-        report,
-        "buffer     {} invalidations (a peer may be behind by this many before it gets a flush)",
-        config.buffer
-    );
-    let _ = writeln!(
-        report,
-        "state      {}",
-        config.state_file.as_ref().map_or(
-            "none (set cachecast.state.file so a start after a crash flushes the peers)"
-                .to_string(),
-            |p| p.display().to_string()
-        )
-    );
+    problems.extend(cachecast::sidecar::check::preflight(&config));
+    let report = cachecast::sidecar::check::describe(&path, &config, &resolved);
     if let Err(e) = out(&report) {
         return ended(&e);
     }
@@ -491,6 +318,13 @@ fn run(explicit: Option<PathBuf>, format: LogFormat) -> ExitCode {
         });
         match cachecast::sidecar::run(config, options, shutdown).await {
             Ok(()) => ExitCode::SUCCESS,
+            // One log event per problem, as for an invalid configuration.
+            Err(cachecast::sidecar::SidecarError::Preflight(problems)) => {
+                for p in problems {
+                    fatal(p);
+                }
+                ExitCode::FAILURE
+            }
             Err(e) => {
                 fatal(e);
                 ExitCode::FAILURE

@@ -9,6 +9,7 @@
 //! even across a restart of the sidecar.
 
 mod api;
+pub mod check;
 mod conn;
 mod flush;
 mod hub;
@@ -62,6 +63,10 @@ pub(crate) struct App {
 /// Why the sidecar could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum SidecarError {
+    /// A file the configuration names cannot be used (what `check`
+    /// reports as errors; every one is listed).
+    #[error("{}", .0.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("; "))]
+    Preflight(Vec<crate::config::Problem>),
     /// The mesh could not start.
     #[error(transparent)]
     Mesh(#[from] StartError),
@@ -125,6 +130,14 @@ pub async fn run(
     options: Options,
     shutdown: CancellationToken,
 ) -> Result<(), SidecarError> {
+    // The checks `check` makes, all at once, before anything is bound.
+    let errors: Vec<_> = check::preflight(&config)
+        .into_iter()
+        .filter(|p| p.severity == crate::config::Severity::Error)
+        .collect();
+    if !errors.is_empty() {
+        return Err(SidecarError::Preflight(errors));
+    }
     if !config.api.ip().to_canonical().is_loopback() {
         if !config.api_bind_explicit {
             return Err(SidecarError::Refused(format!(
