@@ -224,222 +224,275 @@ fn count(log: &[(usize, Event, Option<Duration>)], pred: impl Fn(usize, &Event) 
 
 /// Runs the demo, printing to `out`; ends by itself within seconds.
 pub async fn run(out: Box<dyn Write + Send>) -> anyhow::Result<Summary> {
-    let mut listeners = Vec::new();
-    for _ in 0..3 {
-        listeners.push(TcpListener::bind("127.0.0.1:0").await?);
-    }
-    let ports = listeners
-        .iter()
-        .map(|l| l.local_addr().map(|a| a.port()))
-        .collect::<Result<Vec<_>, _>>()?;
-    let mut d = Demo {
-        board: Arc::new(Board {
-            start: Instant::now(),
-            sent: Mutex::new(HashMap::new()),
-            log: Mutex::new(Vec::new()),
-            changed: Notify::new(),
-        }),
-        ports,
-        nodes: vec![None, None, None],
-        out,
-        printed: 0,
-    };
-    writeln!(
-        d.out,
-        "cachecast demo: three nodes (A, B, C) in this process, on loopback ports"
-    )?;
-    for (i, l) in listeners.into_iter().enumerate() {
-        d.start_node(i, Some(l)).await?;
-    }
-    d.wait_all_up().await?;
-    d.print_new(true)?;
+    let mut d = Demo::start(out).await?;
+    d.each_node_invalidates().await?;
+    let paced = d.steady_trickle().await?;
+    d.burst().await?;
+    d.crash_and_replay().await?;
+    let flushes_before = d.flushes();
+    d.graceful_restart().await?;
+    d.summary(paced, flushes_before).await
+}
 
-    d.say("Each node invalidates an entry; the others are told at once:")?;
-    let entries = [
-        ("org.hisp.dhis.user.User", "42"),
-        ("org.hisp.dhis.dataelement.DataElement", "fbfJHSPpUQD"),
-        (
-            "org.hisp.dhis.organisationunit.OrganisationUnit",
-            "ImspTQPwCqd",
-        ),
-    ];
-    for (i, (cache, key)) in entries.iter().enumerate() {
-        d.send(i, cache, key)?;
-        d.wait("delivery", Duration::from_secs(5), |log| {
+impl Demo {
+    /// Three nodes on loopback ports, all connected.
+    async fn start(out: Box<dyn Write + Send>) -> anyhow::Result<Demo> {
+        let mut listeners = Vec::new();
+        for _ in 0..3 {
+            listeners.push(TcpListener::bind("127.0.0.1:0").await?);
+        }
+        let ports = listeners
+            .iter()
+            .map(|l| l.local_addr().map(|a| a.port()))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut d = Demo {
+            board: Arc::new(Board {
+                start: Instant::now(),
+                sent: Mutex::new(HashMap::new()),
+                log: Mutex::new(Vec::new()),
+                changed: Notify::new(),
+            }),
+            ports,
+            nodes: vec![None, None, None],
+            out,
+            printed: 0,
+        };
+        writeln!(
+            d.out,
+            "cachecast demo: three nodes (A, B, C) in this process, on loopback ports"
+        )?;
+        for (i, l) in listeners.into_iter().enumerate() {
+            d.start_node(i, Some(l)).await?;
+        }
+        d.wait_all_up().await?;
+        d.print_new(true)?;
+        Ok(d)
+    }
+
+    /// Scene 1: one invalidation from each node, and a whole cache.
+    async fn each_node_invalidates(&mut self) -> anyhow::Result<()> {
+        self.say("Each node invalidates an entry; the others are told at once:")?;
+        let entries = [
+            ("org.hisp.dhis.user.User", "42"),
+            ("org.hisp.dhis.dataelement.DataElement", "fbfJHSPpUQD"),
+            (
+                "org.hisp.dhis.organisationunit.OrganisationUnit",
+                "ImspTQPwCqd",
+            ),
+        ];
+        for (i, (cache, key)) in entries.iter().enumerate() {
+            self.send(i, cache, key)?;
+            self.wait("delivery", Duration::from_secs(5), |log| {
+                count(
+                    log,
+                    |_, e| matches!(e, Event::Invalidated { key: k, .. } if &**k == *key),
+                ) == 2
+            })
+            .await?;
+        }
+        self.node(1)?
+            .invalidate_cache("org.hisp.dhis.option.OptionSet")?;
+        self.wait("cache cleared", Duration::from_secs(5), |log| {
+            count(log, |_, e| matches!(e, Event::CacheCleared { .. })) == 2
+        })
+        .await?;
+        self.print_new(true)
+    }
+
+    /// Scene 2: 300 invalidations paced at 1,000/s; returns the one-way
+    /// latencies of their 600 deliveries (µs, sorted).
+    async fn steady_trickle(&mut self) -> anyhow::Result<Vec<u64>> {
+        self.say("A steady trickle: 300 invalidations from A, one every millisecond ...")?;
+        let mut tick = tokio::time::interval(Duration::from_millis(1));
+        for k in 0..300 {
+            tick.tick().await;
+            self.send(0, "org.hisp.dhis.user.User", &format!("paced-{k}"))?;
+        }
+        self.wait("the trickle", Duration::from_secs(10), |log| {
             count(
                 log,
-                |_, e| matches!(e, Event::Invalidated { key: k, .. } if &**k == *key),
+                |_, e| matches!(e, Event::Invalidated { key, .. } if key.starts_with("paced-")),
+            ) == 600
+        })
+        .await?;
+        let mut paced: Vec<u64> = self
+            .board
+            .log
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(
+                |(_, e, _)| matches!(e, Event::Invalidated { key, .. } if key.starts_with("paced-")),
+            )
+            .filter_map(|(_, _, l)| l.map(|l| l.as_micros() as u64))
+            .collect();
+        paced.sort_unstable();
+        let (p50, p99, max) = (pct(&paced, 0.5), pct(&paced, 0.99), pct(&paced, 1.0));
+        self.print_new(false)?;
+        writeln!(
+            self.out,
+            "{}   600 deliveries; one-way latency p50 {p50} µs, p99 {p99} µs, max {max} µs",
+            self.board.elapsed()
+        )?;
+        Ok(paced)
+    }
+
+    /// Scene 3: 10,000 invalidations from each node at once.
+    async fn burst(&mut self) -> anyhow::Result<()> {
+        self.say("A burst: 10,000 invalidations from each node at once ...")?;
+        let before = self
+            .board
+            .log
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .len();
+        let burst = Instant::now();
+        for k in 0..10_000 {
+            for i in 0..3 {
+                self.send(i, "org.hisp.dhis.user.User", &format!("burst-{k}"))?;
+            }
+        }
+        self.wait("the burst", Duration::from_secs(30), |log| {
+            log.len() >= before + 60_000
+        })
+        .await?;
+        let took = burst.elapsed();
+        self.print_new(false)?;
+        writeln!(
+            self.out,
+            "{}   60,000 deliveries in {:.1} ms ({:.0} per second)",
+            self.board.elapsed(),
+            took.as_secs_f64() * 1e3,
+            60_000.0 / took.as_secs_f64()
+        )?;
+        Ok(())
+    }
+
+    /// Scene 4: C crashes, A invalidates meanwhile, C restarts: replay to
+    /// C, a flush at A and B.
+    async fn crash_and_replay(&mut self) -> anyhow::Result<()> {
+        self.say("C crashes (no goodbye); A keeps invalidating while C is away:")?;
+        if let Some(c) = self.nodes[2].take() {
+            c.abort().await;
+        }
+        self.wait("peer down", Duration::from_secs(5), |log| {
+            count(log, |n, e| n == 0 && matches!(e, Event::PeerDown { .. })) >= 1
+        })
+        .await?;
+        self.print_new(true)?;
+        for k in 0..REPLAYED {
+            self.send(
+                0,
+                "org.hisp.dhis.user.User",
+                &format!("while-C-was-down-{k}"),
+            )?;
+        }
+        let queued = self.node(0)?.status().peers[1].queued;
+        writeln!(
+            self.out,
+            "{}   A holds {queued} invalidations for C in its replay buffer",
+            self.board.elapsed()
+        )?;
+        self.say("C restarts (a new incarnation):")?;
+        self.start_node(2, None).await?;
+        self.wait_all_up().await?;
+        self.wait("the replay", Duration::from_secs(5), |log| {
+            count(log, |n, e| {
+                n == 2 && matches!(e, Event::Invalidated { key, .. } if key.starts_with("while-C"))
+            }) == REPLAYED as usize
+        })
+        .await?;
+        self.wait("the flushes", Duration::from_secs(5), |log| {
+            count(log, |_, e| matches!(e, Event::Flush { .. })) >= 2
+        })
+        .await?;
+        self.print_new(true)?;
+        writeln!(
+            self.out,
+            "{}   C got what it missed by replay; A and B flushed, since C may have \
+             sent something just before it crashed that never arrived",
+            self.board.elapsed()
+        )?;
+        Ok(())
+    }
+
+    /// Scene 5: B restarts gracefully; nobody flushes.
+    async fn graceful_restart(&mut self) -> anyhow::Result<()> {
+        self.say("B restarts gracefully (goodbye): no flush anywhere")?;
+        if let Some(b) = self.nodes[1].take() {
+            b.shutdown().await;
+        }
+        self.start_node(1, None).await?;
+        self.wait_all_up().await?;
+        self.send(1, "org.hisp.dhis.user.User", "after-clean-restart")?;
+        self.wait("delivery", Duration::from_secs(5), |log| {
+            count(
+                log,
+                |_, e| matches!(e, Event::Invalidated { key, .. } if &**key == "after-clean-restart"),
             ) == 2
         })
         .await?;
+        self.print_new(true)
     }
-    d.node(1)?
-        .invalidate_cache("org.hisp.dhis.option.OptionSet")?;
-    d.wait("cache cleared", Duration::from_secs(5), |log| {
-        count(log, |_, e| matches!(e, Event::CacheCleared { .. })) == 2
-    })
-    .await?;
-    d.print_new(true)?;
 
-    d.say("A steady trickle: 300 invalidations from A, one every millisecond ...")?;
-    let mut tick = tokio::time::interval(Duration::from_millis(1));
-    for k in 0..300 {
-        tick.tick().await;
-        d.send(0, "org.hisp.dhis.user.User", &format!("paced-{k}"))?;
-    }
-    d.wait("the trickle", Duration::from_secs(10), |log| {
+    /// Flushes seen so far, at every node.
+    fn flushes(&self) -> usize {
         count(
-            log,
-            |_, e| matches!(e, Event::Invalidated { key, .. } if key.starts_with("paced-")),
-        ) == 600
-    })
-    .await?;
-    let mut paced: Vec<u64> = d
-        .board
-        .log
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .iter()
-        .filter(
-            |(_, e, _)| matches!(e, Event::Invalidated { key, .. } if key.starts_with("paced-")),
+            &self.board.log.lock().unwrap_or_else(|e| e.into_inner()),
+            |_, e| matches!(e, Event::Flush { .. }),
         )
-        .filter_map(|(_, _, l)| l.map(|l| l.as_micros() as u64))
-        .collect();
-    paced.sort_unstable();
-    let pct = |p: f64| {
-        paced
-            .get(((paced.len() as f64 - 1.0) * p) as usize)
-            .copied()
-            .unwrap_or(0)
-    };
-    let (p50, p99, max) = (pct(0.5), pct(0.99), pct(1.0));
-    d.print_new(false)?;
-    writeln!(
-        d.out,
-        "{}   600 deliveries; one-way latency p50 {p50} µs, p99 {p99} µs, max {max} µs",
-        d.board.elapsed()
-    )?;
+    }
 
-    d.say("A burst: 10,000 invalidations from each node at once ...")?;
-    let before = d.board.log.lock().unwrap_or_else(|e| e.into_inner()).len();
-    let burst = Instant::now();
-    for k in 0..10_000 {
-        for i in 0..3 {
-            d.send(i, "org.hisp.dhis.user.User", &format!("burst-{k}"))?;
+    /// The figures, checked (a graceful restart must not flush), and the
+    /// nodes stopped.
+    async fn summary(mut self, paced: Vec<u64>, flushes_before: usize) -> anyhow::Result<Summary> {
+        let log = self
+            .board
+            .log
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let flushes = count(&log, |_, e| matches!(e, Event::Flush { .. }));
+        if flushes != flushes_before {
+            anyhow::bail!("a graceful restart caused a flush");
         }
-    }
-    d.wait("the burst", Duration::from_secs(30), |log| {
-        log.len() >= before + 60_000
-    })
-    .await?;
-    let took = burst.elapsed();
-    d.print_new(false)?;
-    writeln!(
-        d.out,
-        "{}   60,000 deliveries in {:.1} ms ({:.0} per second)",
-        d.board.elapsed(),
-        took.as_secs_f64() * 1e3,
-        60_000.0 / took.as_secs_f64()
-    )?;
-
-    d.say("C crashes (no goodbye); A keeps invalidating while C is away:")?;
-    if let Some(c) = d.nodes[2].take() {
-        c.abort().await;
-    }
-    d.wait("peer down", Duration::from_secs(5), |log| {
-        count(log, |n, e| n == 0 && matches!(e, Event::PeerDown { .. })) >= 1
-    })
-    .await?;
-    d.print_new(true)?;
-    for k in 0..5 {
-        d.send(
-            0,
-            "org.hisp.dhis.user.User",
-            &format!("while-C-was-down-{k}"),
+        let (p50, p99) = (pct(&paced, 0.5), pct(&paced, 0.99));
+        let summary = Summary {
+            delivered: count(&log, |_, e| {
+                matches!(e, Event::Invalidated { .. } | Event::CacheCleared { .. })
+            }) as u64,
+            flushes: flushes as u64,
+            replayed: REPLAYED,
+            latencies_us: paced,
+        };
+        self.say("Summary")?;
+        writeln!(
+            self.out,
+            "  delivered {} invalidations; one-way latency at 1,000/s: p50 {p50} µs, \
+             p99 {p99} µs (three nodes and this printer share one process)",
+            summary.delivered
         )?;
+        writeln!(
+            self.out,
+            "  crash of C: {} flushes at its peers, {} invalidations replayed to it; \
+             graceful restart of B: 0 flushes",
+            flushes, summary.replayed
+        )?;
+        for h in self.nodes.iter_mut().filter_map(Option::take) {
+            h.shutdown().await;
+        }
+        writeln!(self.out, "demo finished")?;
+        Ok(summary)
     }
-    let queued = d.node(0)?.status().peers[1].queued;
-    writeln!(
-        d.out,
-        "{}   A holds {queued} invalidations for C in its replay buffer",
-        d.board.elapsed()
-    )?;
+}
 
-    d.say("C restarts (a new incarnation):")?;
-    d.start_node(2, None).await?;
-    d.wait_all_up().await?;
-    d.wait("the replay", Duration::from_secs(5), |log| {
-        count(log, |n, e| {
-            n == 2 && matches!(e, Event::Invalidated { key, .. } if key.starts_with("while-C"))
-        }) == 5
-    })
-    .await?;
-    d.wait("the flushes", Duration::from_secs(5), |log| {
-        count(log, |_, e| matches!(e, Event::Flush { .. })) >= 2
-    })
-    .await?;
-    d.print_new(true)?;
-    writeln!(
-        d.out,
-        "{}   C got what it missed by replay; A and B flushed, since C may have \
-         sent something just before it crashed that never arrived",
-        d.board.elapsed()
-    )?;
+/// Invalidations A makes while C is down, replayed to C.
+const REPLAYED: u64 = 5;
 
-    d.say("B restarts gracefully (goodbye): no flush anywhere")?;
-    let flushes_before = count(
-        &d.board.log.lock().unwrap_or_else(|e| e.into_inner()),
-        |_, e| matches!(e, Event::Flush { .. }),
-    );
-    if let Some(b) = d.nodes[1].take() {
-        b.shutdown().await;
-    }
-    d.start_node(1, None).await?;
-    d.wait_all_up().await?;
-    d.send(1, "org.hisp.dhis.user.User", "after-clean-restart")?;
-    d.wait("delivery", Duration::from_secs(5), |log| {
-        count(
-            log,
-            |_, e| matches!(e, Event::Invalidated { key, .. } if &**key == "after-clean-restart"),
-        ) == 2
-    })
-    .await?;
-    d.print_new(true)?;
-
-    let log = d
-        .board
-        .log
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .clone();
-    let flushes = count(&log, |_, e| matches!(e, Event::Flush { .. }));
-    if flushes != flushes_before {
-        anyhow::bail!("a graceful restart caused a flush");
-    }
-    let summary = Summary {
-        delivered: count(&log, |_, e| {
-            matches!(e, Event::Invalidated { .. } | Event::CacheCleared { .. })
-        }) as u64,
-        flushes: flushes as u64,
-        replayed: 5,
-        latencies_us: paced,
-    };
-    d.say("Summary")?;
-    writeln!(
-        d.out,
-        "  delivered {} invalidations; one-way latency at 1,000/s: p50 {p50} µs, \
-         p99 {p99} µs (three nodes and this printer share one process)",
-        summary.delivered
-    )?;
-    writeln!(
-        d.out,
-        "  crash of C: {} flushes at its peers, {} invalidations replayed to it; \
-         graceful restart of B: 0 flushes",
-        flushes, summary.replayed
-    )?;
-    for h in d.nodes.iter_mut().filter_map(Option::take) {
-        h.shutdown().await;
-    }
-    writeln!(d.out, "demo finished")?;
-    Ok(summary)
+/// The `p` quantile of sorted values (0 when empty).
+fn pct(sorted: &[u64], p: f64) -> u64 {
+    sorted
+        .get(((sorted.len() as f64 - 1.0) * p) as usize)
+        .copied()
+        .unwrap_or(0)
 }
