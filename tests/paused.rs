@@ -184,3 +184,47 @@ async fn an_absent_peer_is_redialled_with_doubling_delays_up_to_the_cap() {
     );
     a.shutdown().await;
 }
+
+/// After a partition both nodes back off (up to 5 s). Once the path heals,
+/// the first to redial gets in, and the other's own link must follow at
+/// once instead of waiting out its backoff: each origin's invalidations
+/// travel only on the link it dials. Before, the second link came up as
+/// much as a backoff delay (up to 5 s) after the first.
+#[tokio::test(start_paused = true)]
+async fn an_inbound_link_cuts_the_outbound_backoff_short() {
+    let net = MemoryNetwork::new();
+    let (a, _ra) = node(&net, 0, 2).await;
+    let (b, rb) = node(&net, 1, 2).await;
+    until("connected", Duration::from_secs(5), || {
+        connected(&a) && connected(&b)
+    })
+    .await;
+    net.partition(&addr(0), &addr(1));
+    until("down", Duration::from_secs(10), || downs(&rb) > 0).await;
+    // Long enough for both delays to reach the cap.
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    for k in 0..10 {
+        a.invalidate("c", &k.to_string()).expect("send");
+        b.invalidate("c", &k.to_string()).expect("send");
+    }
+    net.heal(&addr(0), &addr(1));
+    let first = until("one link up", Duration::from_secs(10), || {
+        let (pa, pb) = (&a.status().peers[0], &b.status().peers[0]);
+        pa.outbound || pb.outbound
+    })
+    .await;
+    let both = until("both links up", Duration::from_secs(10), || {
+        connected(&a) && connected(&b)
+    })
+    .await;
+    assert!(
+        both <= first + Duration::from_millis(50),
+        "one link up after {first:?}, the other only after {both:?}"
+    );
+    until("B has A's", Duration::from_secs(5), || {
+        rb.seqs_from(&addr(0).to_string()).last() == Some(&10)
+    })
+    .await;
+    a.shutdown().await;
+    b.shutdown().await;
+}

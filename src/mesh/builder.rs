@@ -226,6 +226,7 @@ pub(crate) fn build_shared(
                 addr: p.addr.clone(),
                 dial: connect_via.get(&p.addr).copied(),
                 notify: Notify::new(),
+                redial: Notify::new(),
                 acked: watch::channel(0).0,
                 stats: PeerStats::default(),
                 turn: Mutex::new(()),

@@ -25,6 +25,9 @@ pub(crate) struct PeerInfo {
     pub(crate) dial: Option<SocketAddr>,
     /// Wakes the link task when there is something to send.
     pub(crate) notify: Notify,
+    /// Cuts the link task's backoff short (the peer's inbound link came
+    /// up); only a task waiting is woken, no permit is kept.
+    pub(crate) redial: Notify,
     /// The peer's acknowledged sequence number, for waiters.
     pub(crate) acked: watch::Sender<u64>,
     pub(crate) stats: PeerStats,

@@ -129,56 +129,54 @@ impl MemoryNetwork {
         rx
     }
 
-    /// Connects `from` to `to`: refused at once when nobody listens there,
-    /// unanswered until `timeout` when the path from `from` is silent.
+    /// Connects `from` to `to`: refused at once when nobody listens there;
+    /// while the path is silent, the attempt is repeated as TCP resends
+    /// its SYN (after 1 s, then 2 s, …) until `timeout`.
     pub(crate) async fn connect(
         &self,
         from: &NodeAddr,
         to: &NodeAddr,
         timeout: Duration,
     ) -> io::Result<MemoryStream> {
-        let (key_from, key_to) = (from.to_string(), to.to_string());
-        let attempt = {
-            let mut net = self.lock();
-            *net.attempts
-                .entry((key_from.clone(), key_to.clone()))
-                .or_default() += 1;
-            let forth = net.direction(&key_from, &key_to);
-            let back = net.direction(&key_to, &key_from);
-            let silent = forth.silent.load(Ordering::SeqCst) || back.silent.load(Ordering::SeqCst);
-            match net.listening.get(&key_to) {
-                _ if silent => None,
-                None => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::ConnectionRefused,
-                        "connection refused",
-                    ));
-                }
-                Some(tx) => {
-                    let (a, b) = tokio::io::duplex(PIPE_BYTES);
-                    let reset = CancellationToken::new();
-                    let ours = MemoryStream::new(a, forth, reset.clone());
-                    let theirs = MemoryStream::new(b, back, reset.clone());
-                    let source = SocketAddr::new(source_ip(from), 0);
-                    if tx.send((theirs, source)).is_err() {
-                        return Err(io::Error::new(
-                            io::ErrorKind::ConnectionRefused,
-                            "connection refused",
-                        ));
-                    }
-                    net.open.entry((key_from, key_to)).or_default().push(reset);
-                    Some(ours)
-                }
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut resend = Duration::from_secs(1);
+        loop {
+            if let Some(s) = self.try_connect(from, to)? {
+                return Ok(s);
             }
-        };
-        match attempt {
-            Some(s) => Ok(s),
-            None => {
-                // The SYN is dropped: nothing answers before the timeout.
-                tokio::time::sleep(timeout).await;
-                Err(io::Error::new(io::ErrorKind::TimedOut, "no answer"))
+            let next = tokio::time::Instant::now() + resend;
+            if next >= deadline {
+                tokio::time::sleep_until(deadline).await;
+                return Err(io::Error::new(io::ErrorKind::TimedOut, "no answer"));
             }
+            tokio::time::sleep_until(next).await;
+            resend *= 2;
         }
+    }
+
+    /// One attempt: a connection, `None` when the path is silent, or an
+    /// error when nobody listens.
+    fn try_connect(&self, from: &NodeAddr, to: &NodeAddr) -> io::Result<Option<MemoryStream>> {
+        let (key_from, key_to) = (from.to_string(), to.to_string());
+        let mut net = self.lock();
+        *net.attempts
+            .entry((key_from.clone(), key_to.clone()))
+            .or_default() += 1;
+        let forth = net.direction(&key_from, &key_to);
+        let back = net.direction(&key_to, &key_from);
+        if forth.silent.load(Ordering::SeqCst) || back.silent.load(Ordering::SeqCst) {
+            return Ok(None);
+        }
+        let refused = || io::Error::new(io::ErrorKind::ConnectionRefused, "connection refused");
+        let tx = net.listening.get(&key_to).ok_or_else(refused)?;
+        let (a, b) = tokio::io::duplex(PIPE_BYTES);
+        let reset = CancellationToken::new();
+        let ours = MemoryStream::new(a, forth, reset.clone());
+        let theirs = MemoryStream::new(b, back, reset.clone());
+        let source = SocketAddr::new(source_ip(from), 0);
+        tx.send((theirs, source)).map_err(|_| refused())?;
+        net.open.entry((key_from, key_to)).or_default().push(reset);
+        Ok(Some(ours))
     }
 }
 

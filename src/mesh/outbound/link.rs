@@ -212,6 +212,11 @@ pub(crate) async fn run(shared: Arc<Shared>, peer: usize) {
             let delay = backoff.next();
             tokio::select! {
                 _ = sleep(delay) => {}
+                // The peer just reached us: it is reachable now, so the
+                // rest of the wait would only delay its replay.
+                _ = shared.peers[peer].redial.notified() => {
+                    debug!("the peer connected to us: redialling at once");
+                }
                 _ = shared.token.cancelled() => return,
             }
         }
