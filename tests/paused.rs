@@ -124,6 +124,9 @@ async fn a_one_way_drop_loses_nothing_and_recovery_is_bounded() {
     assert!(took <= Duration::from_secs(6), "recovered after {took:?}");
     let (missing, flushes) = check_no_silent_gap(&rb.events(), &addr(0).to_string(), 1000);
     assert_eq!((missing, flushes), (0, 0), "replayed, not flushed");
+    // All 1,000 were unacknowledged when the link came back.
+    let replayed = a.status().counters.replayed;
+    assert!(replayed >= 1000, "replayed counts items: {replayed}");
     a.shutdown().await;
     b.shutdown().await;
 }

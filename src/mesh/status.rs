@@ -77,7 +77,9 @@ pub struct Counters {
     pub flushes_received: u64,
     /// Flushes sent in place of invalidations a peer missed (buffer full).
     pub gap_flushes_sent: u64,
-    /// Reconnections that resumed a peer from the replay buffer.
+    /// Invalidations sent again from the replay buffer to peers that
+    /// reconnected (what each had not acknowledged when its link came back;
+    /// a flush standing in for dropped ones counts as one).
     pub replayed: u64,
     /// Outbound links established after the first.
     pub reconnects: u64,

@@ -113,11 +113,11 @@ pub(crate) async fn run(shared: Arc<Shared>, peer: usize) {
             };
             match attempt {
                 Ok((reader, writer, hello)) => {
-                    let (resumed, acked) = {
+                    let (resumed, acked, queued, ours) = {
                         let mut out = lock(&shared.out);
                         out.peer_position(peer, hello.last_applied);
                         let resumed = out.connected(peer, hello.last_applied);
-                        (resumed, out.acked(peer))
+                        (resumed, out.acked(peer), out.queued(peer), out.incarnation())
                     };
                     if let Some(announced) = resumed.diverged {
                         shared.stats.diverged.fetch_add(1, Ordering::Relaxed);
@@ -147,11 +147,10 @@ pub(crate) async fn run(shared: Arc<Shared>, peer: usize) {
                         l.outbound_incarnation = hello.incarnation;
                         l.last_error = None;
                     }
-                    if hello
-                        .last_applied
-                        .is_some_and(|p| p.incarnation == lock(&shared.out).incarnation())
-                    {
-                        shared.stats.replayed.fetch_add(1, Ordering::Relaxed);
+                    // A peer that knew this run resumes: what it had not
+                    // acknowledged is sent again from the buffer.
+                    if hello.last_applied.is_some_and(|p| p.incarnation == ours) {
+                        shared.stats.replayed.fetch_add(queued, Ordering::Relaxed);
                     }
                     info!(
                         incarnation = format_args!("{:016x}", hello.incarnation),
