@@ -34,9 +34,11 @@ pub(crate) struct PeerInfo {
     /// What was applied from it and its links: one lock per peer, never
     /// held while application code runs.
     pub(crate) state: Mutex<peer::PeerState>,
-    /// Held while this peer's events are emitted (after its state lock is
-    /// released), so that they reach the application in the order they
-    /// were decided; no other lock is taken under it.
+    /// This peer's turn to emit: taken before `state`, held while the
+    /// events decided under `state` are emitted after it is released, so
+    /// that they reach the application in the order they were decided.
+    /// Only this peer's tasks take it: application code under it holds up
+    /// this peer's events alone.
     pub(crate) turn: Mutex<()>,
 }
 
