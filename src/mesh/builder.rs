@@ -12,6 +12,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
+use super::transport::Transport;
+
 use super::*;
 use crate::auth::Secret;
 use crate::config::{ClusterConfig, NodeAddr};
@@ -116,7 +118,11 @@ impl MeshBuilder {
             network,
         } = self;
         let fanout = fanout.unwrap_or_else(|| Fanout::new(tuning.event_capacity));
-        let shared = build_shared(config, tuning, connect_via, callbacks, fanout, network)?;
+        let transport: Arc<dyn Transport> = match network {
+            Some(net) => Arc::new(net),
+            None => Arc::new(transport::Tcp),
+        };
+        let shared = build_shared(config, tuning, connect_via, callbacks, fanout, transport)?;
         if let Some(path) = &shared.config.state_file {
             let state_err = |e: std::io::Error| StartError::State {
                 path: path.clone(),
@@ -138,18 +144,7 @@ impl MeshBuilder {
                 .await
                 .map_err(state_err)?;
         }
-        let incoming = match (&shared.network, listener) {
-            (Some(net), _) => inbound::Incoming::Memory(net.listen(&shared.config.node)),
-            (None, Some(l)) => inbound::Incoming::Tcp(l),
-            (None, None) => {
-                inbound::Incoming::Tcp(TcpListener::bind(shared.config.bind).await.map_err(
-                    |source| StartError::Bind {
-                        addr: shared.config.bind,
-                        source,
-                    },
-                )?)
-            }
-        };
+        let incoming = shared.transport.listen(&shared, listener).await?;
         let local = match &incoming {
             inbound::Incoming::Tcp(l) => l.local_addr().ok(),
             inbound::Incoming::Memory(_) => None,
@@ -200,7 +195,7 @@ pub(crate) fn build_shared(
     connect_via: HashMap<NodeAddr, SocketAddr>,
     callbacks: Vec<Callback>,
     fanout: Fanout,
-    network: Option<MemoryNetwork>,
+    transport: Arc<dyn Transport>,
 ) -> Result<Arc<Shared>, StartError> {
     if config.peers.len() >= crate::config::MAX_INSTANCES {
         return Err(StartError::TooManyPeers {
@@ -259,7 +254,7 @@ pub(crate) fn build_shared(
         duplicate_log: limits::LogLimiter::new(1, Duration::from_secs(60)),
         shutdown_at: std::sync::OnceLock::new(),
         state_lock: Mutex::new(None),
-        network,
+        transport,
         tuning,
         config,
     }))
@@ -296,7 +291,14 @@ pub fn fuzz_acceptor(input: &[u8]) {
         ..Tuning::default()
     };
     let fanout = Fanout::new(tuning.event_capacity);
-    let Ok(shared) = build_shared(config, tuning, HashMap::new(), Vec::new(), fanout, None) else {
+    let Ok(shared) = build_shared(
+        config,
+        tuning,
+        HashMap::new(),
+        Vec::new(),
+        fanout,
+        Arc::new(transport::Tcp),
+    ) else {
         return;
     };
     rt.block_on(async {

@@ -80,8 +80,8 @@ pub(crate) struct Shared {
     pub(crate) shutdown_at: std::sync::OnceLock<tokio::time::Instant>,
     /// The state file's lock, held while this run may write the file.
     pub(crate) state_lock: Mutex<Option<std::fs::File>>,
-    /// The in-memory network the node lives on instead of TCP (tests).
-    pub(crate) network: Option<MemoryNetwork>,
+    /// How peers are reached: TCP (and TLS), or an in-memory network.
+    pub(crate) transport: Arc<dyn transport::Transport>,
 }
 
 /// Why an inbound connection was refused (for counters).

@@ -9,19 +9,16 @@ use std::time::Duration;
 use bytes::BytesMut;
 use futures_util::StreamExt;
 use tokio::io::{AsyncWriteExt, ReadHalf, WriteHalf};
-use tokio::net::TcpStream;
 use tokio::time::{Instant, sleep, sleep_until, timeout, timeout_at};
 use tokio_util::codec::{Encoder, FramedRead};
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::ring::Taken;
 use crate::auth;
-use crate::config::NodeAddr;
 use crate::mesh::handshake::{self, HandshakeError};
 use crate::mesh::inbound::{hello_for, identity_matches, parse_identity};
 use crate::mesh::io::Io;
-use crate::mesh::limits::lookup;
-use crate::mesh::{Dir, PeerInfo, Shared, Silence, lock};
+use crate::mesh::{Dir, Shared, Silence, lock};
 use crate::wire::{CodecError, Expect, FrameCodec, Hello, Message};
 
 /// Bytes of frames encoded per write while busy: large enough for one
@@ -235,20 +232,7 @@ async fn connect(
     let hello_timeout = shared.tuning.hello_timeout;
     // One deadline covers the handshake from the connection on, TLS
     // included.
-    let (io, deadline) = match &shared.network {
-        Some(net) => {
-            let s = net
-                .connect(
-                    &shared.config.node,
-                    &info.addr,
-                    shared.tuning.connect_timeout,
-                )
-                .await
-                .map_err(|e| LinkError::Connect(format!("{}: {e}", info.addr)))?;
-            (Io::Memory(s), Instant::now() + hello_timeout)
-        }
-        None => tcp_transport(shared, info).await?,
-    };
+    let (io, deadline) = shared.transport.dial(shared, info).await?;
     let (rd, mut wr) = tokio::io::split(io);
     // Nothing but the acceptor's Hello (or its Reject) is decoded first.
     let mut reader = FramedRead::new(rd, FrameCodec::handshake(Expect::HelloOrReject));
@@ -337,34 +321,6 @@ async fn connect(
     Ok((reader, wr, hello))
 }
 
-/// Dials the peer over TCP (resolving its name afresh), with TLS when
-/// configured; with the handshake's deadline, counted from the TCP
-/// connection.
-async fn tcp_transport(shared: &Shared, info: &PeerInfo) -> Result<(Io, Instant), LinkError> {
-    let stream = match info.dial {
-        Some(via) => timeout(shared.tuning.connect_timeout, TcpStream::connect(via))
-            .await
-            .map_err(|_| LinkError::Connect(format!("{via}: no answer")))?
-            .map_err(|e| LinkError::Connect(format!("{via}: {e}")))?,
-        None => dial(&info.addr, shared.tuning.connect_timeout).await?,
-    };
-    // Latency matters more than packet count; writes are batched anyway.
-    stream.set_nodelay(true)?;
-    let hello_timeout = shared.tuning.hello_timeout;
-    let deadline = Instant::now() + hello_timeout;
-    let Some(tls) = &shared.tls else {
-        return Ok((Io::Plain(stream), deadline));
-    };
-    match timeout_at(deadline, tls.connect(&info.addr.host, stream)).await {
-        Ok(Ok(s)) => Ok((Io::Client(Box::new(s)), deadline)),
-        Ok(Err(e)) => Err(LinkError::Tls(format!(
-            "TLS handshake with {} failed: {e} (does it have cachecast.tls configured, with a certificate from the same CA naming {}?)",
-            info.addr, info.addr.host
-        ))),
-        Err(_) => Err(LinkError::HelloTimeout(hello_timeout)),
-    }
-}
-
 /// Writes `buf`, bounded: a write that makes no progress for `dead_after`
 /// (the peer stopped reading) fails the link; once shutdown has begun, the
 /// write may only go on until the shutdown deadline.
@@ -415,22 +371,6 @@ async fn next_frame(
         Ok(None) => Err(LinkError::Closed),
         Ok(Some(r)) => Ok(r?),
     }
-}
-
-/// Connects to the first address of `addr` that answers.
-async fn dial(addr: &NodeAddr, connect_timeout: Duration) -> Result<TcpStream, LinkError> {
-    let addrs = lookup(&addr.host, addr.port)
-        .await
-        .map_err(|e| LinkError::Connect(format!("cannot resolve {}: {e}", addr.host)))?;
-    let mut last = format!("{} resolves to no address", addr.host);
-    for a in addrs {
-        match timeout(connect_timeout, TcpStream::connect(a)).await {
-            Ok(Ok(s)) => return Ok(s),
-            Ok(Err(e)) => last = format!("{a}: {e}"),
-            Err(_) => last = format!("{a}: no answer within {connect_timeout:?}"),
-        }
-    }
-    Err(LinkError::Connect(last))
 }
 
 /// Moves bytes until the link fails (an error) or the node shuts down
