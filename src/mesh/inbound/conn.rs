@@ -449,8 +449,6 @@ async fn receive(
     let read = async {
         let mut said_goodbye = false;
         let mut silence = Silence::new(dead_after);
-        // A batch's events, kept between batches for its allocation.
-        let mut events = Vec::new();
         loop {
             let next = tokio::select! {
                 biased;
@@ -478,6 +476,9 @@ async fn receive(
                     // The turn first: this peer's events reach the
                     // application in the order decided; its state lock is
                     // released before any of them is emitted.
+                    // A batch's events, decided under the state lock and
+                    // emitted after it.
+                    let mut events = Vec::with_capacity(batch.items.len());
                     let result = {
                         let _turn = lock(&info.turn);
                         let r = lock(&info.state).origin.batch(

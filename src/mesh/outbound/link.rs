@@ -13,7 +13,7 @@ use tokio::time::{Instant, sleep, sleep_until, timeout, timeout_at};
 use tokio_util::codec::{Encoder, FramedRead};
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use super::ring::Taken;
+use super::ring::{Filled, Taken};
 use crate::auth;
 use crate::mesh::handshake::{self, HandshakeError};
 use crate::mesh::inbound::{hello_for, identity_matches, parse_identity};
@@ -373,6 +373,52 @@ async fn next_frame(
     }
 }
 
+/// What [`fill_chunk`] encoded.
+struct Chunk {
+    filled: Filled,
+    /// The peer's `sent` after the last take.
+    sent: u64,
+    /// The last seq assigned, read under the lock of the last take.
+    last_seq: u64,
+    /// The last take found nothing more: everything up to `last_seq` is
+    /// in the buffer (or was written before).
+    exhausted: bool,
+}
+
+/// Encodes what `peer` has not been sent into `buf`, a frame at a time
+/// (the ring's lock is held only to take each), until about
+/// [`WRITE_CHUNK`] bytes or nothing is left.
+fn fill_chunk(
+    shared: &Shared,
+    peer: usize,
+    taken: &mut Taken,
+    buf: &mut BytesMut,
+) -> Result<Chunk, CodecError> {
+    let mut chunk = Chunk {
+        filled: Filled::default(),
+        sent: 0,
+        last_seq: 0,
+        exhausted: false,
+    };
+    while buf.len() < WRITE_CHUNK {
+        let f = {
+            let mut out = lock(&shared.out);
+            let f = out.take(peer, taken);
+            chunk.sent = out.sent(peer);
+            chunk.last_seq = out.last_seq();
+            f
+        };
+        taken.encode(buf)?;
+        if f.items == 0 {
+            chunk.exhausted = true;
+            break;
+        }
+        chunk.filled.items += f.items;
+        chunk.filled.gap_flush |= f.gap_flush;
+    }
+    Ok(chunk)
+}
+
 /// Moves bytes until the link fails (an error) or the node shuts down
 /// (`Ok`). Reading and writing run side by side, so that acks are read
 /// while a large write is under way.
@@ -455,11 +501,8 @@ async fn session(
             if shared.token.is_cancelled() {
                 break;
             }
-            let (filled, last_written) = {
-                let mut out = lock(&shared.out);
-                (out.take(peer, &mut taken, WRITE_CHUNK), out.sent(peer))
-            };
-            taken.encode(&mut buf)?;
+            let chunk = fill_chunk(shared, peer, &mut taken, &mut buf)?;
+            let (filled, last_written) = (chunk.filled, chunk.sent);
             if filled.items > 0 {
                 shared
                     .stats
@@ -508,18 +551,17 @@ async fn session(
         let deadline = shared.shutdown_deadline();
         let drain = async {
             let last_seq = loop {
-                // Fill and read the last number under one lock, so the
-                // goodbye never names something that was not written.
-                let (filled, last_seq) = {
-                    let mut out = lock(&shared.out);
-                    (out.take(peer, &mut taken, WRITE_CHUNK), out.last_seq())
-                };
-                taken.encode(&mut buf)?;
-                if filled.items == 0 {
-                    break last_seq;
+                // The last number is read under the lock of the take that
+                // found nothing more, so the goodbye never names something
+                // that was not written.
+                let chunk = fill_chunk(shared, peer, &mut taken, &mut buf)?;
+                if !buf.is_empty() {
+                    write_bounded(shared, &mut wr, &buf).await?;
+                    buf.clear();
                 }
-                write_bounded(shared, &mut wr, &buf).await?;
-                buf.clear();
+                if chunk.exhausted {
+                    break chunk.last_seq;
+                }
             };
             codec.encode(&Message::Goodbye { last_seq }, &mut buf)?;
             write_bounded(shared, &mut wr, &buf).await?;

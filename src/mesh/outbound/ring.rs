@@ -288,42 +288,41 @@ impl OutLog {
         self.overflows
     }
 
-    /// Takes what `peer` has not been sent, up to about `max_bytes` of
-    /// encoded items, into `taken` (shared references: no string is
-    /// copied), and marks it sent. The caller encodes it after releasing
-    /// the lock this log lives under, so that encoding a large backlog
-    /// never holds up [`OutLog::push`].
-    pub(crate) fn take(&mut self, peer: usize, taken: &mut Taken, max_bytes: usize) -> Filled {
+    /// Takes the next `Batch` frame's worth of what `peer` has not been
+    /// sent (at most [`BATCH_ITEMS`] items or about [`BATCH_BYTES`], and a
+    /// flush before them when entries it needed were dropped) into
+    /// `taken`, as shared references (no string is copied), and marks it
+    /// sent. The caller encodes it after releasing the lock this log lives
+    /// under, so that encoding never holds up [`OutLog::push`]; one frame
+    /// at a time keeps what is taken small.
+    pub(crate) fn take(&mut self, peer: usize, taken: &mut Taken) -> Filled {
         let mut filled = Filled::default();
-        let mut bytes = 0;
-        while self.has_unsent(peer) && bytes < max_bytes {
-            let mut from = self.peers[peer].sent + 1;
-            if from < self.front_seq {
-                // Entries this peer needs were dropped. A flush at the front
-                // covers them itself; otherwise a flush numbered with the
-                // last dropped entry stands in for them.
-                if self.items.front() != Some(&Item::Flush) {
-                    let flush_seq = self.front_seq - 1;
-                    taken.push_run(flush_seq, std::iter::once(Item::Flush));
-                    bytes += Item::Flush.encoded_len_bound();
-                    filled.items += 1;
-                    filled.gap_flush = true;
-                    self.peers[peer].sent = flush_seq;
-                }
-                from = self.front_seq;
+        if !self.has_unsent(peer) {
+            return filled;
+        }
+        let mut from = self.peers[peer].sent + 1;
+        if from < self.front_seq {
+            // Entries this peer needs were dropped. A flush at the front
+            // covers them itself; otherwise a flush numbered with the last
+            // dropped entry stands in for them.
+            if self.items.front() != Some(&Item::Flush) {
+                let flush_seq = self.front_seq - 1;
+                taken.push_run(flush_seq, std::iter::once(Item::Flush));
+                filled.items += 1;
+                filled.gap_flush = true;
+                self.peers[peer].sent = flush_seq;
             }
-            let offset = (from - self.front_seq) as usize;
-            let mut end = offset;
-            let mut run_bytes = 0;
-            while end < self.items.len() && end - offset < BATCH_ITEMS && run_bytes < BATCH_BYTES {
-                run_bytes += self.items[end].encoded_len_bound();
-                end += 1;
-            }
-            if end == offset {
-                break;
-            }
+            from = self.front_seq;
+        }
+        let offset = (from - self.front_seq) as usize;
+        let mut end = offset;
+        let mut run_bytes = 0;
+        while end < self.items.len() && end - offset < BATCH_ITEMS && run_bytes < BATCH_BYTES {
+            run_bytes += self.items[end].encoded_len_bound();
+            end += 1;
+        }
+        if end > offset {
             taken.push_run(from, self.items.range(offset..end).cloned());
-            bytes += run_bytes;
             filled.items += end - offset;
             self.peers[peer].sent = from + (end - offset) as u64 - 1;
         }
@@ -338,9 +337,18 @@ impl OutLog {
         dst: &mut BytesMut,
         max_bytes: usize,
     ) -> Result<Filled, CodecError> {
+        let mut filled = Filled::default();
         let mut taken = Taken::default();
-        let filled = self.take(peer, &mut taken, max_bytes);
-        taken.encode(dst)?;
+        let start = dst.len();
+        while dst.len() - start < max_bytes {
+            let f = self.take(peer, &mut taken);
+            taken.encode(dst)?;
+            if f.items == 0 {
+                break;
+            }
+            filled.items += f.items;
+            filled.gap_flush |= f.gap_flush;
+        }
         Ok(filled)
     }
 }
