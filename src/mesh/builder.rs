@@ -13,7 +13,6 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use super::transport::Transport;
-
 use super::*;
 use crate::auth::Secret;
 use crate::config::{ClusterConfig, NodeAddr};
