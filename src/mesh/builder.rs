@@ -221,6 +221,7 @@ pub(crate) fn build_shared(
                 dial: connect_via.get(&p.addr).copied(),
                 notify: Notify::new(),
                 redial: Notify::new(),
+                reached: AtomicU64::new(0),
                 acked: watch::channel(0).0,
                 stats: PeerStats::default(),
                 turn: Mutex::new(()),

@@ -25,9 +25,12 @@ pub(crate) struct PeerInfo {
     pub(crate) dial: Option<SocketAddr>,
     /// Wakes the link task when there is something to send.
     pub(crate) notify: Notify,
-    /// Cuts the link task's backoff short (the peer's inbound link came
-    /// up); only a task waiting is woken, no permit is kept.
+    /// Cuts the link task's wait short (the peer's inbound link came up):
+    /// wakes a dial waiting for an answer or a backoff; no permit is kept.
     pub(crate) redial: Notify,
+    /// Inbound links from the peer that completed their handshake, so
+    /// that one coming up between the link task's waits is not missed.
+    pub(crate) reached: AtomicU64,
     /// The peer's acknowledged sequence number, for waiters.
     pub(crate) acked: watch::Sender<u64>,
     pub(crate) stats: PeerStats,

@@ -385,7 +385,9 @@ pub(crate) async fn serve_io(
     );
     info!(peer = %id, incarnation = format_args!("{incarnation:016x}"), "inbound link up");
     shared.set_inbound(peer, generation, true, "");
-    // Our own link to the peer, if it is waiting out a backoff, redials.
+    // Our own link to the peer, if it is waiting for an answer or out a
+    // backoff, redials.
+    shared.peers[peer].reached.fetch_add(1, Ordering::AcqRel);
     shared.peers[peer].redial.notify_waiters();
     let reason = receive(shared, peer, incarnation, floor, reader, wr, &conn_token).await;
     if shared.set_inbound(peer, generation, false, &reason) {

@@ -104,6 +104,8 @@ pub(crate) async fn run(shared: Arc<Shared>, peer: usize) {
         };
         let mut last_logged = RepeatLog::default();
         loop {
+            // How often the peer had reached us when this attempt began.
+            let reached = shared.peers[peer].reached.load(Ordering::Acquire);
             let attempt = tokio::select! {
                 r = connect(&shared, peer) => r,
                 _ = shared.token.cancelled() => return,
@@ -205,14 +207,18 @@ pub(crate) async fn run(shared: Arc<Shared>, peer: usize) {
                     }
                 }
             }
+            // The peer reached us (during the attempt, or while waiting):
+            // it is reachable now, so a wait would only delay its replay.
+            let info = &shared.peers[peer];
+            let redial = info.redial.notified();
+            if info.reached.load(Ordering::Acquire) != reached {
+                debug!("the peer connected to us: redialling at once");
+                continue;
+            }
             let delay = backoff.next();
             tokio::select! {
                 _ = sleep(delay) => {}
-                // The peer just reached us: it is reachable now, so the
-                // rest of the wait would only delay its replay.
-                _ = shared.peers[peer].redial.notified() => {
-                    debug!("the peer connected to us: redialling at once");
-                }
+                _ = redial => debug!("the peer connected to us: redialling at once"),
                 _ = shared.token.cancelled() => return,
             }
         }
@@ -232,7 +238,17 @@ async fn connect(
     let hello_timeout = shared.tuning.hello_timeout;
     // One deadline covers the handshake from the connection on, TLS
     // included.
-    let (io, deadline) = shared.transport.dial(shared, info).await?;
+    // A dial still waiting for an answer when the peer reaches us is
+    // given up and made again at once (its SYN was lost, most likely).
+    let redial = info.redial.notified();
+    let (io, deadline) = tokio::select! {
+        r = shared.transport.dial(shared, info) => r?,
+        _ = redial => {
+            return Err(LinkError::Connect(
+                "the peer connected to us while this dial waited: dialling again".into(),
+            ));
+        }
+    };
     let (rd, mut wr) = tokio::io::split(io);
     // Nothing but the acceptor's Hello (or its Reject) is decoded first.
     let mut reader = FramedRead::new(rd, FrameCodec::handshake(Expect::HelloOrReject));
