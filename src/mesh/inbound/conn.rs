@@ -389,12 +389,24 @@ pub(crate) async fn serve_io(
     // backoff, redials.
     shared.peers[peer].reached.fetch_add(1, Ordering::AcqRel);
     shared.peers[peer].redial.notify_waiters();
-    let reason = receive(shared, peer, incarnation, floor, reader, wr, &conn_token).await;
+    let reason = receive(
+        shared,
+        peer,
+        incarnation,
+        floor,
+        &mut reader,
+        &mut wr,
+        &conn_token,
+    )
+    .await;
+    // Down before the socket closes: a peer that reconnects as soon as it
+    // sees the close must not find this link still counted as live.
     if shared.set_inbound(peer, generation, false, &reason) {
         warn!(peer = %id, reason = %reason, "inbound link down");
     } else {
         debug!(peer = %id, "superseded inbound connection closed");
     }
+    drop((reader, wr));
 }
 
 /// Refuses a connection, telling the other side why (best effort).
@@ -442,8 +454,8 @@ async fn receive(
     peer: usize,
     incarnation: u64,
     mut floor: u64,
-    mut reader: FramedRead<ReadHalf<Io>, FrameCodec>,
-    mut wr: WriteHalf<Io>,
+    reader: &mut FramedRead<ReadHalf<Io>, FrameCodec>,
+    wr: &mut WriteHalf<Io>,
     conn_token: &CancellationToken,
 ) -> String {
     let (owed_tx, mut owed_rx) = watch::channel(Owed::default());
