@@ -1081,20 +1081,37 @@ async fn a_slow_callback_for_one_peer_does_not_hold_up_another() {
     let (pa, pb, pc) = (port(&la), port(&lb), port(&lc));
     let (a, _ra) = start(cfg(pa, &[pc], 1024), la, common::tuning()).await;
     let (b, _rb) = start(cfg(pb, &[pc], 1024), lb, common::tuning()).await;
-    let release = Arc::new(AtomicBool::new(false));
-    let blocked = release.clone();
+    // Set by C's callback when B's invalidation arrives; A's callback
+    // waits for it (at most 10 s) and records whether it came meanwhile.
+    let quick_seen = Arc::new(AtomicBool::new(false));
+    let came_while_blocked = Arc::new(AtomicBool::new(false));
+    let slow_started = Arc::new(AtomicBool::new(false));
+    let (seen, came) = (quick_seen.clone(), came_while_blocked.clone());
+    let started = slow_started.clone();
     let (rc, record) = Recorder::new();
     let c = Mesh::builder(cfg(pc, &[pa, pb], 1024))
         .tuning(common::tuning())
         .listener(lc)
         .on_event(move |e| {
+            if is_key(e, "quick") {
+                seen.store(true, Ordering::Release);
+            }
             if is_key(e, "slow") {
-                // The application takes its time (bounded, so that a
-                // failing test still ends).
-                let until = Instant::now() + Duration::from_secs(20);
-                while !blocked.load(Ordering::Acquire) && Instant::now() < until {
-                    std::thread::sleep(Duration::from_millis(5));
-                }
+                started.store(true, Ordering::Release);
+                // The application takes its time on A's invalidation. (It
+                // says so to the runtime, which moves this worker's other
+                // tasks to another thread: what is tested is the node's
+                // locks, not the scheduler.)
+                tokio::task::block_in_place(|| {
+                    let until = Instant::now() + Duration::from_secs(10);
+                    while Instant::now() < until {
+                        if seen.load(Ordering::Acquire) {
+                            came.store(true, Ordering::Release);
+                            break;
+                        }
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                });
             }
         })
         .on_event(record)
@@ -1107,19 +1124,19 @@ async fn a_slow_callback_for_one_peer_does_not_hold_up_another() {
     })
     .await;
     a.invalidate("c", "slow").expect("send");
-    // A's callback is stuck; B's invalidation must still arrive.
-    b.invalidate("c", "quick").expect("send");
-    rc.wait_for(
-        "B's invalidation while A's callback is stuck",
-        SHORT,
-        |evs| has_key(evs, "quick"),
-    )
-    .await;
-    release.store(true, Ordering::Release);
-    rc.wait_for("A's invalidation, once released", SHORT, |evs| {
-        has_key(evs, "slow")
+    wait_until("A's callback under way", SHORT, || {
+        slow_started.load(Ordering::Acquire)
     })
     .await;
+    b.invalidate("c", "quick").expect("send");
+    rc.wait_for("both, in the end", LONG, |evs| {
+        has_key(evs, "slow") && has_key(evs, "quick")
+    })
+    .await;
+    assert!(
+        came_while_blocked.load(Ordering::Acquire),
+        "B's invalidation waited until A's slow callback returned"
+    );
     for h in [a, b, c] {
         h.shutdown().await;
     }
