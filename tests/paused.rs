@@ -32,6 +32,22 @@ async fn node(net: &MemoryNetwork, i: u16, n: u16) -> (MeshHandle, Recorder) {
     (h, rec)
 }
 
+/// Two nodes on a network of their own, connected.
+async fn pair() -> (
+    MemoryNetwork,
+    (MeshHandle, Recorder),
+    (MeshHandle, Recorder),
+) {
+    let net = MemoryNetwork::new();
+    let a = node(&net, 0, 2).await;
+    let b = node(&net, 1, 2).await;
+    until("connected", Duration::from_secs(5), || {
+        connected(&a.0) && connected(&b.0)
+    })
+    .await;
+    (net, a, b)
+}
+
 /// Waits (in paused time) until `cond` holds; returns how long it took.
 async fn until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) -> Duration {
     let start = Instant::now();
@@ -52,13 +68,7 @@ fn downs(r: &Recorder) -> usize {
 
 #[tokio::test(start_paused = true)]
 async fn an_idle_link_stays_up_on_heartbeats_alone() {
-    let net = MemoryNetwork::new();
-    let (a, ra) = node(&net, 0, 2).await;
-    let (b, rb) = node(&net, 1, 2).await;
-    until("connected", Duration::from_secs(5), || {
-        connected(&a) && connected(&b)
-    })
-    .await;
+    let (_net, (a, ra), (b, rb)) = pair().await;
     // Ten minutes without an invalidation: pings keep both links alive.
     tokio::time::sleep(Duration::from_secs(600)).await;
     assert!(connected(&a) && connected(&b));
@@ -70,13 +80,7 @@ async fn an_idle_link_stays_up_on_heartbeats_alone() {
 
 #[tokio::test(start_paused = true)]
 async fn a_silent_partition_is_noticed_within_the_dead_peer_timeout() {
-    let net = MemoryNetwork::new();
-    let (a, ra) = node(&net, 0, 2).await;
-    let (b, rb) = node(&net, 1, 2).await;
-    until("connected", Duration::from_secs(5), || {
-        connected(&a) && connected(&b)
-    })
-    .await;
+    let (net, (a, ra), (b, rb)) = pair().await;
     net.partition(&addr(0), &addr(1));
     // No reset, no end of stream: only the 3 s of silence tells.
     let took = until(
@@ -98,13 +102,7 @@ async fn a_silent_partition_is_noticed_within_the_dead_peer_timeout() {
 
 #[tokio::test(start_paused = true)]
 async fn a_one_way_drop_loses_nothing_and_recovery_is_bounded() {
-    let net = MemoryNetwork::new();
-    let (a, _ra) = node(&net, 0, 2).await;
-    let (b, rb) = node(&net, 1, 2).await;
-    until("connected", Duration::from_secs(5), || {
-        connected(&a) && connected(&b)
-    })
-    .await;
+    let (net, (a, _ra), (b, rb)) = pair().await;
     // A's invalidations vanish on their way to B; B's acks still arrive.
     net.drop_one_way(&addr(0), &addr(1));
     for k in 0..1000 {
@@ -138,13 +136,7 @@ async fn a_one_way_drop_loses_nothing_and_recovery_is_bounded() {
 
 #[tokio::test(start_paused = true)]
 async fn cuts_in_a_stream_lose_nothing() {
-    let net = MemoryNetwork::new();
-    let (a, _ra) = node(&net, 0, 2).await;
-    let (b, rb) = node(&net, 1, 2).await;
-    until("connected", Duration::from_secs(5), || {
-        connected(&a) && connected(&b)
-    })
-    .await;
+    let (net, (a, _ra), (b, rb)) = pair().await;
     let total = 20_000u64;
     for k in 0..total {
         a.invalidate("c", &k.to_string()).expect("send");
@@ -200,13 +192,7 @@ async fn an_absent_peer_is_redialled_with_doubling_delays_up_to_the_cap() {
 /// much as a backoff delay (up to 5 s) after the first.
 #[tokio::test(start_paused = true)]
 async fn an_inbound_link_cuts_the_outbound_backoff_short() {
-    let net = MemoryNetwork::new();
-    let (a, _ra) = node(&net, 0, 2).await;
-    let (b, rb) = node(&net, 1, 2).await;
-    until("connected", Duration::from_secs(5), || {
-        connected(&a) && connected(&b)
-    })
-    .await;
+    let (net, (a, _ra), (b, rb)) = pair().await;
     net.partition(&addr(0), &addr(1));
     until("down", Duration::from_secs(10), || downs(&rb) > 0).await;
     // Long enough for both delays to reach the cap.

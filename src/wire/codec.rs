@@ -176,7 +176,7 @@ impl FrameCodec {
     }
 
     /// The next handshake step accepts `expect`.
-    pub fn expect(&mut self, expect: Expect) {
+    pub fn allow_next(&mut self, expect: Expect) {
         self.handshake = Some(expect);
     }
 

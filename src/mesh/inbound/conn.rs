@@ -328,7 +328,7 @@ pub(crate) async fn serve_io(
         return;
     }
     if let Some(secret) = &shared.secret {
-        reader.decoder_mut().expect(Expect::AuthOrReject);
+        reader.decoder_mut().allow_next(Expect::AuthOrReject);
         let proof = match timeout_at(deadline, reader.next()).await {
             Ok(Some(Ok(Message::Auth { mac }))) => mac,
             Ok(Some(Ok(Message::Reject { reason }))) => {

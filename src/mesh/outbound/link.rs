@@ -31,6 +31,10 @@ const WRITE_CHUNK: usize = 256 * 1024;
 pub(crate) enum LinkError {
     #[error("connect failed: {0}")]
     Connect(String),
+    /// Not a failure: the peer connected to us while our dial still waited
+    /// for an answer, so the dial is made again at once.
+    #[error("the peer connected to us while this dial waited: dialling again")]
+    Redial,
     #[error("{0}")]
     Codec(#[from] CodecError),
     #[error("i/o: {0}")]
@@ -197,6 +201,7 @@ pub(crate) async fn run(shared: Arc<Shared>, peer: usize) {
                         }
                     }
                 }
+                Err(e @ LinkError::Redial) => debug!("{e}"),
                 Err(e) => {
                     let text = e.to_string();
                     lock(&shared.peers[peer].state).link.last_error = Some(text.clone());
@@ -243,11 +248,7 @@ async fn connect(
     let redial = info.redial.notified();
     let (io, deadline) = tokio::select! {
         r = shared.transport.dial(shared, info) => r?,
-        _ = redial => {
-            return Err(LinkError::Connect(
-                "the peer connected to us while this dial waited: dialling again".into(),
-            ));
-        }
+        _ = redial => return Err(LinkError::Redial),
     };
     let (rd, mut wr) = tokio::io::split(io);
     // Nothing but the acceptor's Hello (or its Reject) is decoded first.
@@ -290,7 +291,7 @@ async fn connect(
                 ours: &ours,
                 theirs: &hello,
             };
-            reader.decoder_mut().expect(Expect::AuthOrReject);
+            reader.decoder_mut().allow_next(Expect::AuthOrReject);
             let proof = match next_frame(&mut reader, deadline, hello_timeout).await? {
                 Message::Auth { mac } => mac,
                 Message::Reject { reason } => return Err(LinkError::Rejected(reason)),
