@@ -418,26 +418,30 @@ async fn invalidate_never_blocks_from_many_tasks() {
     c.shutdown_all().await;
 }
 
+/// The sequence numbers of the next `n` invalidations on `events`; a
+/// flush, the stream's end or a silence of `LONG` fails the test.
+async fn invalidation_seqs(events: &mut cachecast::Events, n: usize) -> Vec<u64> {
+    let mut seqs = Vec::new();
+    while seqs.len() < n {
+        match tokio::time::timeout(LONG, events.recv())
+            .await
+            .expect("event in time")
+        {
+            Some(Event::Invalidated { seq, .. }) => seqs.push(seq),
+            Some(Event::Flush { reason, .. }) => panic!("unexpected flush: {reason}"),
+            Some(_) => {}
+            None => panic!("stream ended"),
+        }
+    }
+    seqs
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subscribers_get_every_event_in_order() {
     let mut c = Cluster::start(2).await;
     let mut events = c.h(1).subscribe();
     c.wait_connected(Duration::from_secs(5)).await;
-    let reader = tokio::spawn(async move {
-        let mut seqs = Vec::new();
-        while seqs.len() < 1000 {
-            match tokio::time::timeout(LONG, events.recv())
-                .await
-                .expect("event in time")
-            {
-                Some(Event::Invalidated { seq, .. }) => seqs.push(seq),
-                Some(Event::Flush { reason, .. }) => panic!("unexpected flush: {reason}"),
-                Some(_) => {}
-                None => panic!("stream ended"),
-            }
-        }
-        seqs
-    });
+    let reader = tokio::spawn(async move { invalidation_seqs(&mut events, 1000).await });
     for k in 0..1000 {
         c.h(0).invalidate("c", &k.to_string()).expect("send");
     }
@@ -468,18 +472,7 @@ async fn a_stream_taken_before_start_misses_nothing() {
     let mut builder = cachecast::Mesh::builder(cachecast::ClusterConfig::new(b, [a])).listener(lb);
     let mut events = builder.subscribe();
     let node_b = builder.start().await.expect("start b");
-    let mut seqs = Vec::new();
-    while seqs.len() < 100 {
-        match tokio::time::timeout(LONG, events.recv())
-            .await
-            .expect("event in time")
-        {
-            Some(Event::Invalidated { seq, .. }) => seqs.push(seq),
-            Some(Event::Flush { reason, .. }) => panic!("unexpected flush: {reason}"),
-            Some(_) => {}
-            None => panic!("stream ended"),
-        }
-    }
+    let seqs = invalidation_seqs(&mut events, 100).await;
     assert_eq!(seqs, (1..=100).collect::<Vec<u64>>());
     node_a.shutdown().await;
     node_b.shutdown().await;

@@ -148,6 +148,23 @@ async fn closed_addr() -> SocketAddr {
     a
 }
 
+/// Over `stream`, claims to be peer 127.0.0.2:4999 and, if that is
+/// answered with a Hello, sends it an invalidation of "injected"; returns
+/// the reply and the node's events after it.
+async fn claim_peer_2_and_inject(
+    stream: TcpStream,
+    rb: &Recorder,
+) -> (Option<Message>, Vec<Event>) {
+    let mut raw = Raw::new(stream);
+    raw.send(&hello("127.0.0.2:4999", 1, None)).await;
+    let reply = raw.next(SHORT).await;
+    if let Some(Message::Hello(_)) = reply {
+        raw.send(&batch(1, vec![key("c", "injected")])).await;
+        let _ = raw.next(Duration::from_secs(1)).await;
+    }
+    (reply, rb.events())
+}
+
 fn is_key(e: &Event, k: &str) -> bool {
     matches!(e, Event::Invalidated { key, .. } if &**key == k)
 }
@@ -987,14 +1004,7 @@ async fn one_peer_cannot_claim_another_peers_identity() {
     .peers;
     let (b, rb) = start(config, lb, common::tuning()).await;
     let stream = TcpStream::connect(addr).await.expect("connect");
-    let mut raw = Raw::new(stream);
-    raw.send(&hello("127.0.0.2:4999", 1, None)).await;
-    let reply = raw.next(SHORT).await;
-    if let Some(Message::Hello(_)) = reply {
-        raw.send(&batch(1, vec![key("c", "injected")])).await;
-        let _ = raw.next(Duration::from_secs(1)).await;
-    }
-    let evs = rb.events();
+    let (reply, evs) = claim_peer_2_and_inject(stream, &rb).await;
     b.shutdown().await;
     match reply {
         Some(Message::Reject { reason }) => assert!(
@@ -1457,14 +1467,7 @@ async fn a_claimed_identity_from_another_source_address_is_refused() {
     sock.bind("127.0.0.1:0".parse().expect("addr"))
         .expect("bind");
     let stream = sock.connect(addr).await.expect("connect");
-    let mut raw = Raw::new(stream);
-    raw.send(&hello("127.0.0.2:4999", 1, None)).await;
-    let reply = raw.next(SHORT).await;
-    if let Some(Message::Hello(_)) = reply {
-        raw.send(&batch(1, vec![key("c", "injected")])).await;
-        let _ = raw.next(Duration::from_secs(1)).await;
-    }
-    let evs = rb.events();
+    let (reply, evs) = claim_peer_2_and_inject(stream, &rb).await;
     b.shutdown().await;
     assert!(
         !matches!(reply, Some(Message::Hello(_))) && !has_key(&evs, "injected"),
