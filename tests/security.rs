@@ -203,6 +203,43 @@ async fn a_replayed_handshake_is_refused() {
     t.finish(&c).await;
 }
 
+/// A dialer that sends its hello and then gives up (its connect timeout
+/// ran out, or it was stopped while its dial waited in the backlog) is a
+/// broken handshake, not a failed authentication: the auth counter is what
+/// operators alert on for someone without the secret.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dialer_that_leaves_before_its_proof_is_no_auth_failure() {
+    let (mut c, listeners) = Cluster::reserve(2).await;
+    c.customize = with(|_, cfg| cfg.secret = Some(secret("correct horse battery staple")));
+    let target = SocketAddr::from(([127, 0, 0, 1], c.ports[1]));
+    let (proxy, recorded) = recording_proxy(target).await;
+    c.via.insert((0, 1), proxy);
+    for (i, l) in listeners.into_iter().enumerate() {
+        c.start_node(i, Some(l)).await;
+    }
+    c.wait_connected(Duration::from_secs(5)).await;
+    // Node 0's hello frame alone, without the proof that followed it.
+    let bytes = recorded.lock().unwrap().clone();
+    let len = u32::from_be_bytes(bytes[..4].try_into().expect("length")) as usize;
+    let hello = bytes[..4 + len].to_vec();
+    let before = counters(c.h(1));
+    let mut s = TcpStream::connect(target).await.expect("connect");
+    s.write_all(&hello).await.expect("hello");
+    let mut answer = [0u8; 256];
+    let n = tokio::time::timeout(LONG, s.read(&mut answer))
+        .await
+        .expect("an answer")
+        .expect("read");
+    assert!(n > 0, "the node answered the hello with its own");
+    drop(s);
+    let h1 = c.h(1).clone();
+    wait_until("counted", LONG, || {
+        counters(&h1).rejected_handshake > before.rejected_handshake
+    })
+    .await;
+    assert_eq!(counters(&h1).rejected_auth, before.rejected_auth);
+}
+
 /// Connects to `target` from `source` (another loopback address).
 async fn connect_from(source: IpAddr, target: SocketAddr) -> std::io::Result<TcpStream> {
     let sock = TcpSocket::new_v4()?;

@@ -343,7 +343,18 @@ pub(crate) async fn serve_io(
                 let reason = format!("expected Auth, got {}", other.kind());
                 return reject(shared, &mut wr, Rejected::Auth, &reason).await;
             }
-            _ => {
+            // A dialer that gave up (its own connect timeout, or a peer that
+            // was stopped while its dial sat in our backlog) proved nothing
+            // wrong: that is a broken handshake, not a failed authentication.
+            Ok(None) => {
+                let reason = "closed before proving the shared secret";
+                return reject(shared, &mut wr, Rejected::Handshake, reason).await;
+            }
+            Ok(Some(Err(e))) => {
+                let reason = format!("no proof of the shared secret: {e}");
+                return reject(shared, &mut wr, Rejected::Handshake, &reason).await;
+            }
+            Err(_) => {
                 return reject(
                     shared,
                     &mut wr,
