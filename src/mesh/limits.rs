@@ -5,6 +5,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::task::TaskTracker;
 
 use crate::config::NodeAddr;
@@ -14,6 +15,11 @@ pub(crate) const MAX_HANDSHAKES_PER_IP: usize = 8;
 
 /// How often the allowlist may be re-resolved because of an unknown source.
 const REFRESH_EVERY: Duration = Duration::from_secs(5);
+
+/// Connections from unknown addresses that may wait for a refresh at once:
+/// enough for every peer of a 5-node cluster, too few for a flood of
+/// strangers to tie up the connection limit.
+const MAX_WAITING_FOR_REFRESH: usize = 4;
 
 /// Longest wait for one name lookup: a slow resolver must not hold up a
 /// handshake or a redial for longer than a connect attempt.
@@ -40,6 +46,10 @@ pub(crate) struct Allowlist {
     state: Mutex<Known>,
     /// Done once the names were first resolved.
     first: tokio::sync::OnceCell<()>,
+    /// Woken when a refresh ends.
+    refreshed: Notify,
+    /// Places for connections waiting on a refresh.
+    waiting: Arc<Semaphore>,
 }
 
 /// Each peer's addresses, resolved side by side; `None` for a name that
@@ -62,15 +72,20 @@ struct Known {
 }
 
 /// What the accept loop may decide about a source address without waiting.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug)]
 pub(crate) enum Admit {
     /// A peer's address.
     Yes,
-    /// No peer's address (a background refresh may have been started).
+    /// No peer's address, by lookups at most a few seconds old.
     No,
     /// The names have not been resolved yet: the connection's own task
     /// waits for that ([`Allowlist::permits`]), never the accept loop.
     Unknown,
+    /// Not an address known now, but the names are being resolved again
+    /// (a peer whose address changed is let in on its first attempt): the
+    /// connection's own task waits for that ([`Allowlist::after_refresh`]),
+    /// holding one of a few places.
+    Refreshing(OwnedSemaphorePermit),
 }
 
 impl Allowlist {
@@ -84,6 +99,8 @@ impl Allowlist {
                 refreshing: false,
             }),
             first: tokio::sync::OnceCell::new(),
+            refreshed: Notify::new(),
+            waiting: Arc::new(Semaphore::new(MAX_WAITING_FOR_REFRESH)),
         }
     }
 
@@ -107,6 +124,8 @@ impl Allowlist {
         }
         st.refreshed = Some(Instant::now());
         st.refreshing = false;
+        drop(st);
+        self.refreshed.notify_waiters();
     }
 
     /// Resolves the names once (the node starts this at once; a connection
@@ -117,8 +136,8 @@ impl Allowlist {
 
     /// Whether `ip` is a peer's address, by what is known now, without
     /// waiting. An unknown address starts a refresh in the background (at
-    /// most every few seconds, in `tracker`), so that a peer whose address
-    /// changed is let in on its next attempt.
+    /// most every few seconds, in `tracker`) and may wait for it, so that a
+    /// peer whose address changed is let in on its first attempt.
     pub(crate) fn admit(self: &Arc<Self>, ip: IpAddr, tracker: &TaskTracker) -> Admit {
         let ip = ip.to_canonical();
         if self.known(&ip) {
@@ -127,20 +146,39 @@ impl Allowlist {
         if !self.first.initialized() {
             return Admit::Unknown;
         }
-        let start = {
+        let (start, running) = {
             let mut st = self.lock();
             let due = st.refreshed.is_none_or(|at| at.elapsed() >= REFRESH_EVERY);
             let start = due && !st.refreshing;
             if start {
                 st.refreshing = true;
             }
-            start
+            (start, st.refreshing)
         };
         if start {
             let me = self.clone();
             tracker.spawn(async move { me.refresh().await });
         }
-        Admit::No
+        match self.waiting.clone().try_acquire_owned() {
+            Ok(place) if running => Admit::Refreshing(place),
+            _ => Admit::No,
+        }
+    }
+
+    /// Whether `ip` is a peer's address once the refresh under way ends
+    /// (bounded by the lookups' own deadline).
+    pub(crate) async fn after_refresh(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        loop {
+            let done = self.refreshed.notified();
+            tokio::pin!(done);
+            // Registered before the check, so an end in between is seen.
+            done.as_mut().enable();
+            if !self.lock().refreshing {
+                return self.known(&ip);
+            }
+            done.await;
+        }
     }
 
     /// Whether `ip` is a peer's address, once the names were resolved.
@@ -264,16 +302,60 @@ mod tests {
         let tracker = TaskTracker::new();
         let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
         // Before the first resolution the accept loop does not wait.
-        assert_eq!(a.admit(ip("127.0.0.1"), &tracker), Admit::Unknown);
+        assert!(matches!(a.admit(ip("127.0.0.1"), &tracker), Admit::Unknown));
         assert!(a.permits(ip("127.0.0.1")).await);
         assert!(a.permits(ip("::ffff:127.0.0.1")).await);
         assert!(!a.permits(ip("127.0.0.2")).await);
-        assert_eq!(a.admit(ip("127.0.0.1"), &tracker), Admit::Yes);
-        assert_eq!(a.admit(ip("127.0.0.2"), &tracker), Admit::No);
+        assert!(matches!(a.admit(ip("127.0.0.1"), &tracker), Admit::Yes));
+        assert!(matches!(a.admit(ip("127.0.0.2"), &tracker), Admit::No));
         // Each peer's identity only from its own address.
         assert!(a.is_address_of(0, ip("127.0.0.1")));
         assert!(!a.is_address_of(0, ip("127.0.0.3")));
         assert!(a.is_address_of(1, ip("127.0.0.3")));
+        tracker.close();
+        tracker.wait().await;
+    }
+
+    /// A peer whose address changed under its name comes in on its first
+    /// attempt: its unknown address waits for the refresh it starts,
+    /// instead of being refused until a later attempt.
+    #[tokio::test]
+    async fn an_unknown_address_waits_for_the_refresh_it_starts() {
+        let a = Arc::new(Allowlist::new(vec![NodeAddr::new("127.0.0.1", 1)]));
+        let tracker = TaskTracker::new();
+        let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
+        a.resolve_first().await;
+        // What was resolved before the change: an old address, long ago.
+        {
+            let mut st = a.lock();
+            st.per_peer[0] = HashSet::from([ip("127.0.0.9")]);
+            st.refreshed = Instant::now().checked_sub(REFRESH_EVERY * 2);
+        }
+        let Admit::Refreshing(place) = a.admit(ip("127.0.0.1"), &tracker) else {
+            panic!("the new address is refused without a refresh");
+        };
+        assert!(a.after_refresh(ip("127.0.0.1")).await);
+        drop(place);
+        // A stranger right after finds the lookups fresh: no wait, no lookup.
+        assert!(matches!(a.admit(ip("127.0.0.2"), &tracker), Admit::No));
+        tracker.close();
+        tracker.wait().await;
+    }
+
+    #[tokio::test]
+    async fn few_strangers_wait_on_one_refresh() {
+        let a = Arc::new(Allowlist::new(vec![NodeAddr::new("127.0.0.1", 1)]));
+        let tracker = TaskTracker::new();
+        a.resolve_first().await;
+        a.lock().refreshed = None;
+        let ip: IpAddr = "127.0.0.2".parse().expect("ip");
+        let admits: Vec<Admit> = (0..10).map(|_| a.admit(ip, &tracker)).collect();
+        let waiting = admits
+            .iter()
+            .filter(|x| matches!(x, Admit::Refreshing(_)))
+            .count();
+        assert!(waiting <= MAX_WAITING_FOR_REFRESH, "{waiting} wait");
+        assert!(!a.after_refresh(ip).await);
         tracker.close();
         tracker.wait().await;
     }

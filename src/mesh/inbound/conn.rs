@@ -87,7 +87,7 @@ pub(crate) async fn accept_loop(shared: Arc<Shared>, mut incoming: Incoming, tra
         // accept loop never waits for a name lookup: before the first one
         // is done, the connection's own task waits for it.
         let admit = shared.allowlist.admit(remote.ip(), &tracker);
-        if admit == Admit::No {
+        if matches!(admit, Admit::No) {
             shared.reject_quietly(
                 Rejected::NotAllowed,
                 remote,
@@ -103,7 +103,12 @@ pub(crate) async fn accept_loop(shared: Arc<Shared>, mut incoming: Incoming, tra
         };
         let shared = shared.clone();
         tracker.spawn(async move {
-            if admit == Admit::Unknown && !shared.allowlist.permits(remote.ip()).await {
+            let allowed = match admit {
+                Admit::Unknown => shared.allowlist.permits(remote.ip()).await,
+                Admit::Refreshing(_place) => shared.allowlist.after_refresh(remote.ip()).await,
+                Admit::Yes | Admit::No => true,
+            };
+            if !allowed {
                 shared.reject_quietly(
                     Rejected::NotAllowed,
                     remote,
