@@ -168,8 +168,9 @@ fn own_certificate_problem(
     let now = UnixTime::now();
     let said = |e: rustls::Error| {
         format!(
-            "the certificate {} will be refused by peers: {e} (checked against the CA {})",
+            "the certificate {} will be refused by peers: {} (checked against the CA {})",
             files.cert.display(),
+            in_words(&e),
             files.ca.display()
         )
     };
@@ -189,6 +190,27 @@ fn own_certificate_problem(
             | rustls::CertificateError::NotValidForNameContext { .. },
         )) => None,
         Err(e) => Some(said(e)),
+    }
+}
+
+/// A certificate problem as the docs name it; rustls's own names
+/// ("UnknownIssuer") mean little to an operator.
+fn in_words(e: &rustls::Error) -> String {
+    use rustls::CertificateError as C;
+    let rustls::Error::InvalidCertificate(c) = e else {
+        return e.to_string();
+    };
+    match c {
+        C::UnknownIssuer => "not signed by the configured CA".into(),
+        C::BadSignature => "its signature does not verify with the configured CA's key".into(),
+        C::Expired | C::ExpiredContext { .. } => "expired".into(),
+        C::NotValidYet | C::NotValidYetContext { .. } => "not valid yet".into(),
+        C::InvalidPurpose | C::InvalidPurposeContext { .. } => {
+            "not allowed for both client and server use (extended key usage)".into()
+        }
+        C::BadEncoding => "not a well-formed certificate".into(),
+        C::Revoked => "revoked".into(),
+        _ => e.to_string(),
     }
 }
 

@@ -541,22 +541,29 @@ fn an_own_certificate_the_peers_would_refuse_is_reported() {
             pki.write("server-only.key", &key.serialize_pem()),
         )
     };
-    for (what, f) in [
+    // Each in the words the docs use.
+    for (what, f, words) in [
         (
             "expired",
             files(pki.node("old", "127.0.0.1", &issuer, true)),
+            "expired",
         ),
         (
             "another CA",
             files(pki.node("rogue", "127.0.0.1", &rogue, false)),
+            "not signed by the configured CA",
         ),
-        ("server use only", files(server_only)),
+        (
+            "server use only",
+            files(server_only),
+            "not allowed for both client and server use",
+        ),
     ] {
         let problem = warning(&f);
         assert!(
             problem
                 .as_deref()
-                .is_some_and(|p| p.contains("will be refused by peers")),
+                .is_some_and(|p| p.contains("will be refused by peers") && p.contains(words)),
             "{what}: {problem:?}"
         );
     }
