@@ -1100,3 +1100,61 @@ fn run_reports_an_unreadable_config_once() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(err.matches("cannot read").count(), 1, "{err}");
 }
+
+/// A client that stops reading its event stream, with the connection
+/// open, shows in `cachecast_sse_lagged_total` once the ring has dropped
+/// an event it did not read: while it is still stalled, not when (if
+/// ever) it reads again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_event_stream_is_counted_as_lagging_while_stalled() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut c = Cluster::new(2, "");
+    c.start_all().await;
+    c.wait_connected().await;
+    let (a, b) = (&c.nodes[0], &c.nodes[1]);
+    // A small receive window, so the stream's bytes pile up at the sidecar.
+    let sock = tokio::net::TcpSocket::new_v4().expect("socket");
+    sock.set_recv_buffer_size(4096).expect("rcvbuf");
+    let mut s = sock.connect(b.api).await.expect("connect");
+    s.write_all(b"GET /v1/events HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .expect("request");
+    let mut head = Vec::new();
+    let mut buf = [0u8; 512];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = tokio::time::timeout(LONG, s.read(&mut buf))
+            .await
+            .expect("response head")
+            .expect("read");
+        assert!(n > 0, "closed before the head");
+        head.extend_from_slice(&buf[..n]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 200"), "{head:?}");
+    assert_eq!(metric(b, "cachecast_sse_lagged_total").await, 0);
+    // Far more events than the socket buffers and then the ring (16,384)
+    // hold, the client reading none of them. They come in small steps, so
+    // the stream fills the socket while it keeps up with the ring, and is
+    // then stuck writing (it no longer reads the ring) when the ring
+    // passes it: the case the count must not wait for.
+    for chunk in 0..100 {
+        let items: Vec<Value> = (0..1000)
+            .map(|i| json!({"cache": "c", "key": format!("{chunk}-{i}")}))
+            .collect();
+        assert_eq!(post(a, "/v1/invalidate", json!(items)).await.0, 202);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let deadline = tokio::time::Instant::now() + LONG;
+    loop {
+        if metric(b, "cachecast_sse_lagged_total").await >= 1 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "a client behind by far more than the ring is not counted"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Still connected, still stalled.
+    assert_eq!(metric(b, "cachecast_sse_clients").await, 1);
+    drop(s);
+}

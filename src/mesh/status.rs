@@ -171,8 +171,9 @@ pub struct Status {
     pub buffered: usize,
     /// The replay buffer's bound.
     pub buffer_capacity: usize,
-    /// Entries dropped from the buffer while a peer still needed them
-    /// (each covered by a flush to that peer).
+    /// Entries dropped from the buffer before they were written to a peer
+    /// that needed them (each covered by a flush to that peer); entries
+    /// written and waiting only for an acknowledgement are not counted.
     pub buffer_overflows: u64,
     /// Each peer.
     pub peers: Vec<PeerStatus>,

@@ -295,6 +295,8 @@ struct SseState {
     cursor: u64,
     pending: std::collections::VecDeque<SseEvent>,
     newest: tokio::sync::watch::Receiver<u64>,
+    /// This client's place, as the ring watches it.
+    reader: Arc<super::hub::Reader>,
     _guard: ClientGuard,
 }
 
@@ -330,6 +332,7 @@ async fn events(State(app): State<Arc<App>>, headers: HeaderMap) -> impl IntoRes
     }
     let state = SseState {
         newest: app.hub.subscribe(),
+        reader: app.hub.reader(cursor),
         _guard: ClientGuard(app.clone()),
         app,
         cursor,
@@ -345,9 +348,9 @@ fn sse_stream(state: SseState) -> impl Stream<Item = Result<SseEvent, Infallible
             if let Some(ev) = st.pending.pop_front() {
                 return Some((Ok(ev), st));
             }
-            match st.app.hub.read(st.cursor, SSE_CHUNK) {
+            match st.app.hub.read_as(&st.reader, st.cursor, SSE_CHUNK) {
                 Read::Lagged { missed, resume } => {
-                    st.app.sse_lagged.fetch_add(1, Ordering::Relaxed);
+                    // Counted by the ring when it passed this client.
                     let lagged = json!({"type": "lagged", "missed": missed}).to_string();
                     st.pending
                         .push_back(sse_event(&st.app, resume - 1, "lagged", &lagged));
@@ -644,8 +647,8 @@ fn render_metrics(app: &App, st: &Status) -> String {
     metric(
         "cachecast_sse_lagged_total",
         "counter",
-        "Times an event-stream client fell behind the ring.",
-        plain(app.sse_lagged.load(Ordering::Relaxed)),
+        "Times an event-stream client fell behind the ring (counted when the ring drops an event it has not read).",
+        plain(app.hub.lagged.load(Ordering::Relaxed)),
     );
     metric(
         "cachecast_api_connections",

@@ -5,7 +5,8 @@
 //! what it missed.
 
 use std::collections::VecDeque;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 
 use serde_json::{Value, json};
 use tokio::sync::watch;
@@ -76,9 +77,25 @@ impl Entry {
     }
 }
 
+/// An event-stream client's place in the ring, which the ring watches: a
+/// client that stopped reading is counted as lagging as soon as the ring
+/// drops an event it has not read, not only when (if ever) it reads again.
+#[derive(Debug)]
+pub(crate) struct Reader {
+    /// Number of the next entry it reads.
+    next: AtomicU64,
+    /// Counted as lagging and not past that lag yet.
+    lagging: AtomicBool,
+}
+
 /// The ring, shared by the mesh callback and every reader.
 pub(crate) struct Hub {
     ring: Mutex<Ring>,
+    /// The event-stream clients, to tell which ones an eviction leaves
+    /// behind (few: the API takes at most a few hundred connections).
+    readers: Mutex<Vec<Weak<Reader>>>,
+    /// Times a client fell behind the ring (`cachecast_sse_lagged_total`).
+    pub lagged: AtomicU64,
     /// The number of the newest entry, so readers can wait for more.
     newest: watch::Sender<u64>,
     /// This sidecar run's id (random, in hex): SSE ids are
@@ -86,7 +103,7 @@ pub(crate) struct Hub {
     pub run: String,
 }
 
-fn lock(m: &Mutex<Ring>) -> std::sync::MutexGuard<'_, Ring> {
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
@@ -104,6 +121,8 @@ impl Hub {
                 bytes: 0,
                 max_bytes,
             }),
+            readers: Mutex::new(Vec::new()),
+            lagged: AtomicU64::new(0),
             newest: watch::channel(0).0,
             run,
         }
@@ -120,12 +139,19 @@ impl Hub {
             ring.bytes += entry.cost();
             ring.entries.push_back(entry);
             // The newest entry always stays, however large.
+            let mut evicted = false;
             while ring.entries.len() > 1
                 && (ring.entries.len() > ring.capacity || ring.bytes > ring.max_bytes)
             {
                 if let Some(old) = ring.entries.pop_front() {
                     ring.bytes -= old.cost();
+                    evicted = true;
                 }
+            }
+            if evicted {
+                // Under the ring's lock, as readers move under it too.
+                let oldest = ring.entries.front().map_or(ring.next, |e| e.n);
+                self.mark_behind(oldest);
             }
             n
         };
@@ -143,18 +169,52 @@ impl Hub {
         lock(&self.ring).next
     }
 
+    /// Counts each reader that the ring's tail has just passed.
+    fn mark_behind(&self, oldest: u64) {
+        let mut readers = lock(&self.readers);
+        readers.retain(|w| {
+            let Some(r) = w.upgrade() else { return false };
+            if r.next.load(Ordering::Relaxed) < oldest && !r.lagging.swap(true, Ordering::Relaxed) {
+                self.lagged.fetch_add(1, Ordering::Relaxed);
+            }
+            true
+        });
+    }
+
+    /// A client that reads from entry `next` on, watched for lag while it
+    /// is held.
+    pub(crate) fn reader(&self, next: u64) -> Arc<Reader> {
+        let r = Arc::new(Reader {
+            next: AtomicU64::new(next),
+            lagging: AtomicBool::new(false),
+        });
+        let mut readers = lock(&self.readers);
+        readers.retain(|w| w.strong_count() > 0);
+        readers.push(Arc::downgrade(&r));
+        r
+    }
+
     /// Up to `max` entries from number `from` on.
     pub(crate) fn read(&self, from: u64, max: usize) -> Read {
+        read_ring(&lock(&self.ring), from, max)
+    }
+
+    /// [`Hub::read`] for a watched client: its place moves with what it
+    /// read, and a lag is counted once, when the ring first passed it.
+    pub(crate) fn read_as(&self, reader: &Reader, from: u64, max: usize) -> Read {
         let ring = lock(&self.ring);
-        let oldest = ring.entries.front().map_or(ring.next, |e| e.n);
-        if from < oldest {
-            return Read::Lagged {
-                missed: oldest - from,
-                resume: oldest,
-            };
-        }
-        let skip = (from - oldest) as usize;
-        Read::Entries(ring.entries.iter().skip(skip).take(max).cloned().collect())
+        let got = read_ring(&ring, from, max);
+        let next = match &got {
+            Read::Lagged { resume, .. } => {
+                if !reader.lagging.swap(false, Ordering::Relaxed) {
+                    self.lagged.fetch_add(1, Ordering::Relaxed);
+                }
+                *resume
+            }
+            Read::Entries(e) => e.last().map_or(from, |e| e.n + 1),
+        };
+        reader.next.store(next, Ordering::Relaxed);
+        got
     }
 
     /// Whether entry `n` (and everything after it) is still held or yet to
@@ -175,6 +235,18 @@ impl Hub {
         let ring = lock(&self.ring);
         (ring.entries.len(), ring.capacity)
     }
+}
+
+fn read_ring(ring: &Ring, from: u64, max: usize) -> Read {
+    let oldest = ring.entries.front().map_or(ring.next, |e| e.n);
+    if from < oldest {
+        return Read::Lagged {
+            missed: oldest - from,
+            resume: oldest,
+        };
+    }
+    let skip = (from - oldest) as usize;
+    Read::Entries(ring.entries.iter().skip(skip).take(max).cloned().collect())
 }
 
 /// The API's JSON for an event, with its type name.
@@ -246,6 +318,37 @@ mod tests {
         assert!(!hub.can_resume_at(6));
         assert!(!hub.can_resume_at(12), "from the future");
         assert_eq!(hub.held(), (4, 4));
+    }
+
+    /// A client that stops reading is counted as lagging when the ring
+    /// drops what it has not read, not when it reads again; and once per
+    /// lag.
+    #[test]
+    fn a_stalled_reader_is_counted_when_the_ring_passes_it() {
+        let hub = Hub::new("r".into(), 4);
+        let stalled = hub.reader(hub.next());
+        let reading = hub.reader(hub.next());
+        let mut at = hub.next();
+        // The other client keeps up with every event.
+        let mut push = |k: u64| {
+            hub.push(&ev(k));
+            if let Read::Entries(e) = hub.read_as(&reading, at, 10) {
+                at = e.last().map_or(at, |e| e.n + 1);
+            }
+        };
+        let lagged = || hub.lagged.load(Ordering::Relaxed);
+        (1..=10).for_each(&mut push);
+        assert_eq!(lagged(), 1, "the stalled one, at once");
+        (11..=20).for_each(&mut push);
+        assert_eq!(lagged(), 1, "still the same lag");
+        assert!(matches!(hub.read_as(&stalled, 1, 10), Read::Lagged { .. }));
+        assert_eq!(lagged(), 1, "reading it is no second lag");
+        (21..=30).for_each(&mut push);
+        assert_eq!(lagged(), 2, "stalled again");
+        drop(stalled);
+        drop(reading);
+        hub.push(&ev(31));
+        assert!(lock(&hub.readers).is_empty(), "gone readers are forgotten");
     }
 
     #[test]

@@ -52,7 +52,6 @@ pub(crate) struct App {
     /// timeout, so that a stream whose client reads is never cut.
     keep_alive: Duration,
     sse_clients: AtomicU64,
-    sse_lagged: AtomicU64,
     api_invalidations: AtomicU64,
     /// The Redis-protocol endpoint, when on.
     resp: Option<Arc<resp::Shared>>,
@@ -251,7 +250,6 @@ pub async fn run(
         conns: conns.clone(),
         keep_alive: (idle / 3).min(Duration::from_secs(15)),
         sse_clients: AtomicU64::new(0),
-        sse_lagged: AtomicU64::new(0),
         api_invalidations: AtomicU64::new(0),
         resp,
         hook,

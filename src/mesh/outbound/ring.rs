@@ -49,7 +49,11 @@ pub(crate) struct OutLog {
     bytes: usize,
     max_bytes: usize,
     peers: Vec<Cursor>,
-    /// How many times the ring overflowed (dropped an entry a peer needed).
+    /// Entries dropped from the full ring before they were written to a
+    /// peer that needed them: each costs that peer a flush. (An entry
+    /// written but not yet acknowledged is not counted: it still arrives
+    /// unless that connection breaks, and then the flush is counted as a
+    /// gap flush.)
     overflows: u64,
     /// Shutting down: no more invalidations are taken.
     closed: bool,
@@ -158,7 +162,8 @@ impl OutLog {
             && (self.items.len() > self.capacity || self.bytes > self.max_bytes)
         {
             self.pop_front();
-            if self.peers.iter().any(|c| c.acked < self.front_seq - 1) {
+            // `sent` is `acked` while a peer is away.
+            if self.peers.iter().any(|c| c.sent < self.front_seq - 1) {
                 self.overflows += 1;
             }
         }
@@ -511,6 +516,40 @@ mod tests {
         );
         // Peer 0, never behind, got no flush.
         assert_eq!(log.queued(0), 0);
+    }
+
+    /// A peer that was written everything but acknowledges nothing (a
+    /// stopped process whose socket buffers took it all) loses nothing while
+    /// its connection holds: that is no overflow. What it was never written
+    /// is.
+    #[test]
+    fn only_entries_never_written_count_as_overflows() {
+        let mut log = OutLog::new(7, 1, 4, usize::MAX);
+        log.connected(0, None);
+        for i in 0..10 {
+            log.push(key(&i.to_string()));
+            drain(&mut log, 0);
+        }
+        assert_eq!(log.overflows(), 0, "all written, none acknowledged");
+        for i in 10..13 {
+            log.push(key(&i.to_string()));
+        }
+        assert_eq!(
+            log.overflows(),
+            0,
+            "the ring still holds the unwritten ones"
+        );
+        for i in 13..15 {
+            log.push(key(&i.to_string()));
+        }
+        assert_eq!(log.overflows(), 1, "seq 11 dropped before it was written");
+        // The peer gets a flush in its place, and then the rest.
+        let got = drain(&mut log, 0);
+        assert_eq!(got[0].1, Item::Flush);
+        // Away, a peer needs what it has not acknowledged.
+        log.disconnected(0);
+        log.push(key("x"));
+        assert_eq!(log.overflows(), 2);
     }
 
     #[test]
