@@ -673,3 +673,85 @@ fn build(keys: &BTreeMap<String, Entry>, report: &mut Report) -> Option<ClusterC
         flush_hook: ext.flush_hook,
     })
 }
+
+#[cfg(test)]
+mod reference {
+    //! docs/configuration.md against the parser: the key table is what
+    //! the readers use, and the doc lists exactly that table.
+    use super::*;
+    use std::collections::BTreeSet;
+
+    const DOC: &str = include_str!("../../docs/configuration.md");
+    const SOURCES: [(&str, &str); 5] = [
+        ("mod.rs", include_str!("mod.rs")),
+        ("legacy.rs", include_str!("legacy.rs")),
+        ("extensions.rs", include_str!("extensions.rs")),
+        ("properties.rs", include_str!("properties.rs")),
+        ("resolve.rs", include_str!("resolve.rs")),
+    ];
+
+    fn ours(key: &str) -> bool {
+        key.starts_with(CLUSTER) || key.starts_with(OURS) || key.starts_with("redis.")
+    }
+
+    fn table() -> BTreeSet<&'static str> {
+        KNOWN_KEYS.iter().chain(REDIS_KEYS).copied().collect()
+    }
+
+    /// The first column of the doc's tables.
+    fn documented() -> BTreeSet<&'static str> {
+        DOC.lines()
+            .filter_map(|l| l.strip_prefix("| `"))
+            .filter_map(|rest| rest.split('`').next())
+            .filter(|k| ours(k))
+            .collect()
+    }
+
+    #[test]
+    fn the_doc_lists_every_key_read_and_no_other() {
+        let (doc, table) = (documented(), table());
+        let undocumented: Vec<_> = table.difference(&doc).collect();
+        let unread: Vec<_> = doc.difference(&table).collect();
+        assert!(
+            undocumented.is_empty(),
+            "read but not in docs/configuration.md: {undocumented:?}"
+        );
+        assert!(
+            unread.is_empty(),
+            "in docs/configuration.md but not read: {unread:?}"
+        );
+    }
+
+    /// A reader that names a key the table lacks would read a key that
+    /// neither the doc nor the misspelling check knows.
+    #[test]
+    fn every_key_the_parser_names_is_in_the_table() {
+        let table = table();
+        let mut strays = Vec::new();
+        for (file, src) in SOURCES {
+            for (at, _) in src.match_indices('"') {
+                let rest = &src[at + 1..];
+                let end = rest
+                    .find(|c: char| !(c.is_ascii_lowercase() || c.is_ascii_digit() || c == '.'))
+                    .unwrap_or(rest.len());
+                let key = &rest[..end];
+                // Prefixes, and keys built with a number (`instance{n}`).
+                if !ours(key) || key.ends_with('.') || rest[end..].starts_with('{') {
+                    continue;
+                }
+                let normalised = match key.strip_prefix("cluster.instance") {
+                    Some(tail) if tail.starts_with(|c: char| c.is_ascii_digit()) => {
+                        format!("cluster.instanceN{}", &tail[1..])
+                    }
+                    _ => key.to_string(),
+                };
+                // A name's stem (`cluster.instance`, in messages
+                // `cluster.instance0`) is part of a key of the table.
+                if !table.iter().any(|k| k.starts_with(normalised.as_str())) {
+                    strays.push(format!("{file}: {key}"));
+                }
+            }
+        }
+        assert!(strays.is_empty(), "keys outside the table: {strays:?}");
+    }
+}
