@@ -1158,3 +1158,62 @@ async fn a_stalled_event_stream_is_counted_as_lagging_while_stalled() {
     assert_eq!(metric(b, "cachecast_sse_clients").await, 1);
     drop(s);
 }
+
+/// Every metric that the alert rules and the dashboard of docs/monitoring
+/// use is one a real sidecar serves: a renamed metric cannot leave an alert
+/// that never fires.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_monitoring_files_use_only_served_metrics() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/monitoring");
+    let mut used = std::collections::BTreeSet::new();
+    for file in ["alerts.yml", "alerts_test.yml", "dashboard.json"] {
+        let text = std::fs::read_to_string(root.join(file)).expect("monitoring file");
+        for (at, _) in text.match_indices("cachecast_") {
+            let name: String = text[at..]
+                .chars()
+                .take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_')
+                .collect();
+            used.insert(name);
+        }
+    }
+    assert!(used.len() > 10, "names found: {used:?}");
+    // With the Redis-protocol endpoint and the flush hook on, as DHIS 2 runs it.
+    let extra = format!(
+        "cachecast.resp.port = {}\ncachecast.flush.url = http://127.0.0.1:{}/api/maintenance/cacheClear\n",
+        free_port(),
+        free_port()
+    );
+    let mut c = Cluster::new(2, &extra);
+    // Each sidecar needs an endpoint port of its own.
+    let conf = &c.nodes[1].conf;
+    let text = std::fs::read_to_string(conf).expect("conf");
+    let own = format!("cachecast.resp.port = {}", free_port());
+    std::fs::write(
+        conf,
+        text.replace(extra.lines().next().expect("line"), &own),
+    )
+    .expect("conf");
+    c.start_all().await;
+    c.wait_connected().await;
+    let text = client()
+        .get(c.nodes[0].url("/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    let served: std::collections::BTreeSet<&str> = text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter_map(|l| l.split(['{', ' ']).next())
+        .collect();
+    let missing: Vec<_> = used
+        .iter()
+        .filter(|n| !served.contains(n.as_str()))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "used by docs/monitoring but not served: {missing:?}"
+    );
+}
