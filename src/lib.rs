@@ -52,6 +52,8 @@
 #![warn(missing_docs)]
 
 pub mod auth;
+#[cfg(feature = "moka")]
+pub mod coherent;
 pub mod config;
 pub mod demo;
 #[doc(hidden)]
@@ -68,3 +70,6 @@ pub use mesh::{
     MemoryNetwork, Mesh, MeshBuilder, MeshHandle, PeerId, PeerStatus, Status, Tuning, WaitOutcome,
 };
 pub use wire::Item;
+
+#[cfg(feature = "moka")]
+pub use coherent::CoherentCache;
