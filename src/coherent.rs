@@ -17,7 +17,7 @@
 
 use std::hash::BuildHasher;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering, fence};
 
 use std::time::Duration;
 
@@ -53,11 +53,15 @@ impl<V: Clone + Send + Sync + 'static> Inner<V> {
     /// this eviction is removed by it; one that stores after sees the move.
     fn evict(&self, key: &str) {
         self.stripe(key).fetch_add(1, Ordering::AcqRel);
+        // Pairs with the loader's fence: of a store and this eviction, at
+        // least one sees the other (a store-buffering pattern otherwise).
+        fence(Ordering::SeqCst);
         self.values.invalidate(key);
     }
 
     fn clear(&self) {
         self.whole.fetch_add(1, Ordering::AcqRel);
+        fence(Ordering::SeqCst);
         self.values.invalidate_all();
     }
 
@@ -137,6 +141,7 @@ impl<V: Clone + Send + Sync + 'static> CoherentCache<V> {
         let value = load().await?;
         if self.inner.generation(key) == before {
             self.inner.values.insert(key.to_string(), value.clone());
+            fence(Ordering::SeqCst);
             // An invalidation between the check and the insert moved the
             // generation before evicting: if it evicted first, take back
             // what was stored after it.
