@@ -18,7 +18,6 @@
 use std::hash::BuildHasher;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering, fence};
-
 use std::time::Duration;
 
 use crate::mesh::{Event, InvalidateError, MeshHandle, WaitOutcome};

@@ -174,8 +174,9 @@ async fn recording_proxy(target: SocketAddr) -> (SocketAddr, Arc<std::sync::Mute
     (addr, rec)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_replayed_handshake_is_refused() {
+/// Two nodes with a secret, node 0 dialling node 1 through a proxy that
+/// records what it sends; node 1's address and the recording.
+async fn recorded_secured_pair() -> (Cluster, SocketAddr, Arc<std::sync::Mutex<Vec<u8>>>) {
     let (mut c, listeners) = Cluster::reserve(2).await;
     c.customize = with(|_, cfg| cfg.secret = Some(secret("correct horse battery staple")));
     let target = SocketAddr::from(([127, 0, 0, 1], c.ports[1]));
@@ -185,6 +186,12 @@ async fn a_replayed_handshake_is_refused() {
         c.start_node(i, Some(l)).await;
     }
     c.wait_connected(Duration::from_secs(5)).await;
+    (c, target, recorded)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_handshake_is_refused() {
+    let (c, target, recorded) = recorded_secured_pair().await;
     // Node 0's hello and proof, as an eavesdropper saw them.
     let bytes = recorded.lock().unwrap().clone();
     assert!(bytes.len() > 100, "recorded the handshake");
@@ -209,15 +216,7 @@ async fn a_replayed_handshake_is_refused() {
 /// operators alert on for someone without the secret.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dialer_that_leaves_before_its_proof_is_no_auth_failure() {
-    let (mut c, listeners) = Cluster::reserve(2).await;
-    c.customize = with(|_, cfg| cfg.secret = Some(secret("correct horse battery staple")));
-    let target = SocketAddr::from(([127, 0, 0, 1], c.ports[1]));
-    let (proxy, recorded) = recording_proxy(target).await;
-    c.via.insert((0, 1), proxy);
-    for (i, l) in listeners.into_iter().enumerate() {
-        c.start_node(i, Some(l)).await;
-    }
-    c.wait_connected(Duration::from_secs(5)).await;
+    let (c, target, recorded) = recorded_secured_pair().await;
     // Node 0's hello frame alone, without the proof that followed it.
     let bytes = recorded.lock().unwrap().clone();
     let len = u32::from_be_bytes(bytes[..4].try_into().expect("length")) as usize;

@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::procs::{Cluster, LONG, Sidecar, client, free_port, metric};
+use common::procs::{Cluster, LONG, Sidecar, client, free_port, metric, metrics_text};
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 
@@ -175,14 +175,7 @@ async fn three_sidecars_deliver_over_http_and_wait_returns_acks() {
         "{text}"
     );
     // And the metrics are Prometheus text.
-    let m = client()
-        .get(c.nodes[0].url("/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let m = metrics_text(&c.nodes[0]).await;
     assert!(m.contains("cachecast_originated_total 4"), "{m}");
     assert!(m.contains(&format!(
         "cachecast_peer_up{{peer=\"{}\"}} 1",
@@ -1195,14 +1188,7 @@ async fn the_monitoring_files_use_only_served_metrics() {
     .expect("conf");
     c.start_all().await;
     c.wait_connected().await;
-    let text = client()
-        .get(c.nodes[0].url("/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let text = metrics_text(&c.nodes[0]).await;
     let served: std::collections::BTreeSet<&str> = text
         .lines()
         .filter(|l| !l.starts_with('#') && !l.is_empty())

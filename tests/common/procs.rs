@@ -269,16 +269,21 @@ impl Cluster {
     }
 }
 
-/// The value of an unlabelled metric.
-pub async fn metric(node: &Sidecar, name: &str) -> u64 {
-    let text = client()
+/// The node's `/metrics` text.
+pub async fn metrics_text(node: &Sidecar) -> String {
+    client()
         .get(node.url("/metrics"))
         .send()
         .await
         .expect("metrics")
         .text()
         .await
-        .expect("text");
+        .expect("text")
+}
+
+/// The value of an unlabelled metric.
+pub async fn metric(node: &Sidecar, name: &str) -> u64 {
+    let text = metrics_text(node).await;
     text.lines()
         .find_map(|l| l.strip_prefix(&format!("{name} ")))
         .and_then(|v| v.parse().ok())
