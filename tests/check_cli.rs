@@ -247,3 +247,93 @@ fn check_into_a_closed_pipe_ends_quietly() {
     assert_eq!(out.status.code(), Some(0), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+/// The unit docs/operations.md shows is the one the package installs.
+#[test]
+fn the_documented_unit_is_the_packaged_one() {
+    let doc = std::fs::read_to_string(repo("docs/operations.md")).expect("operations.md");
+    let section = &doc[doc.find("\n## systemd\n").expect("a systemd section")..];
+    let start = section.find("```ini\n").expect("an ini block") + "```ini\n".len();
+    let block = &section[start..];
+    let block = &block[..block.find("```").expect("the block ends")];
+    let unit = std::fs::read_to_string(repo("debian/cachecast.service")).expect("unit file");
+    assert_eq!(
+        block, unit,
+        "docs/operations.md's unit differs from debian/cachecast.service"
+    );
+    // The lines the package and its docs rely on.
+    for line in [
+        "ExecStartPre=/usr/bin/cachecast check\n",
+        "ExecStart=/usr/bin/cachecast run\n",
+        "User=cachecast\n",
+        "EnvironmentFile=-/etc/default/cachecast\n",
+        "StateDirectory=cachecast\n",
+        "NoNewPrivileges=yes\n",
+        "ProtectSystem=strict\n",
+        "LimitNOFILE=4096\n",
+        "RestartPreventExitStatus=2\n",
+    ] {
+        assert!(unit.contains(line), "the unit lacks {line:?}");
+    }
+}
+
+fn cachecast(args: &[&std::ffi::OsStr]) -> (Option<i32>, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_cachecast"))
+        .args(args)
+        .output()
+        .expect("run cachecast");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn completions_cover_every_subcommand() {
+    for shell in ["bash", "zsh", "fish"] {
+        let (code, out, err) = cachecast(&["completions".as_ref(), shell.as_ref()]);
+        assert_eq!(code, Some(0), "{shell}: {err}");
+        for word in ["run", "check", "status", "demo", "config", "log-format"] {
+            assert!(out.contains(word), "{shell} completion lacks {word}");
+        }
+        // Hidden from users, so from completion too.
+        assert!(
+            !out.contains("manpages"),
+            "{shell} completion offers manpages"
+        );
+    }
+    let (code, _, err) = cachecast(&["completions".as_ref(), "tcsh".as_ref()]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("invalid value 'tcsh'"), "{err}");
+}
+
+#[test]
+fn manual_pages_one_per_subcommand() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out_dir = dir.path().join("man");
+    let (code, _, err) = cachecast(&["manpages".as_ref(), out_dir.as_os_str()]);
+    assert_eq!(code, Some(0), "{err}");
+    let main = std::fs::read_to_string(out_dir.join("cachecast.1")).expect("cachecast.1");
+    for section in [
+        ".SH SYNOPSIS",
+        ".SH SUBCOMMANDS",
+        ".SH ENVIRONMENT",
+        ".SH FILES",
+    ] {
+        assert!(main.contains(section), "cachecast.1 lacks {section}");
+    }
+    assert!(main.contains("/etc/default/cachecast"));
+    for sub in ["run", "check", "status", "demo", "completions"] {
+        let page = std::fs::read_to_string(out_dir.join(format!("cachecast-{sub}.1")))
+            .unwrap_or_else(|e| panic!("cachecast-{sub}.1: {e}"));
+        assert!(page.contains(".SH NAME"), "cachecast-{sub}.1");
+    }
+    assert!(!out_dir.join("cachecast-manpages.1").exists());
+    // A path that cannot be a folder: an error that names it.
+    let file = dir.path().join("file");
+    std::fs::write(&file, "").expect("write");
+    let (code, _, err) = cachecast(&["manpages".as_ref(), file.as_os_str()]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("cannot write the manual pages into"), "{err}");
+}
