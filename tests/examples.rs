@@ -17,8 +17,14 @@ fn example(name: &str) -> PathBuf {
 
 /// Runs an example to its end (at most 30 s); its stdout.
 fn run(name: &str) -> String {
+    run_with(name, &[], Duration::from_secs(30))
+}
+
+/// Runs an example with arguments to its end (at most `limit`); its stdout.
+fn run_with(name: &str, args: &[&str], limit: Duration) -> String {
     let path = example(name);
     let mut child = Command::new(&path)
+        .args(args)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -28,9 +34,9 @@ fn run(name: &str) -> String {
         if child.try_wait().expect("wait").is_some() {
             break;
         }
-        if started.elapsed() > Duration::from_secs(30) {
+        if started.elapsed() > limit {
             let _ = child.kill();
-            panic!("{name} did not end within 30 s");
+            panic!("{name} did not end within {limit:?}");
         }
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -64,4 +70,48 @@ fn embed_cache_never_serves_the_stale_name() {
         2,
         "{out}"
     );
+}
+
+/// The benchmark's JSON, from a short run of node processes (no servers:
+/// cachecast and the raw floor only).
+#[cfg(feature = "cli")]
+#[test]
+fn bench_json_has_mode_and_cpu_per_system() {
+    let out = run_with(
+        "bench",
+        &[
+            "--json",
+            "--secs",
+            "0.3",
+            "--rate",
+            "2000",
+            "--nodes",
+            "2",
+            "--only",
+            "cachecast,raw",
+            "--no-memory",
+        ],
+        Duration::from_secs(120),
+    );
+    let v: serde_json::Value = serde_json::from_str(out.trim()).expect("one JSON object");
+    assert_eq!(v["mode"], "processes", "{v:#}");
+    assert_eq!(v["raw_variant"], "blocking", "{v:#}");
+    for system in ["cachecast", "raw_tcp"] {
+        let s = &v["two_node"]["systems"][system];
+        let p50 = s["latency_us"]["p50"].as_f64();
+        assert!(p50.is_some_and(|p| p > 0.0), "{system}: {s:#}");
+        let delivered = s["throughput"]["delivered_per_s"].as_f64();
+        assert!(delivered.is_some_and(|d| d > 0.0), "{system}: {s:#}");
+        // CPU is measured per process, in clock ticks of 10 ms (a run
+        // this short may round to none): a figure, and a plausible one
+        // (not a unit slip of 1000x).
+        let cpu = s["cpu_us_per_delivery"]
+            .as_f64()
+            .expect("cpu_us_per_delivery");
+        assert!((0.0..100_000.0).contains(&cpu), "{system}: {s:#}");
+        assert!(
+            s["cpu_percent_at_rate"].as_f64().is_some(),
+            "{system}: {s:#}"
+        );
+    }
 }

@@ -562,6 +562,7 @@ async fn receive(
             }
         }
     };
+    let ack_delay = shared.tuning.ack_delay;
     let write = async {
         let mut codec = FrameCodec::new();
         let mut buf = BytesMut::new();
@@ -595,6 +596,11 @@ async fn receive(
                 Ok(Ok(())) => {}
             }
             buf.clear();
+            // At most one write per `ack_delay`: the next ack covers every
+            // batch read meanwhile, and the sender wakes once for them.
+            if !ack_delay.is_zero() {
+                tokio::time::sleep(ack_delay).await;
+            }
         }
     };
     tokio::select! {
