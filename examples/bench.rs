@@ -329,6 +329,29 @@ struct Node {
     stop: BoxFuture<'static, ()>,
 }
 
+impl Node {
+    /// The origin: nothing to stop but what `origin` holds.
+    fn sending(rec: Arc<Recorder>, origin: Origin) -> Node {
+        Node {
+            rec,
+            origin: Some(origin),
+            stop: Box::pin(async {}),
+        }
+    }
+
+    /// A receiver whose deliveries come in through `task`, aborted at stop.
+    fn receiving(rec: Arc<Recorder>, task: tokio::task::JoinHandle<()>) -> Node {
+        Node {
+            rec,
+            origin: None,
+            stop: Box::pin(async move {
+                task.abort();
+                let _ = task.await;
+            }),
+        }
+    }
+}
+
 /// The sending side. It runs as a task on the node's runtime, as an
 /// application's code calling the system would.
 enum Origin {
@@ -496,14 +519,13 @@ mod rd {
         let client = client(spec)?;
         if spec.index == 0 {
             let con = client.get_multiplexed_async_connection().await?;
-            return Ok(Node {
+            return Ok(Node::sending(
                 rec,
-                origin: Some(Origin::Redis(RedisOrigin {
+                Origin::Redis(RedisOrigin {
                     con,
                     channel: spec.channel.clone(),
-                })),
-                stop: Box::pin(async {}),
-            });
+                }),
+            ));
         }
         let mut pubsub = client.get_async_pubsub().await?;
         pubsub.subscribe(&spec.channel).await?;
@@ -515,14 +537,7 @@ mod rd {
                 r.record(msg.get_payload_bytes());
             }
         });
-        Ok(Node {
-            rec,
-            origin: None,
-            stop: Box::pin(async move {
-                task.abort();
-                let _ = task.await;
-            }),
-        })
+        Ok(Node::receiving(rec, task))
     }
 
     pub struct RedisOrigin {
@@ -560,53 +575,33 @@ mod rd {
         }
     }
 
-    /// A redis-server of our own on a free loopback port, stopped on drop.
-    pub struct Server {
-        pub port: u16,
-        child: std::process::Child,
-    }
-
-    impl Server {
-        pub async fn start() -> anyhow::Result<Server> {
-            let port = free_ports(1)?[0];
-            let child = std::process::Command::new("redis-server")
-                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-                .args(["--save", "", "--appendonly", "no"])
-                // Subscribers are never cut off mid-run for lagging (the
-                // default pub/sub output limit is 32 MB).
-                .args(["--client-output-buffer-limit", "pubsub 0 0 0"])
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .spawn()
-                .context("cannot start redis-server")?;
-            let server = Server { port, child };
-            let client = redis::Client::open(format!("redis://127.0.0.1:{port}/"))?;
-            let deadline = tokio::time::Instant::now() + STEP;
-            loop {
-                if let Ok(mut c) = client.get_multiplexed_async_connection().await
-                    && redis::cmd("PING")
+    /// A redis-server of our own on a free loopback port.
+    pub async fn start() -> anyhow::Result<Daemon> {
+        let port = free_ports(1)?[0];
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            // Subscribers are never cut off mid-run for lagging (the
+            // default pub/sub output limit is 32 MB).
+            .args(["--client-output-buffer-limit", "pubsub 0 0 0"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .context("cannot start redis-server")?;
+        Daemon::new(port, child, None)
+            .ready("redis-server", |port| async move {
+                let Ok(client) = redis::Client::open(format!("redis://127.0.0.1:{port}/")) else {
+                    return false;
+                };
+                match client.get_multiplexed_async_connection().await {
+                    Ok(mut c) => redis::cmd("PING")
                         .query_async::<String>(&mut c)
                         .await
-                        .is_ok()
-                {
-                    return Ok(server);
+                        .is_ok(),
+                    Err(_) => false,
                 }
-                if tokio::time::Instant::now() > deadline {
-                    bail!("redis-server did not answer on port {port}");
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        }
-
-        pub fn pid(&self) -> u32 {
-            self.child.id()
-        }
-    }
-
-    impl Drop for Server {
-        fn drop(&mut self) {
-            stop_child(&mut self.child);
-        }
+            })
+            .await
     }
 
     /// Installs redis-server with apt when it is missing and we are root.
@@ -630,14 +625,13 @@ mod ht {
         let base = format!("http://127.0.0.1:{}", spec.ports[spec.index]);
         let http = reqwest::Client::builder().no_proxy().build()?;
         if spec.index == 0 {
-            return Ok(Node {
+            return Ok(Node::sending(
                 rec,
-                origin: Some(Origin::Http(HttpOrigin {
+                Origin::Http(HttpOrigin {
                     http,
                     url: format!("{base}/v1/invalidate"),
-                })),
-                stop: Box::pin(async {}),
-            });
+                }),
+            ));
         }
         let resp = http
             .get(format!("{base}/v1/events"))
@@ -674,14 +668,7 @@ mod ht {
                 buf.drain(..start);
             }
         });
-        Ok(Node {
-            rec,
-            origin: None,
-            stop: Box::pin(async move {
-                task.abort();
-                let _ = task.await;
-            }),
-        })
+        Ok(Node::receiving(rec, task))
     }
 
     /// One SSE event: its JSON parsed, as an application would.
@@ -761,14 +748,13 @@ mod nt {
             .connect(format!("127.0.0.1:{}", spec.nats_port))
             .await?;
         if spec.index == 0 {
-            return Ok(Node {
+            return Ok(Node::sending(
                 rec,
-                origin: Some(Origin::Nats(NatsOrigin {
+                Origin::Nats(NatsOrigin {
                     client,
                     subject: spec.channel.clone(),
-                })),
-                stop: Box::pin(async {}),
-            });
+                }),
+            ));
         }
         let mut sub = client.subscribe(spec.channel.clone()).await?;
         // A round trip: the server has the subscription before `ready`.
@@ -780,14 +766,7 @@ mod nt {
                 r.record(&msg.payload);
             }
         });
-        Ok(Node {
-            rec,
-            origin: None,
-            stop: Box::pin(async move {
-                task.abort();
-                let _ = task.await;
-            }),
-        })
+        Ok(Node::receiving(rec, task))
     }
 
     pub struct NatsOrigin {
@@ -810,62 +789,35 @@ mod nt {
         }
     }
 
-    /// A nats-server of our own on a free loopback port, stopped on drop.
-    pub struct Server {
-        pub port: u16,
-        child: std::process::Child,
-        _dir: tempfile::TempDir,
-    }
-
-    impl Server {
-        pub async fn start() -> anyhow::Result<Server> {
-            let port = free_ports(1)?[0];
-            let dir = tempfile::tempdir()?;
-            let conf = dir.path().join("nats.conf");
-            // As for Redis, subscribers are not cut off mid-run for
-            // lagging: the per-connection buffer (64 MB by default) and
-            // the write deadline (2 s) are raised.
-            std::fs::write(
-                &conf,
-                format!(
-                    "listen: \"127.0.0.1:{port}\"\nmax_pending: 1073741824\nwrite_deadline: \"60s\"\n"
-                ),
-            )?;
-            let child = std::process::Command::new("nats-server")
-                .arg("-c")
-                .arg(&conf)
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .spawn()
-                .context("cannot start nats-server")?;
-            let server = Server {
-                port,
-                child,
-                _dir: dir,
-            };
-            let deadline = tokio::time::Instant::now() + STEP;
-            loop {
-                if let Ok(c) = async_nats::connect(format!("127.0.0.1:{port}")).await
-                    && c.flush().await.is_ok()
-                {
-                    return Ok(server);
+    /// A nats-server of our own on a free loopback port.
+    pub async fn start() -> anyhow::Result<Daemon> {
+        let port = free_ports(1)?[0];
+        let dir = tempfile::tempdir()?;
+        let conf = dir.path().join("nats.conf");
+        // As for Redis, subscribers are not cut off mid-run for lagging:
+        // the per-connection buffer (64 MB by default) and the write
+        // deadline (2 s) are raised.
+        std::fs::write(
+            &conf,
+            format!(
+                "listen: \"127.0.0.1:{port}\"\nmax_pending: 1073741824\nwrite_deadline: \"60s\"\n"
+            ),
+        )?;
+        let child = std::process::Command::new("nats-server")
+            .arg("-c")
+            .arg(&conf)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .context("cannot start nats-server")?;
+        Daemon::new(port, child, Some(dir))
+            .ready("nats-server", |port| async move {
+                match async_nats::connect(format!("127.0.0.1:{port}")).await {
+                    Ok(c) => c.flush().await.is_ok(),
+                    Err(_) => false,
                 }
-                if tokio::time::Instant::now() > deadline {
-                    bail!("nats-server did not answer on port {port}");
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        }
-
-        pub fn pid(&self) -> u32 {
-            self.child.id()
-        }
-    }
-
-    impl Drop for Server {
-        fn drop(&mut self) {
-            stop_child(&mut self.child);
-        }
+            })
+            .await
     }
 
     /// Installs nats-server with apt when it is missing and we are root.
@@ -920,14 +872,13 @@ mod raw {
             for &port in &spec.ports[1..] {
                 socks.push(connect(port).await?);
             }
-            return Ok(Node {
+            return Ok(Node::sending(
                 rec,
-                origin: Some(Origin::Raw(RawOrigin {
+                Origin::Raw(RawOrigin {
                     socks,
                     busy: spec.raw == RawVariant::Busy,
-                })),
-                stop: Box::pin(async {}),
-            });
+                }),
+            ));
         }
         let listener = std::net::TcpListener::bind(("127.0.0.1", spec.ports[spec.index]))?;
         let r = rec.clone();
@@ -992,7 +943,7 @@ mod raw {
     }
 
     /// A socket to a receiver, which may still be starting.
-    async fn connect(port: u16) -> anyhow::Result<std::net::TcpStream> {
+    pub(super) async fn connect(port: u16) -> anyhow::Result<std::net::TcpStream> {
         let deadline = tokio::time::Instant::now() + STEP;
         loop {
             match std::net::TcpStream::connect(("127.0.0.1", port)) {
@@ -1095,14 +1046,13 @@ mod raw_async {
             for &port in &spec.ports[1..] {
                 socks.push(connect(port).await?);
             }
-            return Ok(Node {
+            return Ok(Node::sending(
                 rec,
-                origin: Some(Origin::RawAsync(RawAsyncOrigin {
+                Origin::RawAsync(RawAsyncOrigin {
                     socks,
                     buf: Vec::with_capacity(BURST * 48),
-                })),
-                stop: Box::pin(async {}),
-            });
+                }),
+            ));
         }
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", spec.ports[spec.index])).await?;
         let r = rec.clone();
@@ -1130,30 +1080,13 @@ mod raw_async {
                 }
             }
         });
-        Ok(Node {
-            rec,
-            origin: None,
-            stop: Box::pin(async move {
-                task.abort();
-                let _ = task.await;
-            }),
-        })
+        Ok(Node::receiving(rec, task))
     }
 
     async fn connect(port: u16) -> anyhow::Result<TcpStream> {
-        let deadline = tokio::time::Instant::now() + STEP;
-        loop {
-            match TcpStream::connect(("127.0.0.1", port)).await {
-                Ok(s) => {
-                    s.set_nodelay(true)?;
-                    return Ok(s);
-                }
-                Err(e) if tokio::time::Instant::now() > deadline => {
-                    bail!("cannot reach receiver on port {port}: {e}")
-                }
-                Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
-            }
-        }
+        let s = raw::connect(port).await?;
+        s.set_nonblocking(true)?;
+        Ok(TcpStream::from_std(s)?)
     }
 
     pub struct RawAsyncOrigin {
@@ -1461,8 +1394,8 @@ impl RunResult {
 
 /// Shared by every run of one invocation.
 struct Ctx {
-    redis: Option<rd::Server>,
-    nats: Option<nt::Server>,
+    redis: Option<Daemon>,
+    nats: Option<Daemon>,
     raw: RawVariant,
     runtime: NodeRuntime,
     runs: AtomicU64,
@@ -1903,6 +1836,53 @@ fn stop_child(child: &mut std::process::Child) {
     let _ = child.wait();
 }
 
+/// A server of the bench's own (redis-server, nats-server) on a loopback
+/// port, stopped on drop.
+struct Daemon {
+    port: u16,
+    child: std::process::Child,
+    /// Its configuration, if it has one.
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Daemon {
+    fn new(port: u16, child: std::process::Child, dir: Option<tempfile::TempDir>) -> Daemon {
+        Daemon {
+            port,
+            child,
+            _dir: dir,
+        }
+    }
+
+    /// Waits (at most [`STEP`]) until `probe` says it answers.
+    async fn ready<F, Fut>(self, name: &str, mut probe: F) -> anyhow::Result<Daemon>
+    where
+        F: FnMut(u16) -> Fut,
+        Fut: std::future::Future<Output = bool>,
+    {
+        let deadline = tokio::time::Instant::now() + STEP;
+        loop {
+            if probe(self.port).await {
+                return Ok(self);
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("{name} did not answer on port {}", self.port);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        stop_child(&mut self.child);
+    }
+}
+
 /// Whether `program` is there, installing Debian's `package` with apt
 /// when it is missing and we are root; says so when it stays missing.
 fn ensure_package(program: &str, package: &str) -> bool {
@@ -2047,68 +2027,35 @@ fn ratio(a: Option<f64>, b: Option<f64>) -> String {
     }
 }
 
-/// The better (lower) of two figures, either of which may be missing.
-fn best_low(a: Option<f64>, b: Option<f64>) -> Option<f64> {
+/// The better of two figures (the lower when `low`), either of which may
+/// be missing.
+fn better(low: bool, a: Option<f64>, b: Option<f64>) -> Option<f64> {
     match (a, b) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
-    }
-}
-
-fn best_high(a: Option<f64>, b: Option<f64>) -> Option<f64> {
-    match (a, b) {
+        (Some(a), Some(b)) if low => Some(a.min(b)),
         (Some(a), Some(b)) => Some(a.max(b)),
         (a, b) => a.or(b),
     }
 }
 
-type Metric = Box<dyn Fn(&Figures) -> Option<f64>>;
+type Metric = fn(&Figures) -> Option<f64>;
 
 /// The rows of every table, and whether lower is better.
-fn rows() -> Vec<(&'static str, bool, Metric)> {
-    vec![
-        ("latency p50 (µs)", true, Box::new(|f: &Figures| f.pct(0.5))),
-        (
-            "latency p99 (µs)",
-            true,
-            Box::new(|f: &Figures| f.pct(0.99)),
-        ),
-        (
-            "latency p99.9 (µs)",
-            true,
-            Box::new(|f: &Figures| f.pct(0.999)),
-        ),
-        ("latency max (µs)", true, Box::new(|f: &Figures| f.max_us())),
-        (
-            "CPU µs / delivery (a)",
-            true,
-            Box::new(|f: &Figures| f.cpu_us_per_delivery()),
-        ),
-        (
-            "CPU % of a core (a)",
-            true,
-            Box::new(|f: &Figures| f.cpu_percent_at_rate()),
-        ),
-        (
-            "originated/s",
-            false,
-            Box::new(|f: &Figures| f.throughput.as_ref().map(|t| t.originated_per_s())),
-        ),
-        (
-            "delivered/s (all peers)",
-            false,
-            Box::new(|f: &Figures| f.delivered_per_s()),
-        ),
-        (
-            "CPU µs / delivery (b)",
-            true,
-            Box::new(|f: &Figures| f.cpu_us_flat_out()),
-        ),
-        (
-            "peak RSS under (b) (KiB)",
-            true,
-            Box::new(|f: &Figures| f.peak_rss_kib.map(|v| v as f64)),
-        ),
+fn rows() -> [(&'static str, bool, Metric); 10] {
+    [
+        ("latency p50 (µs)", true, |f| f.pct(0.5)),
+        ("latency p99 (µs)", true, |f| f.pct(0.99)),
+        ("latency p99.9 (µs)", true, |f| f.pct(0.999)),
+        ("latency max (µs)", true, |f| f.max_us()),
+        ("CPU µs / delivery (a)", true, |f| f.cpu_us_per_delivery()),
+        ("CPU % of a core (a)", true, |f| f.cpu_percent_at_rate()),
+        ("originated/s", false, |f| {
+            f.throughput.as_ref().map(|t| t.originated_per_s())
+        }),
+        ("delivered/s (all peers)", false, |f| f.delivered_per_s()),
+        ("CPU µs / delivery (b)", true, |f| f.cpu_us_flat_out()),
+        ("peak RSS under (b) (KiB)", true, |f| {
+            f.peak_rss_kib.map(|v| v as f64)
+        }),
     ]
 }
 
@@ -2134,11 +2081,7 @@ fn print_table(results: &Results, sizes: &[usize], mode: &str) {
                 v(System::Raw),
             );
             // Against the better broker of the two, for this row.
-            let broker = if *low {
-                best_low(r, b)
-            } else {
-                best_high(r, b)
-            };
+            let broker = better(*low, r, b);
             println!(
                 "{:<26} {:>11} {:>11} {:>11} {:>11} {:>9} {:>9}",
                 name,
@@ -2169,11 +2112,7 @@ fn print_table(results: &Results, sizes: &[usize], mode: &str) {
                 v(System::Redis),
                 v(System::Nats),
             );
-            let broker = if *low {
-                best_low(r, b)
-            } else {
-                best_high(r, b)
-            };
+            let broker = better(*low, r, b);
             println!(
                 "{:<26} {:>11} {:>11} {:>11} {:>11} {:>9}",
                 name,
@@ -2220,7 +2159,7 @@ fn targets(results: &Results, sizes: &[usize], sidecar: Option<u64>) -> Vec<(boo
         }
     }
     for (q, name) in [(0.5, "p50"), (0.99, "p99")] {
-        let broker = best_low(r.and_then(|r| r.pct(q)), b.and_then(|b| b.pct(q)));
+        let broker = better(true, r.and_then(|r| r.pct(q)), b.and_then(|b| b.pct(q)));
         if let (Some(cv), Some(bv)) = (c.and_then(|c| c.pct(q)), broker) {
             out.push((
                 cv <= bv / 2.0,
@@ -2243,7 +2182,8 @@ fn targets(results: &Results, sizes: &[usize], sidecar: Option<u64>) -> Vec<(boo
             ),
         ));
     }
-    let broker = best_high(
+    let broker = better(
+        false,
         r.and_then(Figures::delivered_per_s),
         b.and_then(Figures::delivered_per_s),
     );
@@ -2380,13 +2320,13 @@ async fn bench(args: Args) -> anyhow::Result<()> {
     let machine = machine();
     eprintln!("machine: {machine}");
     let redis = if systems.contains(&System::Redis) && rd::ensure_installed() {
-        Some(rd::Server::start().await?)
+        Some(rd::start().await?)
     } else {
         systems.retain(|s| *s != System::Redis);
         None
     };
     let nats = if systems.contains(&System::Nats) && nt::ensure_installed() {
-        Some(nt::Server::start().await?)
+        Some(nt::start().await?)
     } else {
         systems.retain(|s| *s != System::Nats);
         None

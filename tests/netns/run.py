@@ -518,17 +518,50 @@ def name_of(ev):
     return None
 
 
+def flush_marks(evs):
+    """Each flush a receiving application got: its time, and for each
+    origin the number of the first invalidation from it that followed."""
+    marks = []
+    for r in evs:
+        ev = r["ev"]
+        if ev.get("type") == "flush":
+            marks.append((r["at"], ev.get("reason"), {}))
+        elif ev.get("type") == "invalidate":
+            nm = name_of(ev)
+            if nm is not None:
+                for _, _, nxt in marks:
+                    nxt.setdefault(nm[0], nm[1])
+    return marks
+
+
+def covered(marks, origin, n, sent, acc_at):
+    """Whether a flush covers invalidation `n` of `origin`, sent at `sent`
+    and answered (202) at `acc_at`. The origin accepted it in between, so a
+    flush after the answer covers it, one before the request does not, and
+    one in between does when the origin's stream after the flush goes on
+    past `n`: each origin's invalidations arrive in the order they were
+    accepted (one request at a time), so `n` was in the receiving sidecar
+    before the flush was made, and accepted before it."""
+    return any(
+        ft > acc_at or (ft > sent and origin in nxt and n < nxt[origin])
+        for ft, _, nxt in marks
+    )
+
+
 def analyse(c):
     logs = {h.name: load(h) for h in c.hosts}
     accepted = {}
+    acc_sent = {}
     unknown = {}
     for h in c.hosts:
         accepted[h.name] = {r["n"]: r["at"] for r in logs[h.name] if r["t"] == "acc"}
+        acc_sent[h.name] = {r["n"]: r["sent"] for r in logs[h.name] if r["t"] == "acc"}
         unknown[h.name] = {r["n"] for r in logs[h.name] if r["t"] == "unk"}
     pairs = []
     for b in c.hosts:
         evs = [r for r in logs[b.name] if r["t"] == "ev"]
         flushes = [(r["at"], r["ev"].get("reason")) for r in evs if r["ev"].get("type") == "flush"]
+        marks = flush_marks(evs)
         got = {}
         for r in evs:
             if r["ev"].get("type") != "invalidate":
@@ -552,22 +585,41 @@ def analyse(c):
                     if n < top:
                         ooo += 1
                     top = max(top, n)
-            delivered = late = lost = covered = 0
+            delivered = late = lost = covered_n = 0
             lost_first = None
             for n, acc_at in accepted[a.name].items():
                 if n in seen:
                     delivered += 1
                     if seen[n] - acc_at > 1.0:
                         late += 1
-                elif any(ft > acc_at for ft, _ in flushes):
-                    covered += 1
+                elif covered(marks, a.name, n, acc_sent[a.name][n], acc_at):
+                    covered_n += 1
                 else:
                     lost += 1
                     lost_first = n if lost_first is None else min(lost_first, n)
+            lost_detail = None
+            if lost_first is not None:
+                # What a reader needs to judge it: when the request went
+                # out and was answered, and what the receiver saw around it.
+                acc = next(r for r in logs[a.name] if r["t"] == "acc" and r["n"] == lost_first)
+                t0, t1 = acc["sent"] - 5, acc["at"] + 5
+                near = [
+                    f"{r['at'] - acc['sent']:+.3f}s {r['t']}"
+                    + (f" {r['ev'].get('reason')}" if r["t"] == "ev" else "")
+                    for r in logs[b.name]
+                    if t0 <= r["at"] <= t1
+                    and (r["t"] in ("sse-open", "sse-closed", "sse-error")
+                         or (r["t"] == "ev" and r["ev"].get("type") == "flush"))
+                ]
+                lost_detail = (
+                    f"sent, answered {acc['at'] - acc['sent']:.3f}s later (seqs {acc.get('seqs')}); "
+                    f"at {b.name}, relative to the send: {', '.join(near) or 'nothing'}"
+                )
             strays = sum(1 for n in seen if n not in accepted[a.name] and n not in unknown[a.name])
             pairs.append({
                 "pair": f"{a.name}->{b.name}", "sent": len(accepted[a.name]), "delivered": delivered,
-                "late": late, "covered": covered, "lost": lost, "lost_first": lost_first,
+                "late": late, "covered": covered_n, "lost": lost, "lost_first": lost_first,
+                "lost_detail": lost_detail,
                 "dups": dups, "ooo": ooo, "strays": strays,
                 "unknown_delivered": sum(1 for n in seen if n in unknown[a.name]),
                 "unknown": len(unknown[a.name]),
@@ -576,6 +628,7 @@ def analyse(c):
         for _, reason in flushes:
             b_flush[reason] = b_flush.get(reason, 0) + 1
         b.flushes = flushes
+        b.flush_marks = marks
         b.flush_reasons = b_flush
     return logs, pairs
 
@@ -622,15 +675,16 @@ def fault_windows(c, logs):
     for f in c.faults:
         sent = dl = cov = lost = 0
         for a in c.hosts:
-            acc = {r["n"]: r["at"] for r in logs[a.name] if r["t"] == "acc" and f.start <= r["at"] <= f.end}
+            acc = {r["n"]: (r["at"], r["sent"]) for r in logs[a.name]
+                   if r["t"] == "acc" and f.start <= r["at"] <= f.end}
             for b in c.hosts:
                 if b is a:
                     continue
-                for n, at in acc.items():
+                for n, (at, sent_at) in acc.items():
                     sent += 1
                     if (a.name, n) in got[b.name]:
                         dl += 1
-                    elif any(ft > at for ft, _ in b.flushes):
+                    elif covered(b.flush_marks, a.name, n, sent_at, at):
                         cov += 1
                     else:
                         lost += 1
@@ -847,7 +901,7 @@ def verdict(c, pairs, rows, statuses, drained):
     problems = []
     for p in pairs:
         if p["lost"]:
-            problems.append(f"{p['pair']}: {p['lost']} lost (first n={p['lost_first']})")
+            problems.append(f"{p['pair']}: {p['lost']} lost (first n={p['lost_first']}: {p['lost_detail']})")
         if p["ooo"]:
             problems.append(f"{p['pair']}: {p['ooo']} out of order")
         if p["strays"]:
