@@ -868,10 +868,7 @@ mod raw {
         }
         let rec = Recorder::new(spec.workload);
         if spec.index == 0 {
-            let mut socks = Vec::new();
-            for &port in &spec.ports[1..] {
-                socks.push(connect(port).await?);
-            }
+            let socks = connect_all(spec).await?;
             return Ok(Node::sending(
                 rec,
                 Origin::Raw(RawOrigin {
@@ -942,8 +939,17 @@ mod raw {
         })
     }
 
+    /// The origin's socket to every receiver (blocking, `TCP_NODELAY`).
+    pub(super) async fn connect_all(spec: &NodeSpec) -> anyhow::Result<Vec<std::net::TcpStream>> {
+        let mut socks = Vec::new();
+        for &port in &spec.ports[1..] {
+            socks.push(connect(port).await?);
+        }
+        Ok(socks)
+    }
+
     /// A socket to a receiver, which may still be starting.
-    pub(super) async fn connect(port: u16) -> anyhow::Result<std::net::TcpStream> {
+    async fn connect(port: u16) -> anyhow::Result<std::net::TcpStream> {
         let deadline = tokio::time::Instant::now() + STEP;
         loop {
             match std::net::TcpStream::connect(("127.0.0.1", port)) {
@@ -1043,8 +1049,9 @@ mod raw_async {
         let rec = Recorder::new(spec.workload);
         if spec.index == 0 {
             let mut socks = Vec::new();
-            for &port in &spec.ports[1..] {
-                socks.push(connect(port).await?);
+            for s in raw::connect_all(spec).await? {
+                s.set_nonblocking(true)?;
+                socks.push(TcpStream::from_std(s)?);
             }
             return Ok(Node::sending(
                 rec,
@@ -1081,12 +1088,6 @@ mod raw_async {
             }
         });
         Ok(Node::receiving(rec, task))
-    }
-
-    async fn connect(port: u16) -> anyhow::Result<TcpStream> {
-        let s = raw::connect(port).await?;
-        s.set_nonblocking(true)?;
-        Ok(TcpStream::from_std(s)?)
     }
 
     pub struct RawAsyncOrigin {
@@ -1836,6 +1837,11 @@ fn stop_child(child: &mut std::process::Child) {
     let _ = child.wait();
 }
 
+/// An option's value as the command line spells it.
+fn arg_name(v: impl clap::ValueEnum) -> Option<String> {
+    v.to_possible_value().map(|p| p.get_name().to_owned())
+}
+
 /// A server of the bench's own (redis-server, nats-server) on a loopback
 /// port, stopped on drop.
 struct Daemon {
@@ -2379,8 +2385,8 @@ async fn bench(args: Args) -> anyhow::Result<()> {
             "mode": if sep { "processes" } else { "in-process" },
             "secs": args.secs,
             "latency_rate_per_s": args.rate,
-            "raw_variant": format!("{:?}", args.raw).to_lowercase(),
-            "node_runtime": format!("{:?}", args.runtime),
+            "raw_variant": arg_name(args.raw),
+            "node_runtime": arg_name(args.runtime),
             "systems": size_json(5)["systems"],
             "two_node": size_json(2),
             "sidecar_idle_rss_kib": sidecar,

@@ -28,9 +28,8 @@ if [ $# -ge 1 ]; then
   [ -f "$deb" ] || fail "no such package: $deb"
 else
   step "build"
-  debian/build-package
-  version=$(sed -n 's/^version = "\(.*\)"$/\1/p' Cargo.toml | head -n 1)
-  deb=$(ls target/debian/cachecast_"$version"-1_*.deb)
+  # cargo deb prints the paths it wrote: the package's is the .deb one.
+  deb=$(debian/build-package | grep -E '/cachecast_[^/]*\.deb$')
 fi
 
 step "lintian (errors fail)"
