@@ -424,6 +424,8 @@ mod cc {
         if let Some(buffer) = spec.buffer {
             config.buffer = buffer;
         }
+        // Benchmark nodes start fresh every run.
+        config.state_file = cachecast::StateFile::Off;
         let buffer = config.buffer as u64;
         let rec = Recorder::new(spec.workload);
         let r = rec.clone();

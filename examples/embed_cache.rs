@@ -17,7 +17,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use cachecast::{ClusterConfig, CoherentCache, Mesh, MeshHandle, NodeAddr};
+use cachecast::{ClusterConfig, CoherentCache, Mesh, MeshHandle, NodeAddr, StateFile};
 use tokio::net::TcpListener;
 
 const USERS: &str = "org.hisp.dhis.user.User";
@@ -93,7 +93,14 @@ async fn main() -> anyhow::Result<()> {
     {
         let peers = addrs.iter().enumerate().filter(|&(j, _)| j != i);
         let config = ClusterConfig::new(addrs[i].clone(), peers.map(|(_, a)| a.clone()));
-        let mesh = Mesh::builder(config).listener(listener).start().await?;
+        // Each server of this one-process example starts fresh; a real one
+        // keeps a state file (StateFile::At) so that a start after a crash
+        // tells its peers to flush.
+        let mesh = Mesh::builder(config)
+            .state_file(StateFile::Off)
+            .listener(listener)
+            .start()
+            .await?;
         let users = CoherentCache::new(&mesh, USERS, 10_000);
         servers.push(Server { name, mesh, users });
     }

@@ -10,7 +10,7 @@
 
 use std::time::Duration;
 
-use cachecast::{ClusterConfig, Event, Item, Mesh, NodeAddr};
+use cachecast::{ClusterConfig, Event, Item, Mesh, NodeAddr, StateFile};
 use tokio::net::TcpListener;
 
 #[tokio::main]
@@ -25,12 +25,17 @@ async fn main() -> anyhow::Result<()> {
         NodeAddr::new("127.0.0.1", la.local_addr()?.port()),
         NodeAddr::new("127.0.0.1", lb.local_addr()?.port()),
     );
+    // A real node keeps a state file (StateFile::At), so that a start
+    // after a crash tells its peers to flush; these two live for a moment.
     let node_a = Mesh::builder(ClusterConfig::new(a.clone(), [b.clone()]))
+        .state_file(StateFile::Off)
         .listener(la)
         .start()
         .await?;
     // B's stream is taken before B starts, so that it misses nothing.
-    let mut builder_b = Mesh::builder(ClusterConfig::new(b, [a])).listener(lb);
+    let mut builder_b = Mesh::builder(ClusterConfig::new(b, [a]))
+        .state_file(StateFile::Off)
+        .listener(lb);
     let mut events = builder_b.subscribe();
     let node_b = builder_b.start().await?;
 

@@ -89,6 +89,10 @@ impl Demo {
             .map(|j| NodeAddr::new("127.0.0.1", self.ports[j]));
         let mut config = ClusterConfig::new(me, peers);
         config.bind = SocketAddr::from(([127, 0, 0, 1], self.ports[i]));
+        // The demo's nodes live for a second and leave nothing behind; its
+        // crash is seen by peers that were connected, which flush by
+        // themselves (a state file covers a crash nobody saw).
+        config.state_file = crate::config::StateFile::Off;
         let board = self.board.clone();
         let handle = Mesh::builder(config)
             .listener(listener)

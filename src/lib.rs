@@ -6,7 +6,7 @@
 //! # Use
 //!
 //! ```no_run
-//! use cachecast::{Event, Mesh, config};
+//! use cachecast::{Event, Mesh, StateFile, config};
 //!
 //! # async fn run() -> anyhow::Result<()> {
 //! let loaded = config::load("/opt/dhis2/dhis.conf".as_ref())?;
@@ -14,7 +14,10 @@
 //!     eprintln!("{warning}");
 //! }
 //! // Subscribed before the node starts: no event can slip past.
-//! let mut builder = Mesh::builder(loaded.config);
+//! // The file's cachecast.state.file, or a path of the embedder's: a
+//! // start after a crash then tells the peers to flush.
+//! let mut builder = Mesh::builder(loaded.config)
+//!     .state_file(StateFile::At("/var/lib/myapp/cachecast.state".into()));
 //! let mut events = builder.subscribe();
 //! let mesh = builder.start().await?;
 //! mesh.invalidate("org.hisp.dhis.user.User", "42")?; // never blocks
@@ -64,10 +67,11 @@ pub mod sidecar;
 pub mod tls;
 pub mod wire;
 
-pub use config::{ClusterConfig, NodeAddr};
+pub use config::{ClusterConfig, NodeAddr, StateFile};
 pub use mesh::{
     Counters, Event, EventCounters, Events, FlushReason, HistogramSnapshot, InvalidateError,
-    MemoryNetwork, Mesh, MeshBuilder, MeshHandle, PeerId, PeerStatus, Status, Tuning, WaitOutcome,
+    MemoryNetwork, Mesh, MeshBuilder, MeshHandle, PeerId, PeerStatus, StartError, Status, Tuning,
+    WaitOutcome,
 };
 pub use wire::Item;
 

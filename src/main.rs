@@ -408,12 +408,6 @@ fn run(explicit: Option<PathBuf>, format: LogFormat) -> ExitCode {
             config.bind.port()
         );
     }
-    if config.state_file.is_none() {
-        tracing::warn!(
-            "no cachecast.state.file: a start after a crash cannot tell peers to flush \
-             for a run they never saw (see docs/operations.md)"
-        );
-    }
     let options = cachecast::sidecar::Options {
         api_max_connections: Some(api_connection_cap(&config)),
         api_idle_timeout: test_idle_timeout(),

@@ -230,6 +230,43 @@ fn a_state_file_that_is_a_folder_is_an_error_as_run_would_find() {
     );
 }
 
+/// A node keeps a state file unless the file says `none`: `check` names the
+/// default path (per node, under systemd's `$STATE_DIRECTORY`) and warns
+/// about the opt-out.
+#[test]
+fn the_state_file_is_kept_by_default_and_none_is_warned_about() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("dhis.conf");
+    let base = "cluster.instance0.hostname = 127.0.0.1\ncluster.instance0.cache.port = 4011\n\
+                cluster.instance1.hostname = 127.0.0.2\n";
+    std::fs::write(&path, base).expect("write");
+    let out = Command::new(env!("CARGO_BIN_EXE_cachecast"))
+        .args(["check", "--config"])
+        .arg(&path)
+        .env("STATE_DIRECTORY", dir.path())
+        .output()
+        .expect("run cachecast");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    let want = format!(
+        "state      {} (the default, from $STATE_DIRECTORY",
+        dir.path().join("127.0.0.1_4011.state").display()
+    );
+    assert!(stdout.contains(&want), "{stdout}");
+
+    std::fs::write(&path, format!("{base}cachecast.state.file = None\n")).expect("write");
+    let (code, out, err) = check(&path);
+    assert_eq!(code, Some(0), "a choice, not an error: {out}{err}");
+    assert!(
+        out.contains("state      none (cachecast.state.file = none"),
+        "{out}"
+    );
+    assert!(
+        err.contains("cachecast.state.file") && err.contains("lost silently"),
+        "{err}"
+    );
+}
+
 #[test]
 fn check_into_a_closed_pipe_ends_quietly() {
     let mut child = Command::new(env!("CARGO_BIN_EXE_cachecast"))

@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use cachecast::{ClusterConfig, CoherentCache, Event, Mesh, MeshHandle, NodeAddr};
+use cachecast::{ClusterConfig, CoherentCache, Event, Mesh, MeshHandle, NodeAddr, StateFile};
 use tokio::net::TcpListener;
 
 const USERS: &str = "org.hisp.dhis.user.User";
@@ -16,11 +16,13 @@ async fn pair() -> (MeshHandle, MeshHandle) {
     let a = NodeAddr::new("127.0.0.1", la.local_addr().expect("addr").port());
     let b = NodeAddr::new("127.0.0.1", lb.local_addr().expect("addr").port());
     let ma = Mesh::builder(ClusterConfig::new(a.clone(), [b.clone()]))
+        .state_file(StateFile::Off)
         .listener(la)
         .start()
         .await
         .expect("start a");
     let mb = Mesh::builder(ClusterConfig::new(b, [a]))
+        .state_file(StateFile::Off)
         .listener(lb)
         .start()
         .await

@@ -462,6 +462,7 @@ async fn a_stream_taken_before_start_misses_nothing() {
         common::node(lb.local_addr().expect("addr").port()),
     );
     let node_a = cachecast::Mesh::builder(cachecast::ClusterConfig::new(a.clone(), [b.clone()]))
+        .state_file(cachecast::StateFile::Off)
         .listener(la)
         .start()
         .await
@@ -469,7 +470,9 @@ async fn a_stream_taken_before_start_misses_nothing() {
     for k in 0..100 {
         node_a.invalidate("c", &k.to_string()).expect("send");
     }
-    let mut builder = cachecast::Mesh::builder(cachecast::ClusterConfig::new(b, [a])).listener(lb);
+    let mut builder = cachecast::Mesh::builder(cachecast::ClusterConfig::new(b, [a]))
+        .state_file(cachecast::StateFile::Off)
+        .listener(lb);
     let mut events = builder.subscribe();
     let node_b = builder.start().await.expect("start b");
     let seqs = invalidation_seqs(&mut events, 100).await;
@@ -568,4 +571,28 @@ async fn a_stranger_is_refused_and_the_mesh_keeps_working() {
         )
         .await;
     c.shutdown_all().await;
+}
+
+/// An embedder must say whether the node keeps a state file: without a
+/// choice the node does not start, rather than lose invalidations after a
+/// crash without anyone having chosen that.
+#[tokio::test]
+async fn a_node_without_a_choice_of_state_file_does_not_start() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let me = cachecast::NodeAddr::new("127.0.0.1", port);
+    let started = cachecast::Mesh::builder(cachecast::ClusterConfig::new(me, []))
+        .listener(listener)
+        .start()
+        .await;
+    let Err(err) = started else {
+        panic!("started without a choice of state file");
+    };
+    assert!(
+        matches!(err, cachecast::StartError::StateFileUnchosen),
+        "{err}"
+    );
+    assert!(err.to_string().contains("StateFile::Off"), "{err}");
 }

@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 
 use bytes::{BufMut, BytesMut};
 use cachecast::wire::{Batch, FrameCodec, Hello, MAGIC, Message, Position};
-use cachecast::{ClusterConfig, Event, FlushReason, InvalidateError, Item, Mesh, MeshHandle};
+use cachecast::{
+    ClusterConfig, Event, FlushReason, InvalidateError, Item, Mesh, MeshHandle, StateFile,
+};
 use common::{Cluster, Mode, Proxy, Recorder, bind, check_no_silent_gap, node, wait_until};
 use futures_util::StreamExt;
 use tokio::io::AsyncWriteExt;
@@ -74,12 +76,25 @@ impl Raw {
     /// Dials `addr` as the dialer `me` (incarnation `inc`); returns the
     /// acceptor's hello.
     async fn dial(addr: SocketAddr, me: &str, inc: u64) -> (Raw, Hello) {
+        match Raw::try_dial(addr, me, inc).await {
+            Ok(r) => r,
+            Err(other) => panic!("expected a Hello, got {other:?}"),
+        }
+    }
+
+    /// Dials like [`Raw::dial`]; a refusal is the acceptor's first message
+    /// instead of a hello (a Reject, or nothing).
+    async fn try_dial(
+        addr: SocketAddr,
+        me: &str,
+        inc: u64,
+    ) -> Result<(Raw, Hello), Option<Message>> {
         let stream = TcpStream::connect(addr).await.expect("connect");
         let mut raw = Raw::new(stream);
         raw.send(&hello(me, inc, None)).await;
         match raw.next(SHORT).await {
-            Some(Message::Hello(h)) => (raw, h),
-            other => panic!("expected a Hello, got {other:?}"),
+            Some(Message::Hello(h)) => Ok((raw, h)),
+            other => Err(other),
         }
     }
 
@@ -116,6 +131,7 @@ fn cfg(me: u16, peers: &[u16], buffer: usize) -> ClusterConfig {
     let mut c = ClusterConfig::new(node(me), peers.iter().map(|&p| node(p)));
     c.bind = SocketAddr::from(([127, 0, 0, 1], me));
     c.buffer = buffer;
+    c.state_file = StateFile::Off;
     c
 }
 
@@ -490,7 +506,7 @@ async fn a_fully_unseen_run_is_covered_by_a_flush_thanks_to_the_state_file() {
     let state = dir.path().join("node0.state");
     c.customize = Some(std::sync::Arc::new(move |i, cfg| {
         if i == 0 {
-            cfg.state_file = Some(state.clone());
+            cfg.state_file = StateFile::At(state.clone());
         }
     }));
     for (i, l) in listeners.into_iter().enumerate() {
@@ -525,7 +541,7 @@ async fn a_crash_costs_one_flush_with_a_state_file_too() {
     let state = dir.path().join("node0.state");
     c.customize = Some(std::sync::Arc::new(move |i, cfg| {
         if i == 0 {
-            cfg.state_file = Some(state.clone());
+            cfg.state_file = StateFile::At(state.clone());
         }
     }));
     for (i, l) in listeners.into_iter().enumerate() {
@@ -706,7 +722,7 @@ async fn a_second_run_on_the_same_state_file_does_not_start() {
     let (l1, l2) = (bind().await, bind().await);
     let (p1, p2) = (port(&l1), port(&l2));
     let mut c1 = cfg(p1, &[p2], 1024);
-    c1.state_file = Some(state.clone());
+    c1.state_file = StateFile::At(state.clone());
     let (first, _r1) = start(c1.clone(), l1, common::tuning()).await;
     let mut c2 = c1.clone();
     c2.bind = l2.local_addr().expect("addr");
@@ -809,19 +825,16 @@ async fn a_new_incarnation_is_refused_while_the_old_one_is_connected() {
             seq: 1
         }))
     );
-    let (mut c2, h2) = Raw::dial(addr, &fake_id, 2).await;
-    assert_eq!(
-        h2.last_applied,
-        Some(Position {
-            incarnation: 1,
-            seq: 1
-        })
-    );
+    // Refused before any hello: a claimant learns nothing of the peer it
+    // claims to be (its incarnation, our position for it).
+    let stream = TcpStream::connect(addr).await.expect("connect");
+    let mut c2 = Raw::new(stream);
+    c2.send(&hello(&fake_id, 2, None)).await;
     match c2.next(SHORT).await {
         Some(Message::Reject { reason }) => {
             assert!(reason.contains("two running nodes"), "{reason}")
         }
-        other => panic!("expected a Reject, got {other:?}"),
+        other => panic!("expected a Reject and no Hello, got {other:?}"),
     }
     let _ = c2
         .wr
@@ -888,12 +901,12 @@ async fn reconnect_of_the_same_incarnation_supersedes_a_silent_link_only() {
     assert!(matches!(c1.next(SHORT).await, Some(Message::Ack(_))));
     assert!(b.status().peers[0].inbound);
     // c1 was just heard: a second claim is refused, and c1 keeps working.
-    let (mut c2, _) = Raw::dial(addr, &fake_id, 7).await;
-    match c2.next(SHORT).await {
-        Some(Message::Reject { reason }) => {
+    match Raw::try_dial(addr, &fake_id, 7).await {
+        Err(Some(Message::Reject { reason })) => {
             assert!(reason.contains("live connection"), "{reason}")
         }
-        other => panic!("expected a Reject, got {other:?}"),
+        Err(other) => panic!("expected a Reject and no Hello, got {other:?}"),
+        Ok((_, h)) => panic!("expected a Reject and no Hello, got {h:?}"),
     }
     c1.send(&batch(3, vec![key("c", "c")])).await;
     assert_eq!(
@@ -905,8 +918,9 @@ async fn reconnect_of_the_same_incarnation_supersedes_a_silent_link_only() {
     );
     // c1 falls silent (no pings): a new connection gets in.
     let (mut c3, h3) = loop {
-        let (mut c, h) = Raw::dial(addr, &fake_id, 7).await;
-        if !c.closed_within(Duration::from_millis(300)).await {
+        if let Ok((mut c, h)) = Raw::try_dial(addr, &fake_id, 7).await
+            && !c.closed_within(Duration::from_millis(300)).await
+        {
             break (c, h);
         }
     };

@@ -7,7 +7,9 @@ mod common;
 
 use std::time::Duration;
 
-use cachecast::{ClusterConfig, Event, MemoryNetwork, Mesh, MeshHandle, NodeAddr, Tuning};
+use cachecast::{
+    ClusterConfig, Event, MemoryNetwork, Mesh, MeshHandle, NodeAddr, StateFile, Tuning,
+};
 use common::{Recorder, check_no_silent_gap};
 use tokio::time::Instant;
 
@@ -20,6 +22,7 @@ async fn node(net: &MemoryNetwork, i: u16, n: u16) -> (MeshHandle, Recorder) {
     let peers = (0..n).filter(|&j| j != i).map(addr);
     let (rec, cb) = Recorder::new();
     let h = Mesh::builder(ClusterConfig::new(addr(i), peers))
+        .state_file(StateFile::Off)
         .tuning(Tuning {
             event_capacity: 1 << 16,
             ..Tuning::default()

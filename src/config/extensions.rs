@@ -15,7 +15,7 @@ pub(crate) struct Extensions {
     pub(crate) api_bind_explicit: bool,
     pub(crate) buffer: usize,
     pub(crate) webhook_url: Option<String>,
-    pub(crate) state_file: Option<PathBuf>,
+    pub(crate) state_file: StateFile,
     pub(crate) flush_hook: Option<FlushHookConfig>,
 }
 
@@ -60,7 +60,7 @@ pub(crate) fn extensions(
     let tls = tls(keys, report);
     let api = api(keys, report);
     let buffer = buffer(keys, report);
-    let state_file = path(keys, "cachecast.state.file");
+    let state_file = state_file(keys, report);
     let webhook_url = webhook(keys, report);
     let flush_hook = flush_hook(keys, report);
     let ((api, api_bind_explicit), bind, secret, tls, buffer, webhook_url, flush_hook) = (
@@ -85,12 +85,24 @@ pub(crate) fn extensions(
     })
 }
 
-/// A path-valued key, any value accepted (it is checked when used).
-fn path(keys: &BTreeMap<String, Entry>, key: &str) -> Option<PathBuf> {
-    value(keys, key)
-        .ok()
-        .flatten()
-        .map(|e| PathBuf::from(&e.value))
+/// `cachecast.state.file`: a path, or `none` to keep no state file (the
+/// operator's explicit choice, warned about); unset, the default path.
+fn state_file(keys: &BTreeMap<String, Entry>, report: &mut Report) -> StateFile {
+    let key = "cachecast.state.file";
+    match value(keys, key).ok().flatten() {
+        None => StateFile::Default,
+        Some(e) if e.value.eq_ignore_ascii_case("none") => {
+            report.warn(
+                key,
+                Some(e.line),
+                "none: no state file, so a start after a crash cannot tell the peers to flush \
+                 for what the crashed run accepted and never delivered; invalidations can be \
+                 lost silently (remove the key to keep one at the default path)",
+            );
+            StateFile::Off
+        }
+        Some(e) => StateFile::At(PathBuf::from(&e.value)),
+    }
 }
 
 /// `cachecast.bind`: `addr` or `addr:port`; by default every address, on

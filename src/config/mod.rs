@@ -145,6 +145,35 @@ pub struct Peer {
     pub line: Option<usize>,
 }
 
+/// Whether and where a node keeps its state file: the record of how its
+/// previous run ended, so that a start after a crash tells the peers to
+/// flush for what that run may have accepted and never delivered
+/// (`proto/PROTOCOL.md`, section 9.9).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StateFile {
+    /// Not said (`cachecast.state.file` unset): the sidecar keeps one at
+    /// its default path; the library refuses to start until the embedder
+    /// chooses ([`crate::MeshBuilder::state_file`]).
+    Default,
+    /// Kept at this path.
+    At(PathBuf),
+    /// None (`cachecast.state.file = none`): a run that crashed after
+    /// accepting invalidations that no peer received, following a clean
+    /// run, is taken by the peers for a clean restart, and they do not
+    /// flush. The operator's explicit choice.
+    Off,
+}
+
+impl StateFile {
+    /// The path, when one is set.
+    pub fn path(&self) -> Option<&Path> {
+        match self {
+            StateFile::At(p) => Some(p),
+            StateFile::Default | StateFile::Off => None,
+        }
+    }
+}
+
 /// Which legacy DHIS 2 format the cluster was written in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
@@ -213,7 +242,7 @@ pub struct ClusterConfig {
     pub webhook_url: Option<String>,
     /// `cachecast.state.file`: where the node records how its run ended,
     /// so that a start after a crash flushes its peers.
-    pub state_file: Option<PathBuf>,
+    pub state_file: StateFile,
     /// The Redis-protocol pub/sub endpoint, when it is on.
     pub resp: Option<RespConfig>,
     /// Why the endpoint is on or off, in a sentence `check` prints.
@@ -293,7 +322,7 @@ impl ClusterConfig {
             api_bind_explicit: false,
             buffer: DEFAULT_BUFFER,
             webhook_url: None,
-            state_file: None,
+            state_file: StateFile::Default,
             resp: None,
             resp_why: "off (built in code)".into(),
             flush_hook: None,

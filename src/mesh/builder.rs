@@ -15,7 +15,7 @@ use tracing::{info, warn};
 use super::transport::Transport;
 use super::*;
 use crate::auth::Secret;
-use crate::config::{ClusterConfig, NodeAddr};
+use crate::config::{ClusterConfig, NodeAddr, StateFile};
 use crate::tls::Tls;
 
 /// Starts nodes.
@@ -97,6 +97,16 @@ impl MeshBuilder {
         self
     }
 
+    /// Whether and where this node keeps its state file, in place of what
+    /// the configuration says. A node must have one or say it does not:
+    /// [`StateFile::Default`] in both makes [`MeshBuilder::start`] fail, so
+    /// that no embedder loses invalidations after a crash without having
+    /// chosen to (see [`StateFile`]).
+    pub fn state_file(mut self, state_file: StateFile) -> Self {
+        self.config.state_file = state_file;
+        self
+    }
+
     /// Dial `peer` at `addr` instead of its configured address (a proxy or
     /// port mapping in between); its identity stays `peer`.
     pub fn connect_via(mut self, peer: NodeAddr, addr: SocketAddr) -> Self {
@@ -121,10 +131,13 @@ impl MeshBuilder {
             Some(net) => Arc::new(net),
             None => Arc::new(transport::Tcp),
         };
+        if config.state_file == StateFile::Default {
+            return Err(StartError::StateFileUnchosen);
+        }
         let shared = build_shared(config, tuning, connect_via, callbacks, fanout, transport)?;
-        if let Some(path) = &shared.config.state_file {
+        if let Some(path) = shared.config.state_file.path() {
             let state_err = |e: std::io::Error| StartError::State {
-                path: path.clone(),
+                path: path.to_path_buf(),
                 source: e,
             };
             *lock(&shared.state_lock) = Some(state::lock(path).map_err(state_err)?);
@@ -225,6 +238,7 @@ pub(crate) fn build_shared(
                 acked: watch::channel(0).0,
                 stats: PeerStats::default(),
                 turn: Mutex::new(()),
+                held_back: Mutex::new(None),
             }
         })
         .collect();

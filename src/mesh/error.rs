@@ -40,6 +40,14 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
+    /// Neither the configuration nor the builder chose whether to keep a
+    /// state file ([`crate::config::StateFile::Default`]).
+    #[error(
+        "no choice of state file: set ClusterConfig::state_file or call MeshBuilder::state_file \
+         with StateFile::At(path) (a start after a crash then tells the peers to flush) or \
+         StateFile::Off (a crash after a partition may lose invalidations silently)"
+    )]
+    StateFileUnchosen,
 }
 
 /// Why an invalidation was not accepted.

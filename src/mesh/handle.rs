@@ -309,7 +309,7 @@ impl MeshHandle {
     pub async fn shutdown(self) {
         self.initiate_shutdown();
         self.tracker.wait().await;
-        if let Some(path) = &self.shared.config.state_file {
+        if let Some(path) = self.shared.config.state_file.path() {
             // Clean only if every peer applied everything this run sent.
             let (incarnation, clean) = {
                 let out = lock(&self.shared.out);

@@ -43,6 +43,11 @@ pub(crate) struct PeerInfo {
     /// Only this peer's tasks take it: application code under it holds up
     /// this peer's events alone.
     pub(crate) turn: Mutex<()>,
+    /// Since when another incarnation of this peer has been held back while
+    /// the current one's link is up, and which: a restart faster than
+    /// `dead_after` looks the same for a few seconds, so only one that
+    /// outlasts that is reported as two running nodes.
+    pub(crate) held_back: Mutex<Option<(u64, Instant)>>,
 }
 
 pub(crate) type Callback = Arc<dyn Fn(&Event) + Send + Sync>;
@@ -302,14 +307,39 @@ impl Shared {
                 },
                 d.current
             );
-            // Both nodes keep retrying: one line a minute says it.
-            match self.duplicate_log.admit() {
-                (true, 0) => tracing::error!("{reason}"),
-                (true, held) => tracing::error!(held_back = held, "{reason}"),
-                (false, _) => debug!("{reason}"),
+            // A restarted node is held back until its previous run's
+            // links are gone, noticed within `dead_after` (plus a ping and
+            // a retry); only a claim that outlasts that is two running
+            // nodes. Both keep retrying: one line a minute says it.
+            let now = Instant::now();
+            let since = {
+                let mut held = lock(&info.held_back);
+                match *held {
+                    Some((other, since)) if other == d.other => since,
+                    _ => {
+                        *held = Some((d.other, now));
+                        now
+                    }
+                }
+            };
+            let restart_window =
+                self.tuning.dead_after + self.tuning.ping_every + self.tuning.backoff_cap;
+            if now.saturating_duration_since(since) < restart_window {
+                info!(
+                    peer = %info.id,
+                    "a new run of the peer is held back until its previous run's link is gone \
+                     (a restart; two running nodes if this lasts): {reason}"
+                );
+            } else {
+                match self.duplicate_log.admit() {
+                    (true, 0) => tracing::error!("{reason}"),
+                    (true, held) => tracing::error!(held_back = held, "{reason}"),
+                    (false, _) => debug!("{reason}"),
+                }
             }
             reason
         })
+        .inspect(|_| *lock(&info.held_back) = None)
     }
 
     pub(crate) fn heard(&self, peer: usize, dir: Dir) {

@@ -351,9 +351,17 @@ fn sse_stream(state: SseState) -> impl Stream<Item = Result<SseEvent, Infallible
             match st.app.hub.read_as(&st.reader, st.cursor, SSE_CHUNK) {
                 Read::Lagged { missed, resume } => {
                     // Counted by the ring when it passed this client.
+                    // `lagged` keeps the id of the last event this client
+                    // got: one that reconnects after reading it but before
+                    // the flush resumes from there, which is no longer
+                    // held, so the flush is not lost with the connection.
                     let lagged = json!({"type": "lagged", "missed": missed}).to_string();
-                    st.pending
-                        .push_back(sse_event(&st.app, resume - 1, "lagged", &lagged));
+                    st.pending.push_back(sse_event(
+                        &st.app,
+                        st.cursor.saturating_sub(1),
+                        "lagged",
+                        &lagged,
+                    ));
                     let flush = flush_json("this client fell behind and missed events");
                     st.pending.push_back(sse_event(
                         &st.app,

@@ -46,7 +46,22 @@ pub fn preflight(config: &ClusterConfig) -> Vec<Problem> {
     {
         problems.push(error("cachecast.flush.credentials.file", e.to_string()));
     }
-    if let Some(path) = &config.state_file {
+    let default_path = match &config.state_file {
+        crate::config::StateFile::Default => {
+            match super::state_path::default_state_file(&config.node, |k| std::env::var_os(k)) {
+                Ok((p, _)) => Some(p),
+                Err(e) => {
+                    problems.push(error("cachecast.state.file", e));
+                    None
+                }
+            }
+        }
+        _ => None,
+    };
+    // A default folder that does not exist yet is made by `run`.
+    if let Some(path) = config.state_file.path().or(default_path.as_deref())
+        && (config.state_file.path().is_some() || path.parent().is_some_and(Path::is_dir))
+    {
         let dir = path
             .parent()
             .filter(|d| !d.as_os_str().is_empty())
@@ -179,11 +194,21 @@ pub fn describe(path: &Path, config: &ClusterConfig, resolved: &[Resolved]) -> S
     let _ = writeln!(
         report,
         "state      {}",
-        config.state_file.as_ref().map_or(
-            "none (set cachecast.state.file so a start after a crash flushes the peers)"
-                .to_string(),
-            |p| p.display().to_string()
-        )
+        match &config.state_file {
+            crate::config::StateFile::At(p) => p.display().to_string(),
+            crate::config::StateFile::Off =>
+                "none (cachecast.state.file = none: a start after a crash cannot tell the peers \
+                 to flush; invalidations can be lost silently)"
+                    .to_string(),
+            crate::config::StateFile::Default =>
+                match super::state_path::default_state_file(&config.node, |k| std::env::var_os(k)) {
+                    Ok((p, why)) => format!(
+                        "{} (the default, from {why}; cachecast.state.file sets another)",
+                        p.display()
+                    ),
+                    Err(e) => format!("none: {e}"),
+                },
+        }
     );
     report
 }

@@ -14,6 +14,7 @@ mod conn;
 mod flush;
 mod hub;
 pub(crate) mod resp;
+pub mod state_path;
 mod table;
 mod webhook;
 
@@ -27,7 +28,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::config::ClusterConfig;
+use crate::config::{ClusterConfig, StateFile};
 use crate::mesh::{Event, Mesh, MeshHandle, StartError, Tuning};
 
 pub use api::{MAX_BODY, MAX_ITEMS, MAX_WAIT, parse_duration};
@@ -125,10 +126,32 @@ pub struct Options {
 /// gracefully: the mesh drains and says goodbye while the API answers 503,
 /// and the API stops last.
 pub async fn run(
-    config: ClusterConfig,
+    mut config: ClusterConfig,
     options: Options,
     shutdown: CancellationToken,
 ) -> Result<(), SidecarError> {
+    // Crash-safe unless the operator said otherwise: a state file at the
+    // default path when the configuration names none.
+    match &config.state_file {
+        StateFile::Default => {
+            let (path, why) = state_path::default_state_file(&config.node, |k| std::env::var_os(k))
+                .map_err(SidecarError::Refused)?;
+            state_path::make_state_dir(&path).map_err(|e| {
+                SidecarError::Refused(format!(
+                    "cannot make the folder of the state file {} (from {why}): {e}; \
+                     set cachecast.state.file",
+                    path.display()
+                ))
+            })?;
+            info!(path = %path.display(), from = why, "state file at the default path");
+            config.state_file = StateFile::At(path);
+        }
+        StateFile::Off => warn!(
+            "cachecast.state.file = none: a start after a crash cannot tell the peers to flush \
+             for what the crashed run accepted and never delivered"
+        ),
+        StateFile::At(_) => {}
+    }
     // The checks `check` makes, all at once, before anything is bound.
     let errors: Vec<_> = check::preflight(&config)
         .into_iter()

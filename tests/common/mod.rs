@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use cachecast::{ClusterConfig, Event, Mesh, MeshHandle, NodeAddr, Tuning};
+use cachecast::{ClusterConfig, Event, Mesh, MeshHandle, NodeAddr, StateFile, Tuning};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
@@ -225,6 +225,8 @@ impl Cluster {
         let mut c = ClusterConfig::new(node(self.ports[i]), peers);
         c.bind = SocketAddr::from(([127, 0, 0, 1], self.ports[i]));
         c.buffer = self.buffer;
+        // Tests that need one set a path of their own.
+        c.state_file = StateFile::Off;
         if let Some(f) = &self.customize {
             f(i, &mut c);
         }

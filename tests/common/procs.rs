@@ -4,7 +4,7 @@
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -83,6 +83,13 @@ impl Sidecar {
             .args(["run", "--config"])
             .arg(&self.conf)
             .env("RUST_LOG", "info")
+            // The default state file goes beside the test's configuration,
+            // never into a folder that outlives the test.
+            .env(
+                "STATE_DIRECTORY",
+                self.conf.parent().unwrap_or(Path::new("/nonexistent")),
+            )
+            .env_remove("XDG_STATE_HOME")
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(log)
@@ -209,8 +216,27 @@ pub struct Cluster {
 
 impl Cluster {
     pub fn new(n: usize, extra: &str) -> Cluster {
-        let dir = tempfile::tempdir().expect("tempdir");
         let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        Cluster::with_ports(&ports, None, extra)
+    }
+
+    /// `n` sidecars whose peers reach each one only through its own relay:
+    /// node `i`'s identity is the relay's port, and it listens on another
+    /// (`cachecast.bind`), so that the test can stall, cut or tamper with
+    /// everything that reaches node `i`.
+    pub async fn relayed(n: usize, extra: &str) -> (Cluster, Vec<super::Proxy>) {
+        let real: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        let mut relays = Vec::new();
+        for &port in &real {
+            relays.push(super::Proxy::start(SocketAddr::from(([127, 0, 0, 1], port))).await);
+        }
+        let ports: Vec<u16> = relays.iter().map(|r| r.addr.port()).collect();
+        (Cluster::with_ports(&ports, Some(&real), extra), relays)
+    }
+
+    fn with_ports(ports: &[u16], bind: Option<&[u16]>, extra: &str) -> Cluster {
+        let n = ports.len();
+        let dir = tempfile::tempdir().expect("tempdir");
         let apis: Vec<u16> = (0..n).map(|_| free_port()).collect();
         let mut nodes = Vec::new();
         for i in 0..n {
@@ -218,6 +244,9 @@ impl Cluster {
                 "cluster.instance0.hostname = 127.0.0.1\ncluster.instance0.cache.port = {}\ncachecast.api.port = {}\n{extra}\n",
                 ports[i], apis[i]
             );
+            if let Some(bind) = bind {
+                text.push_str(&format!("cachecast.bind = 127.0.0.1:{}\n", bind[i]));
+            }
             for (k, j) in (1..).zip((0..n).filter(|&j| j != i)) {
                 text.push_str(&format!(
                     "cluster.instance{k}.hostname = 127.0.0.1\ncluster.instance{k}.cache.port = {}\n",

@@ -314,6 +314,19 @@ pub(crate) async fn serve_io(
     // Nothing changes state before the peer has proven who it is: the
     // reply position is only read here, and applied below.
     let reply = lock(&shared.peers[peer].state).applied();
+    let incarnation = hello.incarnation;
+    // Proven by a secret or a certificate, a newer connection is the peer
+    // itself and takes over at once (section 2 of the protocol); without,
+    // it must not silence a link that is demonstrably alive.
+    let proven = shared.secret.is_some() || cert.is_some();
+    // Without a secret no proof is to come: the claim is judged before our
+    // hello tells the claimant anything of the peer it claims to be (its
+    // incarnation and our position for it).
+    if shared.secret.is_none()
+        && let Err(reason) = admit_incarnation(shared, peer, incarnation, proven)
+    {
+        return reject(shared, &mut wr, Rejected::Handshake, &reason).await;
+    }
     let ours = hello_for(shared, reply);
     let mut buf = BytesMut::new();
     let mut codec = FrameCodec::new();
@@ -372,20 +385,12 @@ pub(crate) async fn serve_io(
         if let Err(e) = hellos.check_proof(secret, &proof, &id) {
             return reject(shared, &mut wr, Rejected::Auth, &e.to_string()).await;
         }
+        if let Err(reason) = admit_incarnation(shared, peer, incarnation, proven) {
+            return reject(shared, &mut wr, Rejected::Handshake, &reason).await;
+        }
     }
     drop(slot);
     reader.decoder_mut().established();
-    let incarnation = hello.incarnation;
-    // Proven by a secret or a certificate, a newer connection is the peer
-    // itself and takes over at once (section 2 of the protocol); without,
-    // it must not silence a link that is demonstrably alive.
-    let proven = shared.secret.is_some() || cert.is_some();
-    if !proven && let Some(reason) = shared.live_inbound(peer, incarnation) {
-        return reject(shared, &mut wr, Rejected::Handshake, &reason).await;
-    }
-    if let Err(reason) = shared.peer_incarnation(peer, incarnation) {
-        return reject(shared, &mut wr, Rejected::Handshake, &reason).await;
-    }
     // Everything this connection may carry lies beyond what our hello
     // said we hold from this incarnation (section 9.4 of the protocol).
     let floor = reply
@@ -423,6 +428,21 @@ pub(crate) async fn serve_io(
         debug!(peer = %id, "superseded inbound connection closed");
     }
     drop((reader, wr));
+}
+
+/// Applies a proven (or, without a secret, admitted) peer's incarnation
+/// (section 9.7): refuses a second live node under one identity, and
+/// flushes for a new incarnation. Returns the refusal's reason.
+fn admit_incarnation(
+    shared: &Shared,
+    peer: usize,
+    incarnation: u64,
+    proven: bool,
+) -> Result<(), String> {
+    if !proven && let Some(reason) = shared.live_inbound(peer, incarnation) {
+        return Err(reason);
+    }
+    shared.peer_incarnation(peer, incarnation)
 }
 
 /// Refuses a connection, telling the other side why (best effort).

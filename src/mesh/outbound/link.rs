@@ -119,7 +119,7 @@ pub(crate) async fn run(shared: Arc<Shared>, peer: usize) {
                     let (resumed, acked, queued, ours) = {
                         let mut out = lock(&shared.out);
                         out.peer_position(peer, hello.last_applied);
-                        let resumed = out.connected(peer, hello.last_applied);
+                        let resumed = out.connected(peer, hello.last_applied, hello.incarnation);
                         (resumed, out.acked(peer), out.queued(peer), out.incarnation())
                     };
                     if let Some(announced) = resumed.diverged {
@@ -130,6 +130,17 @@ pub(crate) async fn run(shared: Arc<Shared>, peer: usize) {
                             "the peer holds a position beyond anything this node assigned \
                              (another party claimed this node's identity to it?); resuming from \
                              what it acknowledged, which makes it flush"
+                        );
+                    }
+                    if let Some((announced, acknowledged)) = resumed.below_acked {
+                        shared.stats.diverged.fetch_add(1, Ordering::Relaxed);
+                        warn!(
+                            announced,
+                            acknowledged,
+                            behind = resumed.behind,
+                            "the peer holds a position below what it acknowledged in this run \
+                             (acks forged on the path?); replaying from its position, or a \
+                             flush where that is no longer held"
                         );
                     }
                     shared.peers[peer].acked.send_if_modified(|a| {

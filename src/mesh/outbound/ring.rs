@@ -33,6 +33,12 @@ struct Cursor {
     /// The peer's hello showed it knew our previous run: it needs no
     /// opening flush (see [`OutLog::open_with_flush`]).
     knew_previous: bool,
+    /// The run (incarnation) of the peer whose acks and hello last set
+    /// `acked`: within one run of the receiver, what it applied never goes
+    /// back, so a hello below `acked` from that same run means the acks
+    /// were not its own (forged) or it lost track (see
+    /// [`OutLog::connected`]).
+    acked_by: Option<u64>,
 }
 
 /// Sequence numbers, the replay ring and the peers' cursors.
@@ -69,6 +75,10 @@ pub(crate) struct Resumed {
     pub behind: bool,
     /// It announced this position, beyond anything assigned (divergence).
     pub diverged: Option<u64>,
+    /// It announced a position below what the same run of it had
+    /// acknowledged, `(announced, acknowledged)` (divergence): what it
+    /// still needs is replayed from the buffer, or covered by a flush.
+    pub below_acked: Option<(u64, u64)>,
 }
 
 /// What [`OutLog::fill`] wrote.
@@ -171,7 +181,7 @@ impl OutLog {
     }
 
     /// A connection to `peer` is up; `last_applied` is what its hello says
-    /// it applied from us.
+    /// it applied from us, and `run` is the incarnation it runs as.
     ///
     /// A position of this incarnation beyond the last seq assigned is
     /// **divergence**: the peer holds a position for us that we never gave
@@ -179,20 +189,46 @@ impl OutLog {
     /// the peer resumes from what it acknowledged, so it gets seqs at or
     /// below the position it announced, which makes it flush (section 9.5
     /// of the protocol) instead of dropping them.
-    pub(crate) fn connected(&mut self, peer: usize, last_applied: Option<Position>) -> Resumed {
+    ///
+    /// A position *below* what the same run of the peer acknowledged is
+    /// divergence too: a receiver's position never goes back within a run,
+    /// so those acks were not all its own (a party on the path forged
+    /// them) or it flushed and started over. Either way it did not apply
+    /// what lies between: it resumes from the position it announced, so
+    /// what is still held is replayed and what is not is covered by a
+    /// flush (section 9.4).
+    pub(crate) fn connected(
+        &mut self,
+        peer: usize,
+        last_applied: Option<Position>,
+        run: u64,
+    ) -> Resumed {
         let last = self.last_seq();
         let incarnation = self.incarnation;
         let c = &mut self.peers[peer];
         let mut diverged = None;
-        if let Some(p) = last_applied
-            && p.incarnation == incarnation
-        {
-            if p.seq > last {
-                diverged = Some(p.seq);
-            } else {
-                c.acked = c.acked.max(p.seq);
+        let mut below_acked = None;
+        let same_run = c.acked_by == Some(run);
+        match last_applied {
+            Some(p) if p.incarnation == incarnation => {
+                if p.seq > last {
+                    diverged = Some(p.seq);
+                } else if same_run && p.seq < c.acked {
+                    below_acked = Some((p.seq, c.acked));
+                    c.acked = p.seq;
+                } else {
+                    c.acked = c.acked.max(p.seq);
+                }
             }
+            // The run that acknowledged our seqs knew this incarnation: a
+            // hello from it that holds nothing of ours went back too.
+            None if same_run && c.acked > 0 => {
+                below_acked = Some((0, c.acked));
+                c.acked = 0;
+            }
+            _ => {}
         }
+        c.acked_by = Some(run);
         if c.knew_previous && self.opening_flush_for.is_some() {
             // Seq 1, the opening flush, is not for this peer.
             c.acked = c.acked.max(1);
@@ -201,7 +237,11 @@ impl OutLog {
         c.connected = true;
         let behind = c.acked + 1 < self.front_seq;
         self.trim();
-        Resumed { behind, diverged }
+        Resumed {
+            behind,
+            diverged,
+            below_acked,
+        }
     }
 
     /// The connection to `peer` is down.
@@ -435,8 +475,8 @@ mod tests {
     #[test]
     fn sends_in_order_and_trims_on_ack() {
         let mut log = OutLog::new(7, 2, 100, usize::MAX);
-        log.connected(0, None);
-        log.connected(1, None);
+        log.connected(0, None, 1);
+        log.connected(1, None, 1);
         for i in 0..5 {
             assert_eq!(log.push(key(&i.to_string())), i + 1);
         }
@@ -455,7 +495,7 @@ mod tests {
     #[test]
     fn replays_after_reconnect_from_last_applied() {
         let mut log = OutLog::new(7, 1, 100, usize::MAX);
-        log.connected(0, None);
+        log.connected(0, None, 1);
         for i in 0..10 {
             log.push(key(&i.to_string()));
         }
@@ -463,7 +503,7 @@ mod tests {
         // The peer applied 6 before the link broke, but acked only 2.
         log.ack(0, pos(&log, 2)).expect("ack");
         log.disconnected(0);
-        log.connected(0, Some(pos(&log, 6)));
+        log.connected(0, Some(pos(&log, 6)), 1);
         let got = drain(&mut log, 0);
         assert_eq!(got.iter().map(|x| x.0).collect::<Vec<_>>(), [7, 8, 9, 10]);
     }
@@ -473,7 +513,7 @@ mod tests {
     #[test]
     fn a_position_beyond_what_was_assigned_is_not_believed() {
         let mut log = OutLog::new(7, 1, 100, usize::MAX);
-        log.connected(0, None);
+        log.connected(0, None, 1);
         for i in 0..10 {
             log.push(key(&i.to_string()));
         }
@@ -484,7 +524,7 @@ mod tests {
             incarnation: 7,
             seq: 1_000_000,
         };
-        let resumed = log.connected(0, Some(inflated));
+        let resumed = log.connected(0, Some(inflated), 1);
         assert_eq!(resumed.diverged, Some(1_000_000));
         assert_eq!(log.held(), 6, "5..=10 still held");
         let got = drain(&mut log, 0);
@@ -494,10 +534,71 @@ mod tests {
         );
     }
 
+    /// Hazard: acks forged on the path (or a receiver that started over)
+    /// must not make us skip what the receiver never applied.
+    #[test]
+    fn a_position_below_what_the_same_run_acknowledged_replays_or_flushes() {
+        let mut log = OutLog::new(7, 2, 100, usize::MAX);
+        log.connected(0, None, 1);
+        log.connected(1, None, 9);
+        for i in 0..10 {
+            log.push(key(&i.to_string()));
+        }
+        drain(&mut log, 0);
+        // A forged ack of everything; the receiver had applied only 4.
+        log.ack(0, pos(&log, 10)).expect("ack");
+        log.disconnected(0);
+        let resumed = log.connected(0, Some(pos(&log, 4)), 1);
+        assert_eq!(resumed.below_acked, Some((4, 10)));
+        assert!(!resumed.behind, "peer 1 keeps 5..=10 in the ring");
+        let got = drain(&mut log, 0);
+        assert_eq!(
+            got.iter().map(|x| x.0).collect::<Vec<_>>(),
+            [5, 6, 7, 8, 9, 10]
+        );
+
+        // Once nothing is held any more, a flush covers the gap.
+        drain(&mut log, 1);
+        log.ack(1, pos(&log, 10)).expect("ack");
+        log.ack(0, pos(&log, 10)).expect("ack");
+        assert_eq!(log.held(), 0);
+        log.disconnected(0);
+        let resumed = log.connected(0, Some(pos(&log, 4)), 1);
+        assert!(resumed.behind);
+        assert_eq!(drain(&mut log, 0), [(10, Item::Flush)]);
+
+        // A hello that holds nothing of ours, from the run that acked.
+        log.disconnected(1);
+        let resumed = log.connected(1, None, 9);
+        assert_eq!(resumed.below_acked, Some((0, 10)));
+        assert_eq!(drain(&mut log, 1), [(10, Item::Flush)]);
+    }
+
+    /// A restarted receiver holds nothing of ours: that is no divergence,
+    /// and it resumes after what its earlier run acknowledged.
+    #[test]
+    fn a_new_run_of_the_receiver_resumes_from_the_acks() {
+        let mut log = OutLog::new(7, 1, 100, usize::MAX);
+        log.connected(0, None, 1);
+        for i in 0..3 {
+            log.push(key(&i.to_string()));
+        }
+        drain(&mut log, 0);
+        log.ack(0, pos(&log, 3)).expect("ack");
+        log.disconnected(0);
+        let resumed = log.connected(0, Some(pos(&log, 0)), 2);
+        assert_eq!(resumed.below_acked, None);
+        log.push(key("x"));
+        assert_eq!(
+            drain(&mut log, 0).iter().map(|x| x.0).collect::<Vec<_>>(),
+            [4]
+        );
+    }
+
     #[test]
     fn overflow_becomes_one_flush() {
         let mut log = OutLog::new(7, 2, 4, usize::MAX);
-        log.connected(0, None);
+        log.connected(0, None, 1);
         for i in 0..10 {
             log.push(key(&i.to_string()));
             // Peer 0 keeps up.
@@ -507,7 +608,7 @@ mod tests {
         assert_eq!(log.held(), 4, "bounded by capacity");
         assert!(log.overflows() > 0);
         assert_eq!(log.queued(1), 5, "four held plus one flush");
-        log.connected(1, None);
+        log.connected(1, None, 1);
         let got = drain(&mut log, 1);
         assert_eq!(got[0], (6, Item::Flush));
         assert_eq!(
@@ -525,7 +626,7 @@ mod tests {
     #[test]
     fn only_entries_never_written_count_as_overflows() {
         let mut log = OutLog::new(7, 1, 4, usize::MAX);
-        log.connected(0, None);
+        log.connected(0, None, 1);
         for i in 0..10 {
             log.push(key(&i.to_string()));
             drain(&mut log, 0);
@@ -560,7 +661,7 @@ mod tests {
         }
         log.push(Item::Flush);
         log.push(key("after"));
-        log.connected(0, None);
+        log.connected(0, None, 1);
         let got = drain(&mut log, 0);
         assert_eq!(got, vec![(11, Item::Flush), (12, key("after"))]);
     }
@@ -568,7 +669,7 @@ mod tests {
     #[test]
     fn bogus_acks_are_refused() {
         let mut log = OutLog::new(7, 1, 100, usize::MAX);
-        log.connected(0, None);
+        log.connected(0, None, 1);
         log.push(key("a"));
         assert!(
             log.ack(
@@ -589,7 +690,7 @@ mod tests {
     #[test]
     fn batches_stay_below_the_frame_limit() {
         let mut log = OutLog::new(7, 1, 100_000, usize::MAX);
-        log.connected(0, None);
+        log.connected(0, None, 1);
         let big = "x".repeat(60_000);
         for _ in 0..40 {
             log.push(key(&big));
@@ -612,7 +713,7 @@ mod tests {
             log.push(key(&big));
         }
         assert_eq!(log.held(), 3, "three 3 KB keys fit in 10 KB");
-        log.connected(0, None);
+        log.connected(0, None, 1);
         let got = drain(&mut log, 0);
         assert_eq!(got[0], (7, Item::Flush), "a flush stands in for the rest");
     }
