@@ -52,6 +52,11 @@ pub enum SecretError {
 }
 
 impl Secret {
+    /// The key bytes (the session key of section 7.6 derives from them).
+    pub(crate) fn bytes(&self) -> &[u8] {
+        &self.0
+    }
+
     /// A secret from bytes, checked for length.
     pub fn new(bytes: Vec<u8>) -> Result<Self, SecretError> {
         if bytes.len() < MIN_SECRET {

@@ -80,6 +80,23 @@ impl Tls {
     /// Loads the node's certificate and key and the cluster CA.
     pub fn load(files: &TlsFiles) -> Result<Tls, TlsError> {
         let chain = certs("certificate", &files.cert)?;
+        // The key is checked as the secret file is: one every user can read
+        // lets every user of this server act as this node.
+        match crate::auth::read_private(&files.key) {
+            Err(crate::auth::PrivateFile::WorldReadable) => {
+                return Err(TlsError::File {
+                    what: "private key",
+                    path: files.key.display().to_string(),
+                    message: format!(
+                        "readable by every user; run `chmod 600 {}` (and chown it to the user \
+                         cachecast runs as)",
+                        files.key.display()
+                    ),
+                });
+            }
+            // Read errors are reported below, in the words of the PEM parser.
+            Err(crate::auth::PrivateFile::Read(_)) | Ok(_) => {}
+        }
         let key = PrivateKeyDer::from_pem_file(&files.key)
             .map_err(|e| file_error("private key", &files.key, e))?;
         let mut roots = RootCertStore::empty();

@@ -10,10 +10,17 @@ mod common;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bytes::BytesMut;
+use cachecast::wire::{
+    Batch, FrameCodec, Hello, Item, MAGIC, Message, PROTOCOL_VERSION, Position, Resume,
+};
 use common::Mode;
-use common::procs::{Cluster, LONG, Sidecar, client};
+use common::procs::{Cluster, LONG, Sidecar, client, metric};
 use futures_util::StreamExt;
 use serde_json::{Value, json};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio_util::codec::{Encoder, FramedRead};
 
 /// Event types (and the data) seen on one sidecar's event stream.
 struct Stream {
@@ -143,4 +150,247 @@ async fn a_crash_after_a_partition_is_covered_by_default() {
     b_stream
         .wait_for("a flush from A's next run", LONG, |evs| flush_from(evs, &a))
         .await;
+}
+
+/// What `node` reports of `peer` in its status.
+async fn peer_status(node: &Sidecar, peer: &str) -> Value {
+    let st = node.status().await;
+    st["peers"]
+        .as_array()
+        .and_then(|ps| ps.iter().find(|p| p["id"] == json!(peer)))
+        .cloned()
+        .unwrap_or(Value::Null)
+}
+
+/// Waits until `pred` holds of what `node` reports of `peer`.
+async fn wait_peer(node: &Sidecar, peer: &str, what: &str, pred: impl Fn(&Value) -> bool) {
+    let deadline = tokio::time::Instant::now() + LONG;
+    loop {
+        let p = peer_status(node, peer).await;
+        if pred(&p) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}: {p}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn frame(msg: &Message) -> BytesMut {
+    let mut buf = BytesMut::new();
+    FrameCodec::new().encode(msg, &mut buf).expect("encode");
+    buf
+}
+
+fn key(k: &str) -> Item {
+    Item::Key {
+        cache: "c".into(),
+        key: k.into(),
+    }
+}
+
+/// Every key of `keys` reached the stream, or a flush from `origin` came
+/// after index `from` of the stream (when they had been accepted).
+fn covered(evs: &[(String, Value)], origin: &str, keys: &[String], from: usize) -> Vec<String> {
+    let flushed = evs
+        .iter()
+        .skip(from)
+        .any(|(e, d)| e == "flush" && d["origin"] == json!(origin));
+    keys.iter()
+        .filter(|k| {
+            !flushed
+                && !evs
+                    .iter()
+                    .any(|(e, d)| e == "invalidate" && d["key"] == json!(k))
+        })
+        .cloned()
+        .collect()
+}
+
+/// Hole: with neither secret nor TLS, a process on S's server (it reads S's
+/// incarnation from S's local API) waits until S's link to R falls silent
+/// (S meanwhile accepted 16..25 into the stalled link), claims S to R and
+/// sends 16..20 of its own. R's position for S is then 20, in S's range;
+/// S resumed past it and 16..20 never reached R, with no flush. Now R's
+/// position carries the fingerprint of the item it applied there, S sees
+/// it is not its own, and R flushes before it gets S's real 16..25.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_in_range_cannot_make_a_node_skip_a_peers_invalidations() {
+    let (mut c, relays) = Cluster::relayed(2, "").await;
+    c.start_all().await;
+    c.wait_connected().await;
+    let (s_id, r_id) = (c.nodes[0].id(), c.nodes[1].id());
+    let r_stream = Stream::open(&c.nodes[1]).await;
+    for i in 1..=15 {
+        invalidate(&c.nodes[0], &format!("before-{i}")).await;
+    }
+    wait_peer(&c.nodes[1], &s_id, "R applied S's 15", |p| {
+        p["applied"][1] == json!(15)
+    })
+    .await;
+    // S's link to R stalls (everything that reaches R goes through its relay).
+    relays[1].set(Mode::Stall);
+    let from = r_stream.events().len();
+    let real: Vec<String> = (16..=25).map(|i| format!("real-{i}")).collect();
+    for k in &real {
+        invalidate(&c.nodes[0], k).await;
+    }
+    wait_peer(&c.nodes[1], &s_id, "R's link from S down", |p| {
+        p["inbound"] == json!(false)
+    })
+    .await;
+
+    // The claimant, at S's address, straight to R's port.
+    let incarnation = u64::from_str_radix(
+        c.nodes[0].status().await["incarnation"]
+            .as_str()
+            .expect("incarnation"),
+        16,
+    )
+    .expect("hex");
+    let r_port: u16 = relays[1].target.port();
+    let stream = TcpStream::connect(("127.0.0.1", r_port))
+        .await
+        .expect("connect");
+    let (rd, mut wr) = stream.into_split();
+    let mut rd = FramedRead::new(rd, FrameCodec::new());
+    let next = async |rd: &mut FramedRead<_, FrameCodec>| {
+        tokio::time::timeout(Duration::from_secs(5), rd.next())
+            .await
+            .ok()
+            .flatten()
+            .and_then(Result::ok)
+    };
+    let hello = Message::Hello(Hello {
+        magic: MAGIC,
+        version: PROTOCOL_VERSION,
+        node: s_id.clone(),
+        incarnation,
+        nonce: [7; 32],
+        last_applied: None,
+        auth: false,
+    });
+    wr.write_all(&frame(&hello)).await.expect("hello");
+    let Some(Message::Hello(theirs)) = next(&mut rd).await else {
+        panic!("R did not take the claim");
+    };
+    // A version 1 node put its position in its hello; version 2 in a Resume.
+    let position = if theirs.version >= 2 {
+        let Some(Message::Resume(r)) = next(&mut rd).await else {
+            panic!("no Resume");
+        };
+        let none = Message::Resume(Resume {
+            last_applied: None,
+            digest: [0; 16],
+        });
+        wr.write_all(&frame(&none)).await.expect("resume");
+        r.last_applied
+    } else {
+        theirs.last_applied
+    };
+    assert_eq!(position.map(|p| p.seq), Some(15), "R's position for S");
+    let forged = Message::Batch(Batch {
+        first_seq: 16,
+        items: (16..=20).map(|i| key(&format!("forged-{i}"))).collect(),
+    });
+    wr.write_all(&frame(&forged)).await.expect("batch");
+    assert_eq!(
+        next(&mut rd).await,
+        Some(Message::Ack(Position {
+            incarnation,
+            seq: 20
+        })),
+        "R applied the claimant's 16..20"
+    );
+    drop((rd, wr));
+
+    // S's link comes back.
+    relays[1].cut();
+    relays[1].set(Mode::Forward);
+    r_stream
+        .wait_for("S's 16..25, or a flush after them", LONG, |evs| {
+            covered(evs, &s_id, &real, from).is_empty()
+        })
+        .await;
+    assert!(
+        metric(&c.nodes[0], "cachecast_diverged_total").await >= 1,
+        "S counted the divergence"
+    );
+    let _ = r_id;
+}
+
+/// Hole: a relay on the path withheld S's batches 16..25 from R, injected
+/// `Ack(S, 25)` toward S and cut the connection: S took the ack for R's,
+/// resumed at 26, and R got neither 16..25 nor a flush. With a secret every
+/// frame is now tagged, so the forged ack closes the link; without one, R's
+/// position below what the same run of it acknowledged is divergence, and
+/// S replays (or flushes). Either way R gets 16..25 or a flush.
+async fn a_forged_ack_cannot_make_an_origin_skip(extra: &str) {
+    let (mut c, relays) = Cluster::relayed(2, extra).await;
+    c.start_all().await;
+    c.wait_connected().await;
+    let s_id = c.nodes[0].id();
+    let r_stream = Stream::open(&c.nodes[1]).await;
+    for i in 1..=15 {
+        invalidate(&c.nodes[0], &format!("before-{i}")).await;
+    }
+    wait_peer(&c.nodes[1], &s_id, "R applied S's 15", |p| {
+        p["applied"][1] == json!(15)
+    })
+    .await;
+    wait_peer(&c.nodes[0], &c.nodes[1].id(), "S saw R's ack of 15", |p| {
+        p["acked_seq"] == json!(15)
+    })
+    .await;
+    relays[1].set(Mode::Stall);
+    let from = r_stream.events().len();
+    let real: Vec<String> = (16..=25).map(|i| format!("real-{i}")).collect();
+    for k in &real {
+        invalidate(&c.nodes[0], k).await;
+    }
+    let incarnation = u64::from_str_radix(
+        c.nodes[0].status().await["incarnation"]
+            .as_str()
+            .expect("incarnation"),
+        16,
+    )
+    .expect("hex");
+    relays[1].inject_to_dialer(
+        frame(&Message::Ack(Position {
+            incarnation,
+            seq: 25,
+        }))
+        .to_vec(),
+    );
+    // S read it: it took it for R's (acked 25), or refused the untagged
+    // frame and closed the link. Then the path cuts the connection.
+    wait_peer(
+        &c.nodes[0],
+        &c.nodes[1].id(),
+        "S to read the forged ack",
+        |p| p["acked_seq"] == json!(25) || p["outbound"] == json!(false),
+    )
+    .await;
+    relays[1].cut();
+    relays[1].set(Mode::Forward);
+    r_stream
+        .wait_for(
+            "S's 16..25, or a flush after them",
+            Duration::from_secs(10),
+            |evs| covered(evs, &s_id, &real, from).is_empty(),
+        )
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_ack_under_a_secret_is_refused() {
+    a_forged_ack_cannot_make_an_origin_skip("cachecast.secret = 0123456789abcdef0123456789abcdef")
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_ack_without_a_secret_is_caught_at_the_next_connection() {
+    a_forged_ack_cannot_make_an_origin_skip("").await;
 }

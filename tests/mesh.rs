@@ -536,7 +536,7 @@ async fn a_stranger_is_refused_and_the_mesh_keeps_working() {
     let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
     let hello = cachecast::wire::Message::Hello(cachecast::wire::Hello {
         magic: cachecast::wire::MAGIC,
-        version: 1,
+        version: cachecast::wire::PROTOCOL_VERSION,
         node: "127.0.0.1:1".into(),
         incarnation: 1,
         nonce: [0; 32],

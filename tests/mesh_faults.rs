@@ -10,7 +10,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::{BufMut, BytesMut};
-use cachecast::wire::{Batch, FrameCodec, Hello, MAGIC, Message, Position};
+use cachecast::wire::{
+    Batch, FrameCodec, Hello, MAGIC, Message, PROTOCOL_VERSION, Position, Resume,
+};
 use cachecast::{
     ClusterConfig, Event, FlushReason, InvalidateError, Item, Mesh, MeshHandle, StateFile,
 };
@@ -37,12 +39,20 @@ fn frame(msg: &Message) -> BytesMut {
 fn hello(node: &str, incarnation: u64, last_applied: Option<Position>) -> Message {
     Message::Hello(Hello {
         magic: MAGIC,
-        version: 1,
+        version: PROTOCOL_VERSION,
         node: node.to_string(),
         incarnation,
         nonce: [9; 32],
         last_applied,
         auth: false,
+    })
+}
+
+/// A `Resume` holding nothing of the other side's.
+fn no_position() -> Message {
+    Message::Resume(Resume {
+        last_applied: None,
+        digest: [0; 16],
     })
 }
 
@@ -92,9 +102,29 @@ impl Raw {
         let stream = TcpStream::connect(addr).await.expect("connect");
         let mut raw = Raw::new(stream);
         raw.send(&hello(me, inc, None)).await;
+        let mut h = match raw.next(SHORT).await {
+            Some(Message::Hello(h)) => h,
+            other => return Err(other),
+        };
+        // Without a secret the acceptor's position comes with its hello;
+        // it is returned in the hello's place, as version 1 carried it.
         match raw.next(SHORT).await {
-            Some(Message::Hello(h)) => Ok((raw, h)),
-            other => Err(other),
+            Some(Message::Resume(r)) => h.last_applied = r.last_applied,
+            other => return Err(other),
+        }
+        raw.send(&no_position()).await;
+        Ok((raw, h))
+    }
+
+    /// As an acceptor without a secret: answers the dialer's hello with
+    /// ours (claiming `me`, incarnation `inc`) and no position, then reads
+    /// the dialer's `Resume`.
+    async fn answer(&mut self, me: &str, inc: u64) {
+        self.send(&hello(me, inc, None)).await;
+        self.send(&no_position()).await;
+        match self.next(SHORT).await {
+            Some(Message::Resume(_)) | None => {}
+            other => panic!("expected the dialer's Resume, got {other:?}"),
         }
     }
 
@@ -175,6 +205,8 @@ async fn claim_peer_2_and_inject(
     raw.send(&hello("127.0.0.2:4999", 1, None)).await;
     let reply = raw.next(SHORT).await;
     if let Some(Message::Hello(_)) = reply {
+        let _ = raw.next(SHORT).await; // its Resume
+        raw.send(&no_position()).await;
         raw.send(&batch(1, vec![key("c", "injected")])).await;
         let _ = raw.next(Duration::from_secs(1)).await;
     }
@@ -394,7 +426,7 @@ async fn shutdown_keeps_its_deadline_while_a_slow_peer_drains_a_backlog() {
         let Some(Message::Hello(h)) = raw.next(SHORT).await else {
             panic!("no hello")
         };
-        raw.send(&hello(&fake_id, 42, None)).await;
+        raw.answer(&fake_id, 42).await;
         loop {
             tokio::time::sleep(Duration::from_millis(20)).await;
             match raw.next(Duration::from_secs(10)).await {
@@ -452,7 +484,7 @@ async fn shutdown_is_bounded_while_a_peer_that_stopped_reading_keeps_ponging() {
         let Some(Message::Hello(_)) = raw.next(SHORT).await else {
             panic!("no hello")
         };
-        raw.send(&hello(&fake_id, 43, None)).await;
+        raw.answer(&fake_id, 43).await;
         // Never reads again; says Pong every 200 ms.
         loop {
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -1188,7 +1220,7 @@ async fn a_peer_that_fails_each_session_at_once_is_redialled_ever_more_slowly() 
             counted.fetch_add(1, Ordering::Relaxed);
             let mut raw = Raw::new(stream);
             if let Some(Message::Hello(_)) = raw.next(SHORT).await {
-                raw.send(&hello(&fake_id, 99, None)).await;
+                raw.answer(&fake_id, 99).await;
             }
             // ...and the session fails at once.
         }
@@ -1283,7 +1315,7 @@ async fn bogus_acks_close_the_link_and_it_redials() {
         let Some(Message::Hello(h)) = raw.next(SHORT).await else {
             panic!("no hello")
         };
-        raw.send(&hello(&fake_id, 3, None)).await;
+        raw.answer(&fake_id, 3).await;
         let ack = Position {
             incarnation: if bogus_inc {
                 h.incarnation ^ 1

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use cachecast::config::{SecretSource, TlsFiles};
-use cachecast::wire::{FrameCodec, Hello, MAGIC, Message};
+use cachecast::wire::{FrameCodec, Hello, MAGIC, Message, PROTOCOL_VERSION};
 use cachecast::{ClusterConfig, Event, MeshHandle};
 use common::{Cluster, Customize, check_no_silent_gap, wait_until};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -317,7 +317,7 @@ async fn strangers_and_garbage_are_refused_while_peers_keep_delivering() {
             "unknown peer",
             frame(&Message::Hello(Hello {
                 magic: MAGIC,
-                version: 1,
+                version: PROTOCOL_VERSION,
                 node: "127.0.0.1:1".into(),
                 incarnation: 7,
                 nonce: [0; 32],
@@ -329,7 +329,7 @@ async fn strangers_and_garbage_are_refused_while_peers_keep_delivering() {
             "bad magic",
             frame(&Message::Hello(Hello {
                 magic: *b"XXXX",
-                version: 1,
+                version: PROTOCOL_VERSION,
                 node: c.id(0),
                 incarnation: 7,
                 nonce: [0; 32],
@@ -352,7 +352,7 @@ async fn strangers_and_garbage_are_refused_while_peers_keep_delivering() {
     // Slowloris: a hello dribbled one byte at a time is cut at the deadline.
     let hello = frame(&Message::Hello(Hello {
         magic: MAGIC,
-        version: 1,
+        version: PROTOCOL_VERSION,
         node: c.id(0),
         incarnation: 7,
         nonce: [0; 32],
@@ -400,6 +400,10 @@ impl Pki {
     fn write(&self, name: &str, text: &str) -> PathBuf {
         let p = self.dir.path().join(name);
         std::fs::write(&p, text).expect("write pem");
+        if name.ends_with(".key") {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        }
         p
     }
 
@@ -625,4 +629,54 @@ async fn bad_security_files_stop_the_node_from_starting() {
         let err = c.try_start_node(0, listener.take()).await.expect_err(what);
         assert!(err.to_string().contains("security"), "{what}: {err}");
     }
+}
+
+/// Key material is checked as the secret file is: a TLS private key, or a
+/// dhis.conf that holds the secret itself, readable by every user stops
+/// `check` and `run` with the command that fixes it.
+#[test]
+fn key_material_readable_by_every_user_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let pki = Pki::new();
+    let (ca, issuer) = pki.ca("cluster");
+    let (cert, key) = pki.node("n", "127.0.0.1", &issuer, false);
+    let files = TlsFiles { cert, key, ca };
+    assert!(
+        cachecast::tls::Tls::load(&files).is_ok(),
+        "mode 600 is fine"
+    );
+    std::fs::set_permissions(&files.key, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let err = cachecast::tls::Tls::load(&files)
+        .expect_err("refused")
+        .to_string();
+    assert!(
+        err.contains("readable by every user") && err.contains("chmod 600"),
+        "{err}"
+    );
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let conf = dir.path().join("dhis.conf");
+    std::fs::write(
+        &conf,
+        "cluster.instance0.hostname = 127.0.0.1\ncluster.instance1.hostname = 127.0.0.2\n\
+         cachecast.secret = 0123456789abcdef0123\n",
+    )
+    .expect("write");
+    std::fs::set_permissions(&conf, std::fs::Permissions::from_mode(0o640)).expect("chmod");
+    assert!(
+        cachecast::config::load(&conf).is_ok(),
+        "not readable by others"
+    );
+    std::fs::set_permissions(&conf, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let Err(cachecast::config::ConfigError::Invalid { errors, .. }) =
+        cachecast::config::load(&conf)
+    else {
+        panic!("expected an invalid configuration");
+    };
+    assert!(
+        errors[0].to_string().contains("cachecast.secret")
+            && errors[0].to_string().contains("chmod o-r"),
+        "{:?}",
+        errors
+    );
 }

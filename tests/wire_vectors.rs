@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use bytes::{BufMut, BytesMut};
 use cachecast::wire::{
-    Batch, CodecError, FrameCodec, Hello, Item, MAGIC, MAX_FRAME, Message, Position,
+    Batch, CodecError, FrameCodec, Hello, Item, MAGIC, MAX_FRAME, Message, Position, Resume,
 };
 use proptest::prelude::*;
 use tokio_util::codec::{Decoder, Encoder};
@@ -148,6 +148,26 @@ fn expected_vectors() -> Vec<(&'static str, Message)> {
             Message::Reject {
                 reason: "unknown peer: 10.0.0.9:4001".into(),
             },
+        ),
+        (
+            "resume.hex",
+            Message::Resume(Resume {
+                last_applied: Some(Position {
+                    incarnation: 0x0123_4567_89ab_cdef,
+                    seq: 1002,
+                }),
+                digest: [
+                    0x00, 0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77, 0x88, 0x99, 0xaa, 0xbb, 0xcc,
+                    0xdd, 0xee, 0xff,
+                ],
+            }),
+        ),
+        (
+            "resume_none.hex",
+            Message::Resume(Resume {
+                last_applied: None,
+                digest: [0; 16],
+            }),
         ),
     ]
 }

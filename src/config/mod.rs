@@ -454,7 +454,32 @@ pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
         path: path.to_path_buf(),
         source,
     })?;
-    parse_bytes(&bytes)
+    let loaded = parse_bytes(&bytes)?;
+    // A secret written in the file is as private as the file: one every
+    // user can read gives every user the cluster's secret.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        if matches!(loaded.config.secret, Some(SecretSource::Inline(_)))
+            && meta.permissions().mode() & 0o004 != 0
+        {
+            return Err(ConfigError::Invalid {
+                errors: vec![Problem {
+                    severity: Severity::Error,
+                    key: Some("cachecast.secret".into()),
+                    line: None,
+                    message: format!(
+                        "{} holds the shared secret and is readable by every user; run \
+                         `chmod o-r {}` (or move the secret to cachecast.secret.file, mode 600)",
+                        path.display(),
+                        path.display()
+                    ),
+                }],
+                warnings: loaded.warnings,
+            });
+        }
+    }
+    Ok(loaded)
 }
 
 /// Parses a configuration from text.

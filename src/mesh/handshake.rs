@@ -4,7 +4,7 @@
 //! in which order, and what each refusal says lives here.
 
 use crate::auth::{self, Role, Secret};
-use crate::wire::{Hello, MAC_LEN, MAGIC, PROTOCOL_VERSION};
+use crate::wire::{Hello, MAC_LEN, MAGIC, Opener, PROTOCOL_VERSION, Sealer};
 
 /// Why a handshake was refused. The text is the reason a Reject carries
 /// (and the log line), naming both nodes where the other side logs it.
@@ -107,6 +107,27 @@ impl<'a> Hellos<'a> {
     }
 }
 
+/// The frame tags of a connection under a shared secret (section 7.6 of
+/// the protocol), from both hellos' nonces: what this side sends, and what
+/// it receives.
+pub(crate) fn session(
+    secret: &Secret,
+    ours: &Hello,
+    theirs: &Hello,
+    role: Role,
+) -> (Sealer, Opener) {
+    let (dialer, acceptor) = match role {
+        Role::Dialer => (ours, theirs),
+        Role::Acceptor => (theirs, ours),
+    };
+    crate::wire::session(
+        secret.bytes(),
+        &dialer.nonce,
+        &acceptor.nonce,
+        role == Role::Dialer,
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -132,6 +153,13 @@ mod tests {
         let mut h = hello("a:1", false);
         h.version = 0;
         assert_eq!(check_hello(&h), Err(HandshakeError::Version(0)));
+        // Version 1 cannot carry positions bound to content or tagged
+        // frames: stepping down to it would undo them.
+        h.version = 1;
+        assert_eq!(
+            check_hello(&h).map_err(|e| e.to_string()),
+            Err("unsupported protocol version 1 (this node speaks 2)".to_string())
+        );
         h.magic = *b"HTTP";
         assert_eq!(check_hello(&h), Err(HandshakeError::BadMagic));
         h = hello("a:1", false);

@@ -157,6 +157,11 @@ impl PeerState {
     pub(crate) fn applied(&self) -> Option<Position> {
         self.origin.applied()
     }
+
+    /// What a `Resume` to the peer says (position and fingerprint).
+    pub(crate) fn resume(&self) -> crate::wire::Resume {
+        self.origin.resume()
+    }
 }
 
 #[cfg(test)]

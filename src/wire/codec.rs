@@ -8,10 +8,12 @@
 use std::sync::Arc;
 
 use bytes::{BufMut, BytesMut};
+use hmac::{Hmac, Mac};
 use serde::Serialize;
+use sha2::{Digest, Sha256};
 use tokio_util::codec::{Decoder, Encoder, LengthDelimitedCodec};
 
-use super::{Batch, Item, ItemError, MAX_STRING, Message};
+use super::{Batch, DIGEST_LEN, Item, ItemError, MAX_STRING, Message, TAG_LEN};
 
 /// Largest frame payload (the length prefix excluded), in bytes.
 pub const MAX_FRAME: usize = 1024 * 1024;
@@ -84,6 +86,11 @@ pub enum CodecError {
     /// A message to send could not be encoded.
     #[error("cannot encode message: {0}")]
     Encode(String),
+    /// A frame's tag is not the one the session key gives it (section 7.6
+    /// of the protocol): dropped, altered, reordered or injected on the
+    /// path, or a frame too short to carry a tag.
+    #[error("frame authentication failed")]
+    BadTag,
 }
 
 /// Encodes and decodes whole frames; wraps `LengthDelimitedCodec`.
@@ -96,6 +103,9 @@ pub struct FrameCodec {
     /// During the handshake: the kinds of message accepted next, checked
     /// on the tag before the body is decoded, and the smaller frame limit.
     handshake: Option<Expect>,
+    /// Under a shared secret, once the other side's frames carry tags:
+    /// checks and strips each one before the payload is decoded.
+    opener: Option<Opener>,
 }
 
 /// Message kinds a handshake step accepts.
@@ -107,6 +117,8 @@ pub enum Expect {
     HelloOrReject,
     /// An `Auth` or a `Reject`.
     AuthOrReject,
+    /// A `Resume` or a `Reject` (the dialer's last handshake frame).
+    ResumeOrReject,
 }
 
 impl Expect {
@@ -115,6 +127,7 @@ impl Expect {
             Expect::Hello => tag == TAG_HELLO,
             Expect::HelloOrReject => tag == TAG_HELLO || tag == TAG_REJECT,
             Expect::AuthOrReject => tag == TAG_AUTH || tag == TAG_REJECT,
+            Expect::ResumeOrReject => tag == TAG_RESUME || tag == TAG_REJECT,
         }
     }
 
@@ -123,6 +136,7 @@ impl Expect {
             Expect::Hello => "Hello",
             Expect::HelloOrReject => "Hello or Reject",
             Expect::AuthOrReject => "Auth or Reject",
+            Expect::ResumeOrReject => "Resume or Reject",
         }
     }
 }
@@ -133,11 +147,12 @@ const TAG_HELLO: u8 = 0;
 const TAG_AUTH: u8 = 1;
 const TAG_BATCH: u8 = 2;
 const TAG_REJECT: u8 = 7;
+const TAG_RESUME: u8 = 8;
 
 /// A message kind's name by its tag, for errors.
 fn kind_of(tag: u8) -> &'static str {
-    const NAMES: [&str; 8] = [
-        "Hello", "Auth", "Batch", "Ack", "Ping", "Pong", "Goodbye", "Reject",
+    const NAMES: [&str; 9] = [
+        "Hello", "Auth", "Batch", "Ack", "Ping", "Pong", "Goodbye", "Reject", "Resume",
     ];
     NAMES
         .get(usize::from(tag))
@@ -163,7 +178,14 @@ impl FrameCodec {
             frames,
             names: Names::default(),
             handshake: None,
+            opener: None,
         }
+    }
+
+    /// From now on every frame received must carry a valid tag (section
+    /// 7.6 of the protocol), checked and stripped before decoding.
+    pub fn authenticate(&mut self, opener: Opener) {
+        self.opener = Some(opener);
     }
 
     /// A codec for the first frames of a connection: only the kinds
@@ -412,7 +434,13 @@ impl Decoder for FrameCodec {
             return Ok(None);
         }
         match self.frames.decode(src)? {
-            Some(payload) => decode_payload(&payload, &mut self.names).map(Some),
+            Some(frame) => {
+                let payload = match &mut self.opener {
+                    Some(opener) => opener.open(&frame)?,
+                    None => &frame[..],
+                };
+                decode_payload(payload, &mut self.names).map(Some)
+            }
             // Unreachable: the whole frame is buffered.
             None => Ok(None),
         }
@@ -495,6 +523,169 @@ fn put_str(dst: &mut BytesMut, s: &str) {
     dst.put_slice(s.as_bytes());
 }
 
+/// Appends an item's encoding (section 5.4 of the protocol, shortest
+/// varints).
+fn put_item(dst: &mut BytesMut, item: &Item) {
+    match item {
+        Item::Key { cache, key } => {
+            dst.put_u8(0);
+            put_str(dst, cache);
+            put_str(dst, key);
+        }
+        Item::Cache { cache } => {
+            dst.put_u8(1);
+            put_str(dst, cache);
+        }
+        Item::Flush => dst.put_u8(2),
+    }
+}
+
+/// The fingerprint of the item an origin numbered `seq` in `incarnation`
+/// (section 9.5 of the protocol): what a receiver announces beside its
+/// position, so that the origin resumes only past what the receiver
+/// applied *from it*.
+pub fn fingerprint(incarnation: u64, seq: u64, item: &Item) -> [u8; DIGEST_LEN] {
+    let mut encoded = BytesMut::with_capacity(item.encoded_len_bound());
+    put_item(&mut encoded, item);
+    let digest = Sha256::new()
+        .chain_update(b"cachecast item v2\0")
+        .chain_update(incarnation.to_be_bytes())
+        .chain_update(seq.to_be_bytes())
+        .chain_update(&encoded)
+        .finalize();
+    let mut out = [0u8; DIGEST_LEN];
+    out.copy_from_slice(&digest[..DIGEST_LEN]);
+    out
+}
+
+/// The session key of a connection under a shared secret (section 7.6).
+fn session_key(secret: &[u8], dialer_nonce: &[u8], acceptor_nonce: &[u8]) -> Hmac<Sha256> {
+    let mut kdf = <Hmac<Sha256> as Mac>::new_from_slice(secret)
+        .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
+    kdf.update(b"cachecast session v2\0");
+    kdf.update(dialer_nonce);
+    kdf.update(acceptor_nonce);
+    let key = kdf.finalize().into_bytes();
+    <Hmac<Sha256> as Mac>::new_from_slice(&key)
+        .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"))
+}
+
+/// The tag of the `counter`-th frame a side sends (role `D` or `A`).
+fn tag(key: &Hmac<Sha256>, role: u8, counter: u64, payload: &[u8]) -> [u8; TAG_LEN] {
+    let mut mac = key.clone();
+    mac.update(&[role]);
+    mac.update(&counter.to_be_bytes());
+    mac.update(payload);
+    let full = mac.finalize().into_bytes();
+    let mut out = [0u8; TAG_LEN];
+    out.copy_from_slice(&full[..TAG_LEN]);
+    out
+}
+
+/// The two halves of a connection's frame tags under a shared secret:
+/// what this side sends, and what it receives.
+pub fn session(
+    secret: &[u8],
+    dialer_nonce: &[u8],
+    acceptor_nonce: &[u8],
+    dialer: bool,
+) -> (Sealer, Opener) {
+    let key = session_key(secret, dialer_nonce, acceptor_nonce);
+    let (ours, theirs) = if dialer { (b'D', b'A') } else { (b'A', b'D') };
+    (
+        Sealer {
+            key: key.clone(),
+            role: ours,
+            counter: 0,
+        },
+        Opener {
+            key,
+            role: theirs,
+            counter: 0,
+        },
+    )
+}
+
+/// Tags the frames this side sends (section 7.6 of the protocol).
+#[derive(Clone)]
+pub struct Sealer {
+    key: Hmac<Sha256>,
+    role: u8,
+    /// Frames tagged so far on this connection.
+    counter: u64,
+}
+
+impl std::fmt::Debug for Sealer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sealer")
+            .field("counter", &self.counter)
+            .finish()
+    }
+}
+
+impl Sealer {
+    /// Appends the tag to the frame that starts at `start` (the last one
+    /// in `dst`) and counts it in the frame's length.
+    pub fn seal(&mut self, dst: &mut BytesMut, start: usize) -> Result<(), CodecError> {
+        let payload_len = dst.len() - start - HEADER;
+        if payload_len + TAG_LEN > MAX_FRAME {
+            dst.truncate(start);
+            return Err(CodecError::Encode(format!(
+                "frame of {payload_len} bytes and its tag exceed the limit of {MAX_FRAME}"
+            )));
+        }
+        let t = tag(&self.key, self.role, self.counter, &dst[start + HEADER..]);
+        self.counter += 1;
+        dst.put_slice(&t);
+        // `payload_len + TAG_LEN <= MAX_FRAME` fits in a u32.
+        dst[start..start + HEADER].copy_from_slice(&((payload_len + TAG_LEN) as u32).to_be_bytes());
+        Ok(())
+    }
+
+    /// Encodes `msg` as one tagged frame.
+    pub fn encode(&mut self, msg: &Message, dst: &mut BytesMut) -> Result<(), CodecError> {
+        let start = dst.len();
+        FrameCodec::new().encode(msg, dst)?;
+        self.seal(dst, start)
+    }
+}
+
+/// Checks the tags of the frames the other side sends.
+#[derive(Clone)]
+pub struct Opener {
+    key: Hmac<Sha256>,
+    role: u8,
+    /// Frames checked so far on this connection.
+    counter: u64,
+}
+
+impl std::fmt::Debug for Opener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Opener")
+            .field("counter", &self.counter)
+            .finish()
+    }
+}
+
+impl Opener {
+    /// The payload of a tagged frame, once its tag checked out (compared
+    /// in constant time).
+    pub fn open<'a>(&mut self, frame: &'a [u8]) -> Result<&'a [u8], CodecError> {
+        let Some(split) = frame.len().checked_sub(TAG_LEN).filter(|&n| n > 0) else {
+            return Err(CodecError::BadTag);
+        };
+        let (payload, got) = frame.split_at(split);
+        let mut mac = self.key.clone();
+        mac.update(&[self.role]);
+        mac.update(&self.counter.to_be_bytes());
+        mac.update(payload);
+        mac.verify_truncated_left(got)
+            .map_err(|_| CodecError::BadTag)?;
+        self.counter += 1;
+        Ok(payload)
+    }
+}
+
 /// Appends one `Batch` frame holding `items.0` then `items.1`, numbered from
 /// `first_seq`: the bytes bincode writes for the same `Message::Batch` (a
 /// test pins it), written straight from the replay buffer (two slices of a
@@ -523,18 +714,7 @@ pub fn encode_batch_frame(
     put_varint(dst, first_seq);
     put_varint(dst, (items.0.len() + items.1.len()) as u64);
     for item in items.0.iter().chain(items.1) {
-        match item {
-            Item::Key { cache, key } => {
-                dst.put_u8(0);
-                put_str(dst, cache);
-                put_str(dst, key);
-            }
-            Item::Cache { cache } => {
-                dst.put_u8(1);
-                put_str(dst, cache);
-            }
-            Item::Flush => dst.put_u8(2),
-        }
+        put_item(dst, item);
     }
     finish_frame(dst, start)
 }
@@ -788,5 +968,88 @@ mod tests {
             FrameCodec::new().decode(&mut buf),
             Err(CodecError::InvalidItem(_))
         ));
+    }
+
+    fn hex(text: &str) -> Vec<u8> {
+        (0..text.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&text[i..i + 2], 16).expect("hex"))
+            .collect()
+    }
+
+    /// Section 12.5 of the protocol, as written there.
+    #[test]
+    fn frame_tags_match_the_spec_and_catch_tampering() {
+        let secret = b"0123456789abcdef";
+        let (dn, an) = ([0xaa; 32], [0xbb; 32]);
+        let (mut d_seal, mut d_open) = session(secret, &dn, &an, true);
+        let (mut a_seal, mut a_open) = session(secret, &dn, &an, false);
+        let resume = Message::Resume(crate::wire::Resume {
+            last_applied: None,
+            digest: [0; DIGEST_LEN],
+        });
+        let mut buf = BytesMut::new();
+        d_seal.encode(&resume, &mut buf).expect("seal");
+        assert_eq!(
+            &buf[..],
+            &hex("00000022080000000000000000000000000000000000fc8b1db1a4408a381d82b8441c094f81")[..]
+        );
+        let mut acceptor = FrameCodec::new();
+        acceptor.authenticate(a_open.clone());
+        assert_eq!(
+            acceptor.decode(&mut buf.clone()).expect("open"),
+            Some(resume.clone())
+        );
+
+        let ack = Message::Ack(Position {
+            incarnation: 65_536,
+            seq: 41,
+        });
+        let mut first = BytesMut::new();
+        a_seal.encode(&resume, &mut first).expect("seal");
+        let mut second = BytesMut::new();
+        a_seal.encode(&ack, &mut second).expect("seal");
+        assert_eq!(
+            &second[..],
+            &hex("0000001703fc000001002937763cb81f973a690d1e69ca753a19e0")[..]
+        );
+        // Out of order (the first frame dropped on the path): refused.
+        let mut dialer = FrameCodec::new();
+        dialer.authenticate(d_open.clone());
+        assert!(matches!(
+            dialer.decode(&mut second.clone()),
+            Err(CodecError::BadTag)
+        ));
+        // In order: both open.
+        assert!(d_open.open(&first[4..]).is_ok());
+        assert!(d_open.open(&second[4..]).is_ok());
+        // One bit flipped: refused.
+        let mut flipped = buf.clone();
+        flipped[6] ^= 1;
+        assert!(matches!(
+            a_open.open(&flipped[4..]),
+            Err(CodecError::BadTag)
+        ));
+        // Too short to hold a tag.
+        assert!(matches!(a_open.open(&[8u8; 16]), Err(CodecError::BadTag)));
+    }
+
+    /// Section 12.6 of the protocol, as written there.
+    #[test]
+    fn fingerprints_match_the_spec() {
+        let inc = 0x0123_4567_89ab_cdef;
+        let key = Item::Key {
+            cache: Arc::from("org.hisp.dhis.user.User"),
+            key: Arc::from("xE7jOejl9FI"),
+        };
+        assert_eq!(
+            fingerprint(inc, 42, &key)[..],
+            hex("bbd3331d759de109335d5703466d11f0")[..]
+        );
+        assert_eq!(
+            fingerprint(inc, 43, &Item::Flush)[..],
+            hex("ff29c57e7f597c7acae7aa33466a412d")[..]
+        );
+        assert_ne!(fingerprint(inc, 43, &key), fingerprint(inc, 42, &key));
     }
 }

@@ -13,16 +13,17 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 pub use codec::{
-    CodecError, Expect, FrameCodec, MAX_BATCH_ITEMS, MAX_FRAME, MAX_HANDSHAKE_FRAME,
-    encode_batch_frame,
+    CodecError, Expect, FrameCodec, MAX_BATCH_ITEMS, MAX_FRAME, MAX_HANDSHAKE_FRAME, Opener,
+    Sealer, encode_batch_frame, fingerprint, session,
 };
 
 /// The four bytes every `Hello` starts with, so that a stranger speaking
 /// another protocol is recognised at once.
 pub const MAGIC: [u8; 4] = *b"CCST";
 
-/// The protocol version this build speaks (it speaks no other yet).
-pub const PROTOCOL_VERSION: u16 = 1;
+/// The protocol version this build speaks (it speaks no other: version 1
+/// cannot carry positions bound to content or tagged frames).
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// Longest cache name or key, in bytes of UTF-8.
 pub const MAX_STRING: usize = 64 * 1024;
@@ -32,6 +33,12 @@ pub const NONCE_LEN: usize = 32;
 
 /// Length of an HMAC-SHA256 tag.
 pub const MAC_LEN: usize = 32;
+
+/// Length of an item's fingerprint ([`fingerprint`]).
+pub const DIGEST_LEN: usize = 16;
+
+/// Length of a frame's tag under a shared secret ([`Sealer`]).
+pub const TAG_LEN: usize = 16;
 
 /// A position in an origin's stream of invalidations.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -146,6 +153,17 @@ pub struct Hello {
     pub auth: bool,
 }
 
+/// Where the sender stands in the receiver's stream, sent once the other
+/// side has proven itself (section 5.6 of the protocol).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resume {
+    /// What the sender last applied from the receiver of this message.
+    pub last_applied: Option<Position>,
+    /// The fingerprint of the item applied at that position; zeros when
+    /// there is none.
+    pub digest: [u8; DIGEST_LEN],
+}
+
 /// A run of invalidations with consecutive sequence numbers.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Batch {
@@ -184,6 +202,8 @@ pub enum Message {
         /// Human-readable reason, for the other side's log.
         reason: String,
     },
+    /// Handshake, after each side's proof: the replay position.
+    Resume(Resume),
 }
 
 impl Message {
@@ -198,6 +218,7 @@ impl Message {
             Message::Pong => "Pong",
             Message::Goodbye { .. } => "Goodbye",
             Message::Reject { .. } => "Reject",
+            Message::Resume(_) => "Resume",
         }
     }
 }

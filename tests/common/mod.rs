@@ -329,11 +329,16 @@ pub enum Mode {
 /// A TCP proxy between two nodes that can cut, stall or corrupt the link.
 pub struct Proxy {
     pub addr: SocketAddr,
+    /// Where it forwards to.
+    pub target: SocketAddr,
     mode: Arc<AtomicU8>,
     /// Bumped to close every current connection.
     cut: Arc<tokio::sync::watch::Sender<u64>>,
     /// Bytes still to drop from the client-to-server direction.
     drop_bytes: Arc<AtomicU64>,
+    /// Bytes to write to every current client, as if its server sent them
+    /// (an on-path party injecting frames).
+    inject: tokio::sync::broadcast::Sender<Vec<u8>>,
     pub connections: Arc<AtomicU64>,
 }
 
@@ -346,11 +351,13 @@ impl Proxy {
         let cut = Arc::new(cut);
         let drop_bytes = Arc::new(AtomicU64::new(0));
         let connections = Arc::new(AtomicU64::new(0));
-        let (m, c, d, n) = (
+        let (inject, _) = tokio::sync::broadcast::channel::<Vec<u8>>(16);
+        let (m, c, d, n, i) = (
             mode.clone(),
             cut.clone(),
             drop_bytes.clone(),
             connections.clone(),
+            inject.clone(),
         );
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
@@ -360,17 +367,39 @@ impl Proxy {
                 n.fetch_add(1, Ordering::SeqCst);
                 let (cr, cw) = client.into_split();
                 let (sr, sw) = server.into_split();
-                tokio::spawn(pump(cr, sw, m.clone(), c.subscribe(), Some(d.clone())));
-                tokio::spawn(pump(sr, cw, m.clone(), c.subscribe(), None));
+                tokio::spawn(pump(
+                    cr,
+                    sw,
+                    m.clone(),
+                    c.subscribe(),
+                    Some(d.clone()),
+                    None,
+                ));
+                tokio::spawn(pump(
+                    sr,
+                    cw,
+                    m.clone(),
+                    c.subscribe(),
+                    None,
+                    Some(i.subscribe()),
+                ));
             }
         });
         Proxy {
             addr,
+            target,
             mode,
             cut,
             drop_bytes,
+            inject,
             connections,
         }
+    }
+
+    /// Writes `bytes` to every current client (the dialer), whatever the
+    /// mode: frames forged on the path.
+    pub fn inject_to_dialer(&self, bytes: Vec<u8>) {
+        let _ = self.inject.send(bytes);
     }
 
     pub fn set(&self, mode: Mode) {
@@ -394,19 +423,49 @@ async fn pump(
     mode: Arc<AtomicU8>,
     mut cut: tokio::sync::watch::Receiver<u64>,
     drop_bytes: Option<Arc<AtomicU64>>,
+    mut inject: Option<tokio::sync::broadcast::Receiver<Vec<u8>>>,
 ) {
     let mut buf = vec![0u8; 16 * 1024];
+    let injected =
+        async |inject: &mut Option<tokio::sync::broadcast::Receiver<Vec<u8>>>| match inject {
+            Some(rx) => rx.recv().await.ok(),
+            None => std::future::pending().await,
+        };
     loop {
         if mode.load(Ordering::SeqCst) == Mode::Stall as u8 {
             tokio::select! {
                 _ = cut.changed() => return,
+                Some(bytes) = injected(&mut inject) => {
+                    if to.write_all(&bytes).await.is_err() {
+                        return;
+                    }
+                }
                 _ = tokio::time::sleep(Duration::from_millis(5)) => continue,
             }
+            continue;
         }
         let n = tokio::select! {
             r = from.read(&mut buf) => match r { Ok(0) | Err(_) => return, Ok(n) => n },
             _ = cut.changed() => return,
+            Some(bytes) = injected(&mut inject) => {
+                if to.write_all(&bytes).await.is_err() {
+                    return;
+                }
+                continue;
+            }
         };
+        // Stalled while this read waited: what it got is held too.
+        while mode.load(Ordering::SeqCst) == Mode::Stall as u8 {
+            tokio::select! {
+                _ = cut.changed() => return,
+                Some(bytes) = injected(&mut inject) => {
+                    if to.write_all(&bytes).await.is_err() {
+                        return;
+                    }
+                }
+                _ = tokio::time::sleep(Duration::from_millis(5)) => {}
+            }
+        }
         let mut data = &buf[..n];
         if let Some(d) = &drop_bytes {
             let want = d.load(Ordering::SeqCst);

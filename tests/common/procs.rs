@@ -255,6 +255,9 @@ impl Cluster {
             }
             let conf = dir.path().join(format!("node{i}.conf"));
             std::fs::write(&conf, text).expect("write conf");
+            // Private, as a file that may hold the secret must be.
+            std::fs::set_permissions(&conf, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+                .expect("chmod conf");
             nodes.push(Sidecar {
                 child: None,
                 conf,

@@ -1,6 +1,6 @@
-// Independent cachecast peer (protocol version 1), written from proto/PROTOCOL.md alone.
+// Independent cachecast peer (protocol version 2), written from proto/PROTOCOL.md alone.
 //
-// Run:       java tests/interop/Peer.java --id 127.0.0.1:23002 --node 127.0.0.1:23001 [--send N] [--secret S] [--batch B]
+// Run:       java tests/interop/Peer.java --id 127.0.0.1:23002 --node 127.0.0.1:23001 [--send N] [--secret S] [--batch B] [--buffer C]
 // Self-test: java tests/interop/Peer.java --selftest --vectors proto/vectors
 //
 // stdout carries only the machine-readable lines of the interop contract (each flushed at once);
@@ -42,11 +42,14 @@ import javax.crypto.spec.SecretKeySpec;
 public class Peer {
     // ------------------------------------------------------------------ constants (sections 3, 5, 6, 10)
     static final int MAX_FRAME = 1_048_576;
-    static final int T_HELLO = 0, T_AUTH = 1, T_BATCH = 2, T_ACK = 3, T_PING = 4, T_PONG = 5, T_GOODBYE = 6, T_REJECT = 7;
-    static final String[] NAMES = {"Hello", "Auth", "Batch", "Ack", "Ping", "Pong", "Goodbye", "Reject"};
+    static final int VERSION = 2; // the only version spoken (7.5)
+    static final int T_HELLO = 0, T_AUTH = 1, T_BATCH = 2, T_ACK = 3, T_PING = 4, T_PONG = 5, T_GOODBYE = 6, T_REJECT = 7, T_RESUME = 8;
+    static final String[] NAMES = {"Hello", "Auth", "Batch", "Ack", "Ping", "Pong", "Goodbye", "Reject", "Resume"};
     static final int I_KEY = 0, I_CACHE = 1, I_FLUSH = 2;
     static final byte[] MAGIC = {0x43, 0x43, 0x53, 0x54};
     static final int MAX_NODE = 512, MAX_NAME = 65_536, MAX_REASON = 65_536;
+    static final int TAG = 16, DIGEST = 16; // frame tag (7.6), fingerprint (9.5)
+    static final byte[] ZERO_DIGEST = new byte[DIGEST];
     static final long HANDSHAKE_MS = 5000, SILENCE_MS = 3000, PING_IDLE_MS = 1000, CONNECT_MS = 2000, GOODBYE_MS = 2000;
 
     // ------------------------------------------------------------------ messages
@@ -75,13 +78,15 @@ public class Peer {
         int type;
         // Hello
         byte[] magic = MAGIC;
-        int version = 1;
+        int version = VERSION;
         String node;
         long inc;
         byte[] nonce;
-        boolean hasLast;
+        boolean hasLast; // Hello.last_applied, Resume.last_applied
         long lastInc, lastSeq;
         boolean auth;
+        // Resume (with hasLast, lastInc, lastSeq above)
+        byte[] digest;
         // Auth
         byte[] mac;
         // Batch
@@ -171,7 +176,7 @@ public class Peer {
         if (payload.length == 0) throw new ProtoError("empty payload");
         Dec d = new Dec(payload);
         long idx = d.varint(0xfc, "message index");
-        if (idx > 7) throw new ProtoError("unknown message index " + u(idx));
+        if (idx > T_RESUME) throw new ProtoError("unknown message index " + u(idx));
         Msg m = Msg.of((int) idx);
         switch (m.type) {
             case T_HELLO:
@@ -220,6 +225,14 @@ public class Peer {
                 break;
             case T_REJECT:
                 m.reason = d.str("Reject.reason", 0, MAX_REASON);
+                break;
+            case T_RESUME:
+                m.hasLast = optionTag(d, "Resume.last_applied");
+                if (m.hasLast) {
+                    m.lastInc = d.varint(0xfd, "Resume.last_applied.incarnation");
+                    m.lastSeq = d.varint(0xfd, "Resume.last_applied.seq");
+                }
+                m.digest = d.fixed(DIGEST, "Resume.digest");
                 break;
             default:
                 throw new ProtoError("unknown message index " + idx);
@@ -293,11 +306,7 @@ public class Peer {
                 if (m.firstSeq == 0 || m.items.isEmpty()) throw new IllegalArgumentException("bad Batch");
                 e.varint(m.firstSeq);
                 e.varint(m.items.size());
-                for (Item it : m.items) {
-                    e.varint(it.kind);
-                    if (it.kind == I_KEY) { e.str(it.cache, 1, MAX_NAME, "cache"); e.str(it.key, 0, MAX_NAME, "key"); }
-                    else if (it.kind == I_CACHE) e.str(it.cache, 1, MAX_NAME, "cache");
-                }
+                for (Item it : m.items) encodeItem(e, it);
                 break;
             case T_ACK:
                 e.varint(m.ackInc);
@@ -312,18 +321,35 @@ public class Peer {
             case T_REJECT:
                 e.str(m.reason, 0, MAX_REASON, "Reject.reason");
                 break;
+            case T_RESUME:
+                if (m.digest.length != DIGEST) throw new IllegalArgumentException("digest of " + m.digest.length + " bytes");
+                if (m.hasLast) { e.u8(1); e.varint(m.lastInc); e.varint(m.lastSeq); } else e.u8(0);
+                e.raw(m.digest);
+                break;
             default:
                 throw new IllegalArgumentException("type " + m.type);
         }
         return e.o.toByteArray();
     }
 
+    static void encodeItem(Enc e, Item it) {
+        e.varint(it.kind);
+        if (it.kind == I_KEY) { e.str(it.cache, 1, MAX_NAME, "cache"); e.str(it.key, 0, MAX_NAME, "key"); }
+        else if (it.kind == I_CACHE) e.str(it.cache, 1, MAX_NAME, "cache");
+    }
+
     static byte[] frame(Msg m) {
-        byte[] p = encode(m);
-        if (p.length > MAX_FRAME) throw new IllegalArgumentException("frame too large");
-        byte[] f = new byte[4 + p.length];
-        ByteBuffer.wrap(f).putInt(p.length);
+        return frameOf(encode(m), null);
+    }
+
+    /** Length prefix, payload, then the tag if any (section 3: n counts both). */
+    static byte[] frameOf(byte[] p, byte[] tag) {
+        int t = tag == null ? 0 : tag.length;
+        if (p.length + t > MAX_FRAME) throw new IllegalArgumentException("frame too large");
+        byte[] f = new byte[4 + p.length + t];
+        ByteBuffer.wrap(f).putInt(p.length + t);
         System.arraycopy(p, 0, f, 4, p.length);
+        if (tag != null) System.arraycopy(tag, 0, f, 4 + p.length, t);
         return f;
     }
 
@@ -361,6 +387,64 @@ public class Peer {
         }
     }
 
+    // ------------------------------------------------------------------ frame tags (7.6) and fingerprints (9.5)
+    /** K = HMAC(secret, "cachecast session v2\0" || dialer nonce || acceptor nonce). */
+    static byte[] sessionKey(byte[] secret, byte[] dialerNonce, byte[] acceptorNonce) {
+        byte[] label = "cachecast session v2".getBytes(StandardCharsets.US_ASCII);
+        return hmac(secret, concat(label, new byte[]{0}, dialerNonce, acceptorNonce));
+    }
+
+    /** One direction's tags on one connection: its own Mac (not thread-safe) and its counter. */
+    static final class Tagger {
+        final Mac mac;
+        final byte role;
+        long counter; // tagged frames of this direction so far: the next one's counter
+
+        Tagger(byte[] key, byte role) {
+            try {
+                mac = Mac.getInstance("HmacSHA256");
+                mac.init(new SecretKeySpec(key, "HmacSHA256"));
+            } catch (Exception e) {
+                throw new IllegalStateException(e);
+            }
+            this.role = role;
+        }
+
+        /** First 16 bytes of HMAC(K, role || counter (u64 big-endian) || payload); the counter moves on. */
+        byte[] next(byte[] payload, int len) {
+            mac.update(role);
+            mac.update(ByteBuffer.allocate(8).putLong(counter++).array());
+            mac.update(payload, 0, len);
+            return Arrays.copyOf(mac.doFinal(), TAG);
+        }
+    }
+
+    /** 7.6: the message of a tagged payload, once its tag is checked (constant time) against rx's next counter. */
+    static byte[] unseal(Tagger rx, byte[] p) throws ProtoError {
+        if (p.length <= TAG) throw new ProtoError("frame authentication failed: a frame of " + p.length + " bytes cannot hold a message and a tag");
+        int n = p.length - TAG;
+        long ctr = rx.counter;
+        byte[] want = rx.next(p, n);
+        if (!MessageDigest.isEqual(want, Arrays.copyOfRange(p, n, p.length)))
+            throw new ProtoError("frame authentication failed (wrong tag on the frame with counter " + u(ctr) + ")");
+        return Arrays.copyOf(p, n);
+    }
+
+    /** 9.5: SHA-256("cachecast item v2\0" || incarnation BE || seq BE || canonical item encoding), first 16 bytes. */
+    static byte[] fingerprint(long inc, long seq, Item it) {
+        Enc e = new Enc();
+        byte[] label = "cachecast item v2".getBytes(StandardCharsets.US_ASCII);
+        e.raw(label);
+        e.u8(0);
+        e.raw(ByteBuffer.allocate(16).putLong(inc).putLong(seq).array());
+        encodeItem(e, it); // re-encoded: shortest forms, whatever form the item arrived in
+        try {
+            return Arrays.copyOf(MessageDigest.getInstance("SHA-256").digest(e.o.toByteArray()), DIGEST);
+        } catch (Exception x) {
+            throw new IllegalStateException(x);
+        }
+    }
+
     // ------------------------------------------------------------------ output
     static PrintStream OUT;
 
@@ -371,7 +455,10 @@ public class Peer {
         }
     }
 
+    static boolean quietFindings; // the selftest provokes findings on purpose: stderr only
+
     static void error(String desc) {
+        if (quietFindings) { log("selftest, expected finding: " + desc); return; }
         out("error " + desc.replace('\n', ' ').replace('\r', ' '));
         log("ERROR " + desc);
     }
@@ -391,14 +478,19 @@ public class Peer {
     static int ID_PORT, NODE_PORT;
     static byte[] SECRET; // null: no shared secret
     static int BATCH = 100;
+    static int CAPACITY = 65_536; // replay buffer bound (9.2), as the reference's cachecast.buffer default
     static final SecureRandom RNG = new SecureRandom();
 
     // ------------------------------------------------------------------ origin state (we as dialer / origin), guarded by L
     static final Object L = new Object();
     static long myInc;
     static long lastAssigned; // highest seq assigned
-    static final ArrayList<Item> buffer = new ArrayList<>(); // seq s at index s-1 (no overflow policy needed here)
+    static Item[] ring; // replay buffer (9.2): seq s at ring[s mod CAPACITY] for front <= s <= lastAssigned
+    static long front = 1; // seq of the oldest entry held; lastAssigned + 1 when none is
     static long acked; // cursor of the node
+    static Long ackedRun; // the node's incarnation (its run) whose Acks or Resume last set acked (9.4); null: none yet
+    static long divergences; // counted, as the reference does (9.4)
+    static long flushedAt; // seq of the last synthetic Flush written to the node (9.3), 0: none; a position there is ours (9.4)
     static final ArrayDeque<Long> targets = new ArrayDeque<>();
     static boolean everUp;
     static OutConn outbound; // handshake complete
@@ -410,6 +502,7 @@ public class Peer {
     static final Object R = new Object();
     static boolean rKnown, rFresh;
     static long rInc, rA;
+    static byte[] rD = ZERO_DIGEST; // fingerprint of the item applied at rA; zero when rA was set otherwise (9.5)
     static Long rGoodbye;
     static final ArrayDeque<Long> rOld = new ArrayDeque<>(); // replaced incarnations (last 8)
     static InConn currentIn;
@@ -421,6 +514,9 @@ public class Peer {
         final InputStream in;
         final OutputStream os;
         volatile boolean closed;
+        // 7.6, with a secret: set once this side has written its Auth (tx) / verified the other's (rx)
+        Tagger tx; // used under the os lock only
+        Tagger rx; // used by the one reading thread only
 
         Conn(Socket s) throws IOException {
             this.s = s;
@@ -432,6 +528,21 @@ public class Peer {
         void write(byte[] b) throws IOException {
             synchronized (os) {
                 os.write(b);
+                os.flush();
+            }
+        }
+
+        /** Untagged frames (or null), then the payloads as frames, tagged once tx is set: tags are made under the
+         *  lock, so counters follow the order on the wire; one write. */
+        void writeFrames(byte[] plain, List<byte[]> payloads) throws IOException {
+            synchronized (os) {
+                ByteArrayOutputStream o = new ByteArrayOutputStream();
+                if (plain != null) o.write(plain, 0, plain.length);
+                for (byte[] p : payloads) {
+                    byte[] f = frameOf(p, tx == null ? null : tx.next(p, p.length));
+                    o.write(f, 0, f.length);
+                }
+                os.write(o.toByteArray());
                 os.flush();
             }
         }
@@ -453,7 +564,31 @@ public class Peer {
         }
 
         Msg readMsg(long deadline) throws IOException, ProtoError {
-            return decode(readFrame(deadline));
+            byte[] p = readFrame(deadline);
+            return decode(rx == null ? p : unseal(p));
+        }
+
+        /** 7.6: the tag is checked (constant time) before the message is decoded; the message without it. */
+        byte[] unseal(byte[] p) throws ProtoError {
+            return Peer.unseal(rx, p);
+        }
+
+        /** Where the other side's Resume is due: a Reject may come instead, never tagged (7.3, 7.6). */
+        Msg readResumeOrReject(long deadline) throws IOException, ProtoError {
+            byte[] p = readFrame(deadline);
+            if (rx == null) return decode(p);
+            try {
+                return decode(unseal(p));
+            } catch (ProtoError tagError) {
+                Msg m;
+                try {
+                    m = decode(p);
+                } catch (ProtoError e) {
+                    throw tagError;
+                }
+                if (m.type != T_REJECT) throw tagError;
+                return m;
+            }
         }
 
         private void readFully(byte[] b, long deadline, boolean boundary) throws IOException {
@@ -496,6 +631,7 @@ public class Peer {
     }
 
     static final class OutConn extends Conn {
+        long peerInc; // the node's incarnation in its Hello: the receiver run its Acks come from (9.4)
         long sent;
         boolean goodbyeQueued; // taken for writing: nothing may follow it
         boolean goodbyeSent;   // written to the socket: shutdown may close
@@ -505,6 +641,7 @@ public class Peer {
 
     static final class InConn extends Conn {
         long helloInc;
+        long f; // 9.5: at first the seq our Resume announced (0 if of another incarnation), then the last seq received
         long[] ackPos; // position to acknowledge (guarded by this)
         long[] lastAckWritten;
         boolean pongOwed;
@@ -520,17 +657,35 @@ public class Peer {
 
     static Msg myHello() {
         Msg h = Msg.of(T_HELLO);
-        h.version = 1;
+        h.version = VERSION;
         h.node = ID;
         h.inc = myInc;
         h.nonce = new byte[32];
         RNG.nextBytes(h.nonce);
-        synchronized (R) {
-            h.hasLast = rKnown;
-            if (rKnown) { h.lastInc = rInc; h.lastSeq = rA; }
-        }
+        h.hasLast = false; // 5.2: positions travel in Resume, once the other side has proven itself
         h.auth = SECRET != null;
         return h;
+    }
+
+    /** 7.2 step 1 / 7.3: the position held for the node as an origin, and the fingerprint that goes with it. */
+    static Msg myResume() {
+        Msg r = Msg.of(T_RESUME);
+        synchronized (R) {
+            r.hasLast = rKnown;
+            if (rKnown) { r.lastInc = rInc; r.lastSeq = rA; }
+            r.digest = rKnown ? rD.clone() : ZERO_DIGEST.clone();
+        }
+        return r;
+    }
+
+    static String pos(Msg m) {
+        return m.hasLast ? u(m.lastInc) + "/" + u(m.lastSeq) : "none";
+    }
+
+    /** 5.6: no position, or seq 0, goes with 16 zero bytes. A finding, not a reason to close. */
+    static void checkResumeDigest(Msg r, String whose) {
+        if ((!r.hasLast || r.lastSeq == 0) && !Arrays.equals(r.digest, ZERO_DIGEST))
+            error(whose + " Resume announces " + pos(r) + " with digest " + toHex(r.digest) + ", not 16 zero bytes (5.6)");
     }
 
     static boolean asciiEqualsIgnoreCase(String a, String b) {
@@ -547,7 +702,8 @@ public class Peer {
     /** Checks shared by 7.2 (acceptor) and 7.3 (dialer); returns the reason or null. */
     static String checkHello(Msg h, boolean asAcceptor) {
         if (!Arrays.equals(h.magic, MAGIC)) return "bad magic: not a cachecast peer";
-        if (h.version < 1) return "unsupported protocol version " + h.version + " (this node speaks 1)";
+        // 7.5: version 1 cannot carry version 2's guarantees, so there is no stepping down to it
+        if (h.version < VERSION) return "unsupported protocol version " + h.version + " (this node speaks " + VERSION + ")";
         if (!asciiEqualsIgnoreCase(h.node, NODE))
             return asAcceptor ? "\"" + h.node + "\" is not a configured peer of " + ID
                     : "the node answered as \"" + h.node + "\", not as " + NODE + ", the peer dialed";
@@ -573,6 +729,7 @@ public class Peer {
             rKnown = true;
             rInc = inc;
             rA = 0;
+            rD = ZERO_DIGEST;
             rFresh = true;
             rGoodbye = null;
             return null;
@@ -666,23 +823,33 @@ public class Peer {
             c.reject(why);
             return false;
         }
+        // 7.2 step 1: what we hold for the node as an origin, read before anything is applied
+        Msg resume = myResume();
         Msg mine = myHello();
-        byte[] out = frame(mine);
-        if (SECRET != null) {
+        if (SECRET == null) {
+            // Without a secret no proof follows: the incarnation rule (step 4) comes before our Hello, so that a
+            // refused claimant learns nothing of the peer it claims to be; Hello and Resume then go together.
+            if (!acceptIncarnation(c, h)) return false;
+            try {
+                c.writeFrames(frame(mine), List.of(encode(resume)));
+            } catch (IOException e) {
+                log("inbound handshake: write failed: " + e);
+                return false;
+            }
+        } else {
+            byte[] key = sessionKey(SECRET, h.nonce, mine.nonce);
             Msg a = Msg.of(T_AUTH);
             a.mac = hmac(SECRET, authMessage((byte) 'A', h, mine));
-            out = concat(out, frame(a));
-        }
-        try {
-            c.write(out);
-        } catch (IOException e) {
-            log("inbound handshake: write failed: " + e);
-            return false;
-        }
-        if (SECRET != null) {
-            Msg a;
             try {
-                a = c.readMsg(deadline);
+                c.write(concat(frame(mine), frame(a)));
+            } catch (IOException e) {
+                log("inbound handshake: write failed: " + e);
+                return false;
+            }
+            c.tx = new Tagger(key, (byte) 'A'); // every frame after our Auth but a Reject is tagged (7.6)
+            Msg d;
+            try {
+                d = c.readMsg(deadline);
             } catch (Timeout e) {
                 error("inbound handshake: no proof of the shared secret before the deadline");
                 c.reject("no proof of the shared secret before the deadline");
@@ -695,29 +862,32 @@ public class Peer {
                 log("inbound handshake: closed before Auth (" + e.getMessage() + ")");
                 return false;
             }
-            if (a.type == T_REJECT) {
-                error("inbound handshake: node rejected us: " + a.reason);
+            if (d.type == T_REJECT) {
+                error("inbound handshake: node rejected us: " + d.reason);
                 return false;
             }
-            if (a.type != T_AUTH) {
-                error("inbound handshake: expected Auth, got " + name(a.type));
-                c.reject("expected Auth, got " + name(a.type));
+            if (d.type != T_AUTH) {
+                error("inbound handshake: expected Auth, got " + name(d.type));
+                c.reject("expected Auth, got " + name(d.type));
                 return false;
             }
             byte[] expect = hmac(SECRET, authMessage((byte) 'D', h, mine));
-            if (!MessageDigest.isEqual(expect, a.mac)) {
+            if (!MessageDigest.isEqual(expect, d.mac)) {
                 error("inbound handshake: authentication failed for " + h.node + ": wrong shared secret (cachecast.secret differs?)");
                 c.reject("authentication failed for " + h.node + ": wrong shared secret (cachecast.secret differs?)");
                 return false;
             }
+            c.rx = new Tagger(key, (byte) 'D'); // the dialer tags everything after its Auth
+            if (!acceptIncarnation(c, h)) return false;
+            try {
+                c.writeFrames(null, List.of(encode(resume))); // tagged, counter 0
+            } catch (IOException e) {
+                log("inbound handshake: write failed: " + e);
+                return false;
+            }
         }
-        String dup = applyIncarnation(h.inc, "inbound Hello");
-        if (dup != null) {
-            error("inbound handshake: " + dup);
-            c.reject(dup);
-            return false;
-        }
-        c.helloInc = h.inc;
+        // 9.5: the node never sends what our Resume announced, or less, on this connection
+        c.f = resume.hasLast && resume.lastInc == h.inc ? resume.lastSeq : 0;
         InConn old;
         synchronized (R) {
             old = currentIn;
@@ -727,9 +897,8 @@ public class Peer {
             log("superseding the older inbound connection");
             old.close();
         }
-        log("inbound handshake complete: node " + h.node + " incarnation " + u(h.inc) + " (its last_applied "
-                + (h.hasLast ? u(h.lastInc) + "/" + u(h.lastSeq) : "none") + ", we said "
-                + (mine.hasLast ? u(mine.lastInc) + "/" + u(mine.lastSeq) : "none") + ")");
+        log("inbound handshake complete: node " + h.node + " incarnation " + u(h.inc) + " (we announced "
+                + pos(resume) + " digest " + toHex(resume.digest) + ")");
         out("inbound-up " + u(h.inc));
         Thread w = new Thread(() -> inboundWriter(c), "inbound-writer");
         w.setDaemon(true);
@@ -737,26 +906,57 @@ public class Peer {
         return true;
     }
 
+    /** 7.2 step 4 (9.7): a duplicate identity is refused with a Reject, never tagged. */
+    static boolean acceptIncarnation(InConn c, Msg h) {
+        String dup = applyIncarnation(h.inc, "inbound Hello");
+        if (dup != null) {
+            error("inbound handshake: " + dup);
+            c.reject(dup);
+            return false;
+        }
+        c.helloInc = h.inc;
+        return true;
+    }
+
     static void inboundReader(InConn c) {
         long lastFrame = System.currentTimeMillis();
         long prevLast = -1; // last seq of the previous Batch on this connection (9.1), -1: none yet
+        boolean resumed = false; // the dialer's Resume comes first, once (7.1, 8)
         try {
             while (true) {
                 Msg m = c.readMsg(lastFrame + SILENCE_MS);
                 lastFrame = System.currentTimeMillis();
+                if (!resumed && m.type != T_RESUME) {
+                    if (m.type == T_REJECT && c.rx == null) {
+                        // 8: without secrets the dialer's Reject of 7.3 may come in place of its Resume: the end
+                        error("inbound: node rejected us: " + m.reason);
+                    } else {
+                        error("inbound: expected the node's Resume, got " + name(m.type));
+                    }
+                    c.close();
+                    return;
+                }
                 switch (m.type) {
+                    case T_RESUME:
+                        if (resumed) {
+                            error("unexpected second Resume from the dialing node");
+                            c.close();
+                            return;
+                        }
+                        resumed = true;
+                        // Informational for us (the reference uses it only for 9.9, which needs a state file).
+                        checkResumeDigest(m, "the dialing node's");
+                        log("inbound: the node holds " + pos(m) + " digest " + toHex(m.digest) + " for us");
+                        break;
                     case T_BATCH: {
                         if (m.items.isEmpty()) {
                             // 9.1: a sender MUST NOT send an empty Batch; a receiver applies nothing from one.
                             error("node sent an empty Batch (first_seq " + u(m.firstSeq) + "; 9.1 forbids it)");
                         } else {
                             long last = m.firstSeq + m.items.size() - 1;
-                            if (prevLast != -1) {
-                                if (Long.compareUnsigned(m.firstSeq, prevLast) <= 0)
-                                    error("Batch goes backwards on one connection: first_seq " + u(m.firstSeq) + " after " + u(prevLast) + " (9.1)");
-                                else if (m.firstSeq != prevLast + 1 && m.items.get(0).kind != I_FLUSH)
-                                    log("note: Batch first_seq " + u(m.firstSeq) + " skips after " + u(prevLast) + " without a Flush (9.1)");
-                            }
+                            // Going backwards is divergence (9.5), reported by applyBatch.
+                            if (prevLast != -1 && Long.compareUnsigned(m.firstSeq, prevLast + 1) > 0 && m.items.get(0).kind != I_FLUSH)
+                                log("note: Batch first_seq " + u(m.firstSeq) + " skips after " + u(prevLast) + " without a Flush (9.1)");
                             prevLast = last;
                         }
                         if (!applyBatch(c, m)) return;
@@ -770,7 +970,10 @@ public class Peer {
                         synchronized (R) {
                             if (rKnown && rInc == c.helloInc) {
                                 rGoodbye = m.goodbyeSeq;
-                                if (rFresh) rA = m.goodbyeSeq;
+                                if (rFresh && Long.compareUnsigned(m.goodbyeSeq, rA) > 0) {
+                                    rA = m.goodbyeSeq;
+                                    rD = ZERO_DIGEST; // a set by a Goodbye: no item to fingerprint (9.5)
+                                }
                             }
                         }
                         break;
@@ -797,10 +1000,22 @@ public class Peer {
                 c.close();
                 return false;
             }
+            boolean lastApplied = false;
             for (int i = 0; i < m.items.size(); i++) {
                 long s = m.firstSeq + i;
                 Item it = m.items.get(i);
-                if (Long.compareUnsigned(s, rA) <= 0) continue; // duplicate
+                if (Long.compareUnsigned(s, c.f) <= 0) {
+                    // 9.5 divergence: the node sends what this connection may not carry. Skipping it as a duplicate
+                    // could drop a real invalidation: flush, and follow the node's numbering.
+                    divergences++;
+                    error("divergence: the node sent seq " + u(s) + ", at or below " + u(c.f)
+                            + ", what this connection may carry (9.5); flushing, a = " + u(s - 1));
+                    if (it.kind != I_FLUSH) out("flush-local divergence");
+                    rA = s - 1;
+                    rD = ZERO_DIGEST;
+                }
+                c.f = s;
+                if (Long.compareUnsigned(s, rA) <= 0) { lastApplied = false; continue; } // duplicate
                 if (Long.compareUnsigned(s, rA + 1) > 0 && !rFresh && it.kind != I_FLUSH) {
                     log("gap: " + u(rA + 1) + ".." + u(s - 1) + " never delivered");
                     out("flush-local gap");
@@ -811,7 +1026,11 @@ public class Peer {
                 rA = s;
                 rFresh = false;
                 rGoodbye = null;
+                lastApplied = true;
             }
+            // 9.5: the fingerprint is computed for the last item of a Batch only (once one item is applied, the
+            // rest are too: seqs are consecutive), and announced in our next Resume.
+            if (lastApplied) rD = fingerprint(rInc, rA, m.items.get(m.items.size() - 1));
             long[] pos = {c.helloInc, rA};
             synchronized (c) {
                 c.ackPos = pos;
@@ -824,25 +1043,23 @@ public class Peer {
     static void inboundWriter(InConn c) {
         try {
             while (true) {
-                byte[] data;
+                List<byte[]> data = new ArrayList<>();
                 synchronized (c) {
                     while (!c.closed && !c.pongOwed && (c.ackPos == null || Arrays.equals(c.ackPos, c.lastAckWritten))) c.wait();
                     if (c.closed) return;
-                    byte[] a = new byte[0], p = new byte[0];
                     if (c.ackPos != null && !Arrays.equals(c.ackPos, c.lastAckWritten)) {
                         Msg ack = Msg.of(T_ACK);
                         ack.ackInc = c.ackPos[0];
                         ack.ackSeq = c.ackPos[1];
-                        a = frame(ack);
+                        data.add(encode(ack));
                         c.lastAckWritten = c.ackPos;
                     }
                     if (c.pongOwed) {
-                        p = frame(Msg.of(T_PONG));
+                        data.add(encode(Msg.of(T_PONG)));
                         c.pongOwed = false;
                     }
-                    data = concat(a, p);
                 }
-                c.write(data);
+                c.writeFrames(null, data);
             }
         } catch (InterruptedException | IOException e) {
             if (!c.closed) log("inbound writer: " + e);
@@ -937,6 +1154,7 @@ public class Peer {
             c.reject(ID + " refuses: " + why);
             return false;
         }
+        byte[] key = null, authD = null;
         if (SECRET != null) {
             Msg a;
             try {
@@ -968,28 +1186,58 @@ public class Peer {
                 c.reject(ID + " refuses: " + r);
                 return false;
             }
+            key = sessionKey(SECRET, mine.nonce, h.nonce);
             Msg d = Msg.of(T_AUTH);
             d.mac = hmac(SECRET, authMessage((byte) 'D', mine, h));
-            c.write(frame(d));
+            authD = frame(d); // written after the incarnation rule: every refusal precedes our Auth (7.3)
         }
+        // 7.3: the position we hold for the node as an origin, read before anything is applied
+        Msg resume = myResume();
         String dup = applyIncarnation(h.inc, "outbound Hello");
         if (dup != null) {
             error("outbound handshake: " + dup);
             c.reject(ID + " refuses: " + dup);
             return false;
         }
+        if (key != null) {
+            c.tx = new Tagger(key, (byte) 'D'); // our Resume is tagged frame 0
+            c.rx = new Tagger(key, (byte) 'A');
+        }
+        c.writeFrames(authD, List.of(encode(resume)));
+        Msg r;
+        try {
+            r = c.readResumeOrReject(deadline);
+        } catch (Timeout e) {
+            error("outbound handshake: no Resume from the node before the deadline");
+            return false;
+        } catch (ProtoError e) {
+            error("outbound handshake: bad frame where the node's Resume was due: " + e.getMessage());
+            return false;
+        } catch (IOException e) {
+            log("outbound handshake: closed before the node's Resume (" + e.getMessage() + ")");
+            return false;
+        }
+        if (r.type == T_REJECT) {
+            error("outbound handshake: node rejected us: " + r.reason);
+            return false;
+        }
+        if (r.type != T_RESUME) {
+            error("outbound handshake: expected Resume, got " + name(r.type));
+            return false;
+        }
+        checkResumeDigest(r, "the accepting node's");
         synchronized (L) {
             if (shuttingDown) return false;
-            long r = acked;
-            if (h.hasLast && h.lastInc == myInc) {
-                long l = Long.compareUnsigned(h.lastSeq, lastAssigned) <= 0 ? h.lastSeq : lastAssigned;
-                if (Long.compareUnsigned(l, r) > 0) r = l;
-            }
-            log("outbound handshake complete: node incarnation " + u(h.inc) + ", its last_applied "
-                    + (h.hasLast ? u(h.lastInc) + "/" + u(h.lastSeq) : "none") + ", resuming after " + u(r)
-                    + " (acked " + u(acked) + ", last " + u(lastAssigned) + ")");
-            acked = r;
-            c.sent = r;
+            long was = acked;
+            long rp = resumePoint(r, h.inc);
+            log("outbound handshake complete: node incarnation " + u(h.inc) + ", its Resume " + pos(r) + " digest "
+                    + toHex(r.digest) + ", resuming after " + u(rp) + " (acked " + u(was) + ", last " + u(lastAssigned)
+                    + ", front " + u(front) + ")");
+            acked = rp;
+            ackedRun = h.inc;
+            c.peerInc = h.inc;
+            c.sent = rp;
+            trim();
             dialing = null;
             outbound = c;
             everUp = true;
@@ -998,6 +1246,84 @@ public class Peer {
             L.notifyAll();
         }
         return true;
+    }
+
+    /** Under L. 9.4: where to resume, from the acceptor's Resume; run is the incarnation in its Hello. */
+    static long resumePoint(Msg res, long run) {
+        boolean sameRun = ackedRun != null && ackedRun == run;
+        if (!res.hasLast || res.lastInc != myInc) {
+            // None from the run that raised acked went back (as rule 2); anything else holds nothing of this run.
+            if (!res.hasLast && sameRun && acked != 0) {
+                divergence("the node holds no position, below " + u(acked) + ", what the same run of it (incarnation "
+                        + u(run) + ") acknowledged; resuming after 0");
+                return 0;
+            }
+            return acked;
+        }
+        long ls = res.lastSeq;
+        // 1. A position never given.
+        if (Long.compareUnsigned(ls, lastAssigned) > 0) {
+            divergence("the node holds " + pos(res) + ", beyond the highest seq assigned, " + u(lastAssigned));
+            return acked;
+        }
+        // The item we know at ls: still held, or the synthetic Flush we wrote the node there (not any Flush: one a
+        // claimant sent ahead of our numbering would cover nothing assigned after it).
+        Item known = held(ls);
+        if (known == null && ls != 0 && ls == flushedAt) known = Item.flush();
+        boolean verified = ls == 0 || known != null && MessageDigest.isEqual(fingerprint(myInc, ls, known), res.digest);
+        // 2. Within one run of the receiver what it applied never goes back. Unverified, it gets ls again: at or
+        // below its position, so it flushes (9.5).
+        if (sameRun && Long.compareUnsigned(ls, acked) < 0) {
+            long r = verified ? ls : ls - 1;
+            divergence("the node holds " + pos(res) + (verified ? "" : ", unverified,") + " below " + u(acked)
+                    + ", what the same run of it (incarnation " + u(run) + ") acknowledged; resuming after " + u(r));
+            return r;
+        }
+        // 3. Verified.
+        if (verified) return Long.compareUnsigned(ls, acked) > 0 ? ls : acked;
+        // 4. Still held, another fingerprint: something else applied under our numbers.
+        if (held(ls) != null) {
+            divergence("the node holds " + pos(res) + " with fingerprint " + toHex(res.digest) + ", ours is "
+                    + toHex(fingerprint(myInc, ls, held(ls))));
+            return acked;
+        }
+        // 5. Within what it acknowledged.
+        if (Long.compareUnsigned(ls, acked) <= 0) return acked;
+        // 6. No longer checkable, beyond what it acknowledged.
+        divergence("the node holds " + pos(res) + ", an item not known here and beyond acked " + u(acked) + ": unverifiable");
+        return acked;
+    }
+
+    /** Logged the way other findings are: the test fails on it (9.4: logged and counted, not believed). */
+    static void divergence(String what) {
+        divergences++;
+        error("divergence (" + divergences + "): " + what + " (9.4)");
+    }
+
+    /** Under L: the item at seq s if the buffer still holds it, else null. */
+    static Item held(long s) {
+        if (s == 0 || Long.compareUnsigned(s, front) < 0 || Long.compareUnsigned(s, lastAssigned) > 0) return null;
+        return ring[slot(s)];
+    }
+
+    static int slot(long s) { return (int) Long.remainderUnsigned(s, ring.length); }
+
+    /** Under L: assigns the next seq; a full buffer drops its oldest entry (overflow, 9.2). */
+    static void append(Item it) {
+        if (lastAssigned + 1 - front == ring.length) {
+            ring[slot(front)] = null;
+            front++;
+        }
+        lastAssigned++;
+        ring[slot(lastAssigned)] = it;
+    }
+
+    /** Under L: entries the node acknowledged are dropped (9.2; it is our only peer). */
+    static void trim() {
+        while (Long.compareUnsigned(front, acked) <= 0 && Long.compareUnsigned(front, lastAssigned) <= 0) {
+            ring[slot(front)] = null;
+            front++;
+        }
     }
 
     /** Under L. */
@@ -1013,7 +1339,7 @@ public class Peer {
         long lastWrite = System.currentTimeMillis();
         try {
             while (true) {
-                byte[] data = null;
+                List<byte[]> data = null; // payloads, framed (and tagged) by writeFrames
                 long newSent = -1;
                 boolean isGoodbye = false;
                 synchronized (L) {
@@ -1024,24 +1350,41 @@ public class Peer {
                         long now = System.currentTimeMillis();
                         if (Long.compareUnsigned(from, lastAssigned) < 0) {
                             if (shuttingDown && now >= goodbyeDeadline) { L.wait(1000); continue; }
-                            ByteArrayOutputStream o = new ByteArrayOutputStream();
+                            data = new ArrayList<>();
+                            int size = 0;
                             long s = from + 1;
-                            while (Long.compareUnsigned(s, lastAssigned) <= 0 && o.size() < 256 * 1024) {
+                            if (Long.compareUnsigned(s, front) < 0) {
+                                // 9.3: entries the node needed were dropped; a local Flush at front stands for them,
+                                // else a synthetic one numbered with the last dropped seq
+                                Item atFront = held(front);
+                                if (atFront == null || atFront.kind != I_FLUSH) {
+                                    Msg b = Msg.of(T_BATCH);
+                                    b.firstSeq = front - 1;
+                                    b.items = new ArrayList<>(List.of(Item.flush()));
+                                    byte[] p = encode(b);
+                                    data.add(p);
+                                    size += p.length;
+                                    flushedAt = front - 1; // 9.4: a position there, with a Flush's fingerprint, is ours
+                                    log("synthetic Flush " + u(front - 1) + " for " + u(s) + ".." + u(front - 1) + ", no longer held");
+                                }
+                                s = front;
+                            }
+                            while (Long.compareUnsigned(s, lastAssigned) <= 0 && size < 256 * 1024) {
                                 Msg b = Msg.of(T_BATCH);
                                 b.firstSeq = s;
                                 b.items = new ArrayList<>();
                                 long est = 0;
                                 while (Long.compareUnsigned(s, lastAssigned) <= 0 && b.items.size() < BATCH && b.items.size() < 4096 && est < 64 * 1024) {
-                                    Item it = buffer.get((int) (s - 1));
+                                    Item it = held(s);
                                     b.items.add(it);
                                     est += it.kind == I_KEY ? 11 + utf8(it.cache).length + utf8(it.key).length
                                             : it.kind == I_CACHE ? 6 + utf8(it.cache).length : 1;
                                     s++;
                                 }
-                                byte[] f = frame(b);
-                                o.write(f, 0, f.length);
+                                byte[] p = encode(b);
+                                data.add(p);
+                                size += p.length;
                             }
-                            data = o.toByteArray();
                             newSent = s - 1;
                             break;
                         }
@@ -1049,7 +1392,7 @@ public class Peer {
                             if (now < goodbyeDeadline) {
                                 Msg g = Msg.of(T_GOODBYE);
                                 g.goodbyeSeq = lastAssigned;
-                                data = frame(g);
+                                data = List.of(encode(g));
                                 isGoodbye = true;
                                 log("writing Goodbye{" + u(lastAssigned) + "}");
                                 break;
@@ -1058,13 +1401,13 @@ public class Peer {
                             continue;
                         }
                         long idle = now - lastWrite;
-                        if (idle >= PING_IDLE_MS) { data = frame(Msg.of(T_PING)); break; }
+                        if (idle >= PING_IDLE_MS) { data = List.of(encode(Msg.of(T_PING))); break; }
                         L.wait(PING_IDLE_MS - idle);
                     }
                     if (newSent != -1) c.sent = newSent;
                     if (isGoodbye) c.goodbyeQueued = true;
                 }
-                c.write(data);
+                c.writeFrames(null, data);
                 lastWrite = System.currentTimeMillis();
                 // Only once written may shutdown close the socket.
                 if (isGoodbye) synchronized (L) { c.goodbyeSent = true; L.notifyAll(); }
@@ -1085,6 +1428,7 @@ public class Peer {
                 lastFrame = System.currentTimeMillis();
                 if (m.type == T_ACK) {
                     synchronized (L) {
+                        if (c.closed) return; // superseded or closed: its Acks no longer move the cursor
                         if (m.ackInc != myInc) {
                             error("Ack of another incarnation: " + u(m.ackInc) + " (ours is " + u(myInc) + ")");
                             c.close();
@@ -1097,6 +1441,8 @@ public class Peer {
                         }
                         if (Long.compareUnsigned(m.ackSeq, acked) > 0) {
                             acked = m.ackSeq;
+                            ackedRun = c.peerInc;
+                            trim();
                             checkTargets();
                             L.notifyAll();
                         }
@@ -1104,7 +1450,8 @@ public class Peer {
                 } else if (m.type == T_PONG) {
                     // traffic; nothing else to do
                 } else if (m.type == T_REJECT) {
-                    error("node sent Reject on the established outbound connection: " + m.reason);
+                    // 8: a Reject after the sender's Resume is a protocol error (and would have failed its tag)
+                    error("node sent Reject after its Resume: " + m.reason);
                     c.close();
                     return;
                 } else {
@@ -1129,10 +1476,7 @@ public class Peer {
     static void send(long k) {
         synchronized (L) {
             if (shuttingDown) return;
-            for (long i = 0; i < k; i++) {
-                lastAssigned++;
-                buffer.add(Item.key("org.hisp.dhis.user.User", "java-" + u(lastAssigned)));
-            }
+            for (long i = 0; i < k; i++) append(Item.key("org.hisp.dhis.user.User", "java-" + u(lastAssigned + 1)));
             targets.addLast(lastAssigned);
             checkTargets();
             L.notifyAll();
@@ -1211,13 +1555,162 @@ public class Peer {
         throw new IllegalStateException("decoder accepted " + what + ": " + hexPayload);
     }
 
+    /** 12.5: session key, the dialer's tagged Resume, the acceptor's tagged Ack (counter 1); a bad tag fails. */
+    static void selftestTags(byte[] secret) throws Exception {
+        byte[] k = sessionKey(secret, fill(0xaa), fill(0xbb));
+        check(toHex(k).equals("0331d2edf63c2ae5d7e70d5886b032babdad08b7032282900937ba86dbc921f7"), "12.5 session key " + toHex(k));
+        Msg r = Msg.of(T_RESUME);
+        r.digest = ZERO_DIGEST.clone();
+        Tagger dTx = new Tagger(k, (byte) 'D');
+        byte[] rp = encode(r);
+        String dFrame = toHex(frameOf(rp, dTx.next(rp, rp.length)));
+        check(dFrame.equals("00000022080000000000000000000000000000000000fc8b1db1a4408a381d82b8441c094f81"), "12.5 dialer Resume " + dFrame);
+        Tagger aTx = new Tagger(k, (byte) 'A');
+        aTx.counter = 1; // after its Resume
+        Msg ack = Msg.of(T_ACK);
+        ack.ackInc = 65536; ack.ackSeq = 41;
+        byte[] ap = encode(ack);
+        check(toHex(ap).equals("03fc0000010029"), "12.5 Ack payload");
+        byte[] aFrame = frameOf(ap, aTx.next(ap, ap.length));
+        check(toHex(aFrame).equals("0000001703fc000001002937763cb81f973a690d1e69ca753a19e0"), "12.5 acceptor Ack " + toHex(aFrame));
+        // The receiving side: the dialer's Resume verifies at counter 0, the Ack at the acceptor's counter 1.
+        Tagger dRx = new Tagger(k, (byte) 'D');
+        check(decode(unseal(dRx, Arrays.copyOfRange(hex(dFrame), 4, 38))).type == T_RESUME, "12.5 unseal Resume");
+        Tagger aRx = new Tagger(k, (byte) 'A');
+        aRx.counter = 1;
+        check(decode(unseal(aRx, Arrays.copyOfRange(aFrame, 4, aFrame.length))).ackSeq == 41, "12.5 unseal Ack");
+        // A flipped bit, the wrong counter (replayed, reordered), the wrong role (reflected), too short: refused.
+        byte[] bad = Arrays.copyOfRange(aFrame, 4, aFrame.length);
+        bad[bad.length - 1] ^= 1;
+        Tagger t1 = new Tagger(k, (byte) 'A');
+        t1.counter = 1;
+        expectTagError(t1, bad, "a flipped tag bit");
+        expectTagError(new Tagger(k, (byte) 'A'), Arrays.copyOfRange(aFrame, 4, aFrame.length), "counter 0 for frame 1");
+        Tagger t2 = new Tagger(k, (byte) 'D');
+        t2.counter = 1;
+        expectTagError(t2, Arrays.copyOfRange(aFrame, 4, aFrame.length), "the dialer's role on the acceptor's frame");
+        expectTagError(new Tagger(k, (byte) 'D'), new byte[TAG], "a frame of 16 bytes");
+        expectTagError(new Tagger(k, (byte) 'D'), Arrays.copyOfRange(hex(dFrame), 4, 20), "a frame shorter than a tag");
+        log("selftest: 12.5 frame tags ok");
+    }
+
+    static void expectTagError(Tagger rx, byte[] p, String what) {
+        try {
+            unseal(rx, p);
+        } catch (ProtoError e) {
+            return;
+        }
+        throw new IllegalStateException("tag accepted: " + what);
+    }
+
+    /** 12.6: fingerprints; the item is re-encoded canonically whatever form it arrived in. */
+    static void selftestFingerprints() throws Exception {
+        Item k = Item.key("org.hisp.dhis.user.User", "xE7jOejl9FI");
+        Enc e = new Enc();
+        encodeItem(e, k);
+        check(toHex(e.o.toByteArray()).equals("0017" + toHex(utf8("org.hisp.dhis.user.User")) + "0b" + toHex(utf8("xE7jOejl9FI"))), "12.6 item encoding");
+        check(toHex(fingerprint(0x0123456789abcdefL, 42, k)).equals("bbd3331d759de109335d5703466d11f0"), "12.6 Key fingerprint "
+                + toHex(fingerprint(0x0123456789abcdefL, 42, k)));
+        check(toHex(fingerprint(0x0123456789abcdefL, 43, Item.flush())).equals("ff29c57e7f597c7acae7aa33466a412d"), "12.6 Flush fingerprint "
+                + toHex(fingerprint(0x0123456789abcdefL, 43, Item.flush())));
+        // A Flush item index in a longer form (fb 02 00) is the same item: the same fingerprint.
+        Msg b = decode(hex("02" + "2b" + "01" + "fb0200"));
+        check(toHex(fingerprint(0x0123456789abcdefL, 43, b.items.get(0))).equals("ff29c57e7f597c7acae7aa33466a412d"), "12.6 canonical form");
+        log("selftest: 12.6 fingerprints ok");
+    }
+
+    /** 9.4: the resume point from an acceptor's Resume, case by case, on a small buffer. */
+    static void selftestResume() {
+        long inc = 0x0123456789abcdefL, run = 77, otherRun = 78;
+        quietFindings = true; // the divergences provoked here are expected; stderr still shows them
+        try {
+            synchronized (L) {
+                myInc = inc;
+                // seqs 1..10 assigned; a buffer of 4 holds 7..10
+                ring = new Item[4];
+                front = 1; lastAssigned = 0;
+                for (int i = 1; i <= 10; i++) append(Item.key("c", "k" + i));
+                check(front == 7 && held(6) == null && held(7) != null && held(11) == null, "ring bounds");
+                acked = 3; ackedRun = run; flushedAt = 0;
+                long dv = divergences;
+                // 3. verified: held, right fingerprint
+                check(resumePoint(resume(inc, 8, fingerprint(inc, 8, held(8))), run) == 8 && divergences == dv, "9.4 verified");
+                // 4. held, wrong fingerprint: divergence, from acked
+                check(resumePoint(resume(inc, 8, fingerprint(inc, 9, held(9))), run) == 3 && divergences == ++dv, "9.4 wrong fingerprint");
+                // 1. beyond last: divergence
+                check(resumePoint(resume(inc, 11, ZERO_DIGEST), run) == 3 && divergences == ++dv, "9.4 beyond last");
+                // 6. not known, beyond acked: unverifiable, divergence
+                check(resumePoint(resume(inc, 5, ZERO_DIGEST), run) == 3 && divergences == ++dv, "9.4 unverifiable");
+                // front - 1 = 6 with a Flush's fingerprint, but no synthetic Flush was written there: unverifiable
+                check(resumePoint(resume(inc, 6, fingerprint(inc, 6, Item.flush())), run) == 3 && divergences == ++dv,
+                        "9.4 Flush never written");
+                // the synthetic Flush we wrote the node at 6 is known; a Flush elsewhere is not
+                flushedAt = 6;
+                check(resumePoint(resume(inc, 6, fingerprint(inc, 6, Item.flush())), run) == 6 && divergences == dv, "9.4 synthetic Flush verified");
+                check(resumePoint(resume(inc, 6, ZERO_DIGEST), run) == 3 && divergences == ++dv, "9.4 synthetic Flush, wrong digest");
+                check(resumePoint(resume(inc, 5, fingerprint(inc, 5, Item.flush())), run) == 3 && divergences == ++dv,
+                        "9.4 a Flush where none was written");
+                // 5. not known, at or below acked: taken
+                check(resumePoint(resume(inc, 3, ZERO_DIGEST), run) == 3 && divergences == dv, "9.4 at acked, unknown");
+                check(resumePoint(resume(inc, 2, ZERO_DIGEST), otherRun) == 3 && divergences == dv, "9.4 below acked, a restarted receiver");
+                // another incarnation, None from another run, seq 0: from acked
+                check(resumePoint(resume(inc + 1, 9, ZERO_DIGEST), run) == 3 && divergences == dv, "9.4 another incarnation");
+                check(resumePoint(resume(inc, 0, ZERO_DIGEST), otherRun) == 3 && divergences == dv, "9.4 seq 0, another run");
+                Msg none = Msg.of(T_RESUME);
+                none.digest = ZERO_DIGEST;
+                check(resumePoint(none, otherRun) == 3 && divergences == dv, "9.4 None, another run");
+                // 2. below what the same run acknowledged: divergence, from the announced position if verified, else
+                // one below it (the node gets that seq again and flushes)
+                check(resumePoint(resume(inc, 2, ZERO_DIGEST), run) == 1 && divergences == ++dv, "9.4 below acked, unverified");
+                check(resumePoint(none, run) == 0 && divergences == ++dv, "9.4 None from the same run");
+                check(resumePoint(resume(inc, 0, ZERO_DIGEST), run) == 0 && divergences == ++dv, "9.4 seq 0 from the same run");
+                acked = 9;
+                check(resumePoint(resume(inc, 8, fingerprint(inc, 8, held(8))), run) == 8 && divergences == ++dv, "9.4 below acked, verified");
+                check(resumePoint(resume(inc, 6, fingerprint(inc, 6, Item.flush())), run) == 6 && divergences == ++dv,
+                        "9.4 below acked, at the synthetic Flush");
+                // rule 2 comes before the fingerprint check of rule 4
+                check(resumePoint(resume(inc, 8, fingerprint(inc, 9, held(9))), run) == 7 && divergences == ++dv,
+                        "9.4 below acked, wrong fingerprint");
+                // from another run: 4 is divergence at or below acked too; 3 and 5 take acked
+                check(resumePoint(resume(inc, 8, fingerprint(inc, 9, held(9))), otherRun) == 9 && divergences == ++dv,
+                        "9.4 wrong fingerprint below acked, another run");
+                check(resumePoint(resume(inc, 8, fingerprint(inc, 8, held(8))), otherRun) == 9 && divergences == dv,
+                        "9.4 verified below acked, another run");
+                check(resumePoint(resume(inc, 5, ZERO_DIGEST), otherRun) == 9 && divergences == dv, "9.4 unknown below acked, another run");
+                // a local Flush at front: no synthetic one was written, so front - 1 is unknown
+                ring = new Item[4];
+                front = 1; lastAssigned = 0; flushedAt = 0;
+                for (int i = 1; i <= 6; i++) append(i == 3 ? Item.flush() : Item.key("c", "k" + i));
+                check(front == 3 && held(3).kind == I_FLUSH, "local Flush at front");
+                acked = 1;
+                check(resumePoint(resume(inc, 2, fingerprint(inc, 2, Item.flush())), run) == 1 && divergences == ++dv, "9.4 no synthetic Flush");
+            }
+        } finally {
+            quietFindings = false;
+            synchronized (L) {
+                ring = null; front = 1; lastAssigned = 0; acked = 0; ackedRun = null; divergences = 0; flushedAt = 0;
+            }
+        }
+        log("selftest: 9.4 resume points ok");
+    }
+
+    static Msg resume(long inc, long seq, byte[] digest) {
+        Msg r = Msg.of(T_RESUME);
+        r.hasLast = true; r.lastInc = inc; r.lastSeq = seq; r.digest = digest;
+        return r;
+    }
+
     static int selftest(String dir) throws Exception {
         List<Path> files;
         try (Stream<Path> st = Files.list(Paths.get(dir))) {
             files = st.filter(p -> p.toString().endsWith(".hex")).sorted().collect(Collectors.toList());
         }
         check(!files.isEmpty(), "no .hex files in " + dir);
+        // 12.3: every listed vector must be there, not only those found
+        List<String> missing = new ArrayList<>(List.of("hello.hex", "hello_no_position.hex", "auth.hex", "batch.hex", "ack.hex",
+                "ping.hex", "pong.hex", "goodbye.hex", "reject.hex", "resume.hex", "resume_none.hex"));
         for (Path f : files) {
+            missing.remove(f.getFileName().toString());
             byte[] fr = hex(new String(Files.readAllBytes(f), StandardCharsets.UTF_8));
             check(fr.length >= 4, f + ": shorter than a length prefix");
             long n = ByteBuffer.wrap(fr).getInt() & 0xFFFFFFFFL;
@@ -1260,16 +1753,24 @@ public class Peer {
                 case "reject.hex":
                     check(m.type == T_REJECT && m.reason.equals("unknown peer: 10.0.0.9:4001"), name);
                     break;
+                case "resume.hex":
+                    check(m.type == T_RESUME && m.hasLast && m.lastInc == 0x0123456789abcdefL && m.lastSeq == 1002
+                            && Arrays.equals(m.digest, seqBytes(0, 16, 0x11)), name);
+                    break;
+                case "resume_none.hex":
+                    check(m.type == T_RESUME && !m.hasLast && Arrays.equals(m.digest, ZERO_DIGEST), name);
+                    break;
                 default:
                     log("selftest: no expectations for " + name + " (round trip only)");
             }
             log("selftest: " + name + " ok");
         }
-        // 12.4
+        check(missing.isEmpty(), "vectors missing from " + dir + ": " + missing);
+        // 12.4 (its Hellos say version 1: the proof's layout is the same in version 2)
         Msg d = Msg.of(T_HELLO);
-        d.node = "10.0.0.2:4001"; d.nonce = fill(0xaa); d.inc = 65536; d.auth = true;
+        d.version = 1; d.node = "10.0.0.2:4001"; d.nonce = fill(0xaa); d.inc = 65536; d.auth = true;
         Msg a = Msg.of(T_HELLO);
-        a.node = "10.0.0.1:4001"; a.nonce = fill(0xbb); a.inc = 0x0123456789abcdefL; a.auth = true;
+        a.version = 1; a.node = "10.0.0.1:4001"; a.nonce = fill(0xbb); a.inc = 0x0123456789abcdefL; a.auth = true;
         a.hasLast = true; a.lastInc = 65536; a.lastSeq = 41;
         byte[] key = "0123456789abcdef".getBytes(StandardCharsets.UTF_8);
         byte[] msgA = authMessage((byte) 'A', d, a);
@@ -1279,6 +1780,9 @@ public class Peer {
         Msg af = Msg.of(T_AUTH);
         af.mac = hmac(key, msgA);
         check(toHex(frame(af)).startsWith("000000210163320222"), "12.4 frame");
+        selftestTags(key);
+        selftestFingerprints();
+        selftestResume();
         // 4.2 varint examples
         long[] vs = {0, 250, 251, 300, 65535, 65536, 4294967295L, 4294967296L, -1L};
         String[] hs = {"00", "fa", "fbfb00", "fb2c01", "fbffff", "fc00000100", "fcffffffff", "fd0000000001000000", "fdffffffffffffffff"};
@@ -1292,7 +1796,13 @@ public class Peer {
         // error cases of sections 3, 4, 6
         check(decode(hex("06fb0500")).goodbyeSeq == 5, "longer varint form accepted");
         expectError("", "empty payload");
-        expectError("08", "unknown index");
+        expectError("09", "unknown index");
+        expectError("08", "truncated Resume");
+        expectError("0802" + "00".repeat(16), "Resume Option byte 02");
+        expectError("0800" + "00".repeat(15), "Resume digest of 15 bytes");
+        expectError("0800" + "00".repeat(17), "Resume with a trailing byte");
+        expectError("0801fe00" + "00".repeat(16), "Resume incarnation fe");
+        check(decode(hex("fb0800" + "00" + "00".repeat(16))).type == T_RESUME, "longer index form of Resume accepted");
         expectError("0405", "trailing bytes");
         expectError("06fe", "fe marker");
         expectError("06ff", "ff marker");
@@ -1349,6 +1859,7 @@ public class Peer {
                 case "--send": sendN = Long.parseLong(args[++i]); break;
                 case "--secret": secret = args[++i]; break;
                 case "--batch": BATCH = Integer.parseInt(args[++i]); break;
+                case "--buffer": CAPACITY = Integer.parseInt(args[++i]); break;
                 default:
                     System.err.println("unknown argument " + a);
                     System.exit(2);
@@ -1362,8 +1873,8 @@ public class Peer {
                 System.exit(1);
             }
         }
-        if (ID == null || NODE == null || BATCH < 1) {
-            System.err.println("usage: Peer --id HOST:PORT --node HOST:PORT [--send N] [--secret S] [--batch B] | --selftest --vectors DIR");
+        if (ID == null || NODE == null || BATCH < 1 || CAPACITY < 1) {
+            System.err.println("usage: Peer --id HOST:PORT --node HOST:PORT [--send N] [--secret S] [--batch B] [--buffer C] | --selftest --vectors DIR");
             System.exit(2);
         }
         if (secret != null) SECRET = secret.getBytes(StandardCharsets.UTF_8);
@@ -1379,8 +1890,8 @@ public class Peer {
         server.bind(new InetSocketAddress(InetAddress.getByName("127.0.0.1"), ID_PORT), 64);
 
         synchronized (L) {
-            for (long i = 1; i <= sendN; i++) buffer.add(Item.key("org.hisp.dhis.user.User", "java-" + i));
-            lastAssigned = sendN;
+            ring = new Item[CAPACITY];
+            for (long i = 1; i <= sendN; i++) append(Item.key("org.hisp.dhis.user.User", "java-" + i));
             targets.addLast(sendN);
         }
         Thread acc = new Thread(Peer::acceptLoop, "acceptor");

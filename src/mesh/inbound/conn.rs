@@ -27,10 +27,12 @@ use crate::mesh::transport::MemoryStream;
 use crate::mesh::{Dir, Event, FlushReason, Rejected, Shared, Silence, lock};
 use crate::wire::{
     CodecError, Expect, FrameCodec, Hello, MAGIC, Message, NONCE_LEN, PROTOCOL_VERSION, Position,
+    Sealer,
 };
 
-/// Our hello, carrying what we applied from the peer.
-pub(crate) fn hello_for(shared: &Shared, last_applied: Option<Position>) -> Hello {
+/// Our hello. Positions travel in a `Resume` once the other side proved
+/// itself (section 7.1 of the protocol), never in a hello.
+pub(crate) fn hello_for(shared: &Shared) -> Hello {
     let mut nonce = [0u8; NONCE_LEN];
     rand::fill(&mut nonce);
     Hello {
@@ -39,7 +41,7 @@ pub(crate) fn hello_for(shared: &Shared, last_applied: Option<Position>) -> Hell
         node: shared.me.to_string(),
         incarnation: lock(&shared.out).incarnation(),
         nonce,
-        last_applied,
+        last_applied: None,
         auth: shared.secret.is_some(),
     }
 }
@@ -312,8 +314,9 @@ pub(crate) async fn serve_io(
         return reject(shared, &mut wr, Rejected::Auth, &e.to_string()).await;
     }
     // Nothing changes state before the peer has proven who it is: the
-    // reply position is only read here, and applied below.
-    let reply = lock(&shared.peers[peer].state).applied();
+    // reply position is only read here (before its incarnation applies:
+    // section 9.9 of the protocol), and sent once it proved itself.
+    let reply = lock(&shared.peers[peer].state).resume();
     let incarnation = hello.incarnation;
     // Proven by a secret or a certificate, a newer connection is the peer
     // itself and takes over at once (section 2 of the protocol); without,
@@ -327,7 +330,7 @@ pub(crate) async fn serve_io(
     {
         return reject(shared, &mut wr, Rejected::Handshake, &reason).await;
     }
-    let ours = hello_for(shared, reply);
+    let ours = hello_for(shared);
     let mut buf = BytesMut::new();
     let mut codec = FrameCodec::new();
     let hellos = handshake::Hellos {
@@ -336,15 +339,19 @@ pub(crate) async fn serve_io(
         theirs: &hello,
     };
     let our_proof = shared.secret.as_ref().map(|s| hellos.proof(s));
+    // Without a secret the claim was judged above: our position goes with
+    // the hello. With one, it waits for the dialer's proof.
     let encoded = codec
         .encode(Message::Hello(ours.clone()), &mut buf)
         .and_then(|()| match our_proof {
             Some(mac) => codec.encode(Message::Auth { mac }, &mut buf),
-            None => Ok(()),
+            None => codec.encode(Message::Resume(reply), &mut buf),
         });
     if encoded.is_err() || timeout_at(deadline, wr.write_all(&buf)).await.is_err() {
         return;
     }
+    buf.clear();
+    let mut sealer = None;
     if let Some(secret) = &shared.secret {
         reader.decoder_mut().allow_next(Expect::AuthOrReject);
         let proof = match timeout_at(deadline, reader.next()).await {
@@ -388,15 +395,25 @@ pub(crate) async fn serve_io(
         if let Err(reason) = admit_incarnation(shared, peer, incarnation, proven) {
             return reject(shared, &mut wr, Rejected::Handshake, &reason).await;
         }
+        // Proven: every frame from here on is tagged both ways (section 7.6
+        // of the protocol), our position first.
+        let (mut s, opener) = handshake::session(secret, &ours, &hello, auth::Role::Acceptor);
+        reader.decoder_mut().authenticate(opener);
+        if s.encode(&Message::Resume(reply), &mut buf).is_err()
+            || timeout_at(deadline, wr.write_all(&buf)).await.is_err()
+        {
+            return;
+        }
+        sealer = Some(s);
     }
     drop(slot);
     reader.decoder_mut().established();
-    // Everything this connection may carry lies beyond what our hello
+    // Everything this connection may carry lies beyond what our `Resume`
     // said we hold from this incarnation (section 9.4 of the protocol).
     let floor = reply
+        .last_applied
         .filter(|p| p.incarnation == incarnation)
         .map_or(0, |p| p.seq);
-    lock(&shared.out).peer_position(peer, hello.last_applied);
     // This connection supersedes any older one from the same peer.
     let conn_token = shared.token.child_token();
     let generation = lock(&shared.peers[peer].state).inbound_takes_over(
@@ -415,8 +432,11 @@ pub(crate) async fn serve_io(
         peer,
         incarnation,
         floor,
-        &mut reader,
-        &mut wr,
+        Established {
+            reader: &mut reader,
+            wr: &mut wr,
+            sealer,
+        },
         &conn_token,
     )
     .await;
@@ -481,6 +501,14 @@ async fn find_peer(shared: &Shared, node: &str) -> Option<usize> {
     None
 }
 
+/// A connection whose handshake is complete, as [`receive`] drives it.
+struct Established<'a> {
+    reader: &'a mut FramedRead<ReadHalf<Io>, FrameCodec>,
+    wr: &'a mut WriteHalf<Io>,
+    /// Tags our acks and pongs, under a shared secret.
+    sealer: Option<Sealer>,
+}
+
 /// Reads the peer's stream and applies it, while a second half writes
 /// acks and pongs; returns why it ended. `floor` is the seq our hello
 /// announced: the origin never sends it or anything below on this
@@ -490,14 +518,20 @@ async fn receive(
     peer: usize,
     incarnation: u64,
     mut floor: u64,
-    reader: &mut FramedRead<ReadHalf<Io>, FrameCodec>,
-    wr: &mut WriteHalf<Io>,
+    conn: Established<'_>,
     conn_token: &CancellationToken,
 ) -> String {
+    let Established {
+        reader,
+        wr,
+        mut sealer,
+    } = conn;
     let (owed_tx, mut owed_rx) = watch::channel(Owed::default());
     let dead_after = shared.tuning.dead_after;
     let read = async {
         let mut said_goodbye = false;
+        // The dialer's first frame is its position for us (section 8).
+        let mut resumed = false;
         let mut silence = Silence::new(dead_after);
         loop {
             let next = tokio::select! {
@@ -519,6 +553,23 @@ async fn receive(
             };
             silence.heard();
             shared.heard(peer, Dir::In);
+            match (&msg, resumed) {
+                (Message::Resume(r), false) => {
+                    lock(&shared.out).peer_position(peer, r.last_applied);
+                    resumed = true;
+                    continue;
+                }
+                // Without secrets the dialer's refusal (after our hello)
+                // arrives once the handshake is done here.
+                (Message::Reject { reason }, false) => {
+                    return format!("the peer refused us: {reason}");
+                }
+                (_, false) => {
+                    shared.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
+                    return format!("expected Resume, got {}", msg.kind());
+                }
+                (_, true) => {}
+            }
             match msg {
                 Message::Batch(batch) => {
                     let n = batch.items.len() as u64;
@@ -572,9 +623,6 @@ async fn receive(
                     said_goodbye = true;
                     info!(last_seq, "peer said goodbye");
                 }
-                // Without secrets the dialer's refusal (after our hello)
-                // arrives once the handshake is done here.
-                Message::Reject { reason } => return format!("the peer refused us: {reason}"),
                 other => {
                     shared.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
                     return format!("unexpected {} from the sending side", other.kind());
@@ -597,16 +645,20 @@ async fn receive(
             // covers every batch read meanwhile.
             tokio::task::yield_now().await;
             let owed = *owed_rx.borrow_and_update();
+            let mut put = |msg: &Message, buf: &mut BytesMut| match sealer.as_mut() {
+                Some(s) => s.encode(msg, buf),
+                None => codec.encode(msg, buf),
+            };
             if owed.ack != acked
                 && let Some(pos) = owed.ack
             {
-                let _ = codec.encode(&Message::Ack(pos), &mut buf);
+                let _ = put(&Message::Ack(pos), &mut buf);
                 acked = owed.ack;
             }
             // One Pong answers every Ping since the last write: a flood of
             // Pings cannot pile up owed answers.
             if ponged < owed.pongs {
-                let _ = codec.encode(&Message::Pong, &mut buf);
+                let _ = put(&Message::Pong, &mut buf);
                 ponged = owed.pongs;
             }
             // A peer that stops reading its acks is as dead as a silent one.

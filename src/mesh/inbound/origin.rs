@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use crate::wire::{Item, Position};
+use crate::wire::{DIGEST_LEN, Item, Position, Resume, fingerprint};
 
 use crate::mesh::event::{Event, FlushReason, PeerId};
 
@@ -17,6 +17,10 @@ struct Origin {
     /// Nothing applied yet from this incarnation: its first batch may start
     /// anywhere (what came before was not meant for this node's caches).
     fresh: bool,
+    /// The fingerprint of the item applied at `last_applied`, announced
+    /// beside it so that the origin resumes only past what this node
+    /// applied from it; zeros when `last_applied` was set otherwise.
+    digest: [u8; DIGEST_LEN],
 }
 
 /// A batch for an incarnation that is no longer the origin's current one:
@@ -137,6 +141,7 @@ impl OriginRecord {
         let Some(s) = self.state.as_mut().filter(|s| s.incarnation == incarnation) else {
             return Err(Superseded);
         };
+        let last = items.len().saturating_sub(1);
         for (i, item) in items.into_iter().enumerate() {
             let seq = first_seq.saturating_add(i as u64);
             if seq <= *floor {
@@ -150,6 +155,7 @@ impl OriginRecord {
                     });
                 }
                 s.last_applied = seq - 1;
+                s.digest = [0; DIGEST_LEN];
             }
             *floor = seq;
             if seq <= s.last_applied {
@@ -169,6 +175,12 @@ impl OriginRecord {
             // A goodbye promises nothing more; if more comes anyway, the
             // goodbye no longer describes the end of the stream.
             s.goodbye = None;
+            // Only the batch's last item can end up at `last_applied`.
+            s.digest = if i == last {
+                fingerprint(incarnation, seq, &item)
+            } else {
+                [0; DIGEST_LEN]
+            };
             emit(event(origin, seq, item));
         }
         Ok(Position {
@@ -181,13 +193,23 @@ impl OriginRecord {
     pub(crate) fn goodbye(&mut self, incarnation: u64, last_seq: u64) {
         if let Some(s) = self.state.as_mut().filter(|s| s.incarnation == incarnation) {
             s.goodbye = Some(last_seq);
-            if s.fresh {
+            if s.fresh && last_seq > s.last_applied {
                 // The origin writes everything this node needs before its
                 // goodbye, on the same connection. Nothing arrived, so
                 // nothing was owed: this node started after what the origin
                 // numbered so far had been delivered to its predecessor.
-                s.last_applied = s.last_applied.max(last_seq);
+                s.last_applied = last_seq;
+                s.digest = [0; DIGEST_LEN];
             }
+        }
+    }
+
+    /// What was applied from `peer`'s latest incarnation, and the
+    /// fingerprint of the item there: what a `Resume` to it says.
+    pub(crate) fn resume(&self) -> Resume {
+        Resume {
+            last_applied: self.applied(),
+            digest: self.state.map_or([0; DIGEST_LEN], |s| s.digest),
         }
     }
 
@@ -208,6 +230,7 @@ impl Origin {
             last_applied: 0,
             goodbye: None,
             fresh: true,
+            digest: [0; DIGEST_LEN],
         }
     }
 }

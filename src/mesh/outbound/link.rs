@@ -19,7 +19,7 @@ use crate::mesh::handshake::{self, HandshakeError};
 use crate::mesh::inbound::{hello_for, identity_matches, parse_identity};
 use crate::mesh::io::Io;
 use crate::mesh::{Dir, Shared, Silence, lock};
-use crate::wire::{CodecError, Expect, FrameCodec, Hello, Message};
+use crate::wire::{CodecError, Expect, FrameCodec, Hello, Message, Resume, Sealer};
 
 /// Bytes of frames encoded per write while busy: large enough for one
 /// syscall to carry thousands of invalidations, small enough to keep the
@@ -115,32 +115,28 @@ pub(crate) async fn run(shared: Arc<Shared>, peer: usize) {
                 _ = shared.token.cancelled() => return,
             };
             match attempt {
-                Ok((reader, writer, hello)) => {
+                Ok(Session {
+                    reader,
+                    writer,
+                    hello,
+                    resume,
+                    sealer,
+                }) => {
                     let (resumed, acked, queued, ours) = {
                         let mut out = lock(&shared.out);
-                        out.peer_position(peer, hello.last_applied);
-                        let resumed = out.connected(peer, hello.last_applied, hello.incarnation);
+                        out.peer_position(peer, resume.last_applied);
+                        let resumed = out.connected(peer, resume, hello.incarnation);
                         (resumed, out.acked(peer), out.queued(peer), out.incarnation())
                     };
-                    if let Some(announced) = resumed.diverged {
+                    if let Some(why) = resumed.divergence {
                         shared.stats.diverged.fetch_add(1, Ordering::Relaxed);
                         warn!(
-                            announced,
                             resume_from = acked + 1,
-                            "the peer holds a position beyond anything this node assigned \
-                             (another party claimed this node's identity to it?); resuming from \
-                             what it acknowledged, which makes it flush"
-                        );
-                    }
-                    if let Some((announced, acknowledged)) = resumed.below_acked {
-                        shared.stats.diverged.fetch_add(1, Ordering::Relaxed);
-                        warn!(
-                            announced,
-                            acknowledged,
                             behind = resumed.behind,
-                            "the peer holds a position below what it acknowledged in this run \
-                             (acks forged on the path?); replaying from its position, or a \
-                             flush where that is no longer held"
+                            "the peer's position for this node is not believed: {why} (another \
+                             party sent it invalidations under this node's identity, or forged \
+                             its acks?); resuming where it can be trusted, so that it flushes \
+                             rather than miss anything"
                         );
                     }
                     shared.peers[peer].acked.send_if_modified(|a| {
@@ -163,7 +159,7 @@ pub(crate) async fn run(shared: Arc<Shared>, peer: usize) {
                     }
                     // A peer that knew this run resumes: what it had not
                     // acknowledged is sent again from the buffer.
-                    if hello.last_applied.is_some_and(|p| p.incarnation == ours) {
+                    if resume.last_applied.is_some_and(|p| p.incarnation == ours) {
                         shared.stats.replayed.fetch_add(queued, Ordering::Relaxed);
                     }
                     info!(
@@ -176,7 +172,8 @@ pub(crate) async fn run(shared: Arc<Shared>, peer: usize) {
                     shared.peers[peer].notify.notify_one();
                     let up_at = Instant::now();
                     let acked_something = AtomicBool::new(false);
-                    let result = session(&shared, peer, reader, writer, &acked_something).await;
+                    let result =
+                        session(&shared, peer, reader, writer, sealer, &acked_something).await;
                     lock(&shared.out).disconnected(peer);
                     // Only a session that proved healthy starts the delays
                     // again; one that fails right after the hellos (a
@@ -245,11 +242,20 @@ pub(crate) async fn run(shared: Arc<Shared>, peer: usize) {
 
 type Reader = FramedRead<ReadHalf<Io>, FrameCodec>;
 
+/// A connection whose handshake is complete.
+struct Session {
+    reader: Reader,
+    writer: WriteHalf<Io>,
+    /// The acceptor's hello.
+    hello: Hello,
+    /// Where the acceptor stands in our stream.
+    resume: Resume,
+    /// Tags our frames, under a shared secret.
+    sealer: Option<Sealer>,
+}
+
 /// Dials the peer (resolving its name afresh) and completes the handshake.
-async fn connect(
-    shared: &Shared,
-    peer: usize,
-) -> Result<(Reader, WriteHalf<Io>, Hello), LinkError> {
+async fn connect(shared: &Shared, peer: usize) -> Result<Session, LinkError> {
     let info = &shared.peers[peer];
     let hello_timeout = shared.tuning.hello_timeout;
     // One deadline covers the handshake from the connection on, TLS
@@ -264,8 +270,9 @@ async fn connect(
     let (rd, mut wr) = tokio::io::split(io);
     // Nothing but the acceptor's Hello (or its Reject) is decoded first.
     let mut reader = FramedRead::new(rd, FrameCodec::handshake(Expect::HelloOrReject));
-    let applied = lock(&info.state).applied();
-    let ours = hello_for(shared, applied);
+    // Read before the acceptor's incarnation is applied (section 9.9).
+    let our_resume = lock(&info.state).resume();
+    let ours = hello_for(shared);
     let mut buf = BytesMut::new();
     let mut codec = FrameCodec::new();
     codec.encode(Message::Hello(ours.clone()), &mut buf)?;
@@ -296,8 +303,9 @@ async fn connect(
             )));
         }
         handshake::check_secrets(shared.secret.is_some(), &hello, &shared.me, &info.id)?;
+        let mut hellos = None;
         if let Some(secret) = &shared.secret {
-            let hellos = handshake::Hellos {
+            let pair = handshake::Hellos {
                 role: auth::Role::Dialer,
                 ours: &ours,
                 theirs: &hello,
@@ -313,27 +321,64 @@ async fn connect(
                     )));
                 }
             };
-            hellos.check_proof(secret, &proof, &info.id)?;
-            codec.encode(
-                Message::Auth {
-                    mac: hellos.proof(secret),
-                },
-                &mut buf,
-            )?;
-            timeout_at(deadline, wr.write_all(&buf))
-                .await
-                .map_err(|_| LinkError::HelloTimeout(hello_timeout))??;
+            pair.check_proof(secret, &proof, &info.id)?;
+            hellos = Some((secret, pair));
         }
         // The acceptor's incarnation tells of a restart even before its own
-        // stream reaches us (it may be unable to).
+        // stream reaches us (it may be unable to). Applied before our proof,
+        // so that a refusal (a Reject, never tagged) precedes it.
         shared
             .peer_incarnation(peer, hello.incarnation)
             .map_err(LinkError::Protocol)?;
-        Ok::<(), LinkError>(())
+        Ok::<_, LinkError>(hellos.map(|(secret, pair)| (pair.proof(secret), secret)))
     }
     .await;
-    if let Err(e) = checked {
-        // Tell the acceptor why, so that its log says more than "closed".
+    let proof = match checked {
+        Ok(p) => p,
+        Err(e) => return Err(refuse(shared, &mut wr, e).await),
+    };
+    // Our proof, then our position for the acceptor (tagged from here on
+    // under a secret: section 7.6 of the protocol).
+    let mut sealer = None;
+    if let Some((mac, secret)) = proof {
+        codec.encode(Message::Auth { mac }, &mut buf)?;
+        let (s, opener) = handshake::session(secret, &ours, &hello, auth::Role::Dialer);
+        reader.decoder_mut().authenticate(opener);
+        sealer = Some(s);
+    }
+    match &mut sealer {
+        Some(s) => s.encode(&Message::Resume(our_resume), &mut buf)?,
+        None => codec.encode(Message::Resume(our_resume), &mut buf)?,
+    }
+    timeout_at(deadline, wr.write_all(&buf))
+        .await
+        .map_err(|_| LinkError::HelloTimeout(hello_timeout))??;
+    // Where to resume: said only once we proved ourselves.
+    reader.decoder_mut().allow_next(Expect::ResumeOrReject);
+    let resume = match next_frame(&mut reader, deadline, hello_timeout).await? {
+        Message::Resume(r) => r,
+        Message::Reject { reason } => return Err(LinkError::Rejected(reason)),
+        other => {
+            return Err(LinkError::Protocol(format!(
+                "expected Resume, got {}",
+                other.kind()
+            )));
+        }
+    };
+    reader.decoder_mut().established();
+    Ok(Session {
+        reader,
+        writer: wr,
+        hello,
+        resume,
+        sealer,
+    })
+}
+
+/// Tells the acceptor why its hello or proof was refused (best effort, so
+/// that its log says more than "closed"); returns the error.
+async fn refuse(shared: &Shared, wr: &mut WriteHalf<Io>, e: LinkError) -> LinkError {
+    {
         if matches!(e, LinkError::Protocol(_) | LinkError::Handshake(_)) {
             let reject = Message::Reject {
                 reason: format!("{} refuses: {e}", shared.me),
@@ -343,10 +388,8 @@ async fn connect(
                 let _ = timeout(Duration::from_secs(1), wr.write_all(&buf)).await;
             }
         }
-        return Err(e);
     }
-    reader.decoder_mut().established();
-    Ok((reader, wr, hello))
+    e
 }
 
 /// Writes `buf`, bounded: a write that makes no progress for `dead_after`
@@ -388,6 +431,19 @@ async fn write_bounded(
     Ok(())
 }
 
+/// Encodes one frame, tagged under a shared secret.
+fn encode(
+    codec: &mut FrameCodec,
+    sealer: Option<&mut Sealer>,
+    msg: &Message,
+    buf: &mut BytesMut,
+) -> Result<(), CodecError> {
+    match sealer {
+        Some(s) => s.encode(msg, buf),
+        None => codec.encode(msg, buf),
+    }
+}
+
 /// The next handshake frame, before `deadline`.
 async fn next_frame(
     reader: &mut Reader,
@@ -421,6 +477,7 @@ fn fill_chunk(
     peer: usize,
     taken: &mut Taken,
     buf: &mut BytesMut,
+    mut sealer: Option<&mut Sealer>,
 ) -> Result<Chunk, CodecError> {
     let mut chunk = Chunk {
         filled: Filled::default(),
@@ -436,7 +493,7 @@ fn fill_chunk(
             chunk.last_seq = out.last_seq();
             f
         };
-        taken.encode(buf)?;
+        taken.encode(buf, sealer.as_deref_mut())?;
         if f.items == 0 {
             chunk.exhausted = true;
             break;
@@ -455,6 +512,7 @@ async fn session(
     peer: usize,
     mut reader: Reader,
     mut wr: WriteHalf<Io>,
+    mut sealer: Option<Sealer>,
     acked_something: &AtomicBool,
 ) -> Result<(), LinkError> {
     let info = &shared.peers[peer];
@@ -529,7 +587,7 @@ async fn session(
             if shared.token.is_cancelled() {
                 break;
             }
-            let chunk = fill_chunk(shared, peer, &mut taken, &mut buf)?;
+            let chunk = fill_chunk(shared, peer, &mut taken, &mut buf, sealer.as_mut())?;
             let (filled, last_written) = (chunk.filled, chunk.sent);
             if filled.items > 0 {
                 shared
@@ -563,7 +621,7 @@ async fn session(
                 _ = &mut ping => {
                     // Due only if nothing was written since it was set.
                     if Instant::now() >= last_write + ping_every {
-                        codec.encode(&Message::Ping, &mut buf)?;
+                        encode(&mut codec, sealer.as_mut(), &Message::Ping, &mut buf)?;
                         write_bounded(shared, &mut wr, &buf).await?;
                         buf.clear();
                         last_write = Instant::now();
@@ -582,7 +640,7 @@ async fn session(
                 // The last number is read under the lock of the take that
                 // found nothing more, so the goodbye never names something
                 // that was not written.
-                let chunk = fill_chunk(shared, peer, &mut taken, &mut buf)?;
+                let chunk = fill_chunk(shared, peer, &mut taken, &mut buf, sealer.as_mut())?;
                 if !buf.is_empty() {
                     write_bounded(shared, &mut wr, &buf).await?;
                     buf.clear();
@@ -591,7 +649,12 @@ async fn session(
                     break chunk.last_seq;
                 }
             };
-            codec.encode(&Message::Goodbye { last_seq }, &mut buf)?;
+            encode(
+                &mut codec,
+                sealer.as_mut(),
+                &Message::Goodbye { last_seq },
+                &mut buf,
+            )?;
             write_bounded(shared, &mut wr, &buf).await?;
             buf.clear();
             let mut acked = info.acked.subscribe();

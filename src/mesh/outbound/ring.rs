@@ -11,7 +11,7 @@ use std::collections::VecDeque;
 
 use bytes::BytesMut;
 
-use crate::wire::{CodecError, Item, Position, encode_batch_frame};
+use crate::wire::{CodecError, Item, Position, Resume, Sealer, encode_batch_frame, fingerprint};
 
 /// Bytes of items after which a `Batch` frame is closed: small frames let
 /// the receiver start applying sooner; one maximal item (two 64 KiB
@@ -39,6 +39,9 @@ struct Cursor {
     /// were not its own (forged) or it lost track (see
     /// [`OutLog::connected`]).
     acked_by: Option<u64>,
+    /// The seq of the last synthetic flush written to it (section 9.3): a
+    /// position there, with a flush's fingerprint, is one we gave it.
+    flushed_at: Option<u64>,
 }
 
 /// Sequence numbers, the replay ring and the peers' cursors.
@@ -73,12 +76,32 @@ pub(crate) struct OutLog {
 pub(crate) struct Resumed {
     /// It is behind what is still held: it gets a flush first.
     pub behind: bool,
-    /// It announced this position, beyond anything assigned (divergence).
-    pub diverged: Option<u64>,
-    /// It announced a position below what the same run of it had
-    /// acknowledged, `(announced, acknowledged)` (divergence): what it
-    /// still needs is replayed from the buffer, or covered by a flush.
-    pub below_acked: Option<(u64, u64)>,
+    /// Its position for us was not believed (section 9.4 of the protocol).
+    pub divergence: Option<Divergence>,
+}
+
+/// Why a peer's announced position for us is not believed. In each case it
+/// applied something other than our stream under our numbers, or lost
+/// track of it; it resumes from where it can be trusted, which replays or
+/// flushes, never skips.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum Divergence {
+    /// A seq we never assigned: another party claimed our identity to it.
+    #[error("it holds seq {announced}, beyond the last this node assigned ({last})")]
+    Beyond { announced: u64, last: u64 },
+    /// The fingerprint of its item at that seq is not ours: it applied
+    /// invalidations another party sent under our identity.
+    #[error("the item it holds at seq {announced} is not the one this node sent")]
+    Content { announced: u64 },
+    /// Past what it acknowledged, at an item no longer held to check.
+    #[error(
+        "it holds seq {announced}, past its acknowledgement of {acked}, which can no longer be checked"
+    )]
+    Unverifiable { announced: u64, acked: u64 },
+    /// Below what the same run of it acknowledged: acks forged on the path,
+    /// or it started over.
+    #[error("it holds seq {announced}, below the {acked} it acknowledged in this run")]
+    Below { announced: u64, acked: u64 },
 }
 
 /// What [`OutLog::fill`] wrote.
@@ -180,54 +203,83 @@ impl OutLog {
         seq
     }
 
-    /// A connection to `peer` is up; `last_applied` is what its hello says
-    /// it applied from us, and `run` is the incarnation it runs as.
+    /// A connection to `peer` is up; `resume` is what it says it applied
+    /// from us, and `run` is the incarnation it runs as (section 9.4 of the
+    /// protocol).
     ///
-    /// A position of this incarnation beyond the last seq assigned is
-    /// **divergence**: the peer holds a position for us that we never gave
-    /// it (another party claimed our identity to it). It is not believed:
-    /// the peer resumes from what it acknowledged, so it gets seqs at or
-    /// below the position it announced, which makes it flush (section 9.5
-    /// of the protocol) instead of dropping them.
+    /// A position of this incarnation is believed only when it is bound to
+    /// our content: the fingerprint it announces is that of the item we
+    /// assigned that seq (still held, or a flush there), or it lies within
+    /// what it acknowledged. Otherwise it is **divergence** (see
+    /// [`Divergence`]): the peer resumes from what it acknowledged, so it
+    /// gets seqs at or below the position it announced, which makes it
+    /// flush (section 9.5) instead of dropping them.
     ///
     /// A position *below* what the same run of the peer acknowledged is
     /// divergence too: a receiver's position never goes back within a run,
-    /// so those acks were not all its own (a party on the path forged
-    /// them) or it flushed and started over. Either way it did not apply
-    /// what lies between: it resumes from the position it announced, so
-    /// what is still held is replayed and what is not is covered by a
-    /// flush (section 9.4).
-    pub(crate) fn connected(
-        &mut self,
-        peer: usize,
-        last_applied: Option<Position>,
-        run: u64,
-    ) -> Resumed {
+    /// so those acks were not all its own (forged on the path) or it
+    /// flushed and started over. Either way it did not apply what lies
+    /// between: it resumes from the position it announced, so what is
+    /// still held is replayed and what is not is covered by a flush.
+    pub(crate) fn connected(&mut self, peer: usize, resume: Resume, run: u64) -> Resumed {
         let last = self.last_seq();
         let incarnation = self.incarnation;
-        let c = &mut self.peers[peer];
-        let mut diverged = None;
-        let mut below_acked = None;
+        let c = &self.peers[peer];
+        let held = |seq: u64| {
+            seq.checked_sub(self.front_seq)
+                .and_then(|i| usize::try_from(i).ok())
+                .and_then(|i| self.items.get(i))
+        };
+        // Bound to our content: the item we assigned `seq` (while held), or
+        // the synthetic flush we wrote this peer there. (Not any flush: one
+        // that a claimant sent ahead of our numbering would cover nothing
+        // we assigned after it.)
+        let verified = |seq: u64| {
+            seq == 0
+                || held(seq)
+                    .is_some_and(|item| fingerprint(incarnation, seq, item) == resume.digest)
+                || (c.flushed_at == Some(seq)
+                    && fingerprint(incarnation, seq, &Item::Flush) == resume.digest)
+        };
         let same_run = c.acked_by == Some(run);
-        match last_applied {
+        let acked = c.acked;
+        let (position, divergence) = match resume.last_applied {
             Some(p) if p.incarnation == incarnation => {
-                if p.seq > last {
-                    diverged = Some(p.seq);
-                } else if same_run && p.seq < c.acked {
-                    below_acked = Some((p.seq, c.acked));
-                    c.acked = p.seq;
+                let announced = p.seq;
+                if announced > last {
+                    (acked, Some(Divergence::Beyond { announced, last }))
+                } else if same_run && announced < acked {
+                    // Replayed from its position; one whose item is not
+                    // ours gets that seq again too, which makes it flush.
+                    let from = if verified(announced) {
+                        announced
+                    } else {
+                        announced - 1
+                    };
+                    (from, Some(Divergence::Below { announced, acked }))
+                } else if verified(announced) {
+                    (acked.max(announced), None)
+                } else if held(announced).is_some() {
+                    (acked, Some(Divergence::Content { announced }))
+                } else if announced <= acked {
+                    (acked, None)
                 } else {
-                    c.acked = c.acked.max(p.seq);
+                    (acked, Some(Divergence::Unverifiable { announced, acked }))
                 }
             }
             // The run that acknowledged our seqs knew this incarnation: a
-            // hello from it that holds nothing of ours went back too.
-            None if same_run && c.acked > 0 => {
-                below_acked = Some((0, c.acked));
-                c.acked = 0;
-            }
-            _ => {}
-        }
+            // position from it that holds nothing of ours went back too.
+            None if same_run && acked > 0 => (
+                0,
+                Some(Divergence::Below {
+                    announced: 0,
+                    acked,
+                }),
+            ),
+            _ => (acked, None),
+        };
+        let c = &mut self.peers[peer];
+        c.acked = position;
         c.acked_by = Some(run);
         if c.knew_previous && self.opening_flush_for.is_some() {
             // Seq 1, the opening flush, is not for this peer.
@@ -237,11 +289,7 @@ impl OutLog {
         c.connected = true;
         let behind = c.acked + 1 < self.front_seq;
         self.trim();
-        Resumed {
-            behind,
-            diverged,
-            below_acked,
-        }
+        Resumed { behind, divergence }
     }
 
     /// The connection to `peer` is down.
@@ -356,6 +404,7 @@ impl OutLog {
                 filled.items += 1;
                 filled.gap_flush = true;
                 self.peers[peer].sent = flush_seq;
+                self.peers[peer].flushed_at = Some(flush_seq);
             }
             from = self.front_seq;
         }
@@ -387,7 +436,7 @@ impl OutLog {
         let start = dst.len();
         while dst.len() - start < max_bytes {
             let f = self.take(peer, &mut taken);
-            taken.encode(dst)?;
+            taken.encode(dst, None)?;
             if f.items == 0 {
                 break;
             }
@@ -417,12 +466,22 @@ impl Taken {
 
     /// Encodes the runs as `Batch` frames appended to `dst`, and empties
     /// itself.
-    pub(crate) fn encode(&mut self, dst: &mut BytesMut) -> Result<(), CodecError> {
+    /// Under a shared secret, `sealer` tags each frame (section 7.6).
+    pub(crate) fn encode(
+        &mut self,
+        dst: &mut BytesMut,
+        mut sealer: Option<&mut Sealer>,
+    ) -> Result<(), CodecError> {
         let mut at = 0;
         let result = self.runs.iter().try_for_each(|&(first_seq, n)| {
             let run = &self.items[at..at + n];
             at += n;
-            encode_batch_frame(first_seq, (run, &[]), dst)
+            let start = dst.len();
+            encode_batch_frame(first_seq, (run, &[]), dst)?;
+            match sealer.as_deref_mut() {
+                Some(s) => s.seal(dst, start),
+                None => Ok(()),
+            }
         });
         self.runs.clear();
         self.items.clear();
@@ -465,6 +524,26 @@ mod tests {
         sent(&mut buf)
     }
 
+    /// A hello that holds nothing of ours.
+    fn nothing() -> Resume {
+        Resume {
+            last_applied: None,
+            digest: [0; 16],
+        }
+    }
+
+    /// A receiver's position at `seq`, with the fingerprint of our item
+    /// there when we still hold it.
+    fn said(log: &OutLog, seq: u64) -> Resume {
+        let item = seq
+            .checked_sub(log.front_seq)
+            .and_then(|i| log.items.get(i as usize));
+        Resume {
+            last_applied: Some(pos(log, seq)),
+            digest: item.map_or([0; 16], |i| fingerprint(log.incarnation(), seq, i)),
+        }
+    }
+
     fn pos(log: &OutLog, seq: u64) -> Position {
         Position {
             incarnation: log.incarnation(),
@@ -475,8 +554,8 @@ mod tests {
     #[test]
     fn sends_in_order_and_trims_on_ack() {
         let mut log = OutLog::new(7, 2, 100, usize::MAX);
-        log.connected(0, None, 1);
-        log.connected(1, None, 1);
+        log.connected(0, nothing(), 1);
+        log.connected(1, nothing(), 1);
         for i in 0..5 {
             assert_eq!(log.push(key(&i.to_string())), i + 1);
         }
@@ -495,7 +574,7 @@ mod tests {
     #[test]
     fn replays_after_reconnect_from_last_applied() {
         let mut log = OutLog::new(7, 1, 100, usize::MAX);
-        log.connected(0, None, 1);
+        log.connected(0, nothing(), 1);
         for i in 0..10 {
             log.push(key(&i.to_string()));
         }
@@ -503,7 +582,7 @@ mod tests {
         // The peer applied 6 before the link broke, but acked only 2.
         log.ack(0, pos(&log, 2)).expect("ack");
         log.disconnected(0);
-        log.connected(0, Some(pos(&log, 6)), 1);
+        log.connected(0, said(&log, 6), 1);
         let got = drain(&mut log, 0);
         assert_eq!(got.iter().map(|x| x.0).collect::<Vec<_>>(), [7, 8, 9, 10]);
     }
@@ -513,7 +592,7 @@ mod tests {
     #[test]
     fn a_position_beyond_what_was_assigned_is_not_believed() {
         let mut log = OutLog::new(7, 1, 100, usize::MAX);
-        log.connected(0, None, 1);
+        log.connected(0, nothing(), 1);
         for i in 0..10 {
             log.push(key(&i.to_string()));
         }
@@ -524,8 +603,21 @@ mod tests {
             incarnation: 7,
             seq: 1_000_000,
         };
-        let resumed = log.connected(0, Some(inflated), 1);
-        assert_eq!(resumed.diverged, Some(1_000_000));
+        let resumed = log.connected(
+            0,
+            Resume {
+                last_applied: Some(inflated),
+                digest: [0; 16],
+            },
+            1,
+        );
+        assert_eq!(
+            resumed.divergence,
+            Some(Divergence::Beyond {
+                announced: 1_000_000,
+                last: 10
+            })
+        );
         assert_eq!(log.held(), 6, "5..=10 still held");
         let got = drain(&mut log, 0);
         assert_eq!(
@@ -539,8 +631,8 @@ mod tests {
     #[test]
     fn a_position_below_what_the_same_run_acknowledged_replays_or_flushes() {
         let mut log = OutLog::new(7, 2, 100, usize::MAX);
-        log.connected(0, None, 1);
-        log.connected(1, None, 9);
+        log.connected(0, nothing(), 1);
+        log.connected(1, nothing(), 9);
         for i in 0..10 {
             log.push(key(&i.to_string()));
         }
@@ -548,8 +640,14 @@ mod tests {
         // A forged ack of everything; the receiver had applied only 4.
         log.ack(0, pos(&log, 10)).expect("ack");
         log.disconnected(0);
-        let resumed = log.connected(0, Some(pos(&log, 4)), 1);
-        assert_eq!(resumed.below_acked, Some((4, 10)));
+        let resumed = log.connected(0, said(&log, 4), 1);
+        assert_eq!(
+            resumed.divergence,
+            Some(Divergence::Below {
+                announced: 4,
+                acked: 10
+            })
+        );
         assert!(!resumed.behind, "peer 1 keeps 5..=10 in the ring");
         let got = drain(&mut log, 0);
         assert_eq!(
@@ -563,14 +661,20 @@ mod tests {
         log.ack(0, pos(&log, 10)).expect("ack");
         assert_eq!(log.held(), 0);
         log.disconnected(0);
-        let resumed = log.connected(0, Some(pos(&log, 4)), 1);
+        let resumed = log.connected(0, said(&log, 4), 1);
         assert!(resumed.behind);
         assert_eq!(drain(&mut log, 0), [(10, Item::Flush)]);
 
         // A hello that holds nothing of ours, from the run that acked.
         log.disconnected(1);
-        let resumed = log.connected(1, None, 9);
-        assert_eq!(resumed.below_acked, Some((0, 10)));
+        let resumed = log.connected(1, nothing(), 9);
+        assert_eq!(
+            resumed.divergence,
+            Some(Divergence::Below {
+                announced: 0,
+                acked: 10
+            })
+        );
         assert_eq!(drain(&mut log, 1), [(10, Item::Flush)]);
     }
 
@@ -579,15 +683,15 @@ mod tests {
     #[test]
     fn a_new_run_of_the_receiver_resumes_from_the_acks() {
         let mut log = OutLog::new(7, 1, 100, usize::MAX);
-        log.connected(0, None, 1);
+        log.connected(0, nothing(), 1);
         for i in 0..3 {
             log.push(key(&i.to_string()));
         }
         drain(&mut log, 0);
         log.ack(0, pos(&log, 3)).expect("ack");
         log.disconnected(0);
-        let resumed = log.connected(0, Some(pos(&log, 0)), 2);
-        assert_eq!(resumed.below_acked, None);
+        let resumed = log.connected(0, said(&log, 0), 2);
+        assert_eq!(resumed.divergence, None);
         log.push(key("x"));
         assert_eq!(
             drain(&mut log, 0).iter().map(|x| x.0).collect::<Vec<_>>(),
@@ -595,10 +699,142 @@ mod tests {
         );
     }
 
+    /// Hole: a party at our address fed the receiver invalidations of its
+    /// own under our next seqs while our link stalled. Its position is in
+    /// range, but bound to content that is not ours: not believed.
+    #[test]
+    fn a_position_in_range_with_content_not_ours_is_not_believed() {
+        let mut log = OutLog::new(7, 1, 100, usize::MAX);
+        log.connected(0, nothing(), 1);
+        for i in 0..10 {
+            log.push(key(&i.to_string()));
+        }
+        drain(&mut log, 0);
+        log.ack(0, pos(&log, 5)).expect("ack");
+        log.disconnected(0);
+        let forged = Resume {
+            last_applied: Some(pos(&log, 8)),
+            digest: fingerprint(7, 8, &key("theirs")),
+        };
+        let resumed = log.connected(0, forged, 1);
+        assert_eq!(
+            resumed.divergence,
+            Some(Divergence::Content { announced: 8 })
+        );
+        let got = drain(&mut log, 0);
+        assert_eq!(
+            got.iter().map(|x| x.0).collect::<Vec<_>>(),
+            [6, 7, 8, 9, 10]
+        );
+        // The same position with our item's fingerprint is believed.
+        log.disconnected(0);
+        let resumed = log.connected(0, said(&log, 8), 1);
+        assert_eq!(resumed.divergence, None);
+        assert_eq!(
+            drain(&mut log, 0).iter().map(|x| x.0).collect::<Vec<_>>(),
+            [9, 10]
+        );
+    }
+
+    /// Below what it acknowledged *and* holding an item that is not ours
+    /// there: it gets that seq again, so it flushes (section 9.5) rather
+    /// than keep the forged item in place of ours.
+    #[test]
+    fn below_the_acks_with_content_not_ours_gets_its_seq_again() {
+        let mut log = OutLog::new(7, 2, 100, usize::MAX);
+        log.connected(0, nothing(), 1);
+        log.connected(1, nothing(), 9);
+        for i in 0..10 {
+            log.push(key(&i.to_string()));
+        }
+        drain(&mut log, 0);
+        log.ack(0, pos(&log, 10)).expect("ack");
+        log.disconnected(0);
+        let forged = Resume {
+            last_applied: Some(pos(&log, 6)),
+            digest: fingerprint(7, 6, &key("theirs")),
+        };
+        let resumed = log.connected(0, forged, 1);
+        assert_eq!(
+            resumed.divergence,
+            Some(Divergence::Below {
+                announced: 6,
+                acked: 10
+            })
+        );
+        assert_eq!(
+            drain(&mut log, 0).iter().map(|x| x.0).collect::<Vec<_>>(),
+            [6, 7, 8, 9, 10]
+        );
+        // A new run of it that holds a forged item within what its
+        // predecessor acknowledged: counted, nothing to resend.
+        log.ack(0, pos(&log, 10)).expect("ack");
+        log.disconnected(0);
+        let forged = Resume {
+            last_applied: Some(pos(&log, 6)),
+            digest: fingerprint(7, 6, &key("theirs")),
+        };
+        let resumed = log.connected(0, forged, 2);
+        assert_eq!(
+            resumed.divergence,
+            Some(Divergence::Content { announced: 6 })
+        );
+        log.push(key("new"));
+        assert_eq!(
+            drain(&mut log, 0).iter().map(|x| x.0).collect::<Vec<_>>(),
+            [11]
+        );
+    }
+
+    /// Past what it acknowledged, at an item we no longer hold: nothing to
+    /// check it against, so it gets a flush; the synthetic flush we wrote
+    /// it is one we can check.
+    #[test]
+    fn a_position_that_cannot_be_checked_costs_a_flush() {
+        let mut log = OutLog::new(7, 1, 4, usize::MAX);
+        log.connected(0, nothing(), 1);
+        for i in 0..3 {
+            log.push(key(&i.to_string()));
+        }
+        drain(&mut log, 0);
+        log.ack(0, pos(&log, 1)).expect("ack");
+        log.disconnected(0);
+        for i in 3..10 {
+            log.push(key(&i.to_string()));
+        }
+        // Seqs 1..=6 are gone; it claims 3 with some fingerprint.
+        let claim = Resume {
+            last_applied: Some(pos(&log, 3)),
+            digest: fingerprint(7, 3, &key("2")),
+        };
+        let resumed = log.connected(0, claim, 1);
+        assert_eq!(
+            resumed.divergence,
+            Some(Divergence::Unverifiable {
+                announced: 3,
+                acked: 1
+            })
+        );
+        let got = drain(&mut log, 0);
+        assert_eq!(got[0], (6, Item::Flush), "a synthetic flush first");
+        // It applied that flush and the link broke before its ack.
+        log.disconnected(0);
+        let flushed = Resume {
+            last_applied: Some(pos(&log, 6)),
+            digest: fingerprint(7, 6, &Item::Flush),
+        };
+        let resumed = log.connected(0, flushed, 1);
+        assert_eq!(resumed.divergence, None);
+        assert_eq!(
+            drain(&mut log, 0).iter().map(|x| x.0).collect::<Vec<_>>(),
+            [7, 8, 9, 10]
+        );
+    }
+
     #[test]
     fn overflow_becomes_one_flush() {
         let mut log = OutLog::new(7, 2, 4, usize::MAX);
-        log.connected(0, None, 1);
+        log.connected(0, nothing(), 1);
         for i in 0..10 {
             log.push(key(&i.to_string()));
             // Peer 0 keeps up.
@@ -608,7 +844,7 @@ mod tests {
         assert_eq!(log.held(), 4, "bounded by capacity");
         assert!(log.overflows() > 0);
         assert_eq!(log.queued(1), 5, "four held plus one flush");
-        log.connected(1, None, 1);
+        log.connected(1, nothing(), 1);
         let got = drain(&mut log, 1);
         assert_eq!(got[0], (6, Item::Flush));
         assert_eq!(
@@ -626,7 +862,7 @@ mod tests {
     #[test]
     fn only_entries_never_written_count_as_overflows() {
         let mut log = OutLog::new(7, 1, 4, usize::MAX);
-        log.connected(0, None, 1);
+        log.connected(0, nothing(), 1);
         for i in 0..10 {
             log.push(key(&i.to_string()));
             drain(&mut log, 0);
@@ -661,7 +897,7 @@ mod tests {
         }
         log.push(Item::Flush);
         log.push(key("after"));
-        log.connected(0, None, 1);
+        log.connected(0, nothing(), 1);
         let got = drain(&mut log, 0);
         assert_eq!(got, vec![(11, Item::Flush), (12, key("after"))]);
     }
@@ -669,7 +905,7 @@ mod tests {
     #[test]
     fn bogus_acks_are_refused() {
         let mut log = OutLog::new(7, 1, 100, usize::MAX);
-        log.connected(0, None, 1);
+        log.connected(0, nothing(), 1);
         log.push(key("a"));
         assert!(
             log.ack(
@@ -690,7 +926,7 @@ mod tests {
     #[test]
     fn batches_stay_below_the_frame_limit() {
         let mut log = OutLog::new(7, 1, 100_000, usize::MAX);
-        log.connected(0, None, 1);
+        log.connected(0, nothing(), 1);
         let big = "x".repeat(60_000);
         for _ in 0..40 {
             log.push(key(&big));
@@ -713,7 +949,7 @@ mod tests {
             log.push(key(&big));
         }
         assert_eq!(log.held(), 3, "three 3 KB keys fit in 10 KB");
-        log.connected(0, None, 1);
+        log.connected(0, nothing(), 1);
         let got = drain(&mut log, 0);
         assert_eq!(got[0], (7, Item::Flush), "a flush stands in for the rest");
     }
