@@ -2040,13 +2040,6 @@ fn the_redis_protocol_endpoint() {
             None,
             "on",
         ),
-        // Java's Boolean: `on` is not true for redis.use.ssl.
-        (
-            "redis.cache.invalidation.enabled = on\nredis.use.ssl = on\n",
-            "127.0.0.1:6379 [::1]:6379",
-            None,
-            "on",
-        ),
         // An escaped or misspelt redis key is the application's business.
         (
             "redis.cache.invalidation.enabled = on\nredis.hots = elsewhere\nredis.other = 1\n",
@@ -2094,6 +2087,13 @@ fn the_redis_protocol_endpoint() {
     let errors: &[(&str, &str, usize, &str)] = &[
         (
             "redis.cache.invalidation.enabled = on\nredis.use.ssl = true\n",
+            "redis.use.ssl",
+            4,
+            "speak TLS to its sidecar",
+        ),
+        // DHIS 2 reads redis.use.ssl with `isOn`, as every on/off key.
+        (
+            "redis.cache.invalidation.enabled = on\nredis.use.ssl = on\n",
             "redis.use.ssl",
             4,
             "speak TLS to its sidecar",

@@ -92,6 +92,11 @@ pub fn describe(path: &Path, config: &ClusterConfig, resolved: &[Resolved]) -> S
     };
     let mut report = String::new();
     let _ = writeln!(report, "config     {} ({format})", path.display());
+    // Substitution is written in the file, and shown here, so that no
+    // environment variable changes a value unseen.
+    for value in &config.from_environment {
+        let _ = writeln!(report, "environment {value}");
+    }
     let _ = writeln!(
         report,
         "this node  {}  resolves to {}",
