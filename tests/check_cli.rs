@@ -231,6 +231,51 @@ fn a_variable_not_set_is_an_error() {
     );
 }
 
+/// DHIS 2 2.38 to 2.40 run Ehcache RMI replication on the
+/// `cluster.hostname`/`cluster.members` form, on the port the sidecar
+/// takes: `check` warns, and prints the same cluster as the
+/// `cluster.instanceN` keys that DHIS 2 ignores.
+#[test]
+fn the_members_form_is_warned_about_with_the_keys_to_write() {
+    let (_dir, path) = conf(
+        "cluster.hostname = 10.0.0.1\ncluster.cache.port = 4005\n\
+         cluster.members = 10.0.0.2:4005, 10.0.0.3\n",
+    );
+    let (code, out, err) = check(&path);
+    assert_eq!(code, Some(0), "stdout:\n{out}\nstderr:\n{err}");
+    assert!(
+        err.contains(
+            "warning: line 1: cluster.hostname: with cluster.members, DHIS 2 2.38 to 2.40 starts Ehcache RMI replication listening on port 4005"
+        ),
+        "{err}"
+    );
+    assert!(err.contains("as cluster.instanceN keys"), "{err}");
+    let keys: Vec<&str> = out
+        .lines()
+        .skip_while(|l| !l.starts_with("as instanceN keys"))
+        .skip(1)
+        .map_while(|l| l.strip_prefix("    "))
+        .collect();
+    assert_eq!(
+        keys,
+        [
+            "cluster.instance0.hostname = 10.0.0.1",
+            "cluster.instance0.cache.port = 4005",
+            "cluster.instance1.hostname = 10.0.0.2",
+            "cluster.instance1.cache.port = 4005",
+            "cluster.instance2.hostname = 10.0.0.3",
+            "cluster.instance2.cache.port = 4001",
+        ],
+        "{out}"
+    );
+    // Those keys, as printed, give the same cluster without the warning.
+    let (_dir2, path2) = conf(&(keys.join("\n") + "\n"));
+    let (code2, out2, err2) = check(&path2);
+    assert_eq!(code2, Some(0), "stdout:\n{out2}\nstderr:\n{err2}");
+    assert_eq!(cluster(&out2), cluster(&out));
+    assert!(!err2.contains("RMI"), "{err2}");
+}
+
 #[test]
 fn no_file() {
     let dir = tempfile::tempdir().expect("tempdir");

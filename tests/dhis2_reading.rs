@@ -8,7 +8,9 @@
 //!   (`DhisConfigurationProvider.isOn`);
 //! - an absent key has DHIS 2's default (`ConfigurationKey`: `redis.host`
 //!   `localhost`, `redis.port` 6379, `redis.password` empty, `redis.use.ssl`
-//!   off), an empty one is the empty text.
+//!   off), an empty one is the empty text;
+//! - `cluster.hostname` with `cluster.members` starts RMI replication on
+//!   DHIS 2 2.38 to 2.40, on the sidecar's port.
 //!
 //! The environment is a map handed to the parser: no test here changes
 //! the process environment (tests run in parallel).
@@ -35,6 +37,8 @@ enum Want {
     Warns(&'static str, usize, &'static str),
     /// Valid, and no warning at all about this key.
     Quiet(&'static str),
+    /// Valid, and no warning contains this text.
+    Lacks(&'static str),
     /// Invalid, with an error naming this key on this line, containing
     /// the text.
     Fails(&'static str, usize, &'static str),
@@ -143,6 +147,11 @@ fn verdict(text: &str, env: &[(&str, &str)], want: Want) -> Result<(), String> {
                 .find(|p| p.key.as_deref() == Some(key))
             {
                 return Err(format!("want nothing about {key}, got: {p}"));
+            }
+        }
+        Lacks(text) => {
+            if let Some(p) = loaded.warnings.iter().find(|p| p.message.contains(text)) {
+                return Err(format!("want nothing saying {text:?}, got: {p}"));
             }
         }
         Fails(..) => unreachable!("handled above"),
@@ -482,6 +491,51 @@ fn dhis2_defaults_and_empty_values() {
             Quiet("redis.host"),
         ),
     ]);
+}
+
+#[test]
+fn the_form_dhis2_2_38_to_2_40_replicates_with() {
+    const RMI: &str = "DHIS 2 2.38 to 2.40 starts Ehcache RMI replication listening on port 4005";
+    run(&[
+        (
+            "cluster.hostname with cluster.members",
+            "cluster.hostname = 10.0.0.1\ncluster.cache.port = 4005\ncluster.members = 10.0.0.2:4005\n"
+                .into(),
+            &[],
+            Warns("cluster.hostname", 1, RMI),
+        ),
+        (
+            "the warning says what to write instead",
+            "cluster.hostname = 10.0.0.1\ncluster.cache.port = 4005\ncluster.members = 10.0.0.2:4005\n"
+                .into(),
+            &[],
+            Warns("cluster.hostname", 1, "as cluster.instanceN keys"),
+        ),
+        (
+            "cluster.instanceN: DHIS 2 2.29 and later ignore it",
+            BASE.into(),
+            &[],
+            Lacks("RMI"),
+        ),
+        (
+            "cluster.hostname without members: DHIS 2 replicates nothing",
+            "cluster.hostname = 10.0.0.1\n".into(),
+            &[],
+            Lacks("RMI"),
+        ),
+    ]);
+    // The message is whole, not cut.
+    let loaded = parse(
+        "cluster.hostname = 10.0.0.1\ncluster.members = 10.0.0.2\n",
+        &[],
+    )
+    .expect("valid");
+    let w = loaded
+        .warnings
+        .iter()
+        .find(|p| p.message.contains("RMI"))
+        .expect("the RMI warning");
+    assert!(w.message.ends_with("need no change"), "{}", w.message);
 }
 
 #[test]

@@ -657,6 +657,28 @@ fn from_environment(keys: &BTreeMap<String, Entry>) -> Vec<FromEnvironment> {
     found
 }
 
+/// DHIS 2 2.29 to 2.40 start Ehcache RMI replication when
+/// `cluster.hostname` and `cluster.members` are both set
+/// (`DefaultDhisConfigurationProvider.isClusterEnabled`), its listener on
+/// `cluster.cache.port`: the port the sidecar takes from the same keys.
+/// 2.41 removed RMI; the `cluster.instanceN` keys were read up to 2.28
+/// only, so that form is safe on every version the drop-in serves.
+fn rmi_warning(keys: &BTreeMap<String, Entry>, port: u16, report: &mut Report) {
+    let set = |k: &str| keys.get(k).is_some_and(|e| e.present());
+    if !(set("cluster.hostname") && set("cluster.members")) {
+        return;
+    }
+    report.warn(
+        "cluster.hostname",
+        keys.get("cluster.hostname").map(|e| e.line),
+        format!(
+            "with cluster.members, DHIS 2 2.38 to 2.40 starts Ehcache RMI replication listening on port {port}, the port this sidecar listens on: \
+             DHIS 2 fails to start beside a running sidecar (or the sidecar beside DHIS 2). For those versions write the same hosts and ports \
+             as cluster.instanceN keys, which DHIS 2 ignores (`check` prints them); 2.41 and later need no change"
+        ),
+    );
+}
+
 fn build(keys: &BTreeMap<String, Entry>, report: &mut Report) -> Option<ClusterConfig> {
     // Sort every key into: an instance field, a members-format key, one of
     // our extensions, or unknown. Only keys that are set decide the format
@@ -749,9 +771,12 @@ fn build(keys: &BTreeMap<String, Entry>, report: &mut Report) -> Option<ClusterC
         }
         _ => Some((instances_format(keys, report), Format::Instances)),
     };
-    if let Some((nodes, _)) = &cluster
+    if let Some((nodes, format)) = &cluster
         && let Some(node) = &nodes.node
     {
+        if *format == Format::Members {
+            rmi_warning(keys, node.addr.port, report);
+        }
         check_duplicates(node, &nodes.peers, report);
         check_loopback(node, &nodes.peers, report);
         if nodes.ok && nodes.peers.is_empty() {

@@ -115,6 +115,24 @@ pub fn describe(path: &Path, config: &ClusterConfig, resolved: &[Resolved]) -> S
             show(i + 1)
         );
     }
+    if config.format == Format::Members {
+        // DHIS 2 2.38 to 2.40 run RMI replication on these keys (see the
+        // warning): the same cluster in the form only the sidecar reads.
+        let _ = writeln!(
+            report,
+            "as instanceN keys (for DHIS 2 2.38 to 2.40, instead of cluster.hostname, cluster.members and cluster.cache.port):"
+        );
+        for (i, addr) in std::iter::once(&config.node)
+            .chain(config.peers.iter().map(|p| &p.addr))
+            .enumerate()
+        {
+            let _ = writeln!(
+                report,
+                "    cluster.instance{i}.hostname = {}\n    cluster.instance{i}.cache.port = {}",
+                addr.host, addr.port
+            );
+        }
+    }
     let _ = writeln!(
         report,
         "secret     {}",
