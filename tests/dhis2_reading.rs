@@ -330,6 +330,31 @@ fn what_dhis2_leaves_as_written_is_an_error() {
     ]);
 }
 
+/// A variable left as written is reported once, as such: not also as a
+/// bad port or a bad on/off word.
+#[test]
+fn an_unset_variable_is_reported_once() {
+    for (extra, key) in [
+        ("redis.port = ${REDIS_PORT}\n", "redis.port"),
+        ("redis.use.ssl = ${SSL}\n", "redis.use.ssl"),
+        ("redis.enabled = ${RE}\n", "redis.enabled"),
+    ] {
+        let text = on(extra);
+        let problems = match parse(&text, &[]) {
+            Err(ConfigError::Invalid { errors, warnings }) => [errors, warnings].concat(),
+            other => panic!("{extra:?}: want an error, got {other:?}"),
+        };
+        let about: Vec<&Problem> = problems
+            .iter()
+            .filter(|p| p.key.as_deref() == Some(key))
+            .collect();
+        assert!(
+            about.len() == 1 && about[0].message.contains("is not set"),
+            "{extra:?}: {about:?}"
+        );
+    }
+}
+
 #[test]
 fn a_variable_that_is_not_utf8_is_an_error() {
     use std::os::unix::ffi::OsStringExt;

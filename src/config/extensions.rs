@@ -365,7 +365,8 @@ pub(crate) fn switch(keys: &BTreeMap<String, Entry>, key: &str, report: &mut Rep
     let Some(entry) = keys.get(key).filter(|e| !e.broken) else {
         return false;
     };
-    if !entry.value.is_empty() && !is_switch_word(&entry.value) {
+    // A `${VAR}` left as written is reported as such, not as a bad word.
+    if !entry.value.is_empty() && !is_switch_word(&entry.value) && entry.unresolved.is_empty() {
         report.warn(
             key,
             Some(entry.line),
@@ -512,7 +513,10 @@ fn decide_resp(
     }
     // Read only when DHIS 2's invalidation comes here: otherwise the key is
     // the application's alone, whatever it holds.
-    let redis_port = if app_points_here {
+    let port_unresolved = keys
+        .get("redis.port")
+        .is_some_and(|e| !e.unresolved.is_empty());
+    let redis_port = if app_points_here && !port_unresolved {
         match port_of(keys, "redis.port", report) {
             Ok(p) => p.unwrap_or(DEFAULT_REDIS_PORT),
             Err(()) => {
