@@ -388,6 +388,10 @@ fn run(explicit: Option<PathBuf>, format: LogFormat) -> ExitCode {
     let Some(config) = load_for_run(explicit) else {
         return ExitCode::from(2);
     };
+    // As `check` shows them: no environment variable changes a value unseen.
+    for value in &config.from_environment {
+        tracing::info!("from the environment: {value}");
+    }
     let (_, problems) = config::resolve(&config, Duration::from_secs(3));
     let mut stop = false;
     for p in &problems {

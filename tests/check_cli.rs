@@ -53,9 +53,12 @@ fn cluster(stdout: &str) -> (String, Vec<String>) {
         .find_map(|l| l.strip_prefix("peers"))
         .and_then(|l| l.trim().parse().ok())
         .unwrap_or(usize::MAX);
+    // The lines right after `peers N`, indented.
     let peers: Vec<String> = stdout
         .lines()
-        .filter_map(|l| l.strip_prefix("  "))
+        .skip_while(|l| !l.starts_with("peers"))
+        .skip(1)
+        .map_while(|l| l.strip_prefix("  "))
         .filter_map(|l| l.split_whitespace().next())
         .map(str::to_string)
         .collect();
@@ -144,6 +147,133 @@ fn three_errors_are_all_listed() {
     ] {
         assert!(err.contains(expected), "{expected:?} not in:\n{err}");
     }
+}
+
+/// Runs `cachecast check --config PATH` with these environment variables
+/// set and those removed, in the child only: the test process's own
+/// environment is never changed (tests run in parallel).
+fn check_env(path: &Path, set: &[(&str, &str)], unset: &[&str]) -> (Option<i32>, String, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_cachecast"));
+    cmd.arg("check")
+        .arg("--config")
+        .arg(path)
+        .env_remove("DHIS2_HOME");
+    for name in unset {
+        cmd.env_remove(name);
+    }
+    cmd.envs(set.iter().copied());
+    let out = cmd.output().expect("run cachecast");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn conf(text: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("dhis.conf");
+    std::fs::write(&path, text).expect("write");
+    (dir, path)
+}
+
+/// DHIS 2 replaces `${VAR}` in every value; `check` shows each value that
+/// came from the environment, secrets masked.
+#[test]
+fn values_from_the_environment_are_shown_secrets_masked() {
+    let (_dir, path) = conf(
+        "cluster.instance0.hostname = 127.0.0.1\ncluster.instance0.cache.port = ${CC_TEST_PORT}\n\
+         cluster.instance1.hostname = ${CC_TEST_PEER}\nredis.cache.invalidation.enabled = on\n\
+         redis.port = 16379\nredis.password = ${CC_TEST_PW}\ncachecast.api.port = 14999\n",
+    );
+    let (code, out, err) = check_env(
+        &path,
+        &[
+            ("CC_TEST_PORT", "14001"),
+            ("CC_TEST_PEER", "127.0.0.2"),
+            ("CC_TEST_PW", "pw-from-the-environment"),
+        ],
+        &[],
+    );
+    assert_eq!(code, Some(0), "stdout:\n{out}\nstderr:\n{err}");
+    assert_eq!(
+        cluster(&out),
+        ("127.0.0.1:14001".into(), vec!["127.0.0.2:4001".into()])
+    );
+    for line in [
+        "environment cluster.instance0.cache.port = 14001 (line 2, from ${CC_TEST_PORT})",
+        "environment cluster.instance1.hostname = 127.0.0.2 (line 3, from ${CC_TEST_PEER})",
+        "environment redis.password = ******** (line 6, from ${CC_TEST_PW})",
+    ] {
+        assert!(out.lines().any(|l| l == line), "{line:?} not in:\n{out}");
+    }
+    assert!(out.contains("password from redis.password"), "{out}");
+    assert!(
+        !out.contains("pw-from-the-environment") && !err.contains("pw-from-the-environment"),
+        "the password is printed:\n{out}\n{err}"
+    );
+}
+
+/// A variable DHIS 2 would leave as written is an error naming the key,
+/// the line and the variable.
+#[test]
+fn a_variable_not_set_is_an_error() {
+    let (_dir, path) = conf(
+        "cluster.instance0.hostname = 10.0.0.1\ncluster.instance1.hostname = ${CC_TEST_UNSET}\n",
+    );
+    let (code, out, err) = check_env(&path, &[], &["CC_TEST_UNSET"]);
+    assert_eq!(code, Some(2), "stdout:\n{out}\nstderr:\n{err}");
+    assert!(
+        err.contains(
+            "error: line 2: cluster.instance1.hostname: the environment variable CC_TEST_UNSET is not set"
+        ),
+        "{err}"
+    );
+}
+
+/// DHIS 2 2.38 to 2.40 run Ehcache RMI replication on the
+/// `cluster.hostname`/`cluster.members` form, on the port the sidecar
+/// takes: `check` warns, and prints the same cluster as the
+/// `cluster.instanceN` keys that DHIS 2 ignores.
+#[test]
+fn the_members_form_is_warned_about_with_the_keys_to_write() {
+    let (_dir, path) = conf(
+        "cluster.hostname = 10.0.0.1\ncluster.cache.port = 4005\n\
+         cluster.members = 10.0.0.2:4005, 10.0.0.3\n",
+    );
+    let (code, out, err) = check(&path);
+    assert_eq!(code, Some(0), "stdout:\n{out}\nstderr:\n{err}");
+    assert!(
+        err.contains(
+            "warning: line 1: cluster.hostname: with cluster.members, DHIS 2 2.38 to 2.40 starts Ehcache RMI replication listening on port 4005"
+        ),
+        "{err}"
+    );
+    assert!(err.contains("as cluster.instanceN keys"), "{err}");
+    let keys: Vec<&str> = out
+        .lines()
+        .skip_while(|l| !l.starts_with("as instanceN keys"))
+        .skip(1)
+        .map_while(|l| l.strip_prefix("    "))
+        .collect();
+    assert_eq!(
+        keys,
+        [
+            "cluster.instance0.hostname = 10.0.0.1",
+            "cluster.instance0.cache.port = 4005",
+            "cluster.instance1.hostname = 10.0.0.2",
+            "cluster.instance1.cache.port = 4005",
+            "cluster.instance2.hostname = 10.0.0.3",
+            "cluster.instance2.cache.port = 4001",
+        ],
+        "{out}"
+    );
+    // Those keys, as printed, give the same cluster without the warning.
+    let (_dir2, path2) = conf(&(keys.join("\n") + "\n"));
+    let (code2, out2, err2) = check(&path2);
+    assert_eq!(code2, Some(0), "stdout:\n{out2}\nstderr:\n{err2}");
+    assert_eq!(cluster(&out2), cluster(&out));
+    assert!(!err2.contains("RMI"), "{err2}");
 }
 
 #[test]

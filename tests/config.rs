@@ -888,21 +888,36 @@ fn members_format_equals_instance_format() {
     }
 }
 
+/// What the warning on the `cluster.hostname`/`cluster.members` form says
+/// (DHIS 2 2.38 to 2.40 run RMI replication on the same port).
+const RMI: &str = "DHIS 2 2.38 to 2.40 starts Ehcache RMI replication listening on port";
+
 #[test]
 fn members_format() {
     run(&[
         (
             "whitespace around commas, the default port",
             "cluster.hostname = 10.0.0.1\ncluster.members =  10.0.0.2 ,\t10.0.0.3:4002 , app4.example.org\n",
-            Valid(
+            With(
                 "10.0.0.1:4001",
                 &["10.0.0.2:4001", "10.0.0.3:4002", "app4.example.org:4001"],
+                Warning,
+                "cluster.hostname",
+                Some(1),
+                RMI,
             ),
         ),
         (
             "[::1]:4002",
             "cluster.hostname = ::1\ncluster.members = [::1]:4002\n",
-            Valid("[::1]:4001", &["[::1]:4002"]),
+            With(
+                "[::1]:4001",
+                &["[::1]:4002"],
+                Warning,
+                "cluster.hostname",
+                Some(1),
+                RMI,
+            ),
         ),
         (
             "a bare IPv6 member: warning",
@@ -919,7 +934,7 @@ fn members_format() {
         (
             "four members is the most",
             "cluster.hostname = 10.0.0.1\ncluster.members = 10.0.0.2,10.0.0.3,10.0.0.4,10.0.0.5\n",
-            Valid(
+            With(
                 "10.0.0.1:4001",
                 &[
                     "10.0.0.2:4001",
@@ -927,6 +942,10 @@ fn members_format() {
                     "10.0.0.4:4001",
                     "10.0.0.5:4001",
                 ],
+                Warning,
+                "cluster.hostname",
+                Some(1),
+                RMI,
             ),
         ),
         (
@@ -2040,13 +2059,6 @@ fn the_redis_protocol_endpoint() {
             None,
             "on",
         ),
-        // Java's Boolean: `on` is not true for redis.use.ssl.
-        (
-            "redis.cache.invalidation.enabled = on\nredis.use.ssl = on\n",
-            "127.0.0.1:6379 [::1]:6379",
-            None,
-            "on",
-        ),
         // An escaped or misspelt redis key is the application's business.
         (
             "redis.cache.invalidation.enabled = on\nredis.hots = elsewhere\nredis.other = 1\n",
@@ -2094,6 +2106,13 @@ fn the_redis_protocol_endpoint() {
     let errors: &[(&str, &str, usize, &str)] = &[
         (
             "redis.cache.invalidation.enabled = on\nredis.use.ssl = true\n",
+            "redis.use.ssl",
+            4,
+            "speak TLS to its sidecar",
+        ),
+        // DHIS 2 reads redis.use.ssl with `isOn`, as every on/off key.
+        (
+            "redis.cache.invalidation.enabled = on\nredis.use.ssl = on\n",
             "redis.use.ssl",
             4,
             "speak TLS to its sidecar",

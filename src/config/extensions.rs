@@ -255,15 +255,17 @@ fn buffer(keys: &BTreeMap<String, Entry>, report: &mut Report) -> Option<usize> 
 
 /// `cachecast.webhook.url`, checked against `cachecast.webhook.remote`.
 fn webhook(keys: &BTreeMap<String, Entry>, report: &mut Report) -> Option<Option<String>> {
+    // Read with the words of DHIS 2's on/off keys, as the rest of the
+    // file; anything else is an error, not off: the key opens the
+    // webhook to another host, and a slip should be seen.
     let remote = match value(keys, "cachecast.webhook.remote").ok()? {
         None => Some(false),
-        Some(e) if e.value.eq_ignore_ascii_case("true") => Some(true),
-        Some(e) if e.value.eq_ignore_ascii_case("false") => Some(false),
+        Some(e) if is_switch_word(&e.value) => Some(is_on(&e.value)),
         Some(e) => {
             report.error(
                 "cachecast.webhook.remote",
                 Some(e.line),
-                format!("`{}` is not `true` or `false`", e.value),
+                format!("`{}` is not `true`, `false`, `on` or `off`", e.value),
             );
             None
         }
@@ -358,37 +360,99 @@ pub(crate) fn check_flush_url(url: &str) -> Result<Option<String>, String> {
     }))
 }
 
-/// Whether a DHIS 2 switch is on. DHIS 2 writes `on`/`off`; `true` and
-/// `false` are read the same way.
+/// DHIS 2's reading of an on/off key (`DhisConfigurationProvider.isOn`):
+/// on for `on` or `true` in any case, off for anything else.
+pub(crate) fn is_on(value: &str) -> bool {
+    value.eq_ignore_ascii_case("on") || value.eq_ignore_ascii_case("true")
+}
+
+/// Whether a value is one of the words of an on/off key, in any case.
+pub(crate) fn is_switch_word(value: &str) -> bool {
+    is_on(value) || value.eq_ignore_ascii_case("off") || value.eq_ignore_ascii_case("false")
+}
+
+/// A DHIS 2 on/off key, read as DHIS 2 reads it ([`is_on`]); a value that
+/// is none of the four words is off to DHIS 2 too, with a warning.
 pub(crate) fn switch(keys: &BTreeMap<String, Entry>, key: &str, report: &mut Report) -> bool {
     let Some(entry) = keys.get(key).filter(|e| !e.broken) else {
         return false;
     };
-    match entry.value.to_ascii_lowercase().as_str() {
-        "on" | "true" => true,
-        "off" | "false" | "" => false,
-        _ => {
-            report.warn(
-                key,
-                Some(entry.line),
-                format!("`{}` is not `on` or `off`; read as off", entry.value),
-            );
-            false
-        }
+    // A `${VAR}` left as written is reported as such, not as a bad word.
+    if !entry.value.is_empty() && !is_switch_word(&entry.value) && entry.unresolved.is_empty() {
+        report.warn(
+            key,
+            Some(entry.line),
+            format!(
+                "`{}` is not `on`, `off`, `true` or `false`: DHIS 2 reads it as off, and so does the sidecar",
+                entry.value
+            ),
+        );
     }
+    is_on(&entry.value)
 }
 
 /// Port of DHIS 2's Redis when `redis.port` is not set.
 pub const DEFAULT_REDIS_PORT: u16 = 6379;
 
+/// Reports what `${VAR}` substitution left in a `redis.*` key: an error
+/// when the sidecar uses the key's value, else a warning (the key is
+/// DHIS 2's; the sidecar may simply lack a variable that only DHIS 2
+/// needs). Returns whether the value can be used.
+fn substituted<'k>(
+    keys: &BTreeMap<String, Entry>,
+    key: &'k str,
+    used: bool,
+    seen: &mut Vec<&'k str>,
+    report: &mut Report,
+) -> bool {
+    if seen.contains(&key) {
+        return true;
+    }
+    seen.push(key);
+    let Some(entry) = keys.get(key) else {
+        return true;
+    };
+    for p in &entry.unresolved {
+        if used {
+            report.error(key, Some(entry.line), p.clone());
+        } else {
+            report.warn(
+                key,
+                Some(entry.line),
+                format!("{p} (the sidecar does not use this key as the file stands)"),
+            );
+        }
+    }
+    !used || entry.unresolved.is_empty()
+}
+
 /// Decides the Redis-protocol endpoint: `cachecast.resp.port`, else
 /// DHIS 2's `redis.*` keys when they send its cache invalidation to this
-/// machine. Returns the endpoint (if on) and why, or `None` after an
-/// error.
+/// machine. The keys are read as DHIS 2 reads them: `${VAR}` substituted,
+/// on/off by [`is_on`], its defaults for keys not in the file, and an
+/// empty value as the empty text (not the default). Returns the endpoint
+/// (if on) and why, or `None` after an error.
 pub(crate) fn resp_endpoint(
     keys: &BTreeMap<String, Entry>,
     api: SocketAddr,
     mesh: SocketAddr,
+    report: &mut Report,
+) -> Option<(Option<RespConfig>, String)> {
+    let mut seen = Vec::new();
+    let decided = decide_resp(keys, api, mesh, &mut seen, report);
+    // Keys the decision did not use: what substitution left is only a
+    // warning.
+    for key in REDIS_KEYS {
+        substituted(keys, key, false, &mut seen, report);
+    }
+    decided
+}
+
+fn decide_resp(
+    keys: &BTreeMap<String, Entry>,
+    api: SocketAddr,
+    mesh: SocketAddr,
+    seen: &mut Vec<&'static str>,
     report: &mut Report,
 ) -> Option<(Option<RespConfig>, String)> {
     let line = |k: &str| keys.get(k).map(|e| e.line);
@@ -416,20 +480,55 @@ pub(crate) fn resp_endpoint(
             }
         },
     };
+    ok &= substituted(keys, "redis.cache.invalidation.enabled", true, seen, report);
     let invalidation = switch(keys, "redis.cache.invalidation.enabled", report);
+    if invalidation || explicit.is_some() {
+        ok &= substituted(keys, "redis.enabled", true, seen, report);
+    }
     let redis_enabled = switch(keys, "redis.enabled", report);
-    // DHIS 2 reads this one as a Java boolean: only `true` is on.
-    let ssl = keys
-        .get("redis.use.ssl")
-        .is_some_and(|e| !e.broken && e.value.eq_ignore_ascii_case("true"));
-    let host = text("redis.host").unwrap_or_else(|| "localhost".into());
-    let password = text("redis.password");
+    // DHIS 2's default when the key is absent; an empty `redis.host =` is
+    // the empty host name to DHIS 2, which Lettuce refuses.
+    let host_entry = keys.get("redis.host").filter(|e| !e.broken);
+    let host = host_entry.map_or_else(|| "localhost".to_string(), |e| e.value.clone());
+    let host_empty = host_entry.is_some() && host.is_empty();
+    if invalidation && (explicit.is_some() || !redis_enabled) {
+        ok &= substituted(keys, "redis.host", true, seen, report);
+    }
+    if invalidation && host_empty {
+        report.warn(
+            "redis.host",
+            line("redis.host"),
+            "empty: DHIS 2 reads it as an empty host name, not as localhost, and does not start (Lettuce: \"Host must not be empty\"); remove the line for localhost, or name the host",
+        );
+    }
     let host_local = loopback(&host) == Some(true);
     // Where DHIS 2 would connect when its invalidation goes to this machine.
     let app_points_here = invalidation && host_local;
+    // An empty `redis.port =` is no number to DHIS 2 (`Integer.parseInt`
+    // fails), not the default.
+    let port_empty = app_points_here
+        && keys
+            .get("redis.port")
+            .is_some_and(|e| !e.broken && e.value.is_empty());
+    if port_empty {
+        report.warn(
+            "redis.port",
+            line("redis.port"),
+            format!(
+                "empty: DHIS 2 reads no number here and does not start (NumberFormatException); remove the line for {DEFAULT_REDIS_PORT}, or give the port"
+            ),
+        );
+    }
+    if app_points_here {
+        ok &= substituted(keys, "redis.port", true, seen, report);
+        ok &= substituted(keys, "redis.use.ssl", true, seen, report);
+    }
     // Read only when DHIS 2's invalidation comes here: otherwise the key is
     // the application's alone, whatever it holds.
-    let redis_port = if app_points_here {
+    let port_unresolved = keys
+        .get("redis.port")
+        .is_some_and(|e| !e.unresolved.is_empty());
+    let redis_port = if app_points_here && !port_unresolved {
         match port_of(keys, "redis.port", report) {
             Ok(p) => p.unwrap_or(DEFAULT_REDIS_PORT),
             Err(()) => {
@@ -440,6 +539,7 @@ pub(crate) fn resp_endpoint(
     } else {
         DEFAULT_REDIS_PORT
     };
+    let ssl = app_points_here && switch(keys, "redis.use.ssl", report);
     let (port, source, why) = match explicit {
         Some(port) => (
             port,
@@ -459,8 +559,17 @@ pub(crate) fn resp_endpoint(
             return ok.then(|| {
                 (
                     None,
-                    "off: redis.enabled = on, so DHIS 2 also keeps sessions and leader election in Redis, which the sidecar does not serve; \
+                    "off: redis.enabled = on, so DHIS 2 also keeps sessions, leader election, application caches and job notifications in Redis, which the sidecar does not serve; \
                      keep the real Redis, or set cachecast.resp.port to serve pub/sub on another port"
+                        .to_string(),
+                )
+            });
+        }
+        None if host_empty => {
+            return ok.then(|| {
+                (
+                    None,
+                    "off: redis.host is empty, which DHIS 2 does not read as localhost (it does not start); remove the line or set redis.host = localhost"
                         .to_string(),
                 )
             });
@@ -476,6 +585,15 @@ pub(crate) fn resp_endpoint(
                 )
             });
         }
+        None if port_empty => {
+            return ok.then(|| {
+                (
+                    None,
+                    "off: redis.port is empty, which DHIS 2 does not read as 6379 (it does not start); remove the line or give the port"
+                        .to_string(),
+                )
+            });
+        }
         None => (
             redis_port,
             RespSource::RedisKeys,
@@ -484,6 +602,8 @@ pub(crate) fn resp_endpoint(
             ),
         ),
     };
+    ok &= substituted(keys, "redis.password", true, seen, report);
+    let password = text("redis.password");
     if source == RespSource::Explicit && app_points_here && !redis_enabled && port != redis_port {
         report.warn(
             "cachecast.resp.port",
@@ -497,7 +617,7 @@ pub(crate) fn resp_endpoint(
         report.error(
             "redis.use.ssl",
             line("redis.use.ssl"),
-            "DHIS 2 would speak TLS to its sidecar, which serves plain RESP on loopback; set redis.use.ssl = false (the traffic never leaves this machine)",
+            "DHIS 2 would speak TLS to its sidecar, which serves plain RESP on loopback; set redis.use.ssl = off (the traffic never leaves this machine)",
         );
         ok = false;
     }

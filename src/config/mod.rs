@@ -4,8 +4,18 @@
 //! settings; this module reads only the cluster keys (both legacy DHIS 2
 //! formats) and our own `cachecast.*` extensions, and reports every problem
 //! at once, each naming its key and line. No I/O happens here but reading the
-//! file; name resolution is a separate, explicit step ([`resolve`]).
+//! file and the environment; name resolution is a separate, explicit step
+//! ([`resolve`]).
+//!
+//! The file is read as DHIS 2 reads it, so that a file DHIS 2 accepts means
+//! the same to the sidecar: `${VAR}` in a value is replaced from the
+//! environment, then the value is trimmed ([`environment`]); on/off keys
+//! are on for `on` or `true` in any case; DHIS 2's defaults apply to its
+//! keys that are absent, and an empty value of one of them is the empty
+//! text. The environment is an input: [`load`] and [`parse_bytes`] read the
+//! process's, the `_with_env` variants take a lookup (tests).
 
+mod environment;
 mod extensions;
 mod legacy;
 mod properties;
@@ -17,6 +27,8 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
+use environment::*;
+pub use environment::{Lookup, process_environment};
 pub use extensions::DEFAULT_REDIS_PORT;
 use extensions::*;
 use legacy::*;
@@ -249,7 +261,63 @@ pub struct ClusterConfig {
     pub resp_why: String,
     /// The flush hook (`cachecast.flush.url`), if set.
     pub flush_hook: Option<FlushHookConfig>,
+    /// The values read that came from environment variables, in file
+    /// order, for `check` to show.
+    pub from_environment: Vec<FromEnvironment>,
 }
+
+/// A value of the file that `${VAR}` substitution changed, as `check`
+/// shows it: environment variables never change a value unseen.
+#[derive(Clone, PartialEq, Eq)]
+pub struct FromEnvironment {
+    /// The key.
+    pub key: String,
+    /// Its line.
+    pub line: usize,
+    /// The variables its value refers to.
+    pub variables: Vec<String>,
+    /// The value after substitution, or `None` for a secret
+    /// (`redis.password`, `cachecast.secret`), which is never shown.
+    pub value: Option<String>,
+    /// Whether the value is empty (shown even for a secret).
+    pub empty: bool,
+}
+
+impl fmt::Debug for FromEnvironment {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FromEnvironment")
+            .field("key", &self.key)
+            .field("line", &self.line)
+            .field("variables", &self.variables)
+            .field("value", &self.value.as_deref().unwrap_or("<redacted>"))
+            .finish()
+    }
+}
+
+impl fmt::Display for FromEnvironment {
+    /// `key = value (line N, from ${VAR})`, a secret as `********`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let value = match (&self.value, self.empty) {
+            (_, true) => "\"\"",
+            (Some(v), false) => v.as_str(),
+            (None, false) => "********",
+        };
+        let from = self
+            .variables
+            .iter()
+            .map(|v| format!("${{{v}}}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        write!(
+            f,
+            "{} = {value} (line {}, from {from})",
+            self.key, self.line
+        )
+    }
+}
+
+/// Keys whose values are secrets: never printed.
+const SECRET_KEYS: [&str; 2] = ["redis.password", "cachecast.secret"];
 
 /// Where the Redis-protocol endpoint's settings came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -326,6 +394,7 @@ impl ClusterConfig {
             resp: None,
             resp_why: "off (built in code)".into(),
             flush_hook: None,
+            from_environment: Vec::new(),
         }
     }
 }
@@ -439,8 +508,14 @@ pub fn locate(explicit: Option<&Path>, dhis2_home: Option<&std::ffi::OsStr>) -> 
     }
 }
 
-/// Reads and parses a configuration file.
+/// Reads and parses a configuration file, `${VAR}` taken from the
+/// process environment.
 pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
+    load_with_env(path, &process_environment)
+}
+
+/// Reads and parses a configuration file, `${VAR}` looked up in `env`.
+pub fn load_with_env(path: &Path, env: Lookup<'_>) -> Result<Loaded, ConfigError> {
     let meta = std::fs::metadata(path).map_err(|source| ConfigError::Read {
         path: path.to_path_buf(),
         source,
@@ -454,7 +529,7 @@ pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
         path: path.to_path_buf(),
         source,
     })?;
-    let loaded = parse_bytes(&bytes)?;
+    let loaded = parse_bytes_with_env(&bytes, env)?;
     // A secret written in the file is as private as the file: one every
     // user can read gives every user the cluster's secret.
     #[cfg(unix)]
@@ -482,9 +557,15 @@ pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
     Ok(loaded)
 }
 
-/// Parses a configuration from text.
+/// Parses a configuration from text, `${VAR}` taken from the process
+/// environment.
 pub fn parse_str(text: &str) -> Result<Loaded, ConfigError> {
     parse_bytes(text.as_bytes())
+}
+
+/// Parses a configuration from text, `${VAR}` looked up in `env`.
+pub fn parse_str_with_env(text: &str, env: Lookup<'_>) -> Result<Loaded, ConfigError> {
+    parse_bytes_with_env(text.as_bytes(), env)
 }
 
 /// Our prefixes: keys under them are read, everything else is ignored.
@@ -537,10 +618,18 @@ const REDIS_KEYS: &[&str] = &[
 
 const NOT_SET_INSTANCE0: &str = "not set: clustering is off (set it to this node's host name or IP address, as its peers reach it)";
 
-/// Parses a configuration from the file's bytes.
+/// Parses a configuration from the file's bytes, `${VAR}` taken from the
+/// process environment.
 pub fn parse_bytes(bytes: &[u8]) -> Result<Loaded, ConfigError> {
+    parse_bytes_with_env(bytes, &process_environment)
+}
+
+/// Parses a configuration from the file's bytes, `${VAR}` looked up in
+/// `env`.
+pub fn parse_bytes_with_env(bytes: &[u8], env: Lookup<'_>) -> Result<Loaded, ConfigError> {
     let mut report = Report::default();
-    let keys = read_keys(bytes, &mut report);
+    let mut keys = read_keys(bytes, env, &mut report);
+    unresolved_variables(&mut keys, &mut report);
     let config = build(&keys, &mut report);
     // In file order; problems without a line (a key not set) last.
     report
@@ -567,6 +656,81 @@ pub fn parse_bytes(bytes: &[u8]) -> Result<Loaded, ConfigError> {
             Err(ConfigError::Invalid { errors, warnings })
         }
     }
+}
+
+/// Whether the sidecar uses the value of this key of ours (`cluster.*`,
+/// `cachecast.*`): not for an unknown key, an instance out of range, or
+/// an RMI object port.
+fn value_used(key: &str) -> bool {
+    match instance_key(key) {
+        InstanceKey::Field(n, field) => {
+            n < MAX_INSTANCES as u64 && field != "cache.remote.object.port"
+        }
+        InstanceKey::Other => {
+            KNOWN_KEYS.contains(&key)
+                && !key.ends_with(".remote.object.port")
+                && !REDIS_KEYS.contains(&key)
+        }
+    }
+}
+
+/// What `${VAR}` substitution left as written in a value of ours is an
+/// error, and the value is not used. DHIS 2 would read `${X}` as it is
+/// written, which as a host name, port or secret is never what was meant.
+/// (`redis.*` keys are DHIS 2's: see [`resp_endpoint`].)
+fn unresolved_variables(keys: &mut BTreeMap<String, Entry>, report: &mut Report) {
+    for (key, entry) in keys.iter_mut() {
+        if entry.unresolved.is_empty() || !value_used(key) {
+            continue;
+        }
+        for p in &entry.unresolved {
+            report.error(key, Some(entry.line), p.clone());
+        }
+        entry.broken = true;
+    }
+}
+
+/// The values read that came from the environment, secrets masked.
+fn from_environment(keys: &BTreeMap<String, Entry>) -> Vec<FromEnvironment> {
+    let mut found: Vec<FromEnvironment> = keys
+        .iter()
+        .filter(|(k, e)| {
+            !e.variables.is_empty()
+                && !e.broken
+                && (value_used(k) || REDIS_KEYS.contains(&k.as_str()))
+        })
+        .map(|(k, e)| FromEnvironment {
+            key: k.clone(),
+            line: e.line,
+            variables: e.variables.clone(),
+            value: (!SECRET_KEYS.contains(&k.as_str())).then(|| e.value.clone()),
+            empty: e.value.is_empty(),
+        })
+        .collect();
+    found.sort_by_key(|f| f.line);
+    found
+}
+
+/// DHIS 2 2.29 to 2.40 start Ehcache RMI replication when
+/// `cluster.hostname` and `cluster.members` are both set
+/// (`DefaultDhisConfigurationProvider.isClusterEnabled`), its listener on
+/// `cluster.cache.port`: the port the sidecar takes from the same keys.
+/// 2.41 removed RMI; the `cluster.instanceN` keys were read up to 2.28
+/// only, so that form is safe on every version the drop-in serves.
+fn rmi_warning(keys: &BTreeMap<String, Entry>, port: u16, report: &mut Report) {
+    let set = |k: &str| keys.get(k).is_some_and(|e| e.present());
+    if !(set("cluster.hostname") && set("cluster.members")) {
+        return;
+    }
+    report.warn(
+        "cluster.hostname",
+        keys.get("cluster.hostname").map(|e| e.line),
+        format!(
+            "with cluster.members, DHIS 2 2.38 to 2.40 starts Ehcache RMI replication listening on port {port}, the port this sidecar listens on: \
+             DHIS 2 fails to start beside a running sidecar (or the sidecar beside DHIS 2). For those versions write the same hosts and ports \
+             as cluster.instanceN keys, which DHIS 2 ignores (`check` prints them); 2.41 and later need no change"
+        ),
+    );
 }
 
 fn build(keys: &BTreeMap<String, Entry>, report: &mut Report) -> Option<ClusterConfig> {
@@ -628,8 +792,8 @@ fn build(keys: &BTreeMap<String, Entry>, report: &mut Report) -> Option<ClusterC
             InstanceKey::Other if KNOWN_KEYS.contains(&key.as_str()) => {
                 warn_empty(key, entry, report);
             }
-            // DHIS 2's keys, checked where the endpoint is decided; an
-            // empty one is DHIS 2's default, not a mistake of ours.
+            // DHIS 2's keys, checked where the endpoint is decided, as
+            // DHIS 2 reads them (an empty one included).
             InstanceKey::Other if REDIS_KEYS.contains(&key.as_str()) => {}
             InstanceKey::Other => unknown_key(key, entry, report),
         }
@@ -661,9 +825,12 @@ fn build(keys: &BTreeMap<String, Entry>, report: &mut Report) -> Option<ClusterC
         }
         _ => Some((instances_format(keys, report), Format::Instances)),
     };
-    if let Some((nodes, _)) = &cluster
+    if let Some((nodes, format)) = &cluster
         && let Some(node) = &nodes.node
     {
+        if *format == Format::Members {
+            rmi_warning(keys, node.addr.port, report);
+        }
         check_duplicates(node, &nodes.peers, report);
         check_loopback(node, &nodes.peers, report);
         if nodes.ok && nodes.peers.is_empty() {
@@ -725,6 +892,7 @@ fn build(keys: &BTreeMap<String, Entry>, report: &mut Report) -> Option<ClusterC
         resp,
         resp_why,
         flush_hook: ext.flush_hook,
+        from_environment: from_environment(keys),
     })
 }
 
@@ -736,8 +904,9 @@ mod reference {
     use std::collections::BTreeSet;
 
     const DOC: &str = include_str!("../../docs/configuration.md");
-    const SOURCES: [(&str, &str); 5] = [
+    const SOURCES: [(&str, &str); 6] = [
         ("mod.rs", include_str!("mod.rs")),
+        ("environment.rs", include_str!("environment.rs")),
         ("legacy.rs", include_str!("legacy.rs")),
         ("extensions.rs", include_str!("extensions.rs")),
         ("properties.rs", include_str!("properties.rs")),

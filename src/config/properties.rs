@@ -7,15 +7,22 @@ use std::collections::BTreeMap;
 use super::*;
 
 /// A value read from the file, with its line.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub(crate) struct Entry {
-    /// The value, unescaped and trimmed.
+    /// The value as DHIS 2 has it: unescaped, `${VAR}` substituted, then
+    /// trimmed.
     pub(crate) value: String,
     /// The first physical line of the entry.
     pub(crate) line: usize,
     /// The line could not be read (bad UTF-8, a malformed escape); an
     /// error was reported, and the value must not be used.
     pub(crate) broken: bool,
+    /// The environment variables the value refers to (`check` lists
+    /// them), empty when it refers to none.
+    pub(crate) variables: Vec<String>,
+    /// What substitution left as written or stopped on: reported where
+    /// the value is used (DHIS 2 would read the text as written).
+    pub(crate) unresolved: Vec<String>,
 }
 
 impl Entry {
@@ -180,7 +187,11 @@ pub(crate) fn parse_entry(text: &str) -> Result<(String, String), String> {
 /// `java-properties` parser. So nothing in the rest of the file (a comment
 /// holding `C:\users`, a password with a stray `\u`) can stop the cluster
 /// keys from being read, and a 10 MB file costs little.
-pub(crate) fn read_keys(bytes: &[u8], report: &mut Report) -> BTreeMap<String, Entry> {
+pub(crate) fn read_keys(
+    bytes: &[u8],
+    env: Lookup<'_>,
+    report: &mut Report,
+) -> BTreeMap<String, Entry> {
     let (text, lossy) = match std::str::from_utf8(bytes) {
         Ok(text) => (std::borrow::Cow::Borrowed(text), false),
         Err(_) => (String::from_utf8_lossy(bytes), true),
@@ -264,23 +275,29 @@ pub(crate) fn read_keys(bytes: &[u8], report: &mut Report) -> BTreeMap<String, E
                 continue;
             }
             Entry {
-                value: String::new(),
                 line: number,
                 broken: true,
+                ..Entry::default()
             }
         } else {
             match parse_entry(&logical) {
-                Ok((_, value)) => Entry {
-                    value: value.trim().to_string(),
-                    line: number,
-                    broken: false,
-                },
+                Ok((_, value)) => {
+                    // As DHIS 2: substitute, then trim as Java does.
+                    let s = substitute(&value, env);
+                    Entry {
+                        value: java_trim(&s.value).to_string(),
+                        line: number,
+                        broken: false,
+                        variables: s.variables,
+                        unresolved: s.problems,
+                    }
+                }
                 Err(e) => {
                     report.error(&key, Some(number), format!("{e}; the value is not used"));
                     Entry {
-                        value: String::new(),
                         line: number,
                         broken: true,
+                        ..Entry::default()
                     }
                 }
             }

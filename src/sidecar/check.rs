@@ -107,6 +107,11 @@ pub fn describe(path: &Path, config: &ClusterConfig, resolved: &[Resolved]) -> S
     };
     let mut report = String::new();
     let _ = writeln!(report, "config     {} ({format})", path.display());
+    // Substitution is written in the file, and shown here, so that no
+    // environment variable changes a value unseen.
+    for value in &config.from_environment {
+        let _ = writeln!(report, "environment {value}");
+    }
     let _ = writeln!(
         report,
         "this node  {}  resolves to {}",
@@ -124,6 +129,24 @@ pub fn describe(path: &Path, config: &ClusterConfig, resolved: &[Resolved]) -> S
             peer.source,
             show(i + 1)
         );
+    }
+    if config.format == Format::Members {
+        // DHIS 2 2.38 to 2.40 run RMI replication on these keys (see the
+        // warning): the same cluster in the form only the sidecar reads.
+        let _ = writeln!(
+            report,
+            "as instanceN keys (for DHIS 2 2.38 to 2.40, instead of cluster.hostname, cluster.members and cluster.cache.port):"
+        );
+        for (i, addr) in std::iter::once(&config.node)
+            .chain(config.peers.iter().map(|p| &p.addr))
+            .enumerate()
+        {
+            let _ = writeln!(
+                report,
+                "    cluster.instance{i}.hostname = {}\n    cluster.instance{i}.cache.port = {}",
+                addr.host, addr.port
+            );
+        }
     }
     let _ = writeln!(
         report,
