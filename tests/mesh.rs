@@ -209,6 +209,13 @@ async fn faulty_link(buffer: usize, fault: impl Fn(&Proxy, u64)) -> (u64, usize)
         st.peers[0].acked_seq == total
     })
     .await;
+    // Acked once queued for the application: its callback may come after.
+    c.recorders[1]
+        .wait_for("the last invalidation", LONG, |evs| {
+            evs.iter()
+                .any(|e| matches!(e, Event::Invalidated { seq, .. } if *seq == total))
+        })
+        .await;
     let result = check_no_silent_gap(&c.recorders[1].events(), &c.id(0), total);
     assert!(
         proxy.connections.load(std::sync::atomic::Ordering::SeqCst) > 1,

@@ -75,9 +75,9 @@ impl MeshBuilder {
     /// told it was applied). See [`MeshHandle::subscribe`].
     #[must_use = "events are only kept for a stream that is read"]
     pub fn subscribe(&mut self) -> Events {
-        let capacity = self.tuning.event_capacity;
+        let (events, bytes) = (self.tuning.event_capacity, self.tuning.event_bytes);
         self.fanout
-            .get_or_insert_with(|| Fanout::new(capacity))
+            .get_or_insert_with(|| Fanout::new(events, bytes))
             .subscribe()
     }
 
@@ -126,7 +126,8 @@ impl MeshBuilder {
             fanout,
             network,
         } = self;
-        let fanout = fanout.unwrap_or_else(|| Fanout::new(tuning.event_capacity));
+        let fanout =
+            fanout.unwrap_or_else(|| Fanout::new(tuning.event_capacity, tuning.event_bytes));
         let transport: Arc<dyn Transport> = match network {
             Some(net) => Arc::new(net),
             None => Arc::new(transport::Tcp),
@@ -169,13 +170,23 @@ impl MeshBuilder {
             "mesh started"
         );
         let tracker = TaskTracker::new();
-        // Event streams end once every task has: a watcher outside the
-        // tracker tells them.
+        // One dispatch task per peer runs the application's callbacks and
+        // feeds the streams, outside the tracker: it ends once every task
+        // in it has and what they queued is handed out; then the streams
+        // end too.
         {
-            let (tracker, finished) = (tracker.clone(), shared.fanout.finished.clone());
+            let done = CancellationToken::new();
+            let dispatchers = TaskTracker::new();
+            for peer in 0..shared.peers.len() {
+                dispatchers.spawn(fanout::dispatch(shared.clone(), peer, done.clone()));
+            }
+            dispatchers.close();
+            let (tracker, fanout) = (tracker.clone(), shared.fanout.clone());
             tokio::spawn(async move {
                 tracker.wait().await;
-                finished.cancel();
+                done.cancel();
+                dispatchers.wait().await;
+                fanout.finish();
             });
         }
         // Peers' names are looked up at once, off the accept loop.
@@ -239,6 +250,12 @@ pub(crate) fn build_shared(
                 stats: PeerStats::default(),
                 turn: Mutex::new(()),
                 held_back: Mutex::new(None),
+                // Room for two full batches at least, so that one batch
+                // never collapses by itself.
+                events: fanout::PeerQueue::new(
+                    tuning.event_capacity.max(2 * crate::wire::MAX_BATCH_ITEMS),
+                    tuning.event_bytes,
+                ),
             }
         })
         .collect();
@@ -304,7 +321,7 @@ pub fn fuzz_acceptor(input: &[u8]) {
         dead_after: Duration::from_millis(200),
         ..Tuning::default()
     };
-    let fanout = Fanout::new(tuning.event_capacity);
+    let fanout = Fanout::new(tuning.event_capacity, tuning.event_bytes);
     let Ok(shared) = build_shared(
         config,
         tuning,

@@ -44,6 +44,13 @@ pub enum FlushReason {
         /// How many events it missed.
         missed: u64,
     },
+    /// The application's callbacks and streams fell so far behind this
+    /// peer's events that they were dropped from its queue (bounded in
+    /// events and bytes, see [`crate::Tuning::event_bytes`]).
+    Backlog {
+        /// How many events the flush stands for.
+        missed: u64,
+    },
 }
 
 impl fmt::Display for FlushReason {
@@ -59,6 +66,12 @@ impl fmt::Display for FlushReason {
             }
             FlushReason::Lagged { missed } => {
                 write!(f, "subscriber lagged and missed {missed} events")
+            }
+            FlushReason::Backlog { missed } => {
+                write!(
+                    f,
+                    "the application fell behind and {missed} events were dropped"
+                )
             }
         }
     }

@@ -1,42 +1,304 @@
-//! Event streams: the channel subscribers read from.
+//! From the network path to the application: per-peer dispatch queues, the
+//! tasks that run the application's callbacks from them, and the queues
+//! that event streams read.
+//!
+//! A connection task decides a peer's events under that peer's lock and
+//! only pushes them into the peer's queue; one dispatch task per peer runs
+//! the callbacks and feeds the streams, in the order decided. So no
+//! application code runs on the network path or under a peer's lock, a slow
+//! callback holds up only its own peer's events, and acks keep flowing.
+//! Every queue is bounded in events and in bytes; an event that would not
+//! fit collapses what the queue holds into one flush, so memory stays
+//! bounded and nothing is lost silently.
 
-use std::future::Future;
-use std::sync::Arc;
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
 
-use tokio::sync::broadcast;
-use tokio_stream::wrappers::BroadcastStream;
-use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::*;
 
-/// Where [`Events`] streams come from: the channel, the count of live
-/// streams, and the signal that the node has stopped.
+/// Bytes counted for an event beside its strings.
+const OVERHEAD: usize = 64;
+
+/// Bytes an event holds, by an upper estimate: its strings and a fixed
+/// overhead for the rest.
+fn size_of(event: &Event) -> usize {
+    OVERHEAD
+        + match event {
+            Event::Invalidated { cache, key, .. } => cache.len() + key.len(),
+            Event::CacheCleared { cache, .. } => cache.len(),
+            Event::PeerDown { reason, .. } => reason.len(),
+            Event::Flush { .. } | Event::PeerUp { .. } => 0,
+        }
+}
+
+/// Events the queue's own collapse already stands for.
+fn missed_in(event: &Event) -> u64 {
+    match event {
+        Event::Flush {
+            reason: FlushReason::Lagged { missed } | FlushReason::Backlog { missed },
+            ..
+        } => *missed,
+        _ => 1,
+    }
+}
+
+/// A queue of events bounded in count and in bytes. An event that would
+/// not fit replaces everything queued, itself included, with one flush
+/// (made by `collapse`, told how many events it stands for): everything
+/// after the flush arrives after it, so the order of what remains holds.
+#[derive(Debug)]
+pub(crate) struct Bounded {
+    events: VecDeque<Event>,
+    bytes: usize,
+    max_events: usize,
+    max_bytes: usize,
+    /// Times the queue collapsed into a flush.
+    collapses: u64,
+}
+
+impl Bounded {
+    pub(crate) fn new(max_events: usize, max_bytes: usize) -> Self {
+        Bounded {
+            events: VecDeque::new(),
+            bytes: 0,
+            max_events: max_events.max(2),
+            max_bytes,
+            collapses: 0,
+        }
+    }
+
+    /// Queues `event`; returns whether the queue collapsed into a flush.
+    pub(crate) fn push(&mut self, event: Event, collapse: impl FnOnce(u64) -> Event) -> bool {
+        let size = size_of(&event);
+        if self.events.len() < self.max_events && self.bytes + size <= self.max_bytes {
+            self.bytes += size;
+            self.events.push_back(event);
+            return false;
+        }
+        let missed = self.events.iter().map(missed_in).sum::<u64>() + missed_in(&event);
+        self.events.clear();
+        let flush = collapse(missed);
+        self.bytes = size_of(&flush);
+        self.events.push_back(flush);
+        self.collapses += 1;
+        true
+    }
+
+    pub(crate) fn pop(&mut self) -> Option<Event> {
+        let e = self.events.pop_front()?;
+        self.bytes -= size_of(&e);
+        Some(e)
+    }
+
+    /// Takes everything queued, in order.
+    pub(crate) fn take(&mut self) -> VecDeque<Event> {
+        self.bytes = 0;
+        std::mem::take(&mut self.events)
+    }
+
+    /// Whether `events` more, of `bytes`, fit (an empty queue takes
+    /// anything: what does not fit then collapses).
+    fn fits(&self, events: usize, bytes: usize) -> bool {
+        self.events.is_empty()
+            || (self.events.len() + events <= self.max_events
+                && self.bytes + bytes <= self.max_bytes)
+    }
+
+    #[cfg(test)]
+    pub(crate) fn collapses(&self) -> u64 {
+        self.collapses
+    }
+}
+
+/// One peer's events on their way to the application: pushed by the
+/// network tasks, taken by that peer's dispatch task.
+#[derive(Debug)]
+pub(crate) struct PeerQueue {
+    queue: Mutex<Bounded>,
+    /// Something was queued (wakes the dispatch task).
+    ready: Notify,
+    /// The dispatch task took what was queued (wakes a connection task
+    /// waiting for room).
+    room: Notify,
+}
+
+impl PeerQueue {
+    pub(crate) fn new(max_events: usize, max_bytes: usize) -> Self {
+        PeerQueue {
+            queue: Mutex::new(Bounded::new(max_events, max_bytes)),
+            ready: Notify::new(),
+            room: Notify::new(),
+        }
+    }
+
+    /// Waits, at most `patience`, until `items` events of about `bytes`
+    /// fit: an application that is slow but keeps up holds the stream back
+    /// (acks slow down, the origin keeps the rest) instead of costing a
+    /// flush; one that is stuck costs a flush once `patience` is over,
+    /// short enough that the link's heartbeats are still answered.
+    /// Called without any lock held.
+    pub(crate) async fn room_for(&self, items: usize, bytes: usize, patience: Duration) {
+        let deadline = tokio::time::Instant::now() + patience;
+        let bytes = bytes + items * OVERHEAD;
+        loop {
+            // Registered before the look, so that a take after it wakes us.
+            let room = self.room.notified();
+            if lock(&self.queue).fits(items, bytes) {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, room).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Queues a peer's events, in order. Never blocks on the application.
+    pub(crate) fn push(&self, origin: &PeerId, events: impl IntoIterator<Item = Event>) -> u64 {
+        let mut collapsed = 0;
+        {
+            let mut q = lock(&self.queue);
+            for e in events {
+                let origin = origin.clone();
+                if q.push(e, |missed| Event::Flush {
+                    origin: Some(origin),
+                    reason: FlushReason::Backlog { missed },
+                }) {
+                    collapsed += 1;
+                }
+            }
+        }
+        self.ready.notify_one();
+        collapsed
+    }
+}
+
+/// Runs the callbacks and feeds the streams with `peer`'s events until the
+/// node's tasks have ended (`done`) and its queue is empty.
+pub(crate) async fn dispatch(shared: Arc<Shared>, peer: usize, done: CancellationToken) {
+    let queue = &shared.peers[peer].events;
+    let mut callbacks = shared.callbacks();
+    loop {
+        // Registered before the queue is looked at, so that a push after
+        // the look is not missed.
+        let ready = queue.ready.notified();
+        let batch = lock(&queue.queue).take();
+        queue.room.notify_waiters();
+        if batch.is_empty() {
+            if done.is_cancelled() {
+                return;
+            }
+            tokio::select! {
+                () = ready => {}
+                () = done.cancelled() => {}
+            }
+            continue;
+        }
+        for event in batch {
+            if shared.callbacks_gen.load(Ordering::Acquire) != callbacks.generation {
+                callbacks = shared.callbacks();
+            }
+            for cb in callbacks.list.iter() {
+                cb(&event);
+            }
+            shared.fanout.publish(&event);
+        }
+    }
+}
+
+/// Where [`Events`] streams come from.
 #[derive(Clone)]
 pub(crate) struct Fanout {
-    pub(crate) events: broadcast::Sender<Event>,
-    pub(crate) subscribers: Arc<AtomicUsize>,
+    inner: Arc<FanoutInner>,
+    /// Resolves when the node has stopped and every event was handed to
+    /// the streams: they end once they have read what they hold.
     pub(crate) finished: CancellationToken,
 }
 
+struct FanoutInner {
+    streams: Mutex<Vec<Weak<Stream>>>,
+    /// Live streams: with none, publishing costs nothing.
+    live: AtomicUsize,
+    max_events: usize,
+    max_bytes: usize,
+}
+
+/// One stream's queue.
+struct Stream {
+    state: Mutex<StreamState>,
+}
+
+struct StreamState {
+    queue: Bounded,
+    waker: Option<Waker>,
+}
+
 impl Fanout {
-    pub(crate) fn new(capacity: usize) -> Self {
+    pub(crate) fn new(max_events: usize, max_bytes: usize) -> Self {
         Fanout {
-            events: broadcast::channel(capacity.max(16)).0,
-            subscribers: Arc::new(AtomicUsize::new(0)),
+            inner: Arc::new(FanoutInner {
+                streams: Mutex::new(Vec::new()),
+                live: AtomicUsize::new(0),
+                max_events,
+                max_bytes,
+            }),
             finished: CancellationToken::new(),
         }
     }
 
     pub(crate) fn subscribe(&self) -> Events {
-        // Counted before the receiver exists, so that no event sent after
-        // it does is skipped.
-        self.subscribers.fetch_add(1, Ordering::SeqCst);
+        let stream = Arc::new(Stream {
+            state: Mutex::new(StreamState {
+                queue: Bounded::new(self.inner.max_events, self.inner.max_bytes),
+                waker: None,
+            }),
+        });
+        let mut streams = lock(&self.inner.streams);
+        streams.retain(|s| s.strong_count() > 0);
+        streams.push(Arc::downgrade(&stream));
+        self.inner.live.store(streams.len(), Ordering::Release);
         Events {
-            inner: BroadcastStream::new(self.events.subscribe()),
+            stream,
+            fanout: self.clone(),
             finished: Box::pin(self.finished.clone().cancelled_owned()),
-            _counted: Subscribed(self.subscribers.clone()),
+        }
+    }
+
+    /// Hands `event` to every live stream.
+    fn publish(&self, event: &Event) {
+        if self.inner.live.load(Ordering::Acquire) == 0 {
+            return;
+        }
+        let streams: Vec<Arc<Stream>> = {
+            let mut list = lock(&self.inner.streams);
+            list.retain(|s| s.strong_count() > 0);
+            self.inner.live.store(list.len(), Ordering::Release);
+            list.iter().filter_map(Weak::upgrade).collect()
+        };
+        for s in streams {
+            let mut st = lock(&s.state);
+            st.queue.push(event.clone(), |missed| Event::Flush {
+                origin: None,
+                reason: FlushReason::Lagged { missed },
+            });
+            if let Some(w) = st.waker.take() {
+                w.wake();
+            }
+        }
+    }
+
+    /// Every event has been handed out: streams end once they are read.
+    pub(crate) fn finish(&self) {
+        self.finished.cancel();
+        for s in lock(&self.inner.streams).iter().filter_map(Weak::upgrade) {
+            if let Some(w) = lock(&s.state).waker.take() {
+                w.wake();
+            }
         }
     }
 }
@@ -44,24 +306,27 @@ impl Fanout {
 /// A stream of [`Event`]s; see [`MeshHandle::subscribe`].
 #[must_use = "events are only kept for a stream that is read"]
 pub struct Events {
-    pub(crate) inner: BroadcastStream<Event>,
+    stream: Arc<Stream>,
+    /// Keeps the list this stream is in alive (and counts it live).
+    fanout: Fanout,
     /// Resolves when the node has stopped: the stream then ends.
-    pub(crate) finished: std::pin::Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
-    /// Dropped after `inner`: uncounts this stream.
-    pub(crate) _counted: Subscribed,
+    finished: std::pin::Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
 }
 
-/// One live [`Events`] stream, counted in `Shared::subscribers`.
-pub(crate) struct Subscribed(Arc<AtomicUsize>);
-
-impl Drop for Subscribed {
+impl Drop for Events {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
+        let mut streams = lock(&self.fanout.inner.streams);
+        streams.retain(|s| !std::ptr::eq(s.as_ptr(), Arc::as_ptr(&self.stream)));
+        self.fanout
+            .inner
+            .live
+            .store(streams.len(), Ordering::Release);
     }
 }
 
 impl Events {
-    /// The next event; `None` once the mesh has shut down.
+    /// The next event; `None` once the mesh has shut down and every event
+    /// was read.
     pub async fn recv(&mut self) -> Option<Event> {
         use futures_util::StreamExt;
         self.next().await
@@ -71,25 +336,76 @@ impl Events {
 impl futures_util::Stream for Events {
     type Item = Event;
 
-    fn poll_next(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Event>> {
+    fn poll_next(mut self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Event>> {
         // Looked at first: once the node has stopped, whatever is still
         // queued is delivered, then the stream ends.
         let finished = self.finished.as_mut().poll(cx).is_ready();
-        let next = std::pin::Pin::new(&mut self.inner).poll_next(cx).map(|r| {
-            r.map(|r| match r {
-                Ok(ev) => ev,
-                Err(BroadcastStreamRecvError::Lagged(missed)) => Event::Flush {
-                    origin: None,
-                    reason: FlushReason::Lagged { missed },
-                },
-            })
-        });
-        match next {
-            std::task::Poll::Pending if finished => std::task::Poll::Ready(None),
-            other => other,
+        let mut st = lock(&self.stream.state);
+        if let Some(e) = st.queue.pop() {
+            return Poll::Ready(Some(e));
         }
+        if finished {
+            return Poll::Ready(None);
+        }
+        st.waker = Some(cx.waker().clone());
+        Poll::Pending
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(k: &str) -> Event {
+        Event::Invalidated {
+            origin: Arc::from("a:1"),
+            seq: 1,
+            cache: Arc::from("c"),
+            key: Arc::from(k),
+        }
+    }
+
+    fn lagged(missed: u64) -> Event {
+        Event::Flush {
+            origin: None,
+            reason: FlushReason::Lagged { missed },
+        }
+    }
+
+    #[test]
+    fn a_full_queue_collapses_into_one_flush_that_counts_what_it_replaced() {
+        let mut q = Bounded::new(3, usize::MAX);
+        for k in ["a", "b", "c"] {
+            assert!(!q.push(key(k), lagged));
+        }
+        assert!(q.push(key("d"), lagged), "the fourth does not fit");
+        assert!(!q.push(key("e"), lagged));
+        assert!(!q.push(key("f"), lagged));
+        // Full again: the earlier flush's count carries over.
+        assert!(q.push(key("g"), lagged));
+        assert_eq!(q.pop(), Some(lagged(7)));
+        assert_eq!(q.pop(), None);
+        assert_eq!(q.collapses(), 2);
+    }
+
+    /// Hazard: bounded by count only, a queue of 8,192 events of two
+    /// 64 KiB strings each held about 1 GiB for one slow reader.
+    #[test]
+    fn the_queue_is_bounded_in_bytes_too() {
+        let mut q = Bounded::new(8192, 1024 * 1024);
+        let big = "x".repeat(64 * 1024);
+        let mut collapsed = 0;
+        for _ in 0..100 {
+            if q.push(key(&big), lagged) {
+                collapsed += 1;
+            }
+            assert!(q.bytes <= 1024 * 1024, "{} bytes held", q.bytes);
+        }
+        assert!(collapsed > 0);
+        let mut seen = 0;
+        while q.pop().is_some() {
+            seen += 1;
+        }
+        assert!(seen <= 16, "{seen} events held");
     }
 }

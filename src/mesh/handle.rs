@@ -199,8 +199,9 @@ impl MeshHandle {
     }
 
     /// A stream of events from now on. A subscriber that falls more than
-    /// [`Tuning::event_capacity`] events behind gets a
-    /// [`FlushReason::Lagged`] flush in place of what it missed.
+    /// [`Tuning::event_capacity`] events (or [`Tuning::event_bytes`] of
+    /// them) behind gets a [`FlushReason::Lagged`] flush in place of what
+    /// it missed.
     ///
     /// Events that arrive before this call reach no stream: to see every
     /// event from the first, take the stream from
@@ -209,8 +210,13 @@ impl MeshHandle {
         self.shared.fanout.subscribe()
     }
 
-    /// Calls `f` for every event, on the task that produced it, in order.
-    /// `f` must be quick and must not block: it runs on the network path.
+    /// Calls `f` for every event. Each peer's events are dispatched by a
+    /// task of their own, in the order decided, never on the network path
+    /// nor under a peer's lock: a slow `f` holds up only that peer's
+    /// events (`f` may run for two peers at once), and acks keep flowing.
+    /// A peer whose events fall [`Tuning::event_capacity`] events (or
+    /// [`Tuning::event_bytes`]) behind has them replaced by one
+    /// [`FlushReason::Backlog`] flush.
     pub fn on_event(&self, f: impl Fn(&Event) + Send + Sync + 'static) {
         let mut callbacks = self
             .shared
@@ -284,6 +290,7 @@ impl MeshHandle {
                 rejected_limit: get(&c.rejected_limit),
                 protocol_errors: get(&c.protocol_errors),
                 diverged: get(&c.diverged),
+                event_backlogs: get(&c.event_backlogs),
                 events: EventCounters {
                     invalidated: get(&c.ev_invalidated),
                     cache_cleared: get(&c.ev_cache_cleared),

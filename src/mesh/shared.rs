@@ -48,6 +48,8 @@ pub(crate) struct PeerInfo {
     /// `dead_after` looks the same for a few seconds, so only one that
     /// outlasts that is reported as two running nodes.
     pub(crate) held_back: Mutex<Option<(u64, Instant)>>,
+    /// Its events on their way to the application (see `fanout`).
+    pub(crate) events: fanout::PeerQueue,
 }
 
 pub(crate) type Callback = Arc<dyn Fn(&Event) + Send + Sync>;
@@ -146,9 +148,34 @@ pub(crate) struct CallbackSnapshot {
 }
 
 impl Shared {
-    pub(crate) fn emit(&self, event: Event) {
-        let mut callbacks = self.callbacks();
-        self.emit_with(&mut callbacks, event);
+    /// Hands one of `peer`'s events to the application.
+    pub(crate) fn emit(&self, peer: usize, event: Event) {
+        self.emit_all(peer, std::iter::once(event));
+    }
+
+    /// Hands `peer`'s events to the application, in order: counted, then
+    /// queued for that peer's dispatch task. No application code runs
+    /// here (the caller may hold the peer's turn).
+    pub(crate) fn emit_all(&self, peer: usize, events: impl IntoIterator<Item = Event>) {
+        let counted = events.into_iter().inspect(|event| {
+            let counter = match event {
+                Event::Invalidated { .. } => &self.stats.ev_invalidated,
+                Event::CacheCleared { .. } => &self.stats.ev_cache_cleared,
+                Event::Flush { .. } => &self.stats.flushes_received,
+                Event::PeerUp { .. } => &self.stats.ev_peer_up,
+                Event::PeerDown { .. } => &self.stats.ev_peer_down,
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
+        });
+        let info = &self.peers[peer];
+        if info.events.push(&info.id, counted) > 0 {
+            self.stats.event_backlogs.fetch_add(1, Ordering::Relaxed);
+            warn!(
+                peer = %info.id,
+                "the application's callbacks or event streams fell behind this peer's events: \
+                 they get a flush in place of what was queued"
+            );
+        }
     }
 
     /// A snapshot of the callbacks, so that a callback may register another.
@@ -162,30 +189,6 @@ impl Shared {
             .unwrap_or_else(|e| e.into_inner())
             .clone();
         CallbackSnapshot { generation, list }
-    }
-
-    /// Emits `event` with a snapshot taken for a run of events (a batch),
-    /// refreshed if a callback was registered since.
-    pub(crate) fn emit_with(&self, callbacks: &mut CallbackSnapshot, event: Event) {
-        let counter = match event {
-            Event::Invalidated { .. } => &self.stats.ev_invalidated,
-            Event::CacheCleared { .. } => &self.stats.ev_cache_cleared,
-            Event::Flush { .. } => &self.stats.flushes_received,
-            Event::PeerUp { .. } => &self.stats.ev_peer_up,
-            Event::PeerDown { .. } => &self.stats.ev_peer_down,
-        };
-        counter.fetch_add(1, Ordering::Relaxed);
-        if self.callbacks_gen.load(Ordering::Acquire) != callbacks.generation {
-            *callbacks = self.callbacks();
-        }
-        for cb in callbacks.list.iter() {
-            cb(&event);
-        }
-        // Into the channel only for subscribers: with none, sending would
-        // only lock it to find that out.
-        if self.fanout.subscribers.load(Ordering::SeqCst) > 0 {
-            let _ = self.fanout.events.send(event);
-        }
     }
 
     /// Records a link going up or down, and emits peer-up / peer-down on
@@ -219,14 +222,17 @@ impl Shared {
         match transition {
             Some(peer::Transition::Up) => {
                 info!(peer = %id, "peer up");
-                self.emit(Event::PeerUp { peer: id });
+                self.emit(peer, Event::PeerUp { peer: id });
             }
             Some(peer::Transition::Down) => {
                 warn!(peer = %id, reason, "peer down");
-                self.emit(Event::PeerDown {
-                    peer: id,
-                    reason: reason.to_string(),
-                });
+                self.emit(
+                    peer,
+                    Event::PeerDown {
+                        peer: id,
+                        reason: reason.to_string(),
+                    },
+                );
             }
             None => {}
         }
@@ -290,9 +296,7 @@ impl Shared {
         let _turn = lock(&info.turn);
         let mut events = Vec::new();
         let r = lock(&info.state).hello(incarnation, &mut events);
-        for e in events {
-            self.emit(e);
-        }
+        self.emit_all(peer, events);
         r.map_err(|d| {
             let reason = format!(
                 "two running nodes answer as {}: incarnation {:016x}{} while {:016x} is connected; \

@@ -46,6 +46,9 @@ pub(crate) struct Stats {
     pub(crate) rejected_limit: AtomicU64,
     pub(crate) protocol_errors: AtomicU64,
     pub(crate) diverged: AtomicU64,
+    /// Times a peer's queue of events for the application collapsed into
+    /// a flush.
+    pub(crate) event_backlogs: AtomicU64,
     /// Events delivered to the application, by kind.
     pub(crate) ev_invalidated: AtomicU64,
     pub(crate) ev_cache_cleared: AtomicU64,
@@ -104,6 +107,10 @@ pub struct Counters {
     /// it ever assigned. Another party claimed an identity, or a peer is
     /// broken.
     pub diverged: u64,
+    /// Times the application's callbacks or event streams fell so far
+    /// behind a peer's events that its queue collapsed into a flush
+    /// ([`crate::FlushReason::Backlog`]).
+    pub event_backlogs: u64,
     /// Events delivered to the application, by kind.
     pub events: EventCounters,
 }

@@ -25,8 +25,12 @@ pub struct Tuning {
     pub healthy_after: Duration,
     /// How long shutdown waits for peers to acknowledge what is queued.
     pub shutdown_timeout: Duration,
-    /// Events buffered per subscriber before it lags (and gets a flush).
+    /// Events buffered per subscriber, and per peer on their way to the
+    /// callbacks, before the queue collapses into a flush.
     pub event_capacity: usize,
+    /// Bytes (cache names, keys) those queues may hold, each, before they
+    /// collapse into a flush.
+    pub event_bytes: usize,
     /// Inbound connections open at once, all sources together.
     pub max_connections: usize,
     /// Bytes the replay buffer may hold, whatever `cachecast.buffer` says
@@ -51,6 +55,7 @@ impl Default for Tuning {
             healthy_after: Duration::from_secs(10),
             shutdown_timeout: Duration::from_secs(2),
             event_capacity: 8192,
+            event_bytes: 16 * 1024 * 1024,
             max_connections: 64,
             buffer_bytes: 64 * 1024 * 1024,
             ack_delay: Duration::from_millis(1),

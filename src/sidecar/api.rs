@@ -562,6 +562,12 @@ fn render_metrics(app: &App, st: &Status) -> String {
         plain(c.diverged),
     );
     metric(
+        "cachecast_event_backlogs_total",
+        "counter",
+        "Times the sidecar fell so far behind a peer's events (a slow webhook, SSE or Redis-protocol path) that its queue collapsed into a flush.",
+        plain(c.event_backlogs),
+    );
+    metric(
         "cachecast_buffer_held",
         "gauge",
         "Invalidations held in the replay buffer.",

@@ -574,11 +574,16 @@ async fn receive(
                 Message::Batch(batch) => {
                     let n = batch.items.len() as u64;
                     let info = &shared.peers[peer];
-                    // The turn first: this peer's events reach the
-                    // application in the order decided; its state lock is
-                    // released before any of them is emitted.
-                    // A batch's events, decided under the state lock and
-                    // emitted after it.
+                    // Room in the peer's queue to the application first,
+                    // waited for without any lock held (see `fanout`).
+                    let bytes = batch.items.iter().map(|i| i.encoded_len_bound()).sum();
+                    let patience = shared.tuning.ping_every.min(shared.tuning.dead_after / 3);
+                    info.events
+                        .room_for(batch.items.len(), bytes, patience)
+                        .await;
+                    // The turn first: this peer's events are queued for the
+                    // application in the order decided (no application
+                    // code runs here: its dispatch task runs it).
                     let mut events = Vec::with_capacity(batch.items.len());
                     let result = {
                         let _turn = lock(&info.turn);
@@ -590,19 +595,17 @@ async fn receive(
                             &mut |e| events.push(e),
                         );
                         let applied = events.len() as u64;
-                        // One snapshot of the callbacks for the batch.
-                        let mut callbacks = shared.callbacks();
-                        for e in events.drain(..) {
+                        for e in &events {
                             if let Event::Flush {
                                 reason: reason @ FlushReason::Diverged { .. },
                                 ..
-                            } = &e
+                            } = e
                             {
                                 shared.stats.diverged.fetch_add(1, Ordering::Relaxed);
                                 warn!(%reason, "the peer's stream went below what this node held for it (another party claimed its identity?): flushing");
                             }
-                            shared.emit_with(&mut callbacks, e);
                         }
+                        shared.emit_all(peer, events.drain(..));
                         shared.stats.received.fetch_add(applied, Ordering::Relaxed);
                         info.stats.received.fetch_add(applied, Ordering::Relaxed);
                         r
