@@ -4,9 +4,11 @@
 //!
 //! A connection task decides a peer's events under that peer's lock and
 //! only pushes them into the peer's queue; one dispatch task per peer runs
-//! the callbacks and feeds the streams, in the order decided. So no
-//! application code runs on the network path or under a peer's lock, a slow
-//! callback holds up only its own peer's events, and acks keep flowing.
+//! the callbacks and feeds the streams, in the order decided, and only then
+//! lets the connection acknowledge them (so an origin's
+//! `invalidate_and_wait` still means "the peer's application was told").
+//! So no application code runs on the network path or under a peer's lock,
+//! and a slow callback holds up only its own peer's events.
 //! Every queue is bounded in events and in bytes; an event that would not
 //! fit collapses what the queue holds into one flush, so memory stays
 //! bounded and nothing is lost silently.
@@ -21,6 +23,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::*;
+use crate::wire::Position;
 
 /// Bytes counted for an event beside its strings.
 const OVERHEAD: usize = 64;
@@ -120,7 +123,7 @@ impl Bounded {
 /// network tasks, taken by that peer's dispatch task.
 #[derive(Debug)]
 pub(crate) struct PeerQueue {
-    queue: Mutex<Bounded>,
+    queue: Mutex<Pending>,
     /// Something was queued (wakes the dispatch task).
     ready: Notify,
     /// The dispatch task took what was queued (wakes a connection task
@@ -131,7 +134,10 @@ pub(crate) struct PeerQueue {
 impl PeerQueue {
     pub(crate) fn new(max_events: usize, max_bytes: usize) -> Self {
         PeerQueue {
-            queue: Mutex::new(Bounded::new(max_events, max_bytes)),
+            queue: Mutex::new(Pending {
+                events: Bounded::new(max_events, max_bytes),
+                ack: None,
+            }),
             ready: Notify::new(),
             room: Notify::new(),
         }
@@ -149,7 +155,7 @@ impl PeerQueue {
         loop {
             // Registered before the look, so that a take after it wakes us.
             let room = self.room.notified();
-            if lock(&self.queue).fits(items, bytes) {
+            if lock(&self.queue).events.fits(items, bytes) {
                 return;
             }
             if tokio::time::timeout_at(deadline, room).await.is_err() {
@@ -158,11 +164,23 @@ impl PeerQueue {
         }
     }
 
-    /// Queues a peer's events, in order. Never blocks on the application.
-    pub(crate) fn push(&self, origin: &PeerId, events: impl IntoIterator<Item = Event>) -> u64 {
+    /// Queues a peer's events, in order, and then `ack`: what the
+    /// connection may acknowledge once they reached the application. Never
+    /// blocks on the application.
+    pub(crate) fn push(
+        &self,
+        origin: &PeerId,
+        events: impl IntoIterator<Item = Event>,
+        ack: Option<(AckTo, Position)>,
+    ) -> u64 {
         let mut collapsed = 0;
         {
-            let mut q = lock(&self.queue);
+            let mut pending = lock(&self.queue);
+            if ack.is_some() {
+                // Cumulative: the latest supersedes what is not yet sent.
+                pending.ack = ack;
+            }
+            let q = &mut pending.events;
             for e in events {
                 let origin = origin.clone();
                 if q.push(e, |missed| Event::Flush {
@@ -178,6 +196,26 @@ impl PeerQueue {
     }
 }
 
+/// Sends a connection's acknowledgement of a position.
+pub(crate) type AckTo = Arc<dyn Fn(Position) + Send + Sync>;
+
+/// What waits for a peer's dispatch task.
+struct Pending {
+    events: Bounded,
+    /// The latest position a connection may acknowledge once every event
+    /// queued before it reached the application (those in `events`).
+    ack: Option<(AckTo, Position)>,
+}
+
+impl std::fmt::Debug for Pending {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pending")
+            .field("events", &self.events)
+            .field("ack", &self.ack.as_ref().map(|(_, p)| p))
+            .finish()
+    }
+}
+
 /// Runs the callbacks and feeds the streams with `peer`'s events until the
 /// node's tasks have ended (`done`) and its queue is empty.
 pub(crate) async fn dispatch(shared: Arc<Shared>, peer: usize, done: CancellationToken) {
@@ -187,9 +225,12 @@ pub(crate) async fn dispatch(shared: Arc<Shared>, peer: usize, done: Cancellatio
         // Registered before the queue is looked at, so that a push after
         // the look is not missed.
         let ready = queue.ready.notified();
-        let batch = lock(&queue.queue).take();
+        let (batch, ack) = {
+            let mut pending = lock(&queue.queue);
+            (pending.events.take(), pending.ack.take())
+        };
         queue.room.notify_waiters();
-        if batch.is_empty() {
+        if batch.is_empty() && ack.is_none() {
             if done.is_cancelled() {
                 return;
             }
@@ -207,6 +248,9 @@ pub(crate) async fn dispatch(shared: Arc<Shared>, peer: usize, done: Cancellatio
                 cb(&event);
             }
             shared.fanout.publish(&event);
+        }
+        if let Some((ack_to, position)) = ack {
+            ack_to(position);
         }
     }
 }

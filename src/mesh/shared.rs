@@ -150,13 +150,20 @@ pub(crate) struct CallbackSnapshot {
 impl Shared {
     /// Hands one of `peer`'s events to the application.
     pub(crate) fn emit(&self, peer: usize, event: Event) {
-        self.emit_all(peer, std::iter::once(event));
+        self.emit_all(peer, std::iter::once(event), None);
     }
 
     /// Hands `peer`'s events to the application, in order: counted, then
     /// queued for that peer's dispatch task. No application code runs
     /// here (the caller may hold the peer's turn).
-    pub(crate) fn emit_all(&self, peer: usize, events: impl IntoIterator<Item = Event>) {
+    ///
+    /// `ack`, if any, is sent once these events reached the application.
+    pub(crate) fn emit_all(
+        &self,
+        peer: usize,
+        events: impl IntoIterator<Item = Event>,
+        ack: Option<(fanout::AckTo, crate::wire::Position)>,
+    ) {
         let counted = events.into_iter().inspect(|event| {
             let counter = match event {
                 Event::Invalidated { .. } => &self.stats.ev_invalidated,
@@ -168,7 +175,7 @@ impl Shared {
             counter.fetch_add(1, Ordering::Relaxed);
         });
         let info = &self.peers[peer];
-        if info.events.push(&info.id, counted) > 0 {
+        if info.events.push(&info.id, counted, ack) > 0 {
             self.stats.event_backlogs.fetch_add(1, Ordering::Relaxed);
             warn!(
                 peer = %info.id,
@@ -296,7 +303,7 @@ impl Shared {
         let _turn = lock(&info.turn);
         let mut events = Vec::new();
         let r = lock(&info.state).hello(incarnation, &mut events);
-        self.emit_all(peer, events);
+        self.emit_all(peer, events, None);
         r.map_err(|d| {
             let reason = format!(
                 "two running nodes answer as {}: incarnation {:016x}{} while {:016x} is connected; \

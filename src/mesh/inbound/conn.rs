@@ -527,6 +527,13 @@ async fn receive(
         mut sealer,
     } = conn;
     let (owed_tx, mut owed_rx) = watch::channel(Owed::default());
+    let owed_tx = Arc::new(owed_tx);
+    // What the peer's dispatch task calls once a batch's events reached
+    // the application (see `fanout`).
+    let ack_to: crate::mesh::fanout::AckTo = {
+        let owed = owed_tx.clone();
+        Arc::new(move |pos| owed.send_modify(|o| o.ack = Some(pos)))
+    };
     let dead_after = shared.tuning.dead_after;
     let read = async {
         let mut said_goodbye = false;
@@ -605,16 +612,15 @@ async fn receive(
                                 warn!(%reason, "the peer's stream went below what this node held for it (another party claimed its identity?): flushing");
                             }
                         }
-                        shared.emit_all(peer, events.drain(..));
+                        // Acknowledged once the application was told.
+                        let ack = r.as_ref().ok().map(|&pos| (ack_to.clone(), pos));
+                        shared.emit_all(peer, events.drain(..), ack);
                         shared.stats.received.fetch_add(applied, Ordering::Relaxed);
                         info.stats.received.fetch_add(applied, Ordering::Relaxed);
                         r
                     };
-                    match result {
-                        Ok(pos) => {
-                            owed_tx.send_modify(|o| o.ack = Some(pos));
-                        }
-                        Err(_) => return "superseded by a newer incarnation".to_string(),
+                    if result.is_err() {
+                        return "superseded by a newer incarnation".to_string();
                     }
                     debug!(items = n, "batch");
                 }
