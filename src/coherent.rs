@@ -8,16 +8,19 @@
 //!
 //! It closes the read-through race: a value loaded from the source of
 //! truth while an invalidation of its key arrives is returned to its caller
-//! but not kept, since it may predate the change. Each load notes a
-//! generation before it starts (one per key stripe, and one for the whole
-//! cache) and keeps its value only if neither moved by the time it is
-//! stored; the eviction side moves the generation before it evicts, and
-//! the loader checks again after storing, so either the loader sees the
-//! move or the eviction removes what it stored.
+//! but never served from the cache, since it may predate the change. Each
+//! load notes a generation before it starts (one per key stripe, and one
+//! for the whole cache) and stores its value tagged with it; an
+//! invalidation moves the generation before it evicts, and a read serves a
+//! value only if its tag is the current generation. So once an
+//! invalidation is applied, no value loaded before it is served, whatever
+//! the interleaving (a store after the eviction, or in the same clock tick
+//! as a clear); and a load that started before an eviction never replaces
+//! one that started after it.
 
 use std::hash::BuildHasher;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering, fence};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use crate::mesh::{Event, InvalidateError, MeshHandle, WaitOutcome};
@@ -27,9 +30,20 @@ use crate::wire::Item;
 /// stripe (about 1 key in 64) was invalidated meanwhile.
 const STRIPES: usize = 64;
 
+/// Generations of a key's stripe and of the whole cache, as a load saw
+/// them when it started. Both only grow.
+type Tag = (u64, u64);
+
+/// A value and the generations its load started at.
+#[derive(Clone)]
+struct Tagged<V> {
+    tag: Tag,
+    value: V,
+}
+
 struct Inner<V> {
     name: Arc<str>,
-    values: moka::sync::Cache<String, V>,
+    values: moka::sync::Cache<String, Tagged<V>>,
     stripes: [AtomicU64; STRIPES],
     whole: AtomicU64,
     hasher: std::collections::hash_map::RandomState,
@@ -40,27 +54,46 @@ impl<V: Clone + Send + Sync + 'static> Inner<V> {
         &self.stripes[(self.hasher.hash_one(key) as usize) % STRIPES]
     }
 
-    /// Generations a load of `key` must find unchanged to keep its value.
-    fn generation(&self, key: &str) -> (u64, u64) {
+    /// The generations a value of `key` must be tagged with to be served.
+    fn generation(&self, key: &str) -> Tag {
         (
-            self.stripe(key).load(Ordering::Acquire),
-            self.whole.load(Ordering::Acquire),
+            self.stripe(key).load(Ordering::SeqCst),
+            self.whole.load(Ordering::SeqCst),
         )
     }
 
-    /// Moves the generation first, then evicts: a load that stored before
-    /// this eviction is removed by it; one that stores after sees the move.
+    /// The value held for `key`, if it was loaded since the last
+    /// invalidation of its stripe and of the whole cache.
+    fn get(&self, key: &str) -> Option<V> {
+        let held = self.values.get(key)?;
+        (held.tag == self.generation(key)).then_some(held.value)
+    }
+
+    /// Stores what a load that started at `tag` returned, unless the value
+    /// held was loaded later (its tag is no older): a slow load never
+    /// replaces a fresher one. A stale tag is stored harmlessly: it is
+    /// never served.
+    fn store(&self, key: &str, tag: Tag, value: V) {
+        use moka::ops::compute::Op;
+        self.values
+            .entry(key.to_string())
+            .and_compute_with(|held| match held {
+                Some(h) if h.value().tag.0 >= tag.0 && h.value().tag.1 >= tag.1 => Op::Nop,
+                _ => Op::Put(Tagged { tag, value }),
+            });
+    }
+
+    /// Moves the generation, so that nothing loaded before is served, then
+    /// evicts to free the space.
     fn evict(&self, key: &str) {
-        self.stripe(key).fetch_add(1, Ordering::AcqRel);
-        // Pairs with the loader's fence: of a store and this eviction, at
-        // least one sees the other (a store-buffering pattern otherwise).
-        fence(Ordering::SeqCst);
+        self.stripe(key).fetch_add(1, Ordering::SeqCst);
         self.values.invalidate(key);
     }
 
+    /// Moves the whole cache's generation (no value loaded before is served
+    /// again, whatever moka's clock says), then frees the space.
     fn clear(&self) {
-        self.whole.fetch_add(1, Ordering::AcqRel);
-        fence(Ordering::SeqCst);
+        self.whole.fetch_add(1, Ordering::SeqCst);
         self.values.invalidate_all();
     }
 
@@ -120,9 +153,10 @@ impl<V: Clone + Send + Sync + 'static> CoherentCache<V> {
         &self.inner.name
     }
 
-    /// The value held for `key`, if any.
+    /// The value held for `key`, if any (never one loaded before an
+    /// invalidation of it that was applied).
     pub fn get(&self, key: &str) -> Option<V> {
-        self.inner.values.get(key)
+        self.inner.get(key)
     }
 
     /// The value for `key`: the one held, or else what `load` returns,
@@ -133,20 +167,15 @@ impl<V: Clone + Send + Sync + 'static> CoherentCache<V> {
         F: FnOnce() -> Fut,
         Fut: std::future::Future<Output = Result<V, E>>,
     {
-        if let Some(v) = self.inner.values.get(key) {
+        if let Some(v) = self.inner.get(key) {
             return Ok(v);
         }
         let before = self.inner.generation(key);
         let value = load().await?;
+        // Not stored when already known stale (it would never be served);
+        // an invalidation after this look is caught by the tag.
         if self.inner.generation(key) == before {
-            self.inner.values.insert(key.to_string(), value.clone());
-            fence(Ordering::SeqCst);
-            // An invalidation between the check and the insert moved the
-            // generation before evicting: if it evicted first, take back
-            // what was stored after it.
-            if self.inner.generation(key) != before {
-                self.inner.values.invalidate(key);
-            }
+            self.inner.store(key, before, value.clone());
         }
         Ok(value)
     }
@@ -185,5 +214,109 @@ impl<V: Clone + Send + Sync + 'static> CoherentCache<V> {
     pub fn entry_count(&self) -> u64 {
         self.inner.values.run_pending_tasks();
         self.inner.values.entry_count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cache() -> Inner<&'static str> {
+        Inner {
+            name: Arc::from("c"),
+            values: moka::sync::Cache::new(100),
+            stripes: std::array::from_fn(|_| AtomicU64::new(0)),
+            whole: AtomicU64::new(0),
+            hasher: Default::default(),
+        }
+    }
+
+    /// A load passed its check, then the invalidation evicted, then the
+    /// load stored: what it stored is never served.
+    #[test]
+    fn a_value_stored_after_the_eviction_it_raced_is_not_served() {
+        let c = cache();
+        let tag = c.generation("k");
+        c.evict("k");
+        c.store("k", tag, "old");
+        assert_eq!(c.get("k"), None);
+    }
+
+    /// A load that started before an eviction finishes after one that
+    /// started after it: the fresher value stays.
+    #[test]
+    fn a_slow_load_never_replaces_a_fresher_one() {
+        let c = cache();
+        let first = c.generation("k");
+        c.evict("k");
+        let second = c.generation("k");
+        c.store("k", second, "new");
+        c.store("k", first, "old");
+        assert_eq!(c.get("k"), Some("new"));
+    }
+
+    /// A clear in the same clock tick as a store (moka compares times):
+    /// the generation, not the clock, decides.
+    #[test]
+    fn a_clear_hides_every_value_loaded_before_it_at_once() {
+        let c = cache();
+        let tag = c.generation("k");
+        c.store("k", tag, "v");
+        assert_eq!(c.get("k"), Some("v"));
+        c.clear();
+        c.store("k", tag, "raced");
+        assert_eq!(c.get("k"), None);
+        let later = c.generation("k");
+        c.store("k", later, "fresh");
+        assert_eq!(c.get("k"), Some("fresh"));
+    }
+
+    /// Every order of one load (tag, store) against one eviction and one
+    /// clear: a value is served only when its load started after both.
+    #[test]
+    fn every_interleaving_of_load_eviction_and_clear() {
+        // Steps: 0 = the load notes its tag, 1 = the load stores,
+        // 2 = evict, 3 = clear. The tag always comes before the store.
+        let orders: Vec<[u8; 4]> = permutations([0, 1, 2, 3])
+            .into_iter()
+            .filter(|o| o.iter().position(|&s| s == 0) < o.iter().position(|&s| s == 1))
+            .collect();
+        assert_eq!(orders.len(), 12);
+        for order in orders {
+            let c = cache();
+            let mut tag = None;
+            for step in order {
+                match step {
+                    0 => tag = Some(c.generation("k")),
+                    1 => c.store("k", tag.expect("tag first"), "v"),
+                    2 => c.evict("k"),
+                    _ => c.clear(),
+                }
+            }
+            let pos = |s: u8| order.iter().position(|&x| x == s);
+            let fresh = pos(0) > pos(2) && pos(0) > pos(3);
+            assert_eq!(c.get("k").is_some(), fresh, "order {order:?}");
+        }
+    }
+
+    fn permutations(items: [u8; 4]) -> Vec<[u8; 4]> {
+        let mut out = Vec::new();
+        for a in 0..4 {
+            for b in 0..4 {
+                for c in 0..4 {
+                    for d in 0..4 {
+                        let p = [items[a], items[b], items[c], items[d]];
+                        let mut seen = [false; 4];
+                        for &i in &[a, b, c, d] {
+                            seen[i] = true;
+                        }
+                        if seen.iter().all(|&x| x) {
+                            out.push(p);
+                        }
+                    }
+                }
+            }
+        }
+        out
     }
 }
