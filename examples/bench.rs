@@ -106,6 +106,10 @@ struct Args {
     /// Skip the memory measurements (peak RSS runs, idle sidecars).
     #[arg(long)]
     no_memory: bool,
+    /// cachecast nodes share a secret: every frame after the handshake
+    /// carries a tag (section 7.6 of the protocol), which shows its cost.
+    #[arg(long)]
+    secret: bool,
     /// Internal: run one participant, described in JSON, over stdin/stdout.
     #[arg(long, hide = true)]
     node: Option<String>,
@@ -319,6 +323,9 @@ struct NodeSpec {
     workload: Workload,
     /// cachecast's replay buffer, if not the default.
     buffer: Option<usize>,
+    /// cachecast nodes share a secret (tagged frames).
+    #[serde(default)]
+    secret: bool,
 }
 
 /// A node set up and ready: what it records, what it sends with (the
@@ -426,6 +433,11 @@ mod cc {
         }
         // Benchmark nodes start fresh every run.
         config.state_file = cachecast::StateFile::Off;
+        if spec.secret {
+            config.secret = Some(cachecast::config::SecretSource::Inline(
+                "bench-secret-0123456789abcdef".into(),
+            ));
+        }
         let buffer = config.buffer as u64;
         let rec = Recorder::new(spec.workload);
         let r = rec.clone();
@@ -1401,6 +1413,7 @@ struct Ctx {
     nats: Option<Daemon>,
     raw: RawVariant,
     runtime: NodeRuntime,
+    secret: bool,
     runs: AtomicU64,
     /// The `cachecast` binary, built once when first needed.
     bin: std::sync::OnceLock<PathBuf>,
@@ -1458,6 +1471,7 @@ async fn run(
         runtime: ctx.runtime,
         workload,
         buffer,
+        secret: ctx.secret,
     };
     // Receivers first, so that they listen before the origin dials.
     let mut peers = Vec::new();
@@ -2344,6 +2358,7 @@ async fn bench(args: Args) -> anyhow::Result<()> {
         nats,
         raw: args.raw,
         runtime: args.runtime,
+        secret: args.secret,
         runs: AtomicU64::new(0),
         bin: std::sync::OnceLock::new(),
     };
@@ -2389,6 +2404,7 @@ async fn bench(args: Args) -> anyhow::Result<()> {
             "latency_rate_per_s": args.rate,
             "raw_variant": arg_name(args.raw),
             "node_runtime": arg_name(args.runtime),
+            "secret": args.secret,
             "systems": size_json(5)["systems"],
             "two_node": size_json(2),
             "sidecar_idle_rss_kib": sidecar,
