@@ -206,11 +206,19 @@ fn cases() -> Vec<(String, Vec<u8>)> {
         ("negative bulk length", b"*1\r\n$-5\r\n".to_vec()),
         ("huge bulk length", b"*1\r\n$600000000\r\n".to_vec()),
         ("top-level bulk", b"$3\r\nfoo\r\n".to_vec()),
+        ("info of unknown sections", cmds(&[&["INFO", "nosuch"], &["info", "NOSUCH", "other"]])),
+        ("info while subscribed", cmds(&[&["SUBSCRIBE", "a"], &["INFO"], &["INFO", "server"]])),
     ];
     // The same in RESP3, where HELLO 3 comes first.
     let resp3: Vec<(String, Vec<u8>)> = list
         .iter()
-        .filter(|(name, _)| !matches!(*name, "hello" | "hello 3 with a name" | "reset"))
+        // RESP3 allows every command while subscribed.
+        .filter(|(name, _)| {
+            !matches!(
+                *name,
+                "hello" | "hello 3 with a name" | "reset" | "info while subscribed"
+            )
+        })
         .map(|(name, bytes)| {
             let mut b = cmd(&["HELLO", "3"]);
             b.extend_from_slice(bytes);
@@ -425,9 +433,103 @@ async fn what_redis_7_0_lacks_is_answered_as_7_2_does() {
         "{text:?}"
     );
     assert!(
-        text.contains("\r\n:15\r\n*0\r\n+OK\r\n"),
+        text.contains("\r\n:16\r\n*0\r\n+OK\r\n"),
         "COMMAND COUNT and DOCS: {text:?}"
     );
+}
+
+/// The `# Section` lines of an INFO reply, and its `key:value` fields.
+fn info_parts(reply: &[u8]) -> (Vec<String>, std::collections::HashMap<String, String>) {
+    let text = String::from_utf8_lossy(reply);
+    let mut headers = Vec::new();
+    let mut fields = std::collections::HashMap::new();
+    for l in text.split("\r\n") {
+        if let Some(h) = l.strip_prefix("# ") {
+            headers.push(h.to_string());
+        } else if let Some((k, v)) = l.split_once(':') {
+            fields.insert(k.to_string(), v.to_string());
+        }
+    }
+    (headers, fields)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn info_is_answered_as_redis_7_2_answers_it() {
+    let (_c, ports) = started(1, "").await;
+    let redis = if have("redis-server", &["--version"]) {
+        Some(RedisServer::start(None).await)
+    } else {
+        None
+    };
+    // Each selector gives the sections Redis gives, in Redis's order.
+    for args in [
+        &[][..],
+        &["default"],
+        &["ALL"],
+        &["everything"],
+        &["server"],
+        &["Persistence", "server"],
+        &["clients", "nosuch"],
+    ] {
+        let mut req = vec!["INFO"];
+        req.extend_from_slice(args);
+        let ours = exchange(ports[0], &cmd(&req)).await;
+        assert!(ours.starts_with(b"$"), "{args:?}: a bulk string in RESP2");
+        let (headers, fields) = info_parts(&ours);
+        if let Some(redis) = &redis {
+            let (theirs, their_fields) = info_parts(&exchange(redis.port, &cmd(&req)).await);
+            assert_eq!(headers, theirs, "INFO {args:?}");
+            // Every field is one Redis has: 7.2 adds `listener0` and the
+            // blocking keys counts (server.c, genRedisInfoString);
+            // `cachecast_version` is ours.
+            let newer = [
+                "listener0",
+                "total_blocking_keys",
+                "total_blocking_keys_on_nokey",
+                "cachecast_version",
+            ];
+            for k in fields.keys() {
+                if !newer.contains(&k.as_str()) {
+                    assert!(
+                        their_fields.contains_key(k),
+                        "INFO {args:?}: {k} is not Redis's"
+                    );
+                }
+            }
+        }
+        if headers.iter().any(|h| h == "Server") {
+            assert!(fields["redis_version"].starts_with("7.2."), "{fields:?}");
+            assert_eq!(fields["redis_mode"], "standalone");
+            assert_eq!(fields["tcp_port"], ports[0].to_string());
+            assert_eq!(fields["run_id"].len(), 40);
+            for k in ["os", "arch_bits", "uptime_in_seconds", "process_id"] {
+                assert!(fields.contains_key(k), "{k}");
+            }
+        }
+        if headers.iter().any(|h| h == "Persistence") {
+            assert_eq!(fields["loading"], "0");
+        }
+        if headers.iter().any(|h| h == "Clients") {
+            // This connection, at least.
+            assert!(fields["connected_clients"].parse::<u64>().unwrap_or(0) >= 1);
+        }
+    }
+    // RESP3: a verbatim string of format `txt`, as HELLO's version says.
+    let out = exchange(ports[0], &cmds(&[&["HELLO", "3"], &["INFO", "server"]])).await;
+    let text = String::from_utf8_lossy(&out);
+    let info = &text[text.find("\r\n=").expect("a verbatim string") + 2..];
+    let (len, rest) = info[1..].split_once("\r\n").expect("length");
+    assert!(
+        rest.starts_with("txt:# Server\r\nredis_version:7.2."),
+        "{rest:?}"
+    );
+    let body_len = rest.find("\r\n+OK\r\n").expect("QUIT's OK");
+    assert_eq!(len.parse::<usize>().ok(), Some(body_len));
+    let hello_version = text.split("version\r\n$5\r\n").nth(1).map(|v| &v[..5]);
+    assert!(rest.contains(&format!(
+        "redis_version:{}\r\n",
+        hello_version.unwrap_or("?")
+    )));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -126,6 +126,7 @@ static COMMANDS: &[Spec] = &[
         subs: &[("channels", -2), ("numsub", -2), ("numpat", 2), ("help", 2)],
         ..spec("pubsub", -2)
     },
+    spec("info", -1),
 ];
 
 fn arity_ok(arity: i32, argc: usize) -> bool {
@@ -167,6 +168,18 @@ impl Reply<'_> {
         self.out.put_slice(b.len().to_string().as_bytes());
         self.out.put_slice(b"\r\n");
         self.out.put_slice(b);
+        self.out.put_slice(b"\r\n");
+    }
+    /// Text for people: a verbatim string in RESP3, a bulk string in
+    /// RESP2 (Redis's `addReplyVerbatim` with `txt`).
+    fn verbatim(&mut self, text: &[u8]) {
+        if !self.resp3 {
+            return self.bulk(text);
+        }
+        self.out.put_u8(b'=');
+        self.out.put_slice((text.len() + 4).to_string().as_bytes());
+        self.out.put_slice(b"\r\ntxt:");
+        self.out.put_slice(text);
         self.out.put_slice(b"\r\n");
     }
     fn null(&mut self) {
@@ -326,6 +339,7 @@ impl Session {
         let Some(first) = args.first() else {
             return After::Continue;
         };
+        self.shared.stats.commands.fetch_add(1, Ordering::Relaxed);
         let lower = first.to_ascii_lowercase();
         // QUIT comes before every check, as in Redis.
         if lower == b"quit" {
@@ -391,6 +405,10 @@ impl Session {
             "punsubscribe" => self.unsubscribe(r, Kind::Pattern, &args[1..]),
             "publish" => self.publish(r, &args[1], &args[2]),
             "pubsub" => self.pubsub(r, &args),
+            "info" => {
+                let text = super::info::render(&self.shared.info_facts(), &args[1..]);
+                r.verbatim(text.as_bytes());
+            }
             _ => r.error("ERR internal: command without a handler"),
         }
         After::Continue

@@ -16,6 +16,7 @@
 pub mod broker;
 pub mod cmd;
 pub mod glob;
+pub mod info;
 pub mod parse;
 
 use std::net::SocketAddr;
@@ -62,6 +63,8 @@ pub struct RespStats {
     pub protocol_errors: AtomicU64,
     /// Failed `AUTH`/`HELLO AUTH` attempts.
     pub auth_failures: AtomicU64,
+    /// Commands answered (`INFO`'s `total_commands_processed`).
+    pub commands: AtomicU64,
 }
 
 /// What every connection shares.
@@ -79,6 +82,12 @@ pub struct Shared {
     pub conns: Arc<ConnStats>,
     /// The addresses served.
     pub addrs: Vec<SocketAddr>,
+    /// When the endpoint started, for `INFO`'s uptime.
+    started: std::time::Instant,
+    /// The same, as Unix time in seconds.
+    started_unix: u64,
+    /// `INFO`'s `run_id`: 40 hex digits, new at every start, as Redis's.
+    run_id: String,
 }
 
 impl Shared {
@@ -99,12 +108,44 @@ impl Shared {
             stats: RespStats::default(),
             conns: ConnStats::new(max_connections),
             addrs,
+            started: std::time::Instant::now(),
+            started_unix: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            run_id: (0..5)
+                .map(|_| format!("{:08x}", rand::random::<u32>()))
+                .collect(),
         })
     }
 
     /// Whether clients must authenticate.
     pub fn has_password(&self) -> bool {
         self.password.is_some()
+    }
+
+    /// What `INFO` reports now.
+    pub fn info_facts(&self) -> info::Facts {
+        let (channels, patterns) = self.broker.counts();
+        let now_usec = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros() as u64);
+        info::Facts {
+            run_id: self.run_id.clone(),
+            tcp_port: self.addrs.first().map_or(0, |a| a.port()),
+            binds: self.addrs.iter().map(|a| a.ip().to_string()).collect(),
+            uptime_secs: self.started.elapsed().as_secs(),
+            started_unix: self.started_unix,
+            now_usec,
+            connected_clients: self.conns.open(),
+            maxclients: self.conns.max,
+            total_connections: self.stats.accepted.load(Ordering::Relaxed),
+            total_commands: self.stats.commands.load(Ordering::Relaxed),
+            rejected_connections: self.conns.refused.load(Ordering::Relaxed),
+            channels,
+            patterns,
+            shard_channels: 0,
+            rss: info::rss(),
+        }
     }
 
     /// Counts a subscriber cut off for not reading, and asks the
