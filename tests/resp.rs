@@ -206,6 +206,15 @@ fn cases() -> Vec<(String, Vec<u8>)> {
         ("negative bulk length", b"*1\r\n$-5\r\n".to_vec()),
         ("huge bulk length", b"*1\r\n$600000000\r\n".to_vec()),
         ("top-level bulk", b"$3\r\nfoo\r\n".to_vec()),
+        // Where Redis 7.0 and 7.2 agree (src/commands/*.json); the others
+        // are in `what_redis_7_0_lacks_is_answered_as_7_2_does`.
+        ("command info", cmd(&[
+            "COMMAND", "INFO", "ping", "ECHO", "auth", "hello", "select", "quit", "reset",
+            "subscribe", "unsubscribe", "psubscribe", "punsubscribe", "publish", "info",
+            "nosuch", "client|getname", "CLIENT|ID", "client|help", "client|nosuch",
+            "command|count", "command|docs", "command|info", "command|list", "command|help",
+            "pubsub|channels", "pubsub|numsub", "pubsub|numpat", "pubsub|help",
+        ])),
         ("info of unknown sections", cmds(&[&["INFO", "nosuch"], &["info", "NOSUCH", "other"]])),
         ("info while subscribed", cmds(&[&["SUBSCRIBE", "a"], &["INFO"], &["INFO", "server"]])),
     ];
@@ -432,6 +441,34 @@ async fn what_redis_7_0_lacks_is_answered_as_7_2_does() {
         text.starts_with("+OK\r\n+OK\r\n-ERR Unrecognized option 'other'\r\n:"),
         "{text:?}"
     );
+    // Redis 7.2.6's src/commands/client-setname.json and
+    // client-setinfo.json: SETNAME gained these tips in 7.2, SETINFO is new.
+    let out = exchange(
+        ports[0],
+        &cmd(&[
+            "COMMAND",
+            "INFO",
+            "client|setname",
+            "client|setinfo",
+            "client",
+        ]),
+    )
+    .await;
+    let entry = |name: &str, arity: i32| {
+        format!(
+            "*10\r\n${}\r\n{name}\r\n:{arity}\r\n*3\r\n+noscript\r\n+loading\r\n+stale\r\n:0\r\n:0\r\n:0\r\n\
+             *2\r\n+@slow\r\n+@connection\r\n*2\r\n$24\r\nrequest_policy:all_nodes\r\n\
+             $29\r\nresponse_policy:all_succeeded\r\n*0\r\n*0\r\n",
+            name.len()
+        )
+    };
+    let want = format!(
+        "*3\r\n{}{}*10\r\n$6\r\nclient\r\n:-2\r\n*0\r\n:0\r\n:0\r\n:0\r\n*1\r\n+@slow\r\n*0\r\n*0\r\n*",
+        entry("client|setname", 3),
+        entry("client|setinfo", 4)
+    );
+    let info = String::from_utf8_lossy(&out);
+    assert!(info.starts_with(&want), "{info:?}");
     assert!(
         text.contains("\r\n:16\r\n*0\r\n+OK\r\n"),
         "COMMAND COUNT and DOCS: {text:?}"

@@ -45,88 +45,213 @@ struct Spec {
     no_auth: bool,
     /// May run in RESP2 subscribed mode.
     in_subscribed: bool,
-    /// Subcommands (name, arity), for container commands.
-    subs: &'static [(&'static str, i32)],
+    /// Subcommands, for container commands (their `name` without the
+    /// container's).
+    subs: &'static [Spec],
+    /// What `COMMAND INFO` reports, as Redis 7.2 reports it: clients act on
+    /// these (redis-py finds a command's keys from its flags and key
+    /// specs), so they are Redis's, not a description of this endpoint.
+    facts: Facts,
 }
 
-const fn spec(name: &'static str, arity: i32) -> Spec {
+/// `COMMAND INFO`'s flags, ACL categories (implicit ones included, in
+/// Redis's category order), tips, and the key spec of the shard channel
+/// commands: `Some(lastkey)` of a range starting at argument 1.
+#[derive(Clone, Copy)]
+struct Facts {
+    flags: &'static [&'static str],
+    acl: &'static [&'static str],
+    tips: &'static [&'static str],
+    channel_keys: Option<i32>,
+}
+
+const fn facts(flags: &'static [&'static str], acl: &'static [&'static str]) -> Facts {
+    Facts {
+        flags,
+        acl,
+        tips: &[],
+        channel_keys: None,
+    }
+}
+
+const fn spec(name: &'static str, arity: i32, facts: Facts) -> Spec {
     Spec {
         name,
         arity,
         no_auth: false,
         in_subscribed: false,
         subs: &[],
+        facts,
     }
 }
+
+// The facts shared by several commands (src/commands/*.json of Redis
+// 7.2.6; 7.0.15 gives the same for every command here unless noted).
+const CONNECTION_FAST: Facts = facts(&["loading", "stale", "fast"], &["@fast", "@connection"]);
+const NO_AUTH: Facts = facts(
+    &[
+        "noscript",
+        "loading",
+        "stale",
+        "fast",
+        "no_auth",
+        "allow_busy",
+    ],
+    &["@fast", "@connection"],
+);
+const SUBSCRIBING: Facts = facts(
+    &["pubsub", "noscript", "loading", "stale"],
+    &["@pubsub", "@slow"],
+);
+const PUBSUB_SUB: Facts = facts(&["pubsub", "loading", "stale"], &["@pubsub", "@slow"]);
+const CLIENT_SUB: Facts = facts(&["noscript", "loading", "stale"], &["@slow", "@connection"]);
+const COMMAND_SUB: Facts = facts(&["loading", "stale"], &["@slow", "@connection"]);
+const CONTAINER: Facts = facts(&[], &["@slow"]);
+/// `CLIENT SETNAME` and `SETINFO`: 7.2 gives them these tips (7.0 gives
+/// SETNAME none and lacks SETINFO).
+const ALL_NODES: &[&str] = &["request_policy:all_nodes", "response_policy:all_succeeded"];
+const OUTPUT_ORDER: &[&str] = &["nondeterministic_output_order"];
 
 /// Every command the endpoint knows; anything else is an unknown command.
 static COMMANDS: &[Spec] = &[
     Spec {
         in_subscribed: true,
-        ..spec("ping", -1)
+        ..spec(
+            "ping",
+            -1,
+            Facts {
+                tips: &["request_policy:all_shards", "response_policy:all_succeeded"],
+                ..facts(&["fast"], &["@fast", "@connection"])
+            },
+        )
     },
-    spec("echo", 2),
+    spec("echo", 2, CONNECTION_FAST),
     Spec {
         no_auth: true,
-        ..spec("auth", -2)
+        ..spec("auth", -2, NO_AUTH)
     },
     Spec {
         no_auth: true,
-        ..spec("hello", -1)
+        ..spec("hello", -1, NO_AUTH)
     },
-    spec("select", 2),
+    spec("select", 2, CONNECTION_FAST),
     Spec {
         subs: &[
-            ("setname", 3),
-            ("getname", 2),
-            ("setinfo", 4),
-            ("id", 2),
-            ("help", 2),
+            spec(
+                "setname",
+                3,
+                Facts {
+                    tips: ALL_NODES,
+                    ..CLIENT_SUB
+                },
+            ),
+            spec("getname", 2, CLIENT_SUB),
+            spec(
+                "setinfo",
+                4,
+                Facts {
+                    tips: ALL_NODES,
+                    ..CLIENT_SUB
+                },
+            ),
+            spec("id", 2, CLIENT_SUB),
+            spec("help", 2, COMMAND_SUB),
         ],
-        ..spec("client", -2)
+        ..spec("client", -2, CONTAINER)
     },
     Spec {
         no_auth: true,
         in_subscribed: true,
-        ..spec("quit", -1)
+        ..spec("quit", -1, NO_AUTH)
     },
     Spec {
         no_auth: true,
         in_subscribed: true,
-        ..spec("reset", 1)
+        ..spec("reset", 1, NO_AUTH)
     },
     Spec {
         subs: &[
-            ("count", 2),
-            ("docs", -2),
-            ("info", -2),
-            ("list", -2),
-            ("help", 2),
+            spec("count", 2, COMMAND_SUB),
+            spec(
+                "docs",
+                -2,
+                Facts {
+                    tips: OUTPUT_ORDER,
+                    ..COMMAND_SUB
+                },
+            ),
+            spec(
+                "info",
+                -2,
+                Facts {
+                    tips: OUTPUT_ORDER,
+                    ..COMMAND_SUB
+                },
+            ),
+            spec(
+                "list",
+                -2,
+                Facts {
+                    tips: OUTPUT_ORDER,
+                    ..COMMAND_SUB
+                },
+            ),
+            spec("help", 2, COMMAND_SUB),
         ],
-        ..spec("command", -1)
+        ..spec(
+            "command",
+            -1,
+            Facts {
+                tips: OUTPUT_ORDER,
+                ..COMMAND_SUB
+            },
+        )
     },
     Spec {
         in_subscribed: true,
-        ..spec("subscribe", -2)
+        ..spec("subscribe", -2, SUBSCRIBING)
     },
     Spec {
         in_subscribed: true,
-        ..spec("unsubscribe", -1)
+        ..spec("unsubscribe", -1, SUBSCRIBING)
     },
     Spec {
         in_subscribed: true,
-        ..spec("psubscribe", -2)
+        ..spec("psubscribe", -2, SUBSCRIBING)
     },
     Spec {
         in_subscribed: true,
-        ..spec("punsubscribe", -1)
+        ..spec("punsubscribe", -1, SUBSCRIBING)
     },
-    spec("publish", 3),
+    spec(
+        "publish",
+        3,
+        facts(
+            &["pubsub", "loading", "stale", "fast"],
+            &["@pubsub", "@fast"],
+        ),
+    ),
     Spec {
-        subs: &[("channels", -2), ("numsub", -2), ("numpat", 2), ("help", 2)],
-        ..spec("pubsub", -2)
+        subs: &[
+            spec("channels", -2, PUBSUB_SUB),
+            spec("numsub", -2, PUBSUB_SUB),
+            spec("numpat", 2, PUBSUB_SUB),
+            spec("help", 2, facts(&["loading", "stale"], &["@slow"])),
+        ],
+        ..spec("pubsub", -2, CONTAINER)
     },
-    spec("info", -1),
+    spec(
+        "info",
+        -1,
+        Facts {
+            tips: &[
+                "nondeterministic_output",
+                "request_policy:all_shards",
+                "response_policy:special",
+            ],
+            ..facts(&["loading", "stale"], &["@slow", "@dangerous"])
+        },
+    ),
 ];
 
 fn arity_ok(arity: i32, argc: usize) -> bool {
@@ -359,10 +484,10 @@ impl Session {
         let mut arity = spec.arity;
         if !spec.subs.is_empty() && args.len() >= 2 {
             let sub = args[1].to_ascii_lowercase();
-            match spec.subs.iter().find(|(n, _)| n.as_bytes() == sub) {
-                Some((n, a)) => {
-                    full = format!("{}|{n}", spec.name);
-                    arity = *a;
+            match spec.subs.iter().find(|s| s.name.as_bytes() == sub) {
+                Some(s) => {
+                    full = format!("{}|{}", spec.name, s.name);
+                    arity = s.arity;
                 }
                 None => {
                     r.error(&format!(
@@ -828,36 +953,100 @@ fn help(mut r: Reply<'_>, name: &str, lines: &[&str]) {
     r.simple("    Print this help.");
 }
 
-/// `COMMAND`: enough for clients that ask what the server knows.
-fn command(mut r: Reply<'_>, args: &[Bytes]) {
-    let info = |r: &mut Reply<'_>, s: &Spec| {
-        r.array(10);
-        r.bulk(s.name.as_bytes());
-        r.int(s.arity as i64);
-        let mut flags = vec!["fast"];
-        if s.no_auth {
-            flags.push("no_auth");
-        }
-        if s.in_subscribed {
-            flags.push("pubsub");
-        }
-        r.set(flags.len());
-        for f in flags {
-            r.simple(f);
-        }
-        r.int(0);
-        r.int(0);
-        r.int(0);
-        r.set(0);
-        r.set(0);
-        r.array(0);
-        r.array(0);
+/// One command's `COMMAND INFO` entry, as Redis's `addReplyCommandInfo`
+/// writes it; `container` names the container of a subcommand.
+fn command_info(r: &mut Reply<'_>, s: &Spec, container: Option<&str>) {
+    let f = &s.facts;
+    r.array(10);
+    match container {
+        Some(c) => r.bulk(format!("{c}|{}", s.name).as_bytes()),
+        None => r.bulk(s.name.as_bytes()),
+    }
+    r.int(s.arity as i64);
+    r.set(f.flags.len());
+    for flag in f.flags {
+        r.simple(flag);
+    }
+    // First key, last key, step: the key spec's range, as Redis derives
+    // them for the shard channel commands.
+    let (first, last, step) = match f.channel_keys {
+        Some(last) => (1, i64::from(if last >= 0 { last + 1 } else { last }), 1),
+        None => (0, 0, 0),
     };
+    r.int(first);
+    r.int(last);
+    r.int(step);
+    r.set(f.acl.len());
+    for c in f.acl {
+        r.simple(c);
+    }
+    r.set(f.tips.len());
+    for t in f.tips {
+        r.bulk(t.as_bytes());
+    }
+    match f.channel_keys {
+        None => r.set(0),
+        Some(last) => {
+            r.set(1);
+            r.map(3);
+            r.bulk(b"flags");
+            r.set(1);
+            r.simple("not_key");
+            r.bulk(b"begin_search");
+            r.map(2);
+            r.bulk(b"type");
+            r.bulk(b"index");
+            r.bulk(b"spec");
+            r.map(1);
+            r.bulk(b"index");
+            r.int(1);
+            r.bulk(b"find_keys");
+            r.map(2);
+            r.bulk(b"type");
+            r.bulk(b"range");
+            r.bulk(b"spec");
+            r.map(3);
+            r.bulk(b"lastkey");
+            r.int(last as i64);
+            r.bulk(b"keystep");
+            r.int(1);
+            r.bulk(b"limit");
+            r.int(0);
+        }
+    }
+    if s.subs.is_empty() {
+        r.set(0);
+    } else {
+        r.array(s.subs.len());
+        for sub in s.subs {
+            command_info(r, sub, Some(s.name));
+        }
+    }
+}
+
+/// The command or subcommand (`container|sub`) `name` names, lowercased.
+fn lookup(name: &[u8]) -> Option<(&'static Spec, Option<&'static str>)> {
+    let lower = name.to_ascii_lowercase();
+    let mut parts = lower.splitn(2, |&b| b == b'|');
+    let first = parts.next()?;
+    let spec = COMMANDS.iter().find(|s| s.name.as_bytes() == first)?;
+    match parts.next() {
+        None => Some((spec, None)),
+        Some(sub) => spec
+            .subs
+            .iter()
+            .find(|s| s.name.as_bytes() == sub)
+            .map(|s| (s, Some(spec.name))),
+    }
+}
+
+/// `COMMAND`: what clients ask of the server's command table.
+fn command(mut r: Reply<'_>, args: &[Bytes]) {
     match args.get(1).map(|a| a.to_ascii_lowercase()) {
         None => {
             r.array(COMMANDS.len());
             for s in COMMANDS {
-                info(&mut r, s);
+                command_info(&mut r, s, None);
             }
         }
         Some(sub) if sub == b"count" => r.int(COMMANDS.len() as i64),
@@ -868,12 +1057,18 @@ fn command(mut r: Reply<'_>, args: &[Bytes]) {
             }
         }
         Some(sub) if sub == b"docs" => r.map(0),
+        // Without names, every command, as Redis gives it.
+        Some(sub) if sub == b"info" && args.len() == 2 => {
+            r.array(COMMANDS.len());
+            for s in COMMANDS {
+                command_info(&mut r, s, None);
+            }
+        }
         Some(sub) if sub == b"info" => {
             r.array(args.len() - 2);
             for name in &args[2..] {
-                let lower = name.to_ascii_lowercase();
-                match COMMANDS.iter().find(|s| s.name.as_bytes() == lower) {
-                    Some(s) => info(&mut r, s),
+                match lookup(name) {
+                    Some((s, container)) => command_info(&mut r, s, container),
                     None => r.null(),
                 }
             }
