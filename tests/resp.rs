@@ -214,6 +214,16 @@ fn cases() -> Vec<(String, Vec<u8>)> {
             "nosuch", "client|getname", "CLIENT|ID", "client|help", "client|nosuch",
             "command|count", "command|docs", "command|info", "command|list", "command|help",
             "pubsub|channels", "pubsub|numsub", "pubsub|numpat", "pubsub|help",
+            "client|list", "client|info", "client|kill",
+        ])),
+        ("client kill and list errors", cmds(&[
+            &["CLIENT", "KILL", "1.2.3.4:5"], &["CLIENT", "KILL", "ID", "abc"], &["CLIENT", "KILL", "ID", "0"],
+            &["CLIENT", "KILL", "TYPE", "foo"], &["CLIENT", "KILL", "USER", "nobody"],
+            &["CLIENT", "KILL", "USER", "default", "ADDR", "1.1.1.1:1"], &["CLIENT", "KILL", "SKIPME", "maybe"],
+            &["CLIENT", "KILL", "ADDR"], &["client", "kill", "addr", "1.1.1.1:1", "id", "5", "skipme", "NO"],
+            &["CLIENT", "KILL", "LADDR", "1.1.1.1:1", "TYPE", "master"], &["CLIENT", "KILL", "ADDR", "1.1.1.1:1", "ID"],
+            &["CLIENT", "LIST", "TYPE", "foo"], &["CLIENT", "LIST", "ID", "abc"], &["CLIENT", "LIST", "foo"],
+            &["CLIENT", "LIST", "ID", "99999"], &["CLIENT", "LIST", "TYPE", "replica"], &["CLIENT", "INFO", "x"],
         ])),
         ("info of unknown sections", cmds(&[&["INFO", "nosuch"], &["info", "NOSUCH", "other"]])),
         ("info while subscribed", cmds(&[&["SUBSCRIBE", "a"], &["INFO"], &["INFO", "server"]])),
@@ -430,6 +440,7 @@ async fn what_redis_7_0_lacks_is_answered_as_7_2_does() {
             &["CLIENT", "SETINFO", "lib-name", "x"],
             &["CLIENT", "SETINFO", "LIB-VER", "1"],
             &["CLIENT", "SETINFO", "other", "1"],
+            &["CLIENT", "SETINFO", "lib-name", "a b"],
             &["CLIENT", "ID"],
             &["COMMAND", "COUNT"],
             &["COMMAND", "DOCS"],
@@ -438,7 +449,10 @@ async fn what_redis_7_0_lacks_is_answered_as_7_2_does() {
     .await;
     let text = String::from_utf8_lossy(&out);
     assert!(
-        text.starts_with("+OK\r\n+OK\r\n-ERR Unrecognized option 'other'\r\n:"),
+        text.starts_with(
+            "+OK\r\n+OK\r\n-ERR Unrecognized option 'other'\r\n\
+             -ERR lib-name cannot contain spaces, newlines or special characters.\r\n:"
+        ),
         "{text:?}"
     );
     // Redis 7.2.6's src/commands/client-setname.json and
@@ -473,6 +487,133 @@ async fn what_redis_7_0_lacks_is_answered_as_7_2_does() {
         text.contains("\r\n:16\r\n*0\r\n+OK\r\n"),
         "COMMAND COUNT and DOCS: {text:?}"
     );
+}
+
+/// The `key=value` fields of a client line, in order.
+fn client_fields(line: &str) -> Vec<(String, String)> {
+    line.trim_end()
+        .split(' ')
+        .filter_map(|f| f.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// The one verbatim or bulk string of a reply, without its header.
+fn text_of(reply: &[u8]) -> String {
+    let text = String::from_utf8_lossy(reply);
+    let (len, body) = text.split_once("\r\n").unwrap_or(("$0", ""));
+    let len: usize = len[1..].parse().unwrap_or(0);
+    let body = &body[..len.min(body.len())];
+    body.strip_prefix("txt:").unwrap_or(body).to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_list_info_and_kill_work_as_in_redis() {
+    let (_c, ports) = started(1, "").await;
+    let port = ports[0];
+    // CLIENT INFO has Redis's fields in Redis's order: 7.0's, then 7.2's
+    // lib-name and lib-ver (networking.c, catClientInfoString).
+    let mine = text_of(
+        &exchange(
+            port,
+            &cmds(&[&["CLIENT", "SETINFO", "lib-name", "x"], &["CLIENT", "INFO"]]),
+        )
+        .await[5..],
+    );
+    let fields = client_fields(&mine);
+    let keys: Vec<&str> = fields.iter().map(|(k, _)| k.as_str()).collect();
+    if have("redis-server", &["--version"]) {
+        let redis = RedisServer::start(None).await;
+        let theirs = text_of(&exchange(redis.port, &cmd(&["CLIENT", "INFO"])).await);
+        let mut want: Vec<String> = client_fields(&theirs).into_iter().map(|(k, _)| k).collect();
+        want.extend(["lib-name".to_string(), "lib-ver".to_string()]);
+        assert_eq!(keys, want, "{mine}");
+    }
+    let get = |k: &str| fields.iter().find(|(f, _)| f == k).map(|(_, v)| v.clone());
+    assert_eq!(get("cmd").as_deref(), Some("client|info"));
+    assert_eq!(get("lib-name").as_deref(), Some("x"));
+    assert_eq!(get("flags").as_deref(), Some("N"));
+    assert!(mine.ends_with('\n'));
+    // A named subscriber, and a publisher that lists and kills it.
+    let mut sub = TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    sub.write_all(&cmds(&[
+        &["CLIENT", "SETNAME", "app"],
+        &["SUBSCRIBE", "c1", "c2"],
+    ]))
+    .await
+    .expect("write");
+    let confirm = b"+OK\r\n*3\r\n$9\r\nsubscribe\r\n$2\r\nc1\r\n:1\r\n*3\r\n$9\r\nsubscribe\r\n$2\r\nc2\r\n:2\r\n";
+    assert_eq!(read_n(&mut sub, confirm.len()).await, confirm);
+    let sub_addr = sub.local_addr().expect("addr").to_string();
+    let list = text_of(&exchange(port, &cmd(&["CLIENT", "LIST", "TYPE", "pubsub"])).await);
+    let lines: Vec<&str> = list.lines().collect();
+    assert_eq!(lines.len(), 1, "{list}");
+    let f = client_fields(lines[0]);
+    let get = |k: &str| f.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+    assert_eq!(get("addr"), Some(sub_addr.as_str()));
+    assert_eq!(get("laddr"), Some(format!("127.0.0.1:{port}").as_str()));
+    assert_eq!(get("name"), Some("app"));
+    assert_eq!(
+        (get("sub"), get("psub"), get("ssub")),
+        (Some("2"), Some("0"), Some("0"))
+    );
+    assert_eq!(get("flags"), Some("P"));
+    assert_eq!(get("cmd"), Some("subscribe"));
+    let id = get("id").expect("id").to_string();
+    // Every connection: the subscriber and the one asking.
+    let all = text_of(&exchange(port, &cmd(&["CLIENT", "LIST"])).await);
+    assert_eq!(all.lines().count(), 2, "{all}");
+    let by_id = text_of(&exchange(port, &cmd(&["CLIENT", "LIST", "ID", &id, "99999"])).await);
+    assert_eq!(by_id.lines().count(), 1, "{by_id}");
+    // KILL by a filter that matches nothing, then by its id: it is closed.
+    let out = exchange(
+        port,
+        &cmds(&[
+            &["CLIENT", "KILL", "ID", &id, "TYPE", "normal"],
+            &["CLIENT", "KILL", "ID", &id],
+        ]),
+    )
+    .await;
+    assert_eq!(out, b":0\r\n:1\r\n+OK\r\n");
+    assert!(read_to_close(&mut sub).await.is_empty());
+    // By address, in the old form and with ADDR; LADDR matches every
+    // connection to the port but SKIPME spares the caller.
+    for form in ["old", "addr", "laddr"] {
+        let mut victim = TcpStream::connect(("127.0.0.1", port))
+            .await
+            .expect("connect");
+        victim.write_all(&cmd(&["PING"])).await.expect("write");
+        assert_eq!(read_n(&mut victim, 7).await, b"+PONG\r\n");
+        let a = victim.local_addr().expect("addr").to_string();
+        let laddr = format!("127.0.0.1:{port}");
+        let req = match form {
+            "old" => cmd(&["CLIENT", "KILL", &a]),
+            "addr" => cmd(&["CLIENT", "KILL", "ADDR", &a, "SKIPME", "yes"]),
+            _ => cmd(&["CLIENT", "KILL", "LADDR", &laddr, "USER", "default"]),
+        };
+        let out = exchange(port, &req).await;
+        let want: &[u8] = if form == "old" {
+            b"+OK\r\n+OK\r\n"
+        } else {
+            b":1\r\n+OK\r\n"
+        };
+        assert_eq!(out, want, "{form}");
+        assert!(read_to_close(&mut victim).await.is_empty(), "{form}");
+    }
+    // SKIPME no: the caller closes itself, after the reply.
+    let mut me = TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    let my_addr = me.local_addr().expect("addr").to_string();
+    me.write_all(&cmds(&[
+        &["CLIENT", "KILL", "ADDR", &my_addr, "SKIPME", "no"],
+        &["PING"],
+    ]))
+    .await
+    .expect("write");
+    assert_eq!(read_to_close(&mut me).await, b":1\r\n");
 }
 
 /// The `# Section` lines of an INFO reply, and its `key:value` fields.

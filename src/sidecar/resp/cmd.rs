@@ -12,6 +12,7 @@ use tokio::time::Instant;
 
 use super::Shared;
 use super::broker::{Kind, Outbox};
+use super::clients::Client;
 use super::parse::MAX_KEPT_ARG;
 use crate::wire::MAX_STRING;
 
@@ -105,12 +106,17 @@ const SUBSCRIBING: Facts = facts(
 );
 const PUBSUB_SUB: Facts = facts(&["pubsub", "loading", "stale"], &["@pubsub", "@slow"]);
 const CLIENT_SUB: Facts = facts(&["noscript", "loading", "stale"], &["@slow", "@connection"]);
+const CLIENT_ADMIN: Facts = facts(
+    &["admin", "noscript", "loading", "stale"],
+    &["@admin", "@slow", "@dangerous", "@connection"],
+);
 const COMMAND_SUB: Facts = facts(&["loading", "stale"], &["@slow", "@connection"]);
 const CONTAINER: Facts = facts(&[], &["@slow"]);
 /// `CLIENT SETNAME` and `SETINFO`: 7.2 gives them these tips (7.0 gives
 /// SETNAME none and lacks SETINFO).
 const ALL_NODES: &[&str] = &["request_policy:all_nodes", "response_policy:all_succeeded"];
 const OUTPUT_ORDER: &[&str] = &["nondeterministic_output_order"];
+const OUTPUT: &[&str] = &["nondeterministic_output"];
 
 /// Every command the endpoint knows; anything else is an unknown command.
 static COMMANDS: &[Spec] = &[
@@ -155,6 +161,23 @@ static COMMANDS: &[Spec] = &[
                 },
             ),
             spec("id", 2, CLIENT_SUB),
+            spec(
+                "info",
+                2,
+                Facts {
+                    tips: OUTPUT,
+                    ..CLIENT_SUB
+                },
+            ),
+            spec(
+                "list",
+                -2,
+                Facts {
+                    tips: OUTPUT,
+                    ..CLIENT_ADMIN
+                },
+            ),
+            spec("kill", -3, CLIENT_ADMIN),
             spec("help", 2, COMMAND_SUB),
         ],
         ..spec("client", -2, CONTAINER)
@@ -380,13 +403,24 @@ pub struct Session {
     /// Where its output goes.
     pub outbox: Arc<Outbox>,
     shared: Arc<Shared>,
+    /// What `CLIENT LIST` shows of it.
+    me: Arc<Client>,
+    /// `CLIENT SETINFO`.
+    lib_name: Option<Bytes>,
+    lib_ver: Option<Bytes>,
+    /// Set when it killed itself (`CLIENT KILL`): closed after the reply.
+    close_after_reply: bool,
 }
 
 impl Session {
     /// A new connection's session.
-    pub fn new(id: u64, outbox: Arc<Outbox>, shared: Arc<Shared>) -> Self {
+    pub fn new(me: Arc<Client>, outbox: Arc<Outbox>, shared: Arc<Shared>) -> Self {
         Session {
-            id,
+            id: me.id,
+            me,
+            lib_name: None,
+            lib_ver: None,
+            close_after_reply: false,
             resp3: false,
             authed: shared.password.is_none(),
             unauthenticated_since: shared.password.is_some().then(Instant::now),
@@ -461,15 +495,38 @@ impl Session {
     /// be overtaken by messages (subscription confirmations) go to the
     /// outbox directly, after what `out` holds.
     pub fn execute(&mut self, out: &mut BytesMut, args: Vec<Bytes>) -> After {
+        let (after, name) = self.run(out, &args);
+        let mut v = self.me.view();
+        v.last = Some(Instant::now().into_std());
+        if name.is_some() {
+            v.cmd = name;
+        }
+        v.name = self.name.clone();
+        v.sub = self.channels.len();
+        v.psub = self.patterns.len();
+        v.resp = if self.resp3 { 3 } else { 2 };
+        v.lib_name = self.lib_name.clone();
+        v.lib_ver = self.lib_ver.clone();
+        v.omem = self.outbox.queued();
+        drop(v);
+        if self.close_after_reply {
+            return After::Close;
+        }
+        after
+    }
+
+    /// Runs one command; also returns the full name of a known one, for
+    /// `CLIENT LIST`'s `cmd=`.
+    fn run(&mut self, out: &mut BytesMut, args: &[Bytes]) -> (After, Option<String>) {
         let Some(first) = args.first() else {
-            return After::Continue;
+            return (After::Continue, None);
         };
         self.shared.stats.commands.fetch_add(1, Ordering::Relaxed);
         let lower = first.to_ascii_lowercase();
         // QUIT comes before every check, as in Redis.
         if lower == b"quit" {
             self.reply(out).simple("OK");
-            return After::Close;
+            return (After::Close, Some("quit".to_string()));
         }
         let mut r = self.reply(out);
         let Some(spec) = COMMANDS.iter().find(|c| c.name.as_bytes() == lower) else {
@@ -478,7 +535,7 @@ impl Session {
                 clip(first, 128),
                 args_beginning(&args[1..])
             ));
-            return After::Continue;
+            return (After::Continue, None);
         };
         let mut full = spec.name.to_string();
         let mut arity = spec.arity;
@@ -495,7 +552,7 @@ impl Session {
                         clip(&args[1], 128),
                         spec.name.to_ascii_uppercase()
                     ));
-                    return After::Continue;
+                    return (After::Continue, None);
                 }
             }
         }
@@ -503,40 +560,40 @@ impl Session {
             r.error(&format!(
                 "ERR wrong number of arguments for '{full}' command"
             ));
-            return After::Continue;
+            return (After::Continue, Some(full));
         }
         if !self.authed && !spec.no_auth {
             r.error("NOAUTH Authentication required.");
-            return After::Continue;
+            return (After::Continue, Some(full));
         }
         if !self.resp3 && self.subscriptions() > 0 && !spec.in_subscribed {
             r.error(&format!(
                 "ERR Can't execute '{full}': only (P|S)SUBSCRIBE / (P|S)UNSUBSCRIBE / PING / QUIT / RESET are allowed in this context"
             ));
-            return After::Continue;
+            return (After::Continue, Some(full));
         }
         match spec.name {
-            "ping" => self.ping(r, &args),
+            "ping" => self.ping(r, args),
             "echo" => r.bulk(&args[1]),
-            "auth" => self.auth(r, &args),
-            "hello" => self.hello(out_of(r), &args),
+            "auth" => self.auth(r, args),
+            "hello" => self.hello(out_of(r), args),
             "select" => select(r, &args[1]),
-            "client" => self.client(r, &args),
+            "client" => self.client(r, args),
             "reset" => self.reset(r),
-            "command" => command(r, &args),
+            "command" => command(r, args),
             "subscribe" => self.subscribe(out_of(r), Kind::Channel, &args[1..]),
             "psubscribe" => self.subscribe(out_of(r), Kind::Pattern, &args[1..]),
             "unsubscribe" => self.unsubscribe(r, Kind::Channel, &args[1..]),
             "punsubscribe" => self.unsubscribe(r, Kind::Pattern, &args[1..]),
             "publish" => self.publish(r, &args[1], &args[2]),
-            "pubsub" => self.pubsub(r, &args),
+            "pubsub" => self.pubsub(r, args),
             "info" => {
                 let text = super::info::render(&self.shared.info_facts(), &args[1..]);
                 r.verbatim(text.as_bytes());
             }
             _ => r.error("ERR internal: command without a handler"),
         }
-        After::Continue
+        (After::Continue, Some(full))
     }
 
     fn ping(&self, mut r: Reply<'_>, args: &[Bytes]) {
@@ -698,13 +755,34 @@ impl Session {
             },
             b"setinfo" => {
                 let attr = args[2].to_ascii_lowercase();
-                if attr == b"lib-name" || attr == b"lib-ver" {
-                    r.simple("OK");
+                let slot = if attr == b"lib-name" {
+                    &mut self.lib_name
+                } else if attr == b"lib-ver" {
+                    &mut self.lib_ver
                 } else {
                     r.error(&format!("ERR Unrecognized option '{}'", lossy(&args[2])));
+                    return;
+                };
+                // CLIENT LIST's fields are split at spaces.
+                if valid_name(&args[3]).is_err() {
+                    r.error(&format!(
+                        "ERR {} cannot contain spaces, newlines or special characters.",
+                        lossy(&args[2])
+                    ));
+                    return;
                 }
+                *slot = (!args[3].is_empty()).then(|| Bytes::copy_from_slice(&args[3]));
+                r.simple("OK");
             }
             b"id" => r.int(self.id as i64),
+            b"info" => {
+                // The line shows this command as the last one, as Redis's.
+                self.me.view().cmd = Some("client|info".to_string());
+                let line = self.me.line(Instant::now().into_std()) + "\n";
+                r.verbatim(line.as_bytes());
+            }
+            b"list" => self.client_list(r, args),
+            b"kill" => self.client_kill(r, args),
             _ => help(
                 r,
                 "CLIENT",
@@ -713,6 +791,26 @@ impl Session {
                     "    Return the name of the current connection.",
                     "ID",
                     "    Return the ID of the current connection.",
+                    "INFO",
+                    "    Return information about the current client connection.",
+                    "KILL <ip:port>",
+                    "    Kill connection made from <ip:port>.",
+                    "KILL <option> <value> [<option> <value> [...]]",
+                    "    Kill connections. Options are:",
+                    "    * ADDR (<ip:port>|<unixsocket>:0)",
+                    "      Kill connections made from the specified address",
+                    "    * LADDR (<ip:port>|<unixsocket>:0)",
+                    "      Kill connections made to specified local address",
+                    "    * TYPE (NORMAL|MASTER|REPLICA|PUBSUB)",
+                    "      Kill connections by type.",
+                    "    * USER <username>",
+                    "      Kill connections authenticated by <username>.",
+                    "    * SKIPME (YES|NO)",
+                    "      Skip killing current connection (default: yes).",
+                    "LIST [options ...]",
+                    "    Return information about client connections. Options:",
+                    "    * TYPE (NORMAL|MASTER|REPLICA|PUBSUB)",
+                    "      Return clients of specified type.",
                     "SETINFO <option> <value>",
                     "    Set client meta attr. Options are:",
                     "    * LIB-NAME: the client lib name.",
@@ -721,6 +819,123 @@ impl Session {
                     "    Assign the name <connection-name> to the current connection.",
                 ],
             ),
+        }
+    }
+
+    /// `CLIENT LIST [TYPE type | ID id...]`, as Redis 7.2's clientCommand.
+    fn client_list(&mut self, mut r: Reply<'_>, args: &[Bytes]) {
+        self.me.view().cmd = Some("client|list".to_string());
+        let now = Instant::now().into_std();
+        let all = self.shared.clients.all();
+        let chosen: Vec<_> = if args.len() == 4 && args[2].eq_ignore_ascii_case(b"type") {
+            match client_type(&args[3]) {
+                Some(test) => all.into_iter().filter(|c| test(c.pubsub())).collect(),
+                None => {
+                    r.error(&format!("ERR Unknown client type '{}'", lossy(&args[3])));
+                    return;
+                }
+            }
+        } else if args.len() > 3 && args[2].eq_ignore_ascii_case(b"id") {
+            let mut chosen = Vec::new();
+            for a in &args[3..] {
+                let Some(id) = integer(a) else {
+                    r.error("ERR Invalid client ID");
+                    return;
+                };
+                chosen.extend(
+                    u64::try_from(id)
+                        .ok()
+                        .and_then(|id| self.shared.clients.get(id)),
+                );
+            }
+            chosen
+        } else if args.len() != 2 {
+            r.error("ERR syntax error");
+            return;
+        } else {
+            all
+        };
+        let mut text = String::new();
+        for c in chosen {
+            text.push_str(&c.line(now));
+            text.push('\n');
+        }
+        r.verbatim(text.as_bytes());
+    }
+
+    /// `CLIENT KILL addr` (the old form, which may kill the caller) and
+    /// `CLIENT KILL <filter> <value> ...`, as Redis 7.2's clientCommand.
+    fn client_kill(&mut self, mut r: Reply<'_>, args: &[Bytes]) {
+        let (mut addr, mut laddr, mut id, mut pubsub) = (None, None, None, None);
+        let mut skipme = true;
+        if args.len() == 3 {
+            addr = Some(&args[2][..]);
+            skipme = false;
+        } else {
+            let mut i = 2;
+            while i < args.len() {
+                let Some(value) = args.get(i + 1) else {
+                    r.error("ERR syntax error");
+                    return;
+                };
+                match args[i].to_ascii_lowercase().as_slice() {
+                    b"id" => match integer(value).filter(|&n| n > 0) {
+                        Some(n) => id = Some(n as u64),
+                        None => {
+                            r.error("ERR client-id should be greater than 0");
+                            return;
+                        }
+                    },
+                    b"type" => match client_type(value) {
+                        Some(test) => pubsub = Some(test),
+                        None => {
+                            r.error(&format!("ERR Unknown client type '{}'", lossy(value)));
+                            return;
+                        }
+                    },
+                    b"addr" => addr = Some(&value[..]),
+                    b"laddr" => laddr = Some(&value[..]),
+                    // Every connection is the default user's.
+                    b"user" if &value[..] == b"default" => {}
+                    b"user" => {
+                        r.error(&format!("ERR No such user '{}'", lossy(value)));
+                        return;
+                    }
+                    b"skipme" if value.eq_ignore_ascii_case(b"yes") => skipme = true,
+                    b"skipme" if value.eq_ignore_ascii_case(b"no") => skipme = false,
+                    _ => {
+                        r.error("ERR syntax error");
+                        return;
+                    }
+                }
+                i += 2;
+            }
+        }
+        let mut killed = 0;
+        for c in self.shared.clients.all() {
+            if addr.is_some_and(|a| a != c.addr.to_string().as_bytes())
+                || laddr.is_some_and(|a| a != c.laddr.to_string().as_bytes())
+                || id.is_some_and(|id| id != c.id)
+                || pubsub.is_some_and(|test| !test(c.pubsub()))
+                || (c.id == self.id && skipme)
+            {
+                continue;
+            }
+            if c.id == self.id {
+                self.close_after_reply = true;
+            } else {
+                c.kill.cancel();
+            }
+            killed += 1;
+        }
+        if args.len() == 3 {
+            if killed == 0 {
+                r.error("ERR No such client");
+            } else {
+                r.simple("OK");
+            }
+        } else {
+            r.int(killed);
         }
     }
 
@@ -927,6 +1142,26 @@ fn valid_name(n: &[u8]) -> Result<(), &'static str> {
         return Err("ERR Client names cannot contain spaces, newlines or special characters.");
     }
     Ok(())
+}
+
+/// A decimal integer argument, as Redis's string2ll reads one.
+fn integer(b: &[u8]) -> Option<i64> {
+    std::str::from_utf8(b)
+        .ok()
+        .filter(|t| !t.starts_with('+'))
+        .and_then(|t| t.parse().ok())
+}
+
+/// `TYPE` of `CLIENT LIST`/`KILL`, as a test of a connection's being
+/// subscribed; `None` when unknown. There are no masters or replicas
+/// here: nothing matches them.
+fn client_type(name: &[u8]) -> Option<fn(bool) -> bool> {
+    match name.to_ascii_lowercase().as_slice() {
+        b"normal" => Some(|pubsub| !pubsub),
+        b"pubsub" => Some(|pubsub| pubsub),
+        b"master" | b"replica" | b"slave" => Some(|_| false),
+        _ => None,
+    }
 }
 
 fn select(mut r: Reply<'_>, index: &[u8]) {

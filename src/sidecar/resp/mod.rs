@@ -14,6 +14,7 @@
 //! bounded output; this module accepts connections and moves bytes.
 
 pub mod broker;
+pub mod clients;
 pub mod cmd;
 pub mod glob;
 pub mod info;
@@ -82,6 +83,8 @@ pub struct Shared {
     pub conns: Arc<ConnStats>,
     /// The addresses served.
     pub addrs: Vec<SocketAddr>,
+    /// Open connections, for `CLIENT LIST` and `CLIENT KILL`.
+    pub clients: clients::Clients,
     /// When the endpoint started, for `INFO`'s uptime.
     started: std::time::Instant,
     /// The same, as Unix time in seconds.
@@ -108,6 +111,7 @@ impl Shared {
             stats: RespStats::default(),
             conns: ConnStats::new(max_connections),
             addrs,
+            clients: clients::Clients::default(),
             started: std::time::Instant::now(),
             started_unix: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -218,7 +222,21 @@ async fn connection(
     let _ = stream.set_nodelay(true);
     let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
     let outbox = Arc::new(Outbox::default());
-    let mut session = Session::new(id, outbox.clone(), shared.clone());
+    let laddr = stream.local_addr().unwrap_or(remote);
+    let me = clients::Client::new(id, remote, laddr, {
+        use std::os::fd::AsRawFd;
+        stream.as_raw_fd()
+    });
+    shared.clients.add(me.clone());
+    // Forgotten however the connection ends.
+    struct Registered<'a>(&'a Shared, u64);
+    impl Drop for Registered<'_> {
+        fn drop(&mut self) {
+            self.0.clients.remove(self.1);
+        }
+    }
+    let _registered = Registered(&shared, id);
+    let mut session = Session::new(me.clone(), outbox.clone(), shared.clone());
     let (mut rd, mut wr) = stream.into_split();
     debug!(client = id, %remote, "Redis-protocol client connected");
 
@@ -353,6 +371,8 @@ async fn connection(
             let _ = tokio::time::timeout(Duration::from_secs(5), &mut writer).await;
         }
         () = shutdown.cancelled() => {}
+        // CLIENT KILL from another connection.
+        () = me.kill.cancelled() => {}
     }
     // Whatever ended the connection without the client's asking (the
     // writer failed, it was cut off, the sidecar stops): a gap for its
