@@ -215,6 +215,19 @@ fn cases() -> Vec<(String, Vec<u8>)> {
             "command|count", "command|docs", "command|info", "command|list", "command|help",
             "pubsub|channels", "pubsub|numsub", "pubsub|numpat", "pubsub|help",
             "client|list", "client|info", "client|kill",
+            "ssubscribe", "sunsubscribe", "spublish", "pubsub|shardchannels", "pubsub|shardnumsub",
+        ])),
+        ("ssubscribe", cmds(&[
+            &["SUNSUBSCRIBE"], &["SSUBSCRIBE", "a", "b"], &["SSUBSCRIBE", "a"], &["SUBSCRIBE", "c"], &["PING"],
+            &["SPUBLISH", "nosuch", "x"], &["SUNSUBSCRIBE", "b"], &["SUNSUBSCRIBE"], &["PING"], &["UNSUBSCRIBE"],
+            &["PING"], &["SUNSUBSCRIBE", "x", "y"], &["SSUBSCRIBE"], &["SPUBLISH", "a"], &["SPUBLISH", "nosuch", "m"],
+        ])),
+        ("shard pubsub", cmds(&[
+            &["PUBSUB", "SHARDCHANNELS"], &["SSUBSCRIBE", "s1"], &["PUBSUB", "SHARDNUMSUB", "s1", "nosuch"],
+            &["PUBSUB", "SHARDCHANNELS"], &["PUBSUB", "SHARDCHANNELS", "*1"], &["PUBSUB", "SHARDCHANNELS", "a", "b"],
+            // Not HELP: 7.0 ends it with "Prints this help.", 7.2 with
+            // "Print this help." (networking.c, addReplyHelp).
+            &["PUBSUB", "SHARDNUMSUB"],
         ])),
         ("client kill and list errors", cmds(&[
             &["CLIENT", "KILL", "1.2.3.4:5"], &["CLIENT", "KILL", "ID", "abc"], &["CLIENT", "KILL", "ID", "0"],
@@ -422,6 +435,20 @@ async fn replies_match_a_real_redis_byte_for_byte() {
         &mut failures,
     );
     count += 1;
+    let own = cmds(&[
+        &["HELLO", "3"],
+        &["SSUBSCRIBE", "q"],
+        &["PING"],
+        &["SPUBLISH", "q", "z"],
+        &["PING"],
+    ]);
+    compare(
+        "own shard channel (RESP3)",
+        &exchange(ports[0], &own).await,
+        &exchange(redis.port, &own).await,
+        &mut failures,
+    );
+    count += 1;
     assert!(
         failures.is_empty(),
         "{} of {count} cases differ from redis-server:\n{}",
@@ -484,7 +511,7 @@ async fn what_redis_7_0_lacks_is_answered_as_7_2_does() {
     let info = String::from_utf8_lossy(&out);
     assert!(info.starts_with(&want), "{info:?}");
     assert!(
-        text.contains("\r\n:16\r\n*0\r\n+OK\r\n"),
+        text.contains("\r\n:19\r\n*0\r\n+OK\r\n"),
         "COMMAND COUNT and DOCS: {text:?}"
     );
 }
@@ -708,6 +735,40 @@ async fn info_is_answered_as_redis_7_2_answers_it() {
         "redis_version:{}\r\n",
         hello_version.unwrap_or("?")
     )));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shard_channels_cross_the_mesh_as_channels() {
+    let (_c, ports) = started(2, "").await;
+    let mut sub = TcpStream::connect(("127.0.0.1", ports[1]))
+        .await
+        .expect("connect");
+    sub.write_all(&cmd(&["SSUBSCRIBE", "sc"]))
+        .await
+        .expect("write");
+    let confirm = b"*3\r\n$10\r\nssubscribe\r\n$2\r\nsc\r\n:1\r\n";
+    assert_eq!(read_n(&mut sub, confirm.len()).await, confirm);
+    let out = exchange(
+        ports[1],
+        &cmds(&[
+            &["PUBSUB", "SHARDNUMSUB", "sc"],
+            &["PUBSUB", "SHARDCHANNELS"],
+        ]),
+    )
+    .await;
+    assert_eq!(out, b"*2\r\n$2\r\nsc\r\n:1\r\n*1\r\n$2\r\nsc\r\n+OK\r\n");
+    // SPUBLISH on the other sidecar, then PUBLISH: one namespace, so
+    // both reach the shard subscriber, as smessage.
+    let out = exchange(
+        ports[0],
+        &cmds(&[&["SPUBLISH", "sc", "k1"], &["PUBLISH", "sc", "k2"]]),
+    )
+    .await;
+    assert_eq!(out, b":0\r\n:0\r\n+OK\r\n");
+    for k in ["k1", "k2"] {
+        let m = format!("*3\r\n$8\r\nsmessage\r\n$2\r\nsc\r\n$2\r\n{k}\r\n");
+        assert_eq!(String::from_utf8_lossy(&read_n(&mut sub, m.len()).await), m);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

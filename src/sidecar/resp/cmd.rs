@@ -104,6 +104,14 @@ const SUBSCRIBING: Facts = facts(
     &["pubsub", "noscript", "loading", "stale"],
     &["@pubsub", "@slow"],
 );
+const PUBLISHING: Facts = facts(
+    &["pubsub", "loading", "stale", "fast"],
+    &["@pubsub", "@fast"],
+);
+const SHARD_SUBSCRIBING: Facts = Facts {
+    channel_keys: Some(-1),
+    ..SUBSCRIBING
+};
 const PUBSUB_SUB: Facts = facts(&["pubsub", "loading", "stale"], &["@pubsub", "@slow"]);
 const CLIENT_SUB: Facts = facts(&["noscript", "loading", "stale"], &["@slow", "@connection"]);
 const CLIENT_ADMIN: Facts = facts(
@@ -246,19 +254,30 @@ static COMMANDS: &[Spec] = &[
         in_subscribed: true,
         ..spec("punsubscribe", -1, SUBSCRIBING)
     },
+    spec("publish", 3, PUBLISHING),
+    Spec {
+        in_subscribed: true,
+        ..spec("ssubscribe", -2, SHARD_SUBSCRIBING)
+    },
+    Spec {
+        in_subscribed: true,
+        ..spec("sunsubscribe", -1, SHARD_SUBSCRIBING)
+    },
     spec(
-        "publish",
+        "spublish",
         3,
-        facts(
-            &["pubsub", "loading", "stale", "fast"],
-            &["@pubsub", "@fast"],
-        ),
+        Facts {
+            channel_keys: Some(0),
+            ..PUBLISHING
+        },
     ),
     Spec {
         subs: &[
             spec("channels", -2, PUBSUB_SUB),
             spec("numsub", -2, PUBSUB_SUB),
             spec("numpat", 2, PUBSUB_SUB),
+            spec("shardchannels", -2, PUBSUB_SUB),
+            spec("shardnumsub", -2, PUBSUB_SUB),
             spec("help", 2, facts(&["loading", "stale"], &["@slow"])),
         ],
         ..spec("pubsub", -2, CONTAINER)
@@ -400,6 +419,8 @@ pub struct Session {
     /// In subscription order, which `PUNSUBSCRIBE` without arguments
     /// follows (as Redis does); a client has few patterns.
     patterns: Vec<Bytes>,
+    /// `SSUBSCRIBE`d shard channels.
+    shards: HashSet<Bytes>,
     /// Where its output goes.
     pub outbox: Arc<Outbox>,
     shared: Arc<Shared>,
@@ -427,6 +448,7 @@ impl Session {
             name: None,
             channels: HashSet::new(),
             patterns: Vec::new(),
+            shards: HashSet::new(),
             outbox,
             shared,
         }
@@ -450,8 +472,23 @@ impl Session {
         self.unauthenticated_since.filter(|_| !self.authed)
     }
 
+    /// Channels and patterns: the count (P)SUBSCRIBE replies give.
     fn subscriptions(&self) -> usize {
         self.channels.len() + self.patterns.len()
+    }
+
+    /// The count a reply of `kind` gives: shard channels are counted
+    /// apart, as in Redis.
+    fn count(&self, kind: Kind) -> usize {
+        match kind {
+            Kind::Shard => self.shards.len(),
+            _ => self.subscriptions(),
+        }
+    }
+
+    /// Whether it is subscribed to anything: in RESP2, in subscribed mode.
+    fn subscribed(&self) -> bool {
+        self.subscriptions() + self.shards.len() > 0
     }
 
     /// The connection ended without unsubscribing (it closed, failed, was
@@ -467,6 +504,9 @@ impl Session {
         for p in self.patterns.drain(..) {
             cover |= self.shared.broker.lost(Kind::Pattern, &p, self.id);
         }
+        for c in self.shards.drain() {
+            cover |= self.shared.broker.lost(Kind::Shard, &c, self.id);
+        }
         if cover && let Some(hook) = &self.shared.hook {
             hook.trigger("a subscriber's connection ended while others stayed subscribed: one of them may be that client, back after missing messages");
         }
@@ -479,6 +519,9 @@ impl Session {
         }
         for p in self.patterns.drain(..) {
             self.shared.broker.unsubscribe(Kind::Pattern, &p, self.id);
+        }
+        for c in self.shards.drain() {
+            self.shared.broker.unsubscribe(Kind::Shard, &c, self.id);
         }
     }
 
@@ -504,6 +547,7 @@ impl Session {
         v.name = self.name.clone();
         v.sub = self.channels.len();
         v.psub = self.patterns.len();
+        v.ssub = self.shards.len();
         v.resp = if self.resp3 { 3 } else { 2 };
         v.lib_name = self.lib_name.clone();
         v.lib_ver = self.lib_ver.clone();
@@ -566,7 +610,7 @@ impl Session {
             r.error("NOAUTH Authentication required.");
             return (After::Continue, Some(full));
         }
-        if !self.resp3 && self.subscriptions() > 0 && !spec.in_subscribed {
+        if !self.resp3 && self.subscribed() && !spec.in_subscribed {
             r.error(&format!(
                 "ERR Can't execute '{full}': only (P|S)SUBSCRIBE / (P|S)UNSUBSCRIBE / PING / QUIT / RESET are allowed in this context"
             ));
@@ -585,7 +629,10 @@ impl Session {
             "psubscribe" => self.subscribe(out_of(r), Kind::Pattern, &args[1..]),
             "unsubscribe" => self.unsubscribe(r, Kind::Channel, &args[1..]),
             "punsubscribe" => self.unsubscribe(r, Kind::Pattern, &args[1..]),
-            "publish" => self.publish(r, &args[1], &args[2]),
+            "ssubscribe" => self.subscribe(out_of(r), Kind::Shard, &args[1..]),
+            "sunsubscribe" => self.unsubscribe(r, Kind::Shard, &args[1..]),
+            // One namespace: a shard channel is the channel of its name.
+            "publish" | "spublish" => self.publish(r, &args[1], &args[2]),
             "pubsub" => self.pubsub(r, args),
             "info" => {
                 let text = super::info::render(&self.shared.info_facts(), &args[1..]);
@@ -601,7 +648,7 @@ impl Session {
             r.error("ERR wrong number of arguments for 'ping' command");
             return;
         }
-        if !self.resp3 && self.subscriptions() > 0 {
+        if !self.resp3 && self.subscribed() {
             // In RESP2 subscribed mode a reply must look like a message.
             r.array(2);
             r.bulk(b"pong");
@@ -954,6 +1001,7 @@ impl Session {
         let verb: &[u8] = match kind {
             Kind::Channel => b"subscribe",
             Kind::Pattern => b"psubscribe",
+            Kind::Shard => b"ssubscribe",
         };
         for name in names {
             if kind == Kind::Pattern && name.len() > MAX_PATTERN {
@@ -966,13 +1014,14 @@ impl Session {
             let known = match kind {
                 Kind::Channel => self.channels.contains(name),
                 Kind::Pattern => self.patterns.contains(name),
+                Kind::Shard => self.shards.contains(name),
             };
             if !known && !self.shared.broker.has_room(name.len()) {
                 self.reply(out)
                 .error("ERR this sidecar holds as many subscriptions as it takes; nothing was subscribed");
                 continue;
             }
-            if !known && self.subscriptions() >= MAX_SUBSCRIPTIONS {
+            if !known && self.subscriptions() + self.shards.len() >= MAX_SUBSCRIPTIONS {
                 self.reply(out).error(&format!(
                     "ERR at most {MAX_SUBSCRIPTIONS} channels and patterns per connection here"
                 ));
@@ -988,13 +1037,14 @@ impl Session {
                     self.patterns.push(name.clone());
                     true
                 }
+                Kind::Shard => self.shards.insert(name.clone()),
             };
             let mut reply = BytesMut::new();
             let mut r = self.reply(&mut reply);
             r.push(3);
             r.bulk(verb);
             r.bulk(name);
-            r.int(self.subscriptions() as i64);
+            r.int(self.count(kind) as i64);
             if !added {
                 out.extend_from_slice(&reply);
                 continue;
@@ -1015,6 +1065,7 @@ impl Session {
                     match kind {
                         Kind::Channel => "channel",
                         Kind::Pattern => "pattern",
+                        Kind::Shard => "shard channel",
                     },
                     clip(name, 200)
                 ));
@@ -1026,11 +1077,13 @@ impl Session {
         let verb: &[u8] = match kind {
             Kind::Channel => b"unsubscribe",
             Kind::Pattern => b"punsubscribe",
+            Kind::Shard => b"sunsubscribe",
         };
         let names: Vec<Bytes> = if names.is_empty() {
             match kind {
                 Kind::Channel => self.channels.iter().cloned().collect(),
                 Kind::Pattern => self.patterns.clone(),
+                Kind::Shard => self.shards.iter().cloned().collect(),
             }
         } else {
             names.to_vec()
@@ -1039,7 +1092,7 @@ impl Session {
             r.push(3);
             r.bulk(verb);
             r.null();
-            r.int(self.subscriptions() as i64);
+            r.int(self.count(kind) as i64);
             return;
         }
         for name in names {
@@ -1052,6 +1105,7 @@ impl Session {
                     }
                     None => false,
                 },
+                Kind::Shard => self.shards.remove(&name),
             };
             if removed {
                 self.shared.broker.unsubscribe(kind, &name, self.id);
@@ -1059,7 +1113,7 @@ impl Session {
             r.push(3);
             r.bulk(verb);
             r.bulk(&name);
-            r.int(self.subscriptions() as i64);
+            r.int(self.count(kind) as i64);
         }
     }
 
@@ -1078,7 +1132,7 @@ impl Session {
         // A RESP3 client subscribed here gets its own message after the
         // replies before this one, and before this reply; for the others
         // the replies of a pipeline stay together, written at once.
-        if self.subscriptions() > 0 {
+        if self.subscribed() {
             self.outbox.push(r.out.split().freeze());
         }
         self.shared
@@ -1092,7 +1146,7 @@ impl Session {
 
     fn pubsub(&mut self, mut r: Reply<'_>, args: &[Bytes]) {
         match args[1].to_ascii_lowercase().as_slice() {
-            b"channels" => {
+            sub @ (b"channels" | b"shardchannels") => {
                 if args.len() > 3 {
                     r.error(&format!(
                         "ERR unknown subcommand or wrong number of arguments for '{}'. Try PUBSUB HELP.",
@@ -1100,17 +1154,30 @@ impl Session {
                     ));
                     return;
                 }
-                let list = self.shared.broker.channels(args.get(2).map(|p| &p[..]));
+                let kind = if sub == b"channels" {
+                    Kind::Channel
+                } else {
+                    Kind::Shard
+                };
+                let list = self
+                    .shared
+                    .broker
+                    .channels(kind, args.get(2).map(|p| &p[..]));
                 r.array(list.len());
                 for c in list {
                     r.bulk(&c);
                 }
             }
-            b"numsub" => {
+            sub @ (b"numsub" | b"shardnumsub") => {
+                let kind = if sub == b"numsub" {
+                    Kind::Channel
+                } else {
+                    Kind::Shard
+                };
                 r.array((args.len() - 2) * 2);
                 for c in &args[2..] {
                     r.bulk(c);
-                    r.int(self.shared.broker.numsub(c) as i64);
+                    r.int(self.shared.broker.numsub(kind, c) as i64);
                 }
             }
             b"numpat" => r.int(self.shared.broker.numpat() as i64),
@@ -1125,6 +1192,10 @@ impl Session {
                     "NUMSUB [<channel> ...]",
                     "    Return the number of subscribers for the specified channels, excluding",
                     "    pattern subscriptions(default: no channels).",
+                    "SHARDCHANNELS [<pattern>]",
+                    "    Return the currently active shard level channels matching a <pattern> (default: '*').",
+                    "SHARDNUMSUB [<shardchannel> ...]",
+                    "    Return the number of subscribers for the specified shard level channel(s)",
                 ],
             ),
         }

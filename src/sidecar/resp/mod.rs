@@ -147,7 +147,7 @@ impl Shared {
             rejected_connections: self.conns.refused.load(Ordering::Relaxed),
             channels,
             patterns,
-            shard_channels: 0,
+            shard_channels: self.broker.shard_count(),
             rss: info::rss(),
         }
     }
