@@ -803,6 +803,21 @@ async fn publish_crosses_the_mesh_and_bad_input_leaves_the_node_serving() {
         "{text}"
     );
     assert_eq!(&lines[3..], [":0", "+OK", ""], "{text}");
+    // A channel no PUBLISH can reach is refused to SUBSCRIBE and
+    // SSUBSCRIBE alike; the connection stays out of subscribed mode.
+    let mut bad = b"*2\r\n$9\r\nSUBSCRIBE\r\n$2\r\n\xff\xfe\r\n".to_vec();
+    bad.extend(b"*3\r\n$10\r\nSSUBSCRIBE\r\n$2\r\n\xff\xfe\r\n$2\r\nok\r\n");
+    bad.extend(cmd(&["SUNSUBSCRIBE"]));
+    bad.extend(cmd(&["PING"]));
+    let out = exchange(ports[0], &bad).await;
+    let refusal = "-ERR the channel must be UTF-8 text (the mesh carries strings); nothing was subscribed\r\n";
+    assert_eq!(
+        String::from_utf8_lossy(&out),
+        format!(
+            "{refusal}{refusal}*3\r\n$10\r\nssubscribe\r\n$2\r\nok\r\n:1\r\n\
+             *3\r\n$12\r\nsunsubscribe\r\n$2\r\nok\r\n:0\r\n+PONG\r\n+OK\r\n"
+        )
+    );
     // Only the good one arrives, across the mesh.
     let message = b"*3\r\n$7\r\nmessage\r\n$2\r\nc1\r\n$4\r\ngood\r\n";
     assert_eq!(read_n(&mut sub, message.len()).await, message);

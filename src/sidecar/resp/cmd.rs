@@ -1004,6 +1004,13 @@ impl Session {
             Kind::Shard => b"ssubscribe",
         };
         for name in names {
+            // Nothing can be published to it: PUBLISH refuses it likewise.
+            if kind != Kind::Pattern && std::str::from_utf8(name).is_err() {
+                self.reply(out).error(
+                    "ERR the channel must be UTF-8 text (the mesh carries strings); nothing was subscribed",
+                );
+                continue;
+            }
             if kind == Kind::Pattern && name.len() > MAX_PATTERN {
                 self.reply(out).error(&format!(
                     "ERR patterns are limited to {MAX_PATTERN} bytes here (this one has {})",
