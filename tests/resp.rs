@@ -738,6 +738,52 @@ async fn info_is_answered_as_redis_7_2_answers_it() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_connection_cap_fits_six_redisson_clients_and_is_configurable() {
+    // Redisson opens 25 connections per client at start: six of them, and
+    // one more connection, by default.
+    let (_c, ports) = started(1, "").await;
+    let mut open = Vec::new();
+    for _ in 0..151 {
+        let mut s = TcpStream::connect(("127.0.0.1", ports[0]))
+            .await
+            .expect("connect");
+        s.write_all(&cmd(&["PING"])).await.expect("write");
+        assert_eq!(read_n(&mut s, 7).await, b"+PONG\r\n");
+        open.push(s);
+    }
+    drop(open);
+    let (_c2, ports) = started(1, "cachecast.resp.max.connections = 2").await;
+    let mut two = Vec::new();
+    for _ in 0..2 {
+        let mut s = TcpStream::connect(("127.0.0.1", ports[0]))
+            .await
+            .expect("connect");
+        s.write_all(&cmd(&["PING"])).await.expect("write");
+        assert_eq!(read_n(&mut s, 7).await, b"+PONG\r\n");
+        two.push(s);
+    }
+    let mut third = TcpStream::connect(("127.0.0.1", ports[0]))
+        .await
+        .expect("connect");
+    assert_eq!(
+        read_to_close(&mut third).await,
+        b"-ERR max number of clients reached\r\n"
+    );
+    // INFO, on a connection under the cap, reports it.
+    two[0]
+        .write_all(&cmd(&["INFO", "clients"]))
+        .await
+        .expect("write");
+    two[0].write_all(b"QUIT\r\n").await.expect("write");
+    let info = read_to_close(&mut two[0]).await;
+    assert!(
+        String::from_utf8_lossy(&info).contains("\r\nmaxclients:2\r\n"),
+        "{info:?}"
+    );
+    drop(two);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shard_channels_cross_the_mesh_as_channels() {
     let (_c, ports) = started(2, "").await;
     let mut sub = TcpStream::connect(("127.0.0.1", ports[1]))

@@ -40,9 +40,9 @@ use super::conn::{ConnStats, WarnLimit, accept_failed};
 use super::flush::FlushHook;
 use crate::mesh::MeshHandle;
 
-/// Connections open at once, by default; beyond it, new ones are closed as
-/// soon as they are accepted.
-pub const MAX_RESP_CONNECTIONS: usize = 128;
+/// Connections open at once, by default (`cachecast.resp.max.connections`
+/// sets it); beyond it, new ones are closed as soon as they are accepted.
+pub const MAX_RESP_CONNECTIONS: usize = crate::config::DEFAULT_RESP_CONNECTIONS;
 
 /// A connection that stops halfway through a command for this long, or
 /// that has not authenticated this long after connecting (when a password
