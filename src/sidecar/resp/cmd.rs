@@ -670,7 +670,7 @@ impl Session {
         match &self.shared.password {
             // The default user without a password takes any.
             None => Ok(()),
-            Some(p) if p.as_bytes() == pass => Ok(()),
+            Some(p) if same_secret(p.as_bytes(), pass) => Ok(()),
             Some(_) => Err(wrong),
         }
     }
@@ -1222,6 +1222,18 @@ fn valid_name(n: &[u8]) -> Result<(), &'static str> {
     Ok(())
 }
 
+/// Whether `given` is the password, in time that depends on neither: the
+/// digests are compared in constant time, so that how long a refusal
+/// takes tells nothing of how much of a guess was right, nor of the
+/// password's length.
+fn same_secret(password: &[u8], given: &[u8]) -> bool {
+    use sha2::{Digest, Sha256};
+    use subtle::ConstantTimeEq;
+    Sha256::digest(password)
+        .ct_eq(&Sha256::digest(given))
+        .into()
+}
+
 /// A decimal integer argument, as Redis's string2ll reads one.
 fn integer(b: &[u8]) -> Option<i64> {
     std::str::from_utf8(b)
@@ -1402,5 +1414,20 @@ fn command(mut r: Reply<'_>, args: &[Bytes]) {
                 "    Return documentation details about multiple Redis commands.",
             ],
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_are_compared_whole() {
+        assert!(same_secret(b"pw1", b"pw1"));
+        assert!(!same_secret(b"pw1", b"pw"));
+        assert!(!same_secret(b"pw1", b"pw12"));
+        assert!(!same_secret(b"pw1", b"pw2"));
+        assert!(!same_secret(b"", b"x"));
+        assert!(same_secret(b"", b""));
     }
 }
