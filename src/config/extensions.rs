@@ -711,6 +711,13 @@ fn decide_resp(
             ),
         );
     }
+    if password.is_none() {
+        report.warn(
+            "redis.password",
+            line("redis.password"),
+            "the Redis-protocol endpoint has no password: any local process can publish invalidations to every server, and subscribe to fresh channel names, each first subscriber calling the flush hook; set redis.password (DHIS 2 sends it)",
+        );
+    }
     if !ok {
         return None;
     }
