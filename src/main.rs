@@ -478,17 +478,15 @@ const FD_RESERVE: u64 = 32;
 
 /// The cap on API connections: the default, or less when the limit on
 /// open files would not leave room for the mesh (its inbound connections
-/// and one outbound per peer), so that API clients can never starve the
-/// mesh. Raises the limit first, and warns when it is too low for both.
+/// and one outbound per peer) and the Redis-protocol endpoint's
+/// connections (`cachecast.resp.max.connections`), so that API clients
+/// can never starve them. Raises the limit first, and warns when it is
+/// too low for all.
 fn api_connection_cap(config: &config::ClusterConfig) -> usize {
     use cachecast::sidecar::MAX_API_CONNECTIONS;
     let mesh = cachecast::Tuning::default().max_connections as u64
         + config.peers.len() as u64
-        + if config.resp.is_some() {
-            cachecast::sidecar::MAX_RESP_CONNECTIONS as u64
-        } else {
-            0
-        };
+        + config.resp.as_ref().map_or(0, |r| r.max_connections as u64);
     let wanted = mesh + MAX_API_CONNECTIONS as u64 + FD_RESERVE;
     let soft = match raise_nofile_limit() {
         Ok(n) => n,

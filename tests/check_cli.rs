@@ -504,3 +504,27 @@ fn manual_pages_one_per_subcommand() {
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("cannot write the manual pages into"), "{err}");
 }
+
+/// Without `redis.password`, any local process may publish and fire the
+/// flush hook through the Redis-protocol endpoint: `check` says so, and
+/// says nothing once a password is set.
+#[test]
+fn an_endpoint_without_a_password_is_a_warning() {
+    let base = "cluster.instance0.hostname = 127.0.0.1\ncluster.instance1.hostname = 127.0.0.2\n\
+                redis.cache.invalidation.enabled = on\nredis.port = 16379\ncachecast.api.port = 14999\n";
+    let (_dir, path) = conf(base);
+    let (code, out, err) = check(&path);
+    assert_eq!(code, Some(0), "stdout:\n{out}\nstderr:\n{err}");
+    let text = format!("{out}{err}");
+    assert!(
+        text.contains("the Redis-protocol endpoint has no password"),
+        "{text}"
+    );
+    let (_dir, path) = conf(&format!("{base}redis.password = s3cret\n"));
+    let (code, out, err) = check(&path);
+    assert_eq!(code, Some(0), "stdout:\n{out}\nstderr:\n{err}");
+    assert!(
+        !format!("{out}{err}").contains("has no password"),
+        "{out}{err}"
+    );
+}

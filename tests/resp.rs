@@ -206,11 +206,51 @@ fn cases() -> Vec<(String, Vec<u8>)> {
         ("negative bulk length", b"*1\r\n$-5\r\n".to_vec()),
         ("huge bulk length", b"*1\r\n$600000000\r\n".to_vec()),
         ("top-level bulk", b"$3\r\nfoo\r\n".to_vec()),
+        // Where Redis 7.0 and 7.2 agree (src/commands/*.json); the others
+        // are in `what_redis_7_0_lacks_is_answered_as_7_2_does`.
+        ("command info", cmd(&[
+            "COMMAND", "INFO", "ping", "ECHO", "auth", "hello", "select", "quit", "reset",
+            "subscribe", "unsubscribe", "psubscribe", "punsubscribe", "publish", "info",
+            "nosuch", "client|getname", "CLIENT|ID", "client|help", "client|nosuch",
+            "command|count", "command|docs", "command|info", "command|list", "command|help",
+            "pubsub|channels", "pubsub|numsub", "pubsub|numpat", "pubsub|help",
+            "client|list", "client|info", "client|kill",
+            "ssubscribe", "sunsubscribe", "spublish", "pubsub|shardchannels", "pubsub|shardnumsub",
+        ])),
+        ("ssubscribe", cmds(&[
+            &["SUNSUBSCRIBE"], &["SSUBSCRIBE", "a", "b"], &["SSUBSCRIBE", "a"], &["SUBSCRIBE", "c"], &["PING"],
+            &["SPUBLISH", "nosuch", "x"], &["SUNSUBSCRIBE", "b"], &["SUNSUBSCRIBE"], &["PING"], &["UNSUBSCRIBE"],
+            &["PING"], &["SUNSUBSCRIBE", "x", "y"], &["SSUBSCRIBE"], &["SPUBLISH", "a"], &["SPUBLISH", "nosuch", "m"],
+        ])),
+        ("shard pubsub", cmds(&[
+            &["PUBSUB", "SHARDCHANNELS"], &["SSUBSCRIBE", "s1"], &["PUBSUB", "SHARDNUMSUB", "s1", "nosuch"],
+            &["PUBSUB", "SHARDCHANNELS"], &["PUBSUB", "SHARDCHANNELS", "*1"], &["PUBSUB", "SHARDCHANNELS", "a", "b"],
+            // Not HELP: 7.0 ends it with "Prints this help.", 7.2 with
+            // "Print this help." (networking.c, addReplyHelp).
+            &["PUBSUB", "SHARDNUMSUB"],
+        ])),
+        ("client kill and list errors", cmds(&[
+            &["CLIENT", "KILL", "1.2.3.4:5"], &["CLIENT", "KILL", "ID", "abc"], &["CLIENT", "KILL", "ID", "0"],
+            &["CLIENT", "KILL", "TYPE", "foo"], &["CLIENT", "KILL", "USER", "nobody"],
+            &["CLIENT", "KILL", "USER", "default", "ADDR", "1.1.1.1:1"], &["CLIENT", "KILL", "SKIPME", "maybe"],
+            &["CLIENT", "KILL", "ADDR"], &["client", "kill", "addr", "1.1.1.1:1", "id", "5", "skipme", "NO"],
+            &["CLIENT", "KILL", "LADDR", "1.1.1.1:1", "TYPE", "master"], &["CLIENT", "KILL", "ADDR", "1.1.1.1:1", "ID"],
+            &["CLIENT", "LIST", "TYPE", "foo"], &["CLIENT", "LIST", "ID", "abc"], &["CLIENT", "LIST", "foo"],
+            &["CLIENT", "LIST", "ID", "99999"], &["CLIENT", "LIST", "TYPE", "replica"], &["CLIENT", "INFO", "x"],
+        ])),
+        ("info of unknown sections", cmds(&[&["INFO", "nosuch"], &["info", "NOSUCH", "other"]])),
+        ("info while subscribed", cmds(&[&["SUBSCRIBE", "a"], &["INFO"], &["INFO", "server"]])),
     ];
     // The same in RESP3, where HELLO 3 comes first.
     let resp3: Vec<(String, Vec<u8>)> = list
         .iter()
-        .filter(|(name, _)| !matches!(*name, "hello" | "hello 3 with a name" | "reset"))
+        // RESP3 allows every command while subscribed.
+        .filter(|(name, _)| {
+            !matches!(
+                *name,
+                "hello" | "hello 3 with a name" | "reset" | "info while subscribed"
+            )
+        })
         .map(|(name, bytes)| {
             let mut b = cmd(&["HELLO", "3"]);
             b.extend_from_slice(bytes);
@@ -395,6 +435,20 @@ async fn replies_match_a_real_redis_byte_for_byte() {
         &mut failures,
     );
     count += 1;
+    let own = cmds(&[
+        &["HELLO", "3"],
+        &["SSUBSCRIBE", "q"],
+        &["PING"],
+        &["SPUBLISH", "q", "z"],
+        &["PING"],
+    ]);
+    compare(
+        "own shard channel (RESP3)",
+        &exchange(ports[0], &own).await,
+        &exchange(redis.port, &own).await,
+        &mut failures,
+    );
+    count += 1;
     assert!(
         failures.is_empty(),
         "{} of {count} cases differ from redis-server:\n{}",
@@ -413,6 +467,7 @@ async fn what_redis_7_0_lacks_is_answered_as_7_2_does() {
             &["CLIENT", "SETINFO", "lib-name", "x"],
             &["CLIENT", "SETINFO", "LIB-VER", "1"],
             &["CLIENT", "SETINFO", "other", "1"],
+            &["CLIENT", "SETINFO", "lib-name", "a b"],
             &["CLIENT", "ID"],
             &["COMMAND", "COUNT"],
             &["COMMAND", "DOCS"],
@@ -421,13 +476,345 @@ async fn what_redis_7_0_lacks_is_answered_as_7_2_does() {
     .await;
     let text = String::from_utf8_lossy(&out);
     assert!(
-        text.starts_with("+OK\r\n+OK\r\n-ERR Unrecognized option 'other'\r\n:"),
+        text.starts_with(
+            "+OK\r\n+OK\r\n-ERR Unrecognized option 'other'\r\n\
+             -ERR lib-name cannot contain spaces, newlines or special characters.\r\n:"
+        ),
         "{text:?}"
     );
+    // Redis 7.2.6's src/commands/client-setname.json and
+    // client-setinfo.json: SETNAME gained these tips in 7.2, SETINFO is new.
+    let out = exchange(
+        ports[0],
+        &cmd(&[
+            "COMMAND",
+            "INFO",
+            "client|setname",
+            "client|setinfo",
+            "client",
+        ]),
+    )
+    .await;
+    let entry = |name: &str, arity: i32| {
+        format!(
+            "*10\r\n${}\r\n{name}\r\n:{arity}\r\n*3\r\n+noscript\r\n+loading\r\n+stale\r\n:0\r\n:0\r\n:0\r\n\
+             *2\r\n+@slow\r\n+@connection\r\n*2\r\n$24\r\nrequest_policy:all_nodes\r\n\
+             $29\r\nresponse_policy:all_succeeded\r\n*0\r\n*0\r\n",
+            name.len()
+        )
+    };
+    let want = format!(
+        "*3\r\n{}{}*10\r\n$6\r\nclient\r\n:-2\r\n*0\r\n:0\r\n:0\r\n:0\r\n*1\r\n+@slow\r\n*0\r\n*0\r\n*",
+        entry("client|setname", 3),
+        entry("client|setinfo", 4)
+    );
+    let info = String::from_utf8_lossy(&out);
+    assert!(info.starts_with(&want), "{info:?}");
     assert!(
-        text.contains("\r\n:15\r\n*0\r\n+OK\r\n"),
+        text.contains("\r\n:19\r\n*0\r\n+OK\r\n"),
         "COMMAND COUNT and DOCS: {text:?}"
     );
+}
+
+/// The `key=value` fields of a client line, in order.
+fn client_fields(line: &str) -> Vec<(String, String)> {
+    line.trim_end()
+        .split(' ')
+        .filter_map(|f| f.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// The one verbatim or bulk string of a reply, without its header.
+fn text_of(reply: &[u8]) -> String {
+    let text = String::from_utf8_lossy(reply);
+    let (len, body) = text.split_once("\r\n").unwrap_or(("$0", ""));
+    let len: usize = len[1..].parse().unwrap_or(0);
+    let body = &body[..len.min(body.len())];
+    body.strip_prefix("txt:").unwrap_or(body).to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_list_info_and_kill_work_as_in_redis() {
+    let (_c, ports) = started(1, "").await;
+    let port = ports[0];
+    // CLIENT INFO has Redis's fields in Redis's order: 7.0's, then 7.2's
+    // lib-name and lib-ver (networking.c, catClientInfoString).
+    let mine = text_of(
+        &exchange(
+            port,
+            &cmds(&[&["CLIENT", "SETINFO", "lib-name", "x"], &["CLIENT", "INFO"]]),
+        )
+        .await[5..],
+    );
+    let fields = client_fields(&mine);
+    let keys: Vec<&str> = fields.iter().map(|(k, _)| k.as_str()).collect();
+    if have("redis-server", &["--version"]) {
+        let redis = RedisServer::start(None).await;
+        let theirs = text_of(&exchange(redis.port, &cmd(&["CLIENT", "INFO"])).await);
+        let mut want: Vec<String> = client_fields(&theirs).into_iter().map(|(k, _)| k).collect();
+        want.extend(["lib-name".to_string(), "lib-ver".to_string()]);
+        assert_eq!(keys, want, "{mine}");
+    }
+    let get = |k: &str| fields.iter().find(|(f, _)| f == k).map(|(_, v)| v.clone());
+    assert_eq!(get("cmd").as_deref(), Some("client|info"));
+    assert_eq!(get("lib-name").as_deref(), Some("x"));
+    assert_eq!(get("flags").as_deref(), Some("N"));
+    assert!(mine.ends_with('\n'));
+    // A named subscriber, and a publisher that lists and kills it.
+    let mut sub = TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    sub.write_all(&cmds(&[
+        &["CLIENT", "SETNAME", "app"],
+        &["SUBSCRIBE", "c1", "c2"],
+    ]))
+    .await
+    .expect("write");
+    let confirm = b"+OK\r\n*3\r\n$9\r\nsubscribe\r\n$2\r\nc1\r\n:1\r\n*3\r\n$9\r\nsubscribe\r\n$2\r\nc2\r\n:2\r\n";
+    assert_eq!(read_n(&mut sub, confirm.len()).await, confirm);
+    let sub_addr = sub.local_addr().expect("addr").to_string();
+    let list = text_of(&exchange(port, &cmd(&["CLIENT", "LIST", "TYPE", "pubsub"])).await);
+    let lines: Vec<&str> = list.lines().collect();
+    assert_eq!(lines.len(), 1, "{list}");
+    let f = client_fields(lines[0]);
+    let get = |k: &str| f.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+    assert_eq!(get("addr"), Some(sub_addr.as_str()));
+    assert_eq!(get("laddr"), Some(format!("127.0.0.1:{port}").as_str()));
+    assert_eq!(get("name"), Some("app"));
+    assert_eq!(
+        (get("sub"), get("psub"), get("ssub")),
+        (Some("2"), Some("0"), Some("0"))
+    );
+    assert_eq!(get("flags"), Some("P"));
+    assert_eq!(get("cmd"), Some("subscribe"));
+    let id = get("id").expect("id").to_string();
+    // Every connection: the subscriber and the one asking.
+    let all = text_of(&exchange(port, &cmd(&["CLIENT", "LIST"])).await);
+    assert_eq!(all.lines().count(), 2, "{all}");
+    let by_id = text_of(&exchange(port, &cmd(&["CLIENT", "LIST", "ID", &id, "99999"])).await);
+    assert_eq!(by_id.lines().count(), 1, "{by_id}");
+    // KILL by a filter that matches nothing, then by its id: it is closed.
+    let out = exchange(
+        port,
+        &cmds(&[
+            &["CLIENT", "KILL", "ID", &id, "TYPE", "normal"],
+            &["CLIENT", "KILL", "ID", &id],
+        ]),
+    )
+    .await;
+    assert_eq!(out, b":0\r\n:1\r\n+OK\r\n");
+    assert!(read_to_close(&mut sub).await.is_empty());
+    // By address, in the old form and with ADDR; LADDR matches every
+    // connection to the port but SKIPME spares the caller.
+    for form in ["old", "addr", "laddr"] {
+        let mut victim = TcpStream::connect(("127.0.0.1", port))
+            .await
+            .expect("connect");
+        victim.write_all(&cmd(&["PING"])).await.expect("write");
+        assert_eq!(read_n(&mut victim, 7).await, b"+PONG\r\n");
+        let a = victim.local_addr().expect("addr").to_string();
+        let laddr = format!("127.0.0.1:{port}");
+        let req = match form {
+            "old" => cmd(&["CLIENT", "KILL", &a]),
+            "addr" => cmd(&["CLIENT", "KILL", "ADDR", &a, "SKIPME", "yes"]),
+            _ => cmd(&["CLIENT", "KILL", "LADDR", &laddr, "USER", "default"]),
+        };
+        let out = exchange(port, &req).await;
+        let want: &[u8] = if form == "old" {
+            b"+OK\r\n+OK\r\n"
+        } else {
+            b":1\r\n+OK\r\n"
+        };
+        assert_eq!(out, want, "{form}");
+        assert!(read_to_close(&mut victim).await.is_empty(), "{form}");
+    }
+    // SKIPME no: the caller closes itself, after the reply.
+    let mut me = TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    let my_addr = me.local_addr().expect("addr").to_string();
+    me.write_all(&cmds(&[
+        &["CLIENT", "KILL", "ADDR", &my_addr, "SKIPME", "no"],
+        &["PING"],
+    ]))
+    .await
+    .expect("write");
+    assert_eq!(read_to_close(&mut me).await, b":1\r\n");
+}
+
+/// The `# Section` lines of an INFO reply, and its `key:value` fields.
+fn info_parts(reply: &[u8]) -> (Vec<String>, std::collections::HashMap<String, String>) {
+    let text = String::from_utf8_lossy(reply);
+    let mut headers = Vec::new();
+    let mut fields = std::collections::HashMap::new();
+    for l in text.split("\r\n") {
+        if let Some(h) = l.strip_prefix("# ") {
+            headers.push(h.to_string());
+        } else if let Some((k, v)) = l.split_once(':') {
+            fields.insert(k.to_string(), v.to_string());
+        }
+    }
+    (headers, fields)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn info_is_answered_as_redis_7_2_answers_it() {
+    let (_c, ports) = started(1, "").await;
+    let redis = if have("redis-server", &["--version"]) {
+        Some(RedisServer::start(None).await)
+    } else {
+        None
+    };
+    // Each selector gives the sections Redis gives, in Redis's order.
+    for args in [
+        &[][..],
+        &["default"],
+        &["ALL"],
+        &["everything"],
+        &["server"],
+        &["Persistence", "server"],
+        &["clients", "nosuch"],
+    ] {
+        let mut req = vec!["INFO"];
+        req.extend_from_slice(args);
+        let ours = exchange(ports[0], &cmd(&req)).await;
+        assert!(ours.starts_with(b"$"), "{args:?}: a bulk string in RESP2");
+        let (headers, fields) = info_parts(&ours);
+        if let Some(redis) = &redis {
+            let (theirs, their_fields) = info_parts(&exchange(redis.port, &cmd(&req)).await);
+            assert_eq!(headers, theirs, "INFO {args:?}");
+            // Every field is one Redis has: 7.2 adds `listener0` and the
+            // blocking keys counts (server.c, genRedisInfoString);
+            // `cachecast_version` is ours.
+            let newer = [
+                "listener0",
+                "total_blocking_keys",
+                "total_blocking_keys_on_nokey",
+                "cachecast_version",
+            ];
+            for k in fields.keys() {
+                if !newer.contains(&k.as_str()) {
+                    assert!(
+                        their_fields.contains_key(k),
+                        "INFO {args:?}: {k} is not Redis's"
+                    );
+                }
+            }
+        }
+        if headers.iter().any(|h| h == "Server") {
+            assert!(fields["redis_version"].starts_with("7.2."), "{fields:?}");
+            assert_eq!(fields["redis_mode"], "standalone");
+            assert_eq!(fields["tcp_port"], ports[0].to_string());
+            assert_eq!(fields["run_id"].len(), 40);
+            for k in ["os", "arch_bits", "uptime_in_seconds", "process_id"] {
+                assert!(fields.contains_key(k), "{k}");
+            }
+        }
+        if headers.iter().any(|h| h == "Persistence") {
+            assert_eq!(fields["loading"], "0");
+        }
+        if headers.iter().any(|h| h == "Clients") {
+            // This connection, at least.
+            assert!(fields["connected_clients"].parse::<u64>().unwrap_or(0) >= 1);
+        }
+    }
+    // RESP3: a verbatim string of format `txt`, as HELLO's version says.
+    let out = exchange(ports[0], &cmds(&[&["HELLO", "3"], &["INFO", "server"]])).await;
+    let text = String::from_utf8_lossy(&out);
+    let info = &text[text.find("\r\n=").expect("a verbatim string") + 2..];
+    let (len, rest) = info[1..].split_once("\r\n").expect("length");
+    assert!(
+        rest.starts_with("txt:# Server\r\nredis_version:7.2."),
+        "{rest:?}"
+    );
+    let body_len = rest.find("\r\n+OK\r\n").expect("QUIT's OK");
+    assert_eq!(len.parse::<usize>().ok(), Some(body_len));
+    let hello_version = text.split("version\r\n$5\r\n").nth(1).map(|v| &v[..5]);
+    assert!(rest.contains(&format!(
+        "redis_version:{}\r\n",
+        hello_version.unwrap_or("?")
+    )));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_connection_cap_fits_six_redisson_clients_and_is_configurable() {
+    // Redisson opens 25 connections per client at start: six of them, and
+    // one more connection, by default.
+    let (_c, ports) = started(1, "").await;
+    let mut open = Vec::new();
+    for _ in 0..151 {
+        let mut s = TcpStream::connect(("127.0.0.1", ports[0]))
+            .await
+            .expect("connect");
+        s.write_all(&cmd(&["PING"])).await.expect("write");
+        assert_eq!(read_n(&mut s, 7).await, b"+PONG\r\n");
+        open.push(s);
+    }
+    drop(open);
+    let (_c2, ports) = started(1, "cachecast.resp.max.connections = 2").await;
+    let mut two = Vec::new();
+    for _ in 0..2 {
+        let mut s = TcpStream::connect(("127.0.0.1", ports[0]))
+            .await
+            .expect("connect");
+        s.write_all(&cmd(&["PING"])).await.expect("write");
+        assert_eq!(read_n(&mut s, 7).await, b"+PONG\r\n");
+        two.push(s);
+    }
+    let mut third = TcpStream::connect(("127.0.0.1", ports[0]))
+        .await
+        .expect("connect");
+    assert_eq!(
+        read_to_close(&mut third).await,
+        b"-ERR max number of clients reached\r\n"
+    );
+    // INFO, on a connection under the cap, reports it.
+    two[0]
+        .write_all(&cmd(&["INFO", "clients"]))
+        .await
+        .expect("write");
+    two[0].write_all(b"QUIT\r\n").await.expect("write");
+    let info = read_to_close(&mut two[0]).await;
+    assert!(
+        String::from_utf8_lossy(&info).contains("\r\nmaxclients:2\r\n"),
+        "{info:?}"
+    );
+    drop(two);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shard_channels_cross_the_mesh_as_channels() {
+    let (_c, ports) = started(2, "").await;
+    let mut sub = TcpStream::connect(("127.0.0.1", ports[1]))
+        .await
+        .expect("connect");
+    sub.write_all(&cmd(&["SSUBSCRIBE", "sc"]))
+        .await
+        .expect("write");
+    let confirm = b"*3\r\n$10\r\nssubscribe\r\n$2\r\nsc\r\n:1\r\n";
+    assert_eq!(read_n(&mut sub, confirm.len()).await, confirm);
+    let out = exchange(
+        ports[1],
+        &cmds(&[
+            &["PUBSUB", "SHARDNUMSUB", "sc"],
+            &["PUBSUB", "SHARDCHANNELS"],
+        ]),
+    )
+    .await;
+    assert_eq!(out, b"*2\r\n$2\r\nsc\r\n:1\r\n*1\r\n$2\r\nsc\r\n+OK\r\n");
+    // SPUBLISH on the other sidecar, then PUBLISH: one namespace, so
+    // both reach the shard subscriber, as smessage.
+    let out = exchange(
+        ports[0],
+        &cmds(&[&["SPUBLISH", "sc", "k1"], &["PUBLISH", "sc", "k2"]]),
+    )
+    .await;
+    assert_eq!(out, b":0\r\n:0\r\n+OK\r\n");
+    for k in ["k1", "k2"] {
+        let m = format!("*3\r\n$8\r\nsmessage\r\n$2\r\nsc\r\n$2\r\n{k}\r\n");
+        assert_eq!(String::from_utf8_lossy(&read_n(&mut sub, m.len()).await), m);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -462,6 +849,21 @@ async fn publish_crosses_the_mesh_and_bad_input_leaves_the_node_serving() {
         "{text}"
     );
     assert_eq!(&lines[3..], [":0", "+OK", ""], "{text}");
+    // A channel no PUBLISH can reach is refused to SUBSCRIBE and
+    // SSUBSCRIBE alike; the connection stays out of subscribed mode.
+    let mut bad = b"*2\r\n$9\r\nSUBSCRIBE\r\n$2\r\n\xff\xfe\r\n".to_vec();
+    bad.extend(b"*3\r\n$10\r\nSSUBSCRIBE\r\n$2\r\n\xff\xfe\r\n$2\r\nok\r\n");
+    bad.extend(cmd(&["SUNSUBSCRIBE"]));
+    bad.extend(cmd(&["PING"]));
+    let out = exchange(ports[0], &bad).await;
+    let refusal = "-ERR the channel must be UTF-8 text (the mesh carries strings); nothing was subscribed\r\n";
+    assert_eq!(
+        String::from_utf8_lossy(&out),
+        format!(
+            "{refusal}{refusal}*3\r\n$10\r\nssubscribe\r\n$2\r\nok\r\n:1\r\n\
+             *3\r\n$12\r\nsunsubscribe\r\n$2\r\nok\r\n:0\r\n+PONG\r\n+OK\r\n"
+        )
+    );
     // Only the good one arrives, across the mesh.
     let message = b"*3\r\n$7\r\nmessage\r\n$2\r\nc1\r\n$4\r\ngood\r\n";
     assert_eq!(read_n(&mut sub, message.len()).await, message);

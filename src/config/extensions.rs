@@ -231,6 +231,34 @@ fn api(keys: &BTreeMap<String, Entry>, report: &mut Report) -> Option<(SocketAdd
     ok.then_some((api, explicit))
 }
 
+/// Most connections `cachecast.resp.max.connections` may allow: each is a
+/// file descriptor, and the limit on open files must hold them all.
+pub const MAX_RESP_CONNECTIONS_LIMIT: usize = 65_536;
+
+/// `cachecast.resp.max.connections`: Redis-protocol connections open at
+/// once, 1 to [`MAX_RESP_CONNECTIONS_LIMIT`].
+fn resp_max_connections(keys: &BTreeMap<String, Entry>, report: &mut Report) -> Option<usize> {
+    let key = "cachecast.resp.max.connections";
+    let Some(entry) = value(keys, key).ok()? else {
+        return Some(crate::config::DEFAULT_RESP_CONNECTIONS);
+    };
+    let digits = entry.value.bytes().all(|b| b.is_ascii_digit());
+    match entry.value.parse::<usize>() {
+        Ok(n) if digits && (1..=MAX_RESP_CONNECTIONS_LIMIT).contains(&n) => Some(n),
+        _ => {
+            report.error(
+                key,
+                Some(entry.line),
+                format!(
+                    "`{}` is not a number of connections from 1 to {MAX_RESP_CONNECTIONS_LIMIT}",
+                    entry.value
+                ),
+            );
+            None
+        }
+    }
+}
+
 /// `cachecast.buffer`: invalidations held per peer, 1 to [`MAX_BUFFER`].
 fn buffer(keys: &BTreeMap<String, Entry>, report: &mut Report) -> Option<usize> {
     let Some(entry) = value(keys, "cachecast.buffer").ok()? else {
@@ -604,6 +632,8 @@ fn decide_resp(
     };
     ok &= substituted(keys, "redis.password", true, seen, report);
     let password = text("redis.password");
+    let max_connections = resp_max_connections(keys, report);
+    ok &= max_connections.is_some();
     if source == RespSource::Explicit && app_points_here && !redis_enabled && port != redis_port {
         report.warn(
             "cachecast.resp.port",
@@ -681,6 +711,13 @@ fn decide_resp(
             ),
         );
     }
+    if password.is_none() {
+        report.warn(
+            "redis.password",
+            line("redis.password"),
+            "the Redis-protocol endpoint has no password: any local process can publish invalidations to every server, and subscribe to fresh channel names, each first subscriber calling the flush hook; set redis.password (DHIS 2 sends it)",
+        );
+    }
     if !ok {
         return None;
     }
@@ -688,6 +725,7 @@ fn decide_resp(
         Some(RespConfig {
             addrs,
             password,
+            max_connections: max_connections.unwrap_or(crate::config::DEFAULT_RESP_CONNECTIONS),
             bind_explicit: bind.is_some(),
             source,
         }),

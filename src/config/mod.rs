@@ -336,6 +336,8 @@ pub struct RespConfig {
     pub addrs: Vec<SocketAddr>,
     /// The password clients must give (`redis.password`), if any.
     pub password: Option<String>,
+    /// Connections open at once (`cachecast.resp.max.connections`).
+    pub max_connections: usize,
     /// Whether `cachecast.resp.bind` chose the address (only then may it
     /// be non-loopback).
     pub bind_explicit: bool,
@@ -348,11 +350,17 @@ impl fmt::Debug for RespConfig {
         f.debug_struct("RespConfig")
             .field("addrs", &self.addrs)
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("max_connections", &self.max_connections)
             .field("bind_explicit", &self.bind_explicit)
             .field("source", &self.source)
             .finish()
     }
 }
+
+/// Redis-protocol connections open at once by default: room for six
+/// Redisson clients (25 connections each at start) and DHIS 2 several
+/// times over; Redis itself defaults to 10,000.
+pub const DEFAULT_RESP_CONNECTIONS: usize = 1024;
 
 /// The flush hook: an HTTP(S) endpoint of the application that clears
 /// every cache, called when the application may hold an entry that no
@@ -599,6 +607,7 @@ const KNOWN_KEYS: &[&str] = &[
     "cachecast.state.file",
     "cachecast.resp.port",
     "cachecast.resp.bind",
+    "cachecast.resp.max.connections",
     "cachecast.flush.url",
     "cachecast.flush.credentials.file",
 ];

@@ -117,8 +117,8 @@ pub struct Options {
     /// Already-bound listeners for the Redis-protocol endpoint (else
     /// `config.resp`'s addresses).
     pub resp_listeners: Option<Vec<TcpListener>>,
-    /// Redis-protocol connections open at once (default
-    /// [`MAX_RESP_CONNECTIONS`]).
+    /// Redis-protocol connections open at once (default: the
+    /// configuration's `cachecast.resp.max.connections`).
     pub resp_max_connections: Option<usize>,
 }
 
@@ -207,6 +207,10 @@ pub async fn run(
         );
     }
     let password = config.resp.as_ref().and_then(|r| r.password.clone());
+    let max_connections = config
+        .resp
+        .as_ref()
+        .map_or(MAX_RESP_CONNECTIONS, |r| r.max_connections);
     let webhook_url = config.webhook_url.clone();
     // The hub exists before the mesh, so it sees every event from the
     // first. Its run id only has to differ between runs of the sidecar.
@@ -241,7 +245,7 @@ pub async fn run(
             mesh.clone(),
             hook.clone(),
             password,
-            options.resp_max_connections.unwrap_or(MAX_RESP_CONNECTIONS),
+            options.resp_max_connections.unwrap_or(max_connections),
             resp_listeners
                 .iter()
                 .filter_map(|l| l.local_addr().ok())

@@ -159,12 +159,16 @@ impl Outbox {
 }
 
 /// A subscription's kind.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Kind {
     /// `SUBSCRIBE`: an exact channel.
     Channel,
     /// `PSUBSCRIBE`: a glob pattern.
     Pattern,
+    /// `SSUBSCRIBE`: a shard channel. A standalone Redis keeps them apart
+    /// from channels; the mesh has one namespace (cache names), so a shard
+    /// channel is the channel of the same name, its messages `smessage`.
+    Shard,
 }
 
 type Subscribers = HashMap<Bytes, Vec<(u64, Arc<Outbox>)>>;
@@ -173,11 +177,12 @@ type Subscribers = HashMap<Bytes, Vec<(u64, Arc<Outbox>)>>;
 struct Registry {
     channels: Subscribers,
     patterns: Subscribers,
+    shards: Subscribers,
     /// Channels and patterns whose subscriber's connection ended while
     /// subscribed (a crash, a restart, a network error): that client may
     /// come back having missed messages, so the next subscription to them
     /// is a gap even when others stayed subscribed.
-    lost: std::collections::HashSet<(bool, Bytes)>,
+    lost: std::collections::HashSet<(Kind, Bytes)>,
     /// Bytes of the names subscribed to, bounded by [`MAX_NAME_BYTES`].
     name_bytes: usize,
 }
@@ -224,11 +229,19 @@ fn put_header(out: &mut BytesMut, prefix: u8, n: usize) {
     out.put_slice(b"\r\n");
 }
 
-/// `*3\r\n$7\r\nmessage\r\n…` or its RESP3 push form.
-fn encode_message(resp3: bool, pattern: Option<&[u8]>, channel: &[u8], message: &[u8]) -> Bytes {
-    let parts: &[&[u8]] = match pattern {
-        None => &[b"message", channel, message],
-        Some(p) => &[b"pmessage", p, channel, message],
+/// `*3\r\n$7\r\nmessage\r\n…` or its RESP3 push form; `smessage` to a
+/// shard channel's subscriber.
+fn encode_message(
+    resp3: bool,
+    kind: Kind,
+    pattern: &[u8],
+    channel: &[u8],
+    message: &[u8],
+) -> Bytes {
+    let parts: &[&[u8]] = match kind {
+        Kind::Channel => &[b"message", channel, message],
+        Kind::Pattern => &[b"pmessage", pattern, channel, message],
+        Kind::Shard => &[b"smessage", channel, message],
     };
     let len: usize = parts.iter().map(|p| p.len() + 16).sum();
     let mut out = BytesMut::with_capacity(len + 8);
@@ -266,10 +279,11 @@ impl Broker {
     ) -> bool {
         let mut guard = lock(&self.registry);
         let reg = &mut *guard;
-        let lost = reg.lost.remove(&(kind == Kind::Pattern, name.clone()));
+        let lost = reg.lost.remove(&(kind, name.clone()));
         let map = match kind {
             Kind::Channel => &mut reg.channels,
             Kind::Pattern => &mut reg.patterns,
+            Kind::Shard => &mut reg.shards,
         };
         let len = name.len();
         let subs = map.entry(name).or_default();
@@ -299,12 +313,13 @@ impl Broker {
     pub fn lost(&self, kind: Kind, name: &Bytes, id: u64) -> bool {
         let mut guard = lock(&self.registry);
         let reg = &mut *guard;
-        let key = (kind == Kind::Pattern, name.clone());
+        let key = (kind, name.clone());
         let remembered =
             reg.lost.contains(&key) || (reg.lost.len() < MAX_LOST && reg.lost.insert(key));
         let map = match kind {
             Kind::Channel => &mut reg.channels,
             Kind::Pattern => &mut reg.patterns,
+            Kind::Shard => &mut reg.shards,
         };
         let others = match map.get_mut(&name[..]) {
             Some(subs) => {
@@ -329,6 +344,7 @@ impl Broker {
         let map = match kind {
             Kind::Channel => &mut reg.channels,
             Kind::Pattern => &mut reg.patterns,
+            Kind::Shard => &mut reg.shards,
         };
         if let Some(subs) = map.get_mut(name) {
             subs.retain(|(i, _)| *i != id);
@@ -339,8 +355,9 @@ impl Broker {
         }
     }
 
-    /// Delivers a message to every local subscriber of `channel` and of
-    /// every matching pattern (channel subscribers first, as Redis does);
+    /// Delivers a message to every local subscriber of `channel`, of
+    /// every matching pattern (channel subscribers first, as Redis does),
+    /// and of the shard channel of that name;
     /// returns how many received it.
     pub fn publish(&self, channel: &[u8], message: &[u8]) -> usize {
         let mut count = 0;
@@ -352,7 +369,9 @@ impl Broker {
                 for (_, out) in subs {
                     let r3 = out.resp3();
                     let frame = cached[usize::from(r3)]
-                        .get_or_insert_with(|| encode_message(r3, None, channel, message))
+                        .get_or_insert_with(|| {
+                            encode_message(r3, Kind::Channel, b"", channel, message)
+                        })
                         .clone();
                     if out.push(frame) {
                         count += 1;
@@ -367,11 +386,23 @@ impl Broker {
                 for (_, out) in subs {
                     let r3 = out.resp3();
                     let frame = cached[usize::from(r3)]
-                        .get_or_insert_with(|| encode_message(r3, Some(pattern), channel, message))
+                        .get_or_insert_with(|| {
+                            encode_message(r3, Kind::Pattern, pattern, channel, message)
+                        })
                         .clone();
                     if out.push(frame) {
                         count += 1;
                     }
+                }
+            }
+            let mut cached: [Option<Bytes>; 2] = [None, None];
+            for (_, out) in reg.shards.get(channel).into_iter().flatten() {
+                let r3 = out.resp3();
+                let frame = cached[usize::from(r3)]
+                    .get_or_insert_with(|| encode_message(r3, Kind::Shard, b"", channel, message))
+                    .clone();
+                if out.push(frame) {
+                    count += 1;
                 }
             }
         }
@@ -381,23 +412,29 @@ impl Broker {
         count
     }
 
-    /// Channels with at least one subscriber, those matching `pattern` if
-    /// given.
-    pub fn channels(&self, pattern: Option<&[u8]>) -> Vec<Bytes> {
+    /// Channels (or shard channels) with at least one subscriber, those
+    /// matching `pattern` if given.
+    pub fn channels(&self, kind: Kind, pattern: Option<&[u8]>) -> Vec<Bytes> {
         let reg = lock(&self.registry);
-        reg.channels
-            .keys()
+        let map = match kind {
+            Kind::Shard => &reg.shards,
+            _ => &reg.channels,
+        };
+        map.keys()
             .filter(|c| pattern.is_none_or(|p| glob::matches(p, c)))
             .cloned()
             .collect()
     }
 
-    /// Subscribers of each channel (patterns not counted, as in Redis).
-    pub fn numsub(&self, channel: &[u8]) -> usize {
-        lock(&self.registry)
-            .channels
-            .get(channel)
-            .map_or(0, Vec::len)
+    /// Subscribers of a channel or shard channel (patterns not counted,
+    /// as in Redis).
+    pub fn numsub(&self, kind: Kind, channel: &[u8]) -> usize {
+        let reg = lock(&self.registry);
+        let map = match kind {
+            Kind::Shard => &reg.shards,
+            _ => &reg.channels,
+        };
+        map.get(channel).map_or(0, Vec::len)
     }
 
     /// Patterns with at least one subscriber.
@@ -409,6 +446,11 @@ impl Broker {
     pub fn counts(&self) -> (usize, usize) {
         let reg = lock(&self.registry);
         (reg.channels.len(), reg.patterns.len())
+    }
+
+    /// Shard channels subscribed to.
+    pub fn shard_count(&self) -> usize {
+        lock(&self.registry).shards.len()
     }
 }
 
@@ -467,8 +509,8 @@ mod tests {
         );
         b.unsubscribe(Kind::Channel, b"news", 1);
         b.unsubscribe(Kind::Channel, b"news", 2);
-        assert_eq!(b.numsub(b"news"), 0);
-        assert_eq!(b.channels(None), Vec::<Bytes>::new());
+        assert_eq!(b.numsub(Kind::Channel, b"news"), 0);
+        assert_eq!(b.channels(Kind::Channel, None), Vec::<Bytes>::new());
         assert_eq!(b.numpat(), 1);
     }
 

@@ -14,8 +14,10 @@
 //! bounded output; this module accepts connections and moves bytes.
 
 pub mod broker;
+pub mod clients;
 pub mod cmd;
 pub mod glob;
+pub mod info;
 pub mod parse;
 
 use std::net::SocketAddr;
@@ -38,9 +40,9 @@ use super::conn::{ConnStats, WarnLimit, accept_failed};
 use super::flush::FlushHook;
 use crate::mesh::MeshHandle;
 
-/// Connections open at once, by default; beyond it, new ones are closed as
-/// soon as they are accepted.
-pub const MAX_RESP_CONNECTIONS: usize = 128;
+/// Connections open at once, by default (`cachecast.resp.max.connections`
+/// sets it); beyond it, new ones are closed as soon as they are accepted.
+pub const MAX_RESP_CONNECTIONS: usize = crate::config::DEFAULT_RESP_CONNECTIONS;
 
 /// A connection that stops halfway through a command for this long, or
 /// that has not authenticated this long after connecting (when a password
@@ -62,6 +64,8 @@ pub struct RespStats {
     pub protocol_errors: AtomicU64,
     /// Failed `AUTH`/`HELLO AUTH` attempts.
     pub auth_failures: AtomicU64,
+    /// Commands answered (`INFO`'s `total_commands_processed`).
+    pub commands: AtomicU64,
 }
 
 /// What every connection shares.
@@ -79,6 +83,14 @@ pub struct Shared {
     pub conns: Arc<ConnStats>,
     /// The addresses served.
     pub addrs: Vec<SocketAddr>,
+    /// Open connections, for `CLIENT LIST` and `CLIENT KILL`.
+    pub clients: clients::Clients,
+    /// When the endpoint started, for `INFO`'s uptime.
+    started: std::time::Instant,
+    /// The same, as Unix time in seconds.
+    started_unix: u64,
+    /// `INFO`'s `run_id`: 40 hex digits, new at every start, as Redis's.
+    run_id: String,
 }
 
 impl Shared {
@@ -99,12 +111,45 @@ impl Shared {
             stats: RespStats::default(),
             conns: ConnStats::new(max_connections),
             addrs,
+            clients: clients::Clients::default(),
+            started: std::time::Instant::now(),
+            started_unix: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            run_id: (0..5)
+                .map(|_| format!("{:08x}", rand::random::<u32>()))
+                .collect(),
         })
     }
 
     /// Whether clients must authenticate.
     pub fn has_password(&self) -> bool {
         self.password.is_some()
+    }
+
+    /// What `INFO` reports now.
+    pub fn info_facts(&self) -> info::Facts {
+        let (channels, patterns) = self.broker.counts();
+        let now_usec = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros() as u64);
+        info::Facts {
+            run_id: self.run_id.clone(),
+            tcp_port: self.addrs.first().map_or(0, |a| a.port()),
+            binds: self.addrs.iter().map(|a| a.ip().to_string()).collect(),
+            uptime_secs: self.started.elapsed().as_secs(),
+            started_unix: self.started_unix,
+            now_usec,
+            connected_clients: self.conns.open(),
+            maxclients: self.conns.max,
+            total_connections: self.stats.accepted.load(Ordering::Relaxed),
+            total_commands: self.stats.commands.load(Ordering::Relaxed),
+            rejected_connections: self.conns.refused.load(Ordering::Relaxed),
+            channels,
+            patterns,
+            shard_channels: self.broker.shard_count(),
+            rss: info::rss(),
+        }
     }
 
     /// Counts a subscriber cut off for not reading, and asks the
@@ -177,7 +222,21 @@ async fn connection(
     let _ = stream.set_nodelay(true);
     let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
     let outbox = Arc::new(Outbox::default());
-    let mut session = Session::new(id, outbox.clone(), shared.clone());
+    let laddr = stream.local_addr().unwrap_or(remote);
+    let me = clients::Client::new(id, remote, laddr, {
+        use std::os::fd::AsRawFd;
+        stream.as_raw_fd()
+    });
+    shared.clients.add(me.clone());
+    // Forgotten however the connection ends.
+    struct Registered<'a>(&'a Shared, u64);
+    impl Drop for Registered<'_> {
+        fn drop(&mut self) {
+            self.0.clients.remove(self.1);
+        }
+    }
+    let _registered = Registered(&shared, id);
+    let mut session = Session::new(me.clone(), outbox.clone(), shared.clone());
     let (mut rd, mut wr) = stream.into_split();
     debug!(client = id, %remote, "Redis-protocol client connected");
 
@@ -312,6 +371,8 @@ async fn connection(
             let _ = tokio::time::timeout(Duration::from_secs(5), &mut writer).await;
         }
         () = shutdown.cancelled() => {}
+        // CLIENT KILL from another connection.
+        () = me.kill.cancelled() => {}
     }
     // Whatever ended the connection without the client's asking (the
     // writer failed, it was cut off, the sidecar stops): a gap for its
