@@ -1521,3 +1521,116 @@ async fn a_claimed_identity_from_another_source_address_is_refused() {
          (reply {reply:?}); events: {evs:?}"
     );
 }
+
+/// Hazard: application code ran on the connection's task, so a callback
+/// stuck for longer than `dead_after` silenced the link (no pongs) and the
+/// origin took the peer for dead. Now callbacks run on the peer's dispatch
+/// task: the link stays up while one is stuck.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_callback_does_not_take_the_link_down() {
+    let (la, lc) = (bind().await, bind().await);
+    let (pa, pc) = (port(&la), port(&lc));
+    let (a, ra) = start(cfg(pa, &[pc], 1024), la, common::tuning()).await;
+    let returned = Arc::new(AtomicBool::new(false));
+    let done = returned.clone();
+    let c = Mesh::builder(cfg(pc, &[pa], 1024))
+        .tuning(common::tuning())
+        .listener(lc)
+        .on_event(move |e| {
+            if is_key(e, "stuck") {
+                // Longer than dead_after (3 s), blocking its thread.
+                std::thread::sleep(Duration::from_secs(4));
+                done.store(true, Ordering::Release);
+            }
+        })
+        .start()
+        .await
+        .expect("start c");
+    let hc = c.clone();
+    wait_until("C connected", LONG, || {
+        hc.status().peers.iter().all(|p| p.connected)
+    })
+    .await;
+    a.invalidate("c", "stuck").expect("send");
+    wait_until("the callback returned", LONG, || {
+        returned.load(Ordering::Acquire)
+    })
+    .await;
+    let st = a.status();
+    assert_eq!(st.peers[0].reconnects, 0, "A's link to C went down");
+    assert!(
+        !ra.events()
+            .iter()
+            .any(|e| matches!(e, Event::PeerDown { .. })),
+        "A saw C go down: {:?}",
+        ra.events()
+    );
+    for h in [a, c] {
+        h.shutdown().await;
+    }
+}
+
+/// Hazard: after a peer crash-restarted faster than `dead_after`, the
+/// survivor logged an ERROR "two running nodes answer as …" (an operator
+/// pages on it) while it held the new run back until the old link died.
+/// Now that is an INFO line; only a claim that outlasts a restart is an
+/// error.
+#[test]
+fn a_quick_restart_is_no_error_about_two_running_nodes() {
+    #[derive(Clone, Default)]
+    struct Logs(Arc<std::sync::Mutex<Vec<u8>>>);
+    impl std::io::Write for Logs {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().expect("logs").extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let logs = Logs::default();
+    let sink = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || sink.clone())
+        .with_ansi(false)
+        .with_max_level(tracing::Level::INFO)
+        .finish();
+    // One thread: every task logs to this test's subscriber.
+    tracing::subscriber::with_default(subscriber, || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let (mut c, listeners) = Cluster::reserve(2).await;
+            // A reaches B through a relay that will keep B's inbound link
+            // from A's first run open and silent, as a crash across a
+            // network does.
+            let b_addr = SocketAddr::from(([127, 0, 0, 1], c.ports[1]));
+            let relay = Proxy::start(b_addr).await;
+            c.via.insert((0, 1), relay.addr);
+            for (i, l) in listeners.into_iter().enumerate() {
+                c.start_node(i, Some(l)).await;
+            }
+            c.wait_connected(LONG).await;
+            relay.set(Mode::Stall);
+            c.nodes[0].take().expect("a").abort().await;
+            // The next run dials B directly, before B noticed the crash.
+            c.via.clear();
+            c.start_node(0, None).await;
+            c.wait_connected(LONG).await;
+            c.shutdown_all().await;
+        });
+    });
+    let text = String::from_utf8_lossy(&logs.0.lock().expect("logs")).into_owned();
+    assert!(
+        text.contains("held back until its previous run's link is gone"),
+        "the restart was not held back at all: {text}"
+    );
+    assert!(
+        !text
+            .lines()
+            .any(|l| l.contains("ERROR") && l.contains("two running nodes")),
+        "{text}"
+    );
+}

@@ -1149,7 +1149,41 @@ async fn a_stalled_event_stream_is_counted_as_lagging_while_stalled() {
     }
     // Still connected, still stalled.
     assert_eq!(metric(b, "cachecast_sse_clients").await, 1);
+    // It reads on, up to the `lagged` event, and is cut off before the
+    // `flush` that follows it. Reconnecting with the id it last saw, that
+    // of `lagged`, it must still get a flush: `lagged` keeps the id of the
+    // last event the client got, whose successors are gone.
+    let mut text = Vec::new();
+    let lagged_id = loop {
+        let n = tokio::time::timeout(LONG, s.read(&mut buf))
+            .await
+            .expect("the stream goes on")
+            .expect("read");
+        assert!(n > 0, "closed before lagged");
+        text.extend_from_slice(&buf[..n]);
+        let t = String::from_utf8_lossy(&text);
+        if let Some(at) = t.find("event: lagged")
+            && let Some(end) = t[at..].find("\n\n")
+        {
+            let start = t[..at].rfind("\n\n").map_or(0, |p| p + 2);
+            let block = &t[start..at + end];
+            let id = block
+                .lines()
+                .find_map(|l| l.strip_prefix("id: "))
+                .expect("lagged carries an id")
+                .trim()
+                .to_string();
+            break id;
+        }
+    };
     drop(s);
+    let again = Subscription::open(b.url("/v1/events"), Some(lagged_id.clone())).await;
+    let evs = again.wait_for("the first event", |e| !e.is_empty()).await;
+    assert_eq!(
+        evs[0].event, "flush",
+        "resuming from lagged's id {lagged_id} must flush: {:?}",
+        evs[0]
+    );
 }
 
 /// Every metric that the alert rules and the dashboard of docs/monitoring

@@ -444,8 +444,10 @@ async fn pump(
             }
             continue;
         }
+        // A close is held back while stalled too: a silent link stays
+        // open at the far end, as a crash across a network leaves it.
         let n = tokio::select! {
-            r = from.read(&mut buf) => match r { Ok(0) | Err(_) => return, Ok(n) => n },
+            r = from.read(&mut buf) => r.unwrap_or(0),
             _ = cut.changed() => return,
             Some(bytes) = injected(&mut inject) => {
                 if to.write_all(&bytes).await.is_err() {
@@ -465,6 +467,9 @@ async fn pump(
                 }
                 _ = tokio::time::sleep(Duration::from_millis(5)) => {}
             }
+        }
+        if n == 0 {
+            return;
         }
         let mut data = &buf[..n];
         if let Some(d) = &drop_bytes {
