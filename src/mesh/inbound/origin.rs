@@ -52,6 +52,12 @@ pub(crate) struct OriginRecord {
     /// draws a new random one, so one of these coming back means two nodes
     /// answer to one identity; accepting it would flush at every switch.
     retired: Vec<u64>,
+    /// What was held for the incarnation the current one replaced, told
+    /// to the peer while nothing of the current one arrived: the peer's
+    /// new run then knows this node saw its previous one (and dealt with
+    /// its end by the rule of section 9.7), whichever of the two
+    /// connections told this node of the new run first (section 9.9).
+    replaced: Option<Resume>,
 }
 
 impl OriginRecord {
@@ -60,6 +66,7 @@ impl OriginRecord {
             id,
             state: None,
             retired: Vec::new(),
+            replaced: None,
         }
     }
 
@@ -95,10 +102,17 @@ impl OriginRecord {
         }
         self.retired.retain(|&r| r != incarnation);
         let reply = self.applied();
+        // What is held for the current incarnation itself (not what it
+        // replaced): that is the run the next one follows.
+        let replacing = Resume {
+            last_applied: reply,
+            digest: self.state.map_or([0; DIGEST_LEN], |s| s.digest),
+        };
         let state = &mut self.state;
         match state {
             Some(s) if s.incarnation == incarnation => {}
             Some(s) => {
+                self.replaced = Some(replacing);
                 let clean = !returning && s.goodbye.is_some_and(|last| s.last_applied >= last);
                 if !clean {
                     emit(Event::Flush {
@@ -207,6 +221,12 @@ impl OriginRecord {
     /// What was applied from `peer`'s latest incarnation, and the
     /// fingerprint of the item there: what a `Resume` to it says.
     pub(crate) fn resume(&self) -> Resume {
+        if let (Some(s), Some(replaced)) = (self.state, self.replaced)
+            && s.fresh
+            && s.last_applied == 0
+        {
+            return replaced;
+        }
         Resume {
             last_applied: self.applied(),
             digest: self.state.map_or([0; DIGEST_LEN], |s| s.digest),
@@ -502,5 +522,36 @@ mod tests {
         let (evs, r) = run(&mut o, 5, 1, vec![key("a")]);
         assert!(evs.is_empty());
         assert_eq!(r, Err(Superseded));
+    }
+
+    /// Told of a peer's new run by one connection, this node still tells
+    /// the new run, on the other, what it held for the run before: the new
+    /// run then knows this node saw its predecessor end (section 9.9), and
+    /// sends it no second flush for it.
+    #[test]
+    fn a_fresh_incarnation_reports_what_it_replaced() {
+        let mut o = origins();
+        o.hello(5, GONE, &mut |_| {}).expect("hello");
+        run(&mut o, 5, 1, vec![key("a"), key("b")])
+            .1
+            .expect("applied");
+        let before = o.resume();
+        assert_eq!(
+            before.last_applied.map(|p| (p.incarnation, p.seq)),
+            Some((5, 2))
+        );
+        o.hello(6, GONE, &mut |_| {}).expect("new run");
+        assert_eq!(o.resume(), before, "nothing of 6 yet");
+        run(&mut o, 6, 1, vec![key("c")]).1.expect("applied");
+        assert_eq!(
+            o.resume().last_applied.map(|p| (p.incarnation, p.seq)),
+            Some((6, 1))
+        );
+        // A third run follows 6, not 5.
+        o.hello(7, GONE, &mut |_| {}).expect("third run");
+        assert_eq!(
+            o.resume().last_applied.map(|p| (p.incarnation, p.seq)),
+            Some((6, 1))
+        );
     }
 }
