@@ -505,8 +505,23 @@ public class Peer {
     static byte[] rD = ZERO_DIGEST; // fingerprint of the item applied at rA; zero when rA was set otherwise (9.5)
     static Long rGoodbye;
     static final ArrayDeque<Long> rOld = new ArrayDeque<>(); // replaced incarnations (last 8)
+    // What we held for the incarnation the current one replaced (rPrevD null: none since we started). Our Resume
+    // reports it while nothing of the current one arrived, so the node's new run learns we saw its previous one and
+    // sends us no opening Flush for it, whichever connection told us of the new run first (7.2 step 1, 9.9).
+    static long rPrevInc, rPrevA;
+    static byte[] rPrevD;
     static InConn currentIn;
     static final List<InConn> allIn = new ArrayList<>();
+    // 9.7: connections (either direction) on which a Hello of the node was accepted, until their reader is done with
+    // them: while one of the current incarnation is here, another incarnation waits, so that a restarted node's new
+    // run gets in only after its previous run's Goodbye, still unread on an older connection, was taken.
+    static final List<Conn> upConns = new ArrayList<>();
+    // Another incarnation held back (9.7), since when, and when a duplicate identity was last reported as an error.
+    static boolean held;
+    static long heldInc, heldSince, dupReportedAt;
+    // A previous run's connections are gone within this (noticed dead, then a retry at the backoff cap, section 10):
+    // a new run held back longer is a second node under the node's identity.
+    static final long RESTART_WINDOW_MS = SILENCE_MS + PING_IDLE_MS + 5000;
     static ServerSocket server;
 
     static abstract class Conn {
@@ -514,6 +529,7 @@ public class Peer {
         final InputStream in;
         final OutputStream os;
         volatile boolean closed;
+        long upInc; // the node's incarnation its Hello gave, while in upConns (guarded by R)
         // 7.6, with a secret: set once this side has written its Auth (tx) / verified the other's (rx)
         Tagger tx; // used under the os lock only
         Tagger rx; // used by the one reading thread only
@@ -635,6 +651,7 @@ public class Peer {
         long sent;
         boolean goodbyeQueued; // taken for writing: nothing may follow it
         boolean goodbyeSent;   // written to the socket: shutdown may close
+        Thread reader;         // outboundReader, once started (the dialer thread's only)
 
         OutConn(Socket s) throws IOException { super(s); }
     }
@@ -672,8 +689,14 @@ public class Peer {
         Msg r = Msg.of(T_RESUME);
         synchronized (R) {
             r.hasLast = rKnown;
-            if (rKnown) { r.lastInc = rInc; r.lastSeq = rA; }
-            r.digest = rKnown ? rD.clone() : ZERO_DIGEST.clone();
+            if (rKnown && rFresh && rA == 0 && rPrevD != null) {
+                // nothing of the current incarnation yet: what we held for the one it replaced (7.2 step 1)
+                r.lastInc = rPrevInc; r.lastSeq = rPrevA;
+                r.digest = rPrevD.clone();
+            } else {
+                if (rKnown) { r.lastInc = rInc; r.lastSeq = rA; }
+                r.digest = rKnown ? rD.clone() : ZERO_DIGEST.clone();
+            }
         }
         return r;
     }
@@ -712,17 +735,32 @@ public class Peer {
         return null;
     }
 
-    /** 9.7: returns null when accepted, or the reason of a duplicate identity. */
-    static String applyIncarnation(long inc, String via) {
+    /**
+     * 9.7, for a Hello of the node on c (null in the selftest): null when accepted, c then counting as up with inc
+     * until released by down(c); or the reason of a duplicate identity, nothing changed (the caller refuses).
+     */
+    static String applyIncarnation(Conn c, long inc, String via) {
         synchronized (R) {
+            if (rKnown && rInc != inc) {
+                for (Conn x : upConns) if (x.upInc == rInc) return duplicate(inc, via);
+            }
+            held = false;
+            if (c != null) {
+                c.upInc = inc;
+                upConns.add(c);
+            }
             if (rKnown && rInc == inc) return null;
-            if (rOld.contains(inc))
-                return "two running nodes answer as " + NODE + ": incarnation " + u(inc) + " was already replaced";
+            // A replaced incarnation back (only a second node can do that): its position here was given up, so no
+            // Goodbye excuses it.
+            boolean returning = rOld.remove(inc);
             if (rKnown) {
-                boolean clean = rGoodbye != null && Long.compareUnsigned(rA, rGoodbye) >= 0;
+                boolean clean = !returning && rGoodbye != null && Long.compareUnsigned(rA, rGoodbye) >= 0;
                 log("node " + NODE + " new incarnation " + u(inc) + " (was " + u(rInc) + ", a=" + u(rA) + ", goodbye="
                         + (rGoodbye == null ? "none" : u(rGoodbye)) + ") via " + via + (clean ? ": clean restart" : ": flush"));
                 if (!clean) out("flush-local new-incarnation");
+                // the record of the incarnation being replaced itself, not what it reported while fresh: the new
+                // run follows that one (9.9)
+                rPrevInc = rInc; rPrevA = rA; rPrevD = rD;
                 rOld.addLast(rInc);
                 while (rOld.size() > 8) rOld.removeFirst();
             }
@@ -734,6 +772,31 @@ public class Peer {
             rGoodbye = null;
             return null;
         }
+    }
+
+    /** Under R. 9.7: inc refused while the current incarnation has a connection up; the reason, logged. */
+    static String duplicate(long inc, String via) {
+        String why = "two running nodes answer as " + NODE + ": incarnation " + u(inc) + (rOld.contains(inc) ? " came back" : " arrived")
+                + " while " + u(rInc) + " is connected";
+        long now = System.currentTimeMillis();
+        if (!held || heldInc != inc) { held = true; heldInc = inc; heldSince = now; }
+        // A restart looks the same until the previous run's connections are read to their end: only a claim that
+        // outlasts that is two nodes (an error, at most one line a minute; the node's retries come every few s).
+        if (now - heldSince < RESTART_WINDOW_MS) {
+            log("a new run of the node is held back via " + via + " until its previous run's connections are gone (a restart;"
+                    + " two running nodes if this lasts): " + why);
+        } else if (now - dupReportedAt >= 60_000) {
+            dupReportedAt = now;
+            error(why);
+        } else {
+            log(why);
+        }
+        return why;
+    }
+
+    /** 9.7: c, read to its end, no longer holds its incarnation's place. */
+    static void down(Conn c) {
+        synchronized (R) { upConns.remove(c); }
     }
 
     // ------------------------------------------------------------------ acceptor role
@@ -785,6 +848,7 @@ public class Peer {
             c.close();
             synchronized (R) {
                 allIn.remove(c);
+                upConns.remove(c); // only now: its reader took all it carried, a Goodbye included (9.7)
                 if (currentIn == c) currentIn = null;
             }
         }
@@ -908,10 +972,9 @@ public class Peer {
 
     /** 7.2 step 4 (9.7): a duplicate identity is refused with a Reject, never tagged. */
     static boolean acceptIncarnation(InConn c, Msg h) {
-        String dup = applyIncarnation(h.inc, "inbound Hello");
+        String dup = applyIncarnation(c, h.inc, "inbound Hello");
         if (dup != null) {
-            error("inbound handshake: " + dup);
-            c.reject(dup);
+            c.reject(dup); // logged by applyIncarnation
             return false;
         }
         c.helloInc = h.inc;
@@ -1107,7 +1170,14 @@ public class Peer {
             } catch (IOException e) {
                 log("dial " + NODE + ": " + e.getMessage());
             } finally {
-                if (c != null) c.close();
+                if (c != null) {
+                    c.close();
+                    // 9.7: up until its reader is done with it (closed now, it ends at once)
+                    if (c.reader != null) {
+                        try { c.reader.join(); } catch (InterruptedException e) { Thread.currentThread().interrupt(); }
+                    }
+                    down(c);
+                }
                 synchronized (L) {
                     if (dialing == c) dialing = null;
                     if (outbound == c) outbound = null;
@@ -1193,10 +1263,9 @@ public class Peer {
         }
         // 7.3: the position we hold for the node as an origin, read before anything is applied
         Msg resume = myResume();
-        String dup = applyIncarnation(h.inc, "outbound Hello");
+        String dup = applyIncarnation(c, h.inc, "outbound Hello");
         if (dup != null) {
-            error("outbound handshake: " + dup);
-            c.reject(ID + " refuses: " + dup);
+            c.reject(ID + " refuses: " + dup); // logged by applyIncarnation; a Reject, then close (7.3)
             return false;
         }
         if (key != null) {
@@ -1335,6 +1404,7 @@ public class Peer {
     static void runOutbound(OutConn c) {
         Thread r = new Thread(() -> outboundReader(c), "outbound-reader");
         r.setDaemon(true);
+        c.reader = r;
         r.start();
         long lastWrite = System.currentTimeMillis();
         try {
@@ -1694,6 +1764,81 @@ public class Peer {
         log("selftest: 9.4 resume points ok");
     }
 
+    /**
+     * 7.2 step 1, 9.9: while nothing of the node's current incarnation arrived, our Resume reports what we held for
+     * the one it replaced; once something did, the current position; a third run follows the second's own record.
+     * 9.7: another incarnation waits while a connection of the current one is up.
+     */
+    static void selftestReplaced() throws Exception {
+        PrintStream realOut = OUT;
+        ByteArrayOutputStream captured = new ByteArrayOutputStream();
+        OUT = new PrintStream(captured, true, "UTF-8"); // the applied items and flushes are not the selftest's output
+        try {
+            Item a = Item.key("c", "a"), b = Item.key("c", "b"), c = Item.key("c", "c");
+            check(!myResume().hasLast && Arrays.equals(myResume().digest, ZERO_DIGEST), "7.2 no Hello accepted: None");
+            check(applyIncarnation(null, 5, "selftest") == null, "first incarnation");
+            check(sameResume(myResume(), 5, 0, ZERO_DIGEST), "7.2 first incarnation, nothing replaced: (5, 0)");
+            check(applyBatch(stubIn(5), batch(1, a, b)), "apply 5/1..2");
+            check(sameResume(myResume(), 5, 2, fingerprint(5, 2, b)), "7.2 after applying: (5, 2)");
+            check(applyIncarnation(null, 6, "selftest") == null, "second incarnation");
+            check(sameResume(myResume(), 5, 2, fingerprint(5, 2, b)), "7.2 nothing of 6 yet: what 5 held");
+            // a fresh run's first Batch may start anywhere (9.5): once it applied, the current position again
+            check(applyBatch(stubIn(6), batch(4, c)), "apply 6/4");
+            check(sameResume(myResume(), 6, 4, fingerprint(6, 4, c)), "7.2 something of 6 applied: (6, 4)");
+            check(applyIncarnation(null, 7, "selftest") == null, "third incarnation");
+            check(sameResume(myResume(), 6, 4, fingerprint(6, 4, c)), "7.2 a third run follows the second, not the first");
+            // 7 replaced while fresh: its own record (7, 0) is remembered, not the (6, 4) it reported
+            check(applyIncarnation(null, 8, "selftest") == null, "fourth incarnation");
+            check(sameResume(myResume(), 7, 0, ZERO_DIGEST), "7.2 a fresh run replaced: its own record");
+            // 9.7: while a connection of the current incarnation is up, any other is refused and changes nothing,
+            // the report included; the connection holds its place until down
+            InConn up = stubIn(8);
+            check(applyIncarnation(up, 8, "selftest") == null && upConns.contains(up), "9.7 the current incarnation's Hello");
+            check(applyIncarnation(null, 9, "selftest") != null, "9.7 a new incarnation held back while 8 is up");
+            check(applyIncarnation(null, 6, "selftest") != null, "9.7 a replaced incarnation refused while 8 is up");
+            check(sameResume(myResume(), 7, 0, ZERO_DIGEST), "7.2 a refused Hello changes nothing");
+            check(applyIncarnation(null, 8, "selftest") == null, "9.7 the held incarnation again, on another connection");
+            down(up);
+            check(upConns.isEmpty(), "9.7 down");
+            // once 8 is down, a replaced incarnation coming back is let in, with a flush whatever 8 said (Goodbye)
+            synchronized (R) { rGoodbye = 0L; }
+            check(applyIncarnation(null, 6, "selftest") == null, "9.7 a replaced incarnation let in once 8 is down");
+            check(sameResume(myResume(), 8, 0, ZERO_DIGEST), "7.2 nothing of 6 yet: what 8 held");
+            String lines = captured.toString("UTF-8");
+            check(lines.split("flush-local new-incarnation", -1).length - 1 == 4, "9.7 one flush per unclean restart or return: " + lines);
+        } finally {
+            OUT = realOut;
+            synchronized (R) {
+                rKnown = false; rFresh = false; rInc = 0; rA = 0; rD = ZERO_DIGEST; rGoodbye = null; rOld.clear();
+                rPrevInc = 0; rPrevA = 0; rPrevD = null;
+                upConns.clear(); held = false;
+            }
+        }
+        log("selftest: 7.2 the position of a replaced incarnation ok");
+    }
+
+    static boolean sameResume(Msg r, long inc, long seq, byte[] digest) {
+        return r.type == T_RESUME && r.hasLast && r.lastInc == inc && r.lastSeq == seq && Arrays.equals(r.digest, digest);
+    }
+
+    static Msg batch(long firstSeq, Item... items) {
+        Msg m = Msg.of(T_BATCH);
+        m.firstSeq = firstSeq;
+        m.items = new ArrayList<>(List.of(items));
+        return m;
+    }
+
+    /** An inbound connection over no socket: applyBatch only records on it the position to acknowledge. */
+    static InConn stubIn(long helloInc) throws IOException {
+        InConn c = new InConn(new Socket() {
+            @Override public void setTcpNoDelay(boolean on) {}
+            @Override public InputStream getInputStream() { return InputStream.nullInputStream(); }
+            @Override public OutputStream getOutputStream() { return OutputStream.nullOutputStream(); }
+        });
+        c.helloInc = helloInc;
+        return c;
+    }
+
     static Msg resume(long inc, long seq, byte[] digest) {
         Msg r = Msg.of(T_RESUME);
         r.hasLast = true; r.lastInc = inc; r.lastSeq = seq; r.digest = digest;
@@ -1783,6 +1928,7 @@ public class Peer {
         selftestTags(key);
         selftestFingerprints();
         selftestResume();
+        selftestReplaced();
         // 4.2 varint examples
         long[] vs = {0, 250, 251, 300, 65535, 65536, 4294967295L, 4294967296L, -1L};
         String[] hs = {"00", "fa", "fbfb00", "fb2c01", "fbffff", "fc00000100", "fcffffffff", "fd0000000001000000", "fdffffffffffffffff"};
