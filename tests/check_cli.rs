@@ -80,7 +80,13 @@ fn server_a() {
     assert!(out.contains("(cluster.instance1, line 17)"), "{out}");
     assert!(out.contains("listens on 0.0.0.0:4001"), "{out}");
     assert_eq!(out.lines().last(), Some("valid"), "{out}");
-    assert_eq!(err, "", "a clean file prints no problem");
+    // A clean file prints no problem but the one of every file without an
+    // API token (see docs/security.md).
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.starts_with("warning: cachecast.api.token.file: not set"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -527,4 +533,43 @@ fn an_endpoint_without_a_password_is_a_warning() {
         !format!("{out}{err}").contains("has no password"),
         "{out}{err}"
     );
+}
+
+/// `check` says whether the API's mutating calls need a token, and warns
+/// when they do not: any local process could then make every server clear
+/// its caches.
+#[test]
+fn check_shows_the_api_token_and_warns_without_one() {
+    use std::os::unix::fs::PermissionsExt;
+    let base = "cluster.instance0.hostname = 127.0.0.1\ncluster.instance1.hostname = 127.0.0.2\n\
+                cachecast.api.port = 14999\n";
+    let (dir, path) = conf(base);
+    let (code, out, err) = check(&path);
+    assert_eq!(code, Some(0), "stdout:\n{out}\nstderr:\n{err}");
+    assert!(out.contains("api token  none"), "{out}");
+    assert!(
+        err.contains("cachecast.api.token.file")
+            && err.contains(
+                "any local process can make every server of the cluster clear its caches"
+            ),
+        "{err}"
+    );
+    let token = dir.path().join("api.token");
+    std::fs::write(&token, "0123456789abcdef0123456789abcdef\n").expect("write");
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let (_dir, path) = conf(&format!(
+        "{base}cachecast.api.token.file = {}\n",
+        token.display()
+    ));
+    let (code, out, err) = check(&path);
+    assert_eq!(code, Some(0), "stdout:\n{out}\nstderr:\n{err}");
+    assert!(
+        out.contains(&format!("api token  from {}", token.display())),
+        "{out}"
+    );
+    assert!(!err.contains("cachecast.api.token.file"), "{err}");
+    std::fs::write(&token, "short\n").expect("write");
+    let (code, _, err) = check(&path);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("at least 16"), "{err}");
 }
