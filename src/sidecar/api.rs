@@ -855,6 +855,11 @@ fn render_metrics(app: &App, st: &Status) -> String {
                 "Flush hook calls that failed (retried).",
                 s.failures,
             ),
+            (
+                "cachecast_flush_hook_rate_limited_total",
+                "Flush hook triggers from Redis-protocol subscribers that found the rate spent (each covered by a later call).",
+                s.rate_limited,
+            ),
         ] {
             let _ = writeln!(
                 out,

@@ -34,7 +34,9 @@ use crate::mesh::{Event, Mesh, MeshHandle, StartError, Tuning};
 
 pub use api::{MAX_BODY, MAX_ITEMS, MAX_WAIT, parse_duration};
 pub use conn::{API_IDLE_TIMEOUT, MAX_API_CONNECTIONS};
-pub use flush::{CredentialsError, FlushHookStatus, load_credentials};
+pub use flush::{
+    CredentialsError, FlushHookStatus, SUBSCRIBER_BURST, SUBSCRIBER_REFILL, load_credentials,
+};
 pub use resp::{MAX_RESP_CONNECTIONS, RESP_STALL_TIMEOUT};
 pub use table::status_table;
 pub use token::{ApiToken, MIN_TOKEN, TokenError};
