@@ -523,9 +523,18 @@ fn an_endpoint_without_a_password_is_a_warning() {
     assert_eq!(code, Some(0), "stdout:\n{out}\nstderr:\n{err}");
     let text = format!("{out}{err}");
     assert!(
-        text.contains("the Redis-protocol endpoint has no password"),
+        err.contains("warning: redis.password: the Redis-protocol endpoint has no password"),
         "{text}"
     );
+    // What a local process can then do, and what bounds the hook calls.
+    for what in [
+        "publish invalidations to every server",
+        "read every invalidation",
+        "a burst of 5 calls, then one per 10 s",
+    ] {
+        assert!(err.contains(what), "{what}: {err}");
+    }
+    assert!(out.contains("no password"), "{out}");
     let (_dir, path) = conf(&format!("{base}redis.password = s3cret\n"));
     let (code, out, err) = check(&path);
     assert_eq!(code, Some(0), "stdout:\n{out}\nstderr:\n{err}");

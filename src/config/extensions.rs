@@ -721,7 +721,7 @@ fn decide_resp(
         report.warn(
             "redis.password",
             line("redis.password"),
-            "the Redis-protocol endpoint has no password: any local process can publish invalidations to every server, and subscribe to fresh channel names, each first subscriber calling the flush hook; set redis.password (DHIS 2 sends it)",
+            "the Redis-protocol endpoint has no password: any local process can publish invalidations to every server, read every invalidation, and make this server's flush hook be called by subscribing (a burst of 5 calls, then one per 10 s); set redis.password (DHIS 2 sends it)",
         );
     }
     if !ok {
