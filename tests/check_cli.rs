@@ -582,3 +582,50 @@ fn check_shows_the_api_token_and_warns_without_one() {
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("at least 16"), "{err}");
 }
+
+/// docs/security.md says what a local process can do with each setting
+/// missing: it quotes the warnings `check` gives, and the hook's rate as
+/// the sidecar applies it.
+#[test]
+fn the_security_doc_says_what_a_local_process_can_do() {
+    let doc = std::fs::read_to_string(repo("docs/security.md")).expect("security.md");
+    let section = doc
+        .split("\n## What a local process can and cannot do\n")
+        .nth(1)
+        .and_then(|rest| rest.split("\n## ").next())
+        .expect("the section");
+    let (_dir, path) = conf(
+        "cluster.instance0.hostname = 127.0.0.1\ncluster.instance1.hostname = 127.0.0.2\n\
+         redis.cache.invalidation.enabled = on\nredis.port = 16379\ncachecast.api.port = 14999\n",
+    );
+    let (code, out, err) = check(&path);
+    assert_eq!(code, Some(0), "stdout:\n{out}\nstderr:\n{err}");
+    for key in ["cachecast.api.token.file", "redis.password"] {
+        let warning = err
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("warning: {key}: ")))
+            .unwrap_or_else(|| panic!("no warning for {key}: {err}"));
+        // The doc quotes each up to its first colon.
+        let quoted = format!("{key}: {}", warning.split(':').next().unwrap_or(warning));
+        let flat = section.split_whitespace().collect::<Vec<_>>().join(" ");
+        assert!(
+            flat.contains(&quoted),
+            "security.md does not quote `{quoted}`"
+        );
+    }
+    let rate = format!(
+        "a burst of {} calls, then one per {} seconds",
+        cachecast::sidecar::SUBSCRIBER_BURST,
+        cachecast::sidecar::SUBSCRIBER_REFILL.as_secs()
+    );
+    let flat = section.split_whitespace().collect::<Vec<_>>().join(" ");
+    assert!(flat.contains(&rate), "security.md does not say `{rate}`");
+    for what in [
+        "cachecast_api_unauthorized_total",
+        "cachecast_flush_hook_rate_limited_total",
+        "/v1/events",
+        "SUBSCRIBE",
+    ] {
+        assert!(section.contains(what), "security.md does not name {what}");
+    }
+}
