@@ -80,7 +80,13 @@ fn server_a() {
     assert!(out.contains("(cluster.instance1, line 17)"), "{out}");
     assert!(out.contains("listens on 0.0.0.0:4001"), "{out}");
     assert_eq!(out.lines().last(), Some("valid"), "{out}");
-    assert_eq!(err, "", "a clean file prints no problem");
+    // A clean file prints no problem but the one of every file without an
+    // API token (see docs/security.md).
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.starts_with("warning: cachecast.api.token.file: not set"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -517,9 +523,18 @@ fn an_endpoint_without_a_password_is_a_warning() {
     assert_eq!(code, Some(0), "stdout:\n{out}\nstderr:\n{err}");
     let text = format!("{out}{err}");
     assert!(
-        text.contains("the Redis-protocol endpoint has no password"),
+        err.contains("warning: redis.password: the Redis-protocol endpoint has no password"),
         "{text}"
     );
+    // What a local process can then do, and what bounds the hook calls.
+    for what in [
+        "publish invalidations to every server",
+        "read every invalidation",
+        "a burst of 5 calls, then one per 10 s",
+    ] {
+        assert!(err.contains(what), "{what}: {err}");
+    }
+    assert!(out.contains("no password"), "{out}");
     let (_dir, path) = conf(&format!("{base}redis.password = s3cret\n"));
     let (code, out, err) = check(&path);
     assert_eq!(code, Some(0), "stdout:\n{out}\nstderr:\n{err}");
@@ -527,4 +542,90 @@ fn an_endpoint_without_a_password_is_a_warning() {
         !format!("{out}{err}").contains("has no password"),
         "{out}{err}"
     );
+}
+
+/// `check` says whether the API's mutating calls need a token, and warns
+/// when they do not: any local process could then make every server clear
+/// its caches.
+#[test]
+fn check_shows_the_api_token_and_warns_without_one() {
+    use std::os::unix::fs::PermissionsExt;
+    let base = "cluster.instance0.hostname = 127.0.0.1\ncluster.instance1.hostname = 127.0.0.2\n\
+                cachecast.api.port = 14999\n";
+    let (dir, path) = conf(base);
+    let (code, out, err) = check(&path);
+    assert_eq!(code, Some(0), "stdout:\n{out}\nstderr:\n{err}");
+    assert!(out.contains("api token  none"), "{out}");
+    assert!(
+        err.contains("cachecast.api.token.file")
+            && err.contains(
+                "any local process can make every server of the cluster clear its caches"
+            ),
+        "{err}"
+    );
+    let token = dir.path().join("api.token");
+    std::fs::write(&token, "0123456789abcdef0123456789abcdef\n").expect("write");
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let (_dir, path) = conf(&format!(
+        "{base}cachecast.api.token.file = {}\n",
+        token.display()
+    ));
+    let (code, out, err) = check(&path);
+    assert_eq!(code, Some(0), "stdout:\n{out}\nstderr:\n{err}");
+    assert!(
+        out.contains(&format!("api token  from {}", token.display())),
+        "{out}"
+    );
+    assert!(!err.contains("cachecast.api.token.file"), "{err}");
+    std::fs::write(&token, "short\n").expect("write");
+    let (code, _, err) = check(&path);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("at least 16"), "{err}");
+}
+
+/// docs/security.md says what a local process can do with each setting
+/// missing: it quotes the warnings `check` gives, and the hook's rate as
+/// the sidecar applies it.
+#[test]
+fn the_security_doc_says_what_a_local_process_can_do() {
+    let doc = std::fs::read_to_string(repo("docs/security.md")).expect("security.md");
+    let section = doc
+        .split("\n## What a local process can and cannot do\n")
+        .nth(1)
+        .and_then(|rest| rest.split("\n## ").next())
+        .expect("the section");
+    let (_dir, path) = conf(
+        "cluster.instance0.hostname = 127.0.0.1\ncluster.instance1.hostname = 127.0.0.2\n\
+         redis.cache.invalidation.enabled = on\nredis.port = 16379\ncachecast.api.port = 14999\n",
+    );
+    let (code, out, err) = check(&path);
+    assert_eq!(code, Some(0), "stdout:\n{out}\nstderr:\n{err}");
+    for key in ["cachecast.api.token.file", "redis.password"] {
+        let warning = err
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("warning: {key}: ")))
+            .unwrap_or_else(|| panic!("no warning for {key}: {err}"));
+        // The doc quotes each up to its first colon.
+        let quoted = format!("{key}: {}", warning.split(':').next().unwrap_or(warning));
+        let flat = section.split_whitespace().collect::<Vec<_>>().join(" ");
+        assert!(
+            flat.contains(&quoted),
+            "security.md does not quote `{quoted}`"
+        );
+    }
+    let rate = format!(
+        "a burst of {} calls, then one per {} seconds",
+        cachecast::sidecar::SUBSCRIBER_BURST,
+        cachecast::sidecar::SUBSCRIBER_REFILL.as_secs()
+    );
+    let flat = section.split_whitespace().collect::<Vec<_>>().join(" ");
+    assert!(flat.contains(&rate), "security.md does not say `{rate}`");
+    for what in [
+        "cachecast_api_unauthorized_total",
+        "cachecast_flush_hook_rate_limited_total",
+        "/v1/events",
+        "SUBSCRIBE",
+    ] {
+        assert!(section.contains(what), "security.md does not name {what}");
+    }
 }

@@ -1614,3 +1614,80 @@ async fn a_redirect_is_not_a_cleared_cache() {
             || c.nodes[0].log_text().contains("flush hook call failed")
     );
 }
+
+/// Without `redis.password`, any local process can subscribe to fresh
+/// channel names in a loop, each a first subscriber that asks for the
+/// flush hook. The calls that causes are bounded by the rate (a burst,
+/// then one per period), never dropped: the call held back comes once the
+/// rate allows, after every subscription it covers; and a flush from
+/// elsewhere (here the API) is not held back by the rate at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fresh_subscriptions_in_a_loop_call_the_hook_at_a_bounded_rate_and_none_is_lost() {
+    let burst = cachecast::sidecar::SUBSCRIBER_BURST as usize;
+    let refill = cachecast::sidecar::SUBSCRIBER_REFILL;
+    let m = Maintenance::start().await;
+    let dir = tempfile::tempdir().expect("dir");
+    let (c, port) = with_hook(&m.url(0), dir.path()).await;
+    let start = Instant::now();
+    let mut s = TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    let mut last = start;
+    for i in 1..=20 {
+        last = Instant::now();
+        let channel = format!("fresh-{i:02}");
+        s.write_all(&cmd(&["SUBSCRIBE", &channel]))
+            .await
+            .expect("write");
+        let want = format!("*3\r\n$9\r\nsubscribe\r\n$8\r\n{channel}\r\n:{i}\r\n");
+        assert_eq!(
+            String::from_utf8_lossy(&read_n(&mut s, want.len()).await),
+            want
+        );
+        // Room for the call it asks for to be made, so that coalescing
+        // alone would make one call per subscription.
+        let deadline = Instant::now() + Duration::from_millis(150);
+        while Instant::now() < deadline && !m.calls_for(0).iter().any(|t| *t >= last) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    let made = m.calls_for(0).len();
+    let periods = (start.elapsed().as_secs_f64() / refill.as_secs_f64()).floor() as usize;
+    assert!(
+        made <= burst + periods,
+        "{made} hook calls for 20 subscriptions in {:?}",
+        start.elapsed()
+    );
+    let status = c.nodes[0].status().await;
+    let hook = &status["sidecar"]["flush_hook"];
+    assert_eq!(hook["pending"], true, "the held-back call is owed: {hook}");
+    assert!(
+        metric(&c.nodes[0], "cachecast_flush_hook_rate_limited_total").await >= 10,
+        "{hook}"
+    );
+    // The last subscription is covered all the same, once the rate allows.
+    m.wait_call_after(0, last).await;
+    let deadline = Instant::now() + LONG;
+    while c.nodes[0].status().await["sidecar"]["flush_hook"]["pending"] != false {
+        assert!(Instant::now() < deadline, "the hook stays owed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The rate is spent again; a flush from the API is not held back, and
+    // covers the subscription held back meanwhile.
+    let held = subscribed(port, "fresh-21").await;
+    let r = common::procs::client()
+        .post(c.nodes[0].url("/v1/invalidate"))
+        .json(&serde_json::json!({"flush": true}))
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(r.status(), 202);
+    let asked = Instant::now();
+    m.wait_call_after(0, asked).await;
+    assert!(
+        asked.elapsed() < refill / 2,
+        "the API's flush waited for the subscribers' rate: {:?}",
+        asked.elapsed()
+    );
+    drop(held);
+}

@@ -1237,3 +1237,93 @@ async fn the_monitoring_files_use_only_served_metrics() {
         "used by docs/monitoring but not served: {missing:?}"
     );
 }
+
+/// With `cachecast.api.token.file`, a local process that does not hold the
+/// token cannot make the cluster clear its caches: a missing or wrong
+/// token is a JSON 401, counted, and nothing is sent; the token admits the
+/// call; reads and `cachecast status` stay open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_token_guards_mutating_calls_and_leaves_reads_open() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let token_file = dir.path().join("api.token");
+    let token = "6f1c0e0a9b2d4c5e8f7a6b5c4d3e2f1a";
+    std::fs::write(&token_file, format!("{token}\n")).expect("write token");
+    std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o640)).expect("chmod");
+    let mut c = Cluster::new(
+        2,
+        &format!("cachecast.api.token.file = {}", token_file.display()),
+    );
+    c.start_all().await;
+    c.wait_connected().await;
+    let node = &c.nodes[0];
+    let invalidate = || {
+        client()
+            .post(node.url("/v1/invalidate"))
+            .json(&json!({"flush": true}))
+    };
+    for (what, req) in [
+        ("no token", invalidate()),
+        (
+            "a wrong token",
+            invalidate().bearer_auth("6f1c0e0a9b2d4c5e8f7a6b5c4d3e2f1b"),
+        ),
+        ("a prefix", invalidate().bearer_auth(&token[..20])),
+        (
+            "another scheme",
+            invalidate().basic_auth("cachecast", Some(token)),
+        ),
+    ] {
+        let r = req.send().await.expect("post");
+        assert_eq!(r.status(), 401, "{what}");
+        assert_eq!(r.headers()["www-authenticate"], "Bearer", "{what}");
+        let body: Value = r.json().await.expect("a JSON error");
+        assert!(
+            body["error"].as_str().is_some_and(|e| e.contains("Bearer")),
+            "{what}: {body}"
+        );
+    }
+    assert_eq!(metric(node, "cachecast_api_unauthorized_total").await, 4);
+    assert_eq!(metric(node, "cachecast_originated_total").await, 0);
+    let r = invalidate().bearer_auth(token).send().await.expect("post");
+    assert_eq!(r.status(), 202);
+    assert_eq!(metric(node, "cachecast_originated_total").await, 1);
+    // Reads need no token.
+    for path in ["/v1/status", "/metrics", "/healthz"] {
+        let r = client().get(node.url(path)).send().await.expect("get");
+        assert_eq!(r.status(), 200, "{path}");
+    }
+    let r = client()
+        .get(node.url("/v1/events"))
+        .send()
+        .await
+        .expect("events");
+    assert_eq!(r.status(), 200);
+    drop(r);
+    assert_eq!(node.status().await["sidecar"]["api_token"], true);
+    let out = Command::new(env!("CARGO_BIN_EXE_cachecast"))
+        .args(["status", "--config"])
+        .arg(&node.conf)
+        .output()
+        .expect("cachecast status");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A token file every user can read is refused (`run` makes the same
+    // checks before it starts).
+    std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let out = Command::new(env!("CARGO_BIN_EXE_cachecast"))
+        .args(["check", "--config"])
+        .arg(&c.nodes[1].conf)
+        .output()
+        .expect("cachecast check");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("cachecast.api.token.file") && err.contains("readable by every user"),
+        "{err}"
+    );
+}

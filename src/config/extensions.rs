@@ -13,6 +13,7 @@ pub(crate) struct Extensions {
     pub(crate) tls: Option<TlsFiles>,
     pub(crate) api: SocketAddr,
     pub(crate) api_bind_explicit: bool,
+    pub(crate) api_token: Option<PathBuf>,
     pub(crate) buffer: usize,
     pub(crate) webhook_url: Option<String>,
     pub(crate) state_file: StateFile,
@@ -59,12 +60,16 @@ pub(crate) fn extensions(
     let secret = secret(keys, report);
     let tls = tls(keys, report);
     let api = api(keys, report);
+    let api_token = value(keys, "cachecast.api.token.file")
+        .ok()
+        .map(|e| e.map(|e| PathBuf::from(&e.value)));
     let buffer = buffer(keys, report);
     let state_file = state_file(keys, report);
     let webhook_url = webhook(keys, report);
     let flush_hook = flush_hook(keys, report);
-    let ((api, api_bind_explicit), bind, secret, tls, buffer, webhook_url, flush_hook) = (
+    let ((api, api_bind_explicit), api_token, bind, secret, tls, buffer, webhook_url, flush_hook) = (
         api?,
+        api_token?,
         bind?,
         secret?,
         tls?,
@@ -78,6 +83,7 @@ pub(crate) fn extensions(
         tls,
         api,
         api_bind_explicit,
+        api_token,
         buffer,
         webhook_url,
         state_file,
@@ -715,7 +721,7 @@ fn decide_resp(
         report.warn(
             "redis.password",
             line("redis.password"),
-            "the Redis-protocol endpoint has no password: any local process can publish invalidations to every server, and subscribe to fresh channel names, each first subscriber calling the flush hook; set redis.password (DHIS 2 sends it)",
+            "the Redis-protocol endpoint has no password: any local process can publish invalidations to every server, read every invalidation, and make this server's flush hook be called by subscribing (a burst of 5 calls, then one per 10 s); set redis.password (DHIS 2 sends it)",
         );
     }
     if !ok {

@@ -248,6 +248,9 @@ pub struct ClusterConfig {
     /// Whether `cachecast.api.bind` was set (only then may it be
     /// non-loopback).
     pub api_bind_explicit: bool,
+    /// `cachecast.api.token.file`: the token the API's mutating calls
+    /// must bear, when set.
+    pub api_token: Option<PathBuf>,
     /// Replay buffer per peer, in invalidations.
     pub buffer: usize,
     /// `cachecast.webhook.url`, if set.
@@ -396,6 +399,7 @@ impl ClusterConfig {
             tls: None,
             api: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), DEFAULT_API_PORT),
             api_bind_explicit: false,
+            api_token: None,
             buffer: DEFAULT_BUFFER,
             webhook_url: None,
             state_file: StateFile::Default,
@@ -601,6 +605,7 @@ const KNOWN_KEYS: &[&str] = &[
     "cachecast.tls.ca",
     "cachecast.api.port",
     "cachecast.api.bind",
+    "cachecast.api.token.file",
     "cachecast.buffer",
     "cachecast.webhook.url",
     "cachecast.webhook.remote",
@@ -895,6 +900,7 @@ fn build(keys: &BTreeMap<String, Entry>, report: &mut Report) -> Option<ClusterC
         tls: ext.tls,
         api: ext.api,
         api_bind_explicit: ext.api_bind_explicit,
+        api_token: ext.api_token,
         buffer: ext.buffer,
         webhook_url: ext.webhook_url,
         state_file: ext.state_file,

@@ -46,6 +46,10 @@ pub(crate) fn router(app: Arc<App>) -> Router {
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .layer(axum::middleware::from_fn_with_state(
             app.clone(),
+            require_token,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            app.clone(),
             refuse_while_stopping,
         ))
         .with_state(app)
@@ -70,6 +74,40 @@ async fn refuse_while_stopping(
         return r;
     }
     next.run(req).await
+}
+
+/// With `cachecast.api.token.file` set, every call that may change
+/// something (any method but GET, HEAD and OPTIONS, so that a call added
+/// later is covered too) must bear the token. Reads stay open: they change
+/// nothing, and the application's event stream, monitoring and
+/// `cachecast status` then need no secret.
+async fn require_token(
+    State(app): State<Arc<App>>,
+    req: axum::extract::Request,
+    next: Next,
+) -> Response {
+    let Some(token) = &app.api_token else {
+        return next.run(req).await;
+    };
+    if matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS) {
+        return next.run(req).await;
+    }
+    let given = req.headers().get(header::AUTHORIZATION);
+    if token.admits(given.map(HeaderValue::as_bytes)) {
+        return next.run(req).await;
+    }
+    app.unauthorized.fetch_add(1, Ordering::Relaxed);
+    let mut r = error(
+        StatusCode::UNAUTHORIZED,
+        if given.is_some() {
+            "wrong token: this call needs `Authorization: Bearer <token>`, the token of cachecast.api.token.file"
+        } else {
+            "this call needs `Authorization: Bearer <token>`, the token of cachecast.api.token.file"
+        },
+    );
+    r.headers_mut()
+        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    r
 }
 
 /// A JSON error response.
@@ -438,6 +476,8 @@ async fn status(State(app): State<Arc<App>>) -> Response {
             json!({
                 "run": app.hub.run,
                 "api": app.api_addr.to_string(),
+                "api_token": app.api_token.is_some(),
+                "api_unauthorized": app.unauthorized.load(Ordering::Relaxed),
                 "sse_clients": app.sse_clients.load(Ordering::Relaxed),
                 "events_held": held,
                 "events_capacity": capacity,
@@ -780,6 +820,12 @@ fn render_metrics(app: &App, st: &Status) -> String {
             ],
         );
     }
+    metric(
+        "cachecast_api_unauthorized_total",
+        "counter",
+        "API calls refused for a missing or wrong token (cachecast.api.token.file).",
+        plain(app.unauthorized.load(Ordering::Relaxed)),
+    );
     if let Some(h) = &app.hook {
         let s = h.snapshot();
         metric(
@@ -808,6 +854,11 @@ fn render_metrics(app: &App, st: &Status) -> String {
                 "cachecast_flush_hook_failures_total",
                 "Flush hook calls that failed (retried).",
                 s.failures,
+            ),
+            (
+                "cachecast_flush_hook_rate_limited_total",
+                "Flush hook triggers from Redis-protocol subscribers that found the rate spent (each covered by a later call).",
+                s.rate_limited,
             ),
         ] {
             let _ = writeln!(

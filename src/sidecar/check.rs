@@ -46,6 +46,20 @@ pub fn preflight(config: &ClusterConfig) -> Vec<Problem> {
     {
         problems.push(error("cachecast.flush.credentials.file", e.to_string()));
     }
+    match &config.api_token {
+        Some(path) => {
+            if let Err(e) = super::ApiToken::load(path) {
+                problems.push(error("cachecast.api.token.file", e.to_string()));
+            }
+        }
+        // Allowed (a machine where every local user is trusted), but said.
+        None => problems.push(Problem {
+            severity: Severity::Warning,
+            key: Some("cachecast.api.token.file".to_string()),
+            line: None,
+            message: "not set: any local process can make every server of the cluster clear its caches through the API (POST /v1/invalidate with {\"flush\": true}); see docs/security.md".to_string(),
+        }),
+    }
     let default_path = match &config.state_file {
         crate::config::StateFile::Default => {
             match super::state_path::default_state_file(&config.node, |k| std::env::var_os(k)) {
@@ -166,6 +180,17 @@ pub fn describe(path: &Path, config: &ClusterConfig, resolved: &[Resolved]) -> S
         }
     );
     let _ = writeln!(report, "api        http://{}", config.api);
+    let _ = writeln!(
+        report,
+        "api token  {}",
+        match &config.api_token {
+            Some(p) => format!(
+                "from {} (POST /v1/invalidate needs `Authorization: Bearer <token>`; reads stay open)",
+                p.display()
+            ),
+            None => "none: any local process can make every server of the cluster clear its caches through the API (set cachecast.api.token.file)".to_string(),
+        }
+    );
     let _ = writeln!(
         report,
         "webhook    {}",

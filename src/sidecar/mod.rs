@@ -16,6 +16,7 @@ mod hub;
 pub(crate) mod resp;
 pub mod state_path;
 mod table;
+mod token;
 mod webhook;
 
 use std::future::IntoFuture;
@@ -33,9 +34,12 @@ use crate::mesh::{Event, Mesh, MeshHandle, StartError, Tuning};
 
 pub use api::{MAX_BODY, MAX_ITEMS, MAX_WAIT, parse_duration};
 pub use conn::{API_IDLE_TIMEOUT, MAX_API_CONNECTIONS};
-pub use flush::{CredentialsError, FlushHookStatus, load_credentials};
+pub use flush::{
+    CredentialsError, FlushHookStatus, SUBSCRIBER_BURST, SUBSCRIBER_REFILL, load_credentials,
+};
 pub use resp::{MAX_RESP_CONNECTIONS, RESP_STALL_TIMEOUT};
 pub use table::status_table;
+pub use token::{ApiToken, MIN_TOKEN, TokenError};
 pub use webhook::WebhookStatus;
 
 /// Events kept for SSE clients and the webhook to catch up from.
@@ -58,6 +62,11 @@ pub(crate) struct App {
     resp: Option<Arc<resp::Shared>>,
     /// The flush hook, when configured.
     hook: Option<Arc<flush::FlushHook>>,
+    /// What a mutating call must bear (`cachecast.api.token.file`), when
+    /// set.
+    api_token: Option<ApiToken>,
+    /// Mutating calls refused for a missing or wrong token.
+    unauthorized: AtomicU64,
 }
 
 /// Why the sidecar could not start.
@@ -198,6 +207,16 @@ pub async fn run(
         Some(h) => Some(Arc::new(flush::FlushHook::new(h)?)),
         None => None,
     };
+    // Checked by the preflight already; read once, here.
+    let api_token = match &config.api_token {
+        Some(path) => Some(ApiToken::load(path).map_err(|e| SidecarError::Refused(e.to_string()))?),
+        None => {
+            warn!(
+                "no cachecast.api.token.file: any local process can make every server of the cluster clear its caches through the API"
+            );
+            None
+        }
+    };
     if !resp_listeners.is_empty() && hook.is_none() {
         warn!(
             "the Redis-protocol endpoint is on without cachecast.flush.url: pub/sub cannot tell the application \
@@ -280,6 +299,8 @@ pub async fn run(
         api_invalidations: AtomicU64::new(0),
         resp,
         hook,
+        api_token,
+        unauthorized: AtomicU64::new(0),
     });
     if let Some(w) = webhook {
         // Tracked like the hook: shutdown waits for its last delivery.

@@ -72,9 +72,18 @@ pub fn status_table(body: &Value) -> String {
     }
     let s = &body["sidecar"];
     if s.is_object() {
+        // Absent from an older sidecar's status: nothing said then.
+        let token = match s["api_token"].as_bool() {
+            Some(true) => format!(
+                "  token required (refused {})",
+                text(&s["api_unauthorized"])
+            ),
+            Some(false) => "  no token".to_string(),
+            None => String::new(),
+        };
         let _ = writeln!(
             out,
-            "\napi {}  event clients {}  events held {}/{}",
+            "\napi {}{token}  event clients {}  events held {}/{}",
             text(&s["api"]),
             text(&s["sse_clients"]),
             text(&s["events_held"]),
@@ -116,9 +125,15 @@ pub fn status_table(body: &Value) -> String {
                 Some(secs) => format!("PENDING for {secs:.0}s ({})", text(&h["last_reason"])),
                 None => "nothing pending".to_string(),
             };
+            // Only once it matters: a rise means some local process
+            // subscribes and leaves in a loop.
+            let limited = match h["rate_limited"].as_u64() {
+                Some(n) if n > 0 => format!("  rate-limited {n}"),
+                _ => String::new(),
+            };
             let _ = writeln!(
                 out,
-                "flush hook {}  {state}  calls {}  failures {}",
+                "flush hook {}  {state}  calls {}  failures {}{limited}",
                 text(&h["url"]),
                 text(&h["calls"]),
                 text(&h["failures"])
@@ -149,5 +164,15 @@ mod tests {
         assert!(t.contains("DOWN"));
         assert!(t.contains("never"));
         assert!(status_table(&serde_json::json!("garbage")).contains("PEER"));
+        let sidecar = serde_json::json!({"node": "n", "peers": [], "sidecar": {
+            "api": "127.0.0.1:4002", "api_token": true, "api_unauthorized": 3,
+            "flush_hook": {"url": "http://h/", "calls": 6, "failures": 0, "rate_limited": 14}
+        }});
+        let t = status_table(&sidecar);
+        assert!(
+            t.contains("api 127.0.0.1:4002  token required (refused 3)"),
+            "{t}"
+        );
+        assert!(t.contains("calls 6  failures 0  rate-limited 14"), "{t}");
     }
 }

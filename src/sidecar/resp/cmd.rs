@@ -508,7 +508,7 @@ impl Session {
             cover |= self.shared.broker.lost(Kind::Shard, &c, self.id);
         }
         if cover && let Some(hook) = &self.shared.hook {
-            hook.trigger("a subscriber's connection ended while others stayed subscribed: one of them may be that client, back after missing messages");
+            hook.trigger_for_subscriber("a subscriber's connection ended while others stayed subscribed: one of them may be that client, back after missing messages");
         }
     }
 
@@ -1067,7 +1067,7 @@ impl Session {
                 reply.freeze(),
             );
             if first && let Some(hook) = &self.shared.hook {
-                hook.trigger(&format!(
+                hook.trigger_for_subscriber(&format!(
                     "{} {} has a new subscriber that may have missed messages (none was subscribed here, or one left without unsubscribing)",
                     match kind {
                         Kind::Channel => "channel",

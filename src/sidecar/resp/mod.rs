@@ -165,7 +165,7 @@ impl Shared {
             "Redis-protocol subscriber disconnected: it did not read its messages (output limit reached)"
         );
         if let Some(hook) = &self.hook {
-            hook.trigger(
+            hook.trigger_for_subscriber(
                 "a Redis-protocol subscriber was disconnected for not reading its messages",
             );
         }
