@@ -570,16 +570,34 @@ fn session_key(secret: &[u8], dialer_nonce: &[u8], acceptor_nonce: &[u8]) -> Hma
         .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"))
 }
 
-/// The tag of the `counter`-th frame a side sends (role `D` or `A`).
-fn tag(key: &Hmac<Sha256>, role: u8, counter: u64, payload: &[u8]) -> [u8; TAG_LEN] {
-    let mut mac = key.clone();
-    mac.update(&[role]);
-    mac.update(&counter.to_be_bytes());
-    mac.update(payload);
-    let full = mac.finalize().into_bytes();
-    let mut out = [0u8; TAG_LEN];
-    out.copy_from_slice(&full[..TAG_LEN]);
-    out
+/// One direction of a connection's frame tags: the session key, whose
+/// frames (role `D` or `A`), and how many were tagged so far.
+#[derive(Clone)]
+struct Tags {
+    key: Hmac<Sha256>,
+    role: u8,
+    counter: u64,
+}
+
+impl std::fmt::Debug for Tags {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The key stays out of logs.
+        f.debug_struct("Tags")
+            .field("role", &char::from(self.role))
+            .field("counter", &self.counter)
+            .finish()
+    }
+}
+
+impl Tags {
+    /// The HMAC of the next frame's `payload`, not yet finalized.
+    fn mac(&self, payload: &[u8]) -> Hmac<Sha256> {
+        let mut mac = self.key.clone();
+        mac.update(&[self.role]);
+        mac.update(&self.counter.to_be_bytes());
+        mac.update(payload);
+        mac
+    }
 }
 
 /// The two halves of a connection's frame tags under a shared secret:
@@ -592,36 +610,17 @@ pub fn session(
 ) -> (Sealer, Opener) {
     let key = session_key(secret, dialer_nonce, acceptor_nonce);
     let (ours, theirs) = if dialer { (b'D', b'A') } else { (b'A', b'D') };
-    (
-        Sealer {
-            key: key.clone(),
-            role: ours,
-            counter: 0,
-        },
-        Opener {
-            key,
-            role: theirs,
-            counter: 0,
-        },
-    )
+    let tags = |role| Tags {
+        key: key.clone(),
+        role,
+        counter: 0,
+    };
+    (Sealer(tags(ours)), Opener(tags(theirs)))
 }
 
 /// Tags the frames this side sends (section 7.6 of the protocol).
-#[derive(Clone)]
-pub struct Sealer {
-    key: Hmac<Sha256>,
-    role: u8,
-    /// Frames tagged so far on this connection.
-    counter: u64,
-}
-
-impl std::fmt::Debug for Sealer {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Sealer")
-            .field("counter", &self.counter)
-            .finish()
-    }
-}
+#[derive(Clone, Debug)]
+pub struct Sealer(Tags);
 
 impl Sealer {
     /// Appends the tag to the frame that starts at `start` (the last one
@@ -634,9 +633,9 @@ impl Sealer {
                 "frame of {payload_len} bytes and its tag exceed the limit of {MAX_FRAME}"
             )));
         }
-        let t = tag(&self.key, self.role, self.counter, &dst[start + HEADER..]);
-        self.counter += 1;
-        dst.put_slice(&t);
+        let full = self.0.mac(&dst[start + HEADER..]).finalize().into_bytes();
+        self.0.counter += 1;
+        dst.put_slice(&full[..TAG_LEN]);
         // `payload_len + TAG_LEN <= MAX_FRAME` fits in a u32.
         dst[start..start + HEADER].copy_from_slice(&((payload_len + TAG_LEN) as u32).to_be_bytes());
         Ok(())
@@ -651,21 +650,8 @@ impl Sealer {
 }
 
 /// Checks the tags of the frames the other side sends.
-#[derive(Clone)]
-pub struct Opener {
-    key: Hmac<Sha256>,
-    role: u8,
-    /// Frames checked so far on this connection.
-    counter: u64,
-}
-
-impl std::fmt::Debug for Opener {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Opener")
-            .field("counter", &self.counter)
-            .finish()
-    }
-}
+#[derive(Clone, Debug)]
+pub struct Opener(Tags);
 
 impl Opener {
     /// The payload of a tagged frame, once its tag checked out (compared
@@ -675,13 +661,11 @@ impl Opener {
             return Err(CodecError::BadTag);
         };
         let (payload, got) = frame.split_at(split);
-        let mut mac = self.key.clone();
-        mac.update(&[self.role]);
-        mac.update(&self.counter.to_be_bytes());
-        mac.update(payload);
-        mac.verify_truncated_left(got)
+        self.0
+            .mac(payload)
+            .verify_truncated_left(got)
             .map_err(|_| CodecError::BadTag)?;
-        self.counter += 1;
+        self.0.counter += 1;
         Ok(payload)
     }
 }
