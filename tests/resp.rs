@@ -1034,19 +1034,35 @@ fn redis_cli(port: u16, password: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// Builds the Lettuce client once per test run (Maven fetches Lettuce from
+/// The Lettuce versions of DHIS 2's release lines (docs/dhis2.md, "DHIS 2
+/// releases"): 2.38.2; 2.39.7–2.39.10; 2.42.0; 2.42.1–2.42.2; 2.40.12,
+/// 2.41.9.1 and 2.42.3+. One module of tests/lettuce each.
+const LETTUCE_VERSIONS: [&str; 5] = ["6.1.6", "6.4.0", "6.5.5", "6.7.1", "6.8.1"];
+
+/// Builds the Lettuce client for every version in [`LETTUCE_VERSIONS`],
+/// once per test run and in one Maven run (Maven fetches Lettuce from
 /// Maven Central the first time); `None` when Maven or Java is missing.
-fn lettuce_jar() -> Option<PathBuf> {
-    static BUILT: Mutex<Option<Option<PathBuf>>> = Mutex::new(None);
+fn lettuce_jars() -> Option<Vec<(&'static str, PathBuf)>> {
+    type Jars = Option<Vec<(&'static str, PathBuf)>>;
+    static BUILT: Mutex<Option<Jars>> = Mutex::new(None);
     let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
     if let Some(r) = built.clone() {
         return r;
     }
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/lettuce");
-    let jar = dir.join("target/lettuce-client.jar");
+    let jars: Vec<(&'static str, PathBuf)> = LETTUCE_VERSIONS
+        .iter()
+        .map(|v| {
+            (
+                *v,
+                dir.join(format!("lettuce-{v}/target/lettuce-client.jar")),
+            )
+        })
+        .collect();
     let result = if !have("mvn", &["-v"]) || !have("java", &["-version"]) {
         None
     } else {
+        let t = Instant::now();
         let out = Command::new("mvn")
             .args(["-q", "-B", "-Dstyle.color=never", "-f"])
             .arg(dir.join("pom.xml"))
@@ -1054,20 +1070,26 @@ fn lettuce_jar() -> Option<PathBuf> {
             .output()
             .expect("mvn");
         assert!(
-            out.status.success() && jar.exists(),
+            out.status.success() && jars.iter().all(|(_, j)| j.exists()),
             "mvn package failed:\n{}\n{}",
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
-        Some(jar)
+        eprintln!("Lettuce clients built in {:?}", t.elapsed());
+        Some(jars)
     };
     *built = Some(result.clone());
     result
 }
 
+/// The client on the Lettuce of the newest DHIS 2 releases.
+fn lettuce_jar() -> Option<PathBuf> {
+    lettuce_jars().map(|j| j.last().expect("a version").1.clone())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lettuce_as_dhis2_uses_it_resp3_and_resp2_with_and_without_a_password() {
-    let Some(jar) = tokio::task::spawn_blocking(lettuce_jar)
+    let Some(jars) = tokio::task::spawn_blocking(lettuce_jars)
         .await
         .expect("build")
     else {
@@ -1075,40 +1097,45 @@ async fn lettuce_as_dhis2_uses_it_resp3_and_resp2_with_and_without_a_password() 
     };
     let (_c, ports) = started(1, "").await;
     let (_c2, ports_pw) = started(1, "redis.password = lettuce-pw").await;
-    for (port, password) in [(ports[0], None), (ports_pw[0], Some("lettuce-pw"))] {
-        for protocol in ["RESP3", "RESP2"] {
-            let mut cmd = Command::new("java");
-            cmd.arg("-jar").arg(&jar).args([
-                "conformance",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                &port.to_string(),
-                "--protocol",
-                protocol,
-            ]);
-            if let Some(p) = password {
-                cmd.args(["--password", p]);
-            }
-            let out = tokio::task::spawn_blocking(move || cmd.output())
-                .await
-                .expect("join")
-                .expect("java");
-            let text = String::from_utf8_lossy(&out.stdout);
-            assert!(
-                out.status.success() && text.ends_with("done\n"),
-                "Lettuce {protocol}, password {password:?}:\n{text}\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            if password.is_some() {
+    let cases = [(ports[0], None), (ports_pw[0], Some("lettuce-pw"))];
+    for (version, jar) in &jars {
+        for (port, password) in cases {
+            for protocol in ["RESP3", "RESP2"] {
+                let mut cmd = Command::new("java");
+                cmd.arg("-jar").arg(jar).args([
+                    "conformance",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    &port.to_string(),
+                    "--protocol",
+                    protocol,
+                ]);
+                if let Some(p) = password {
+                    cmd.args(["--password", p]);
+                }
+                let out = tokio::task::spawn_blocking(move || cmd.output())
+                    .await
+                    .expect("join")
+                    .expect("java");
+                let text = String::from_utf8_lossy(&out.stdout);
                 assert!(
-                    text.contains("ok wrong-password RedisCommandExecutionException: WRONGPASS"),
-                    "{text}"
+                    out.status.success() && text.ends_with("done\n"),
+                    "Lettuce {version} {protocol}, password {password:?}:\n{text}\n{}",
+                    String::from_utf8_lossy(&out.stderr)
                 );
-                assert!(
-                    text.contains("ok no-password RedisCommandExecutionException: NOAUTH"),
-                    "{text}"
-                );
+                if password.is_some() {
+                    assert!(
+                        text.contains(
+                            "ok wrong-password RedisCommandExecutionException: WRONGPASS"
+                        ),
+                        "{text}"
+                    );
+                    assert!(
+                        text.contains("ok no-password RedisCommandExecutionException: NOAUTH"),
+                        "{text}"
+                    );
+                }
             }
         }
     }
@@ -1331,22 +1358,57 @@ impl Dhis2 {
 
     /// Publishes `n` more messages and waits until all were acknowledged.
     async fn publish(&mut self, n: usize, last: usize) {
-        self.stdin
-            .write_all(format!("publish {n}\n").as_bytes())
-            .await
-            .expect("stdin");
+        self.send(n).await;
         let want = format!("published {last}");
         self.wait_line(&want, |l| l == want).await;
     }
 
+    /// Asks for `n` more messages without waiting for them.
+    async fn send(&mut self, n: usize) {
+        self.stdin
+            .write_all(format!("publish {n}\n").as_bytes())
+            .await
+            .expect("stdin");
+    }
+
+    /// The messages of other instances, as DHIS 2 acts on them.
     fn received(&self) -> Vec<String> {
+        self.with_prefix("recv ")
+    }
+
+    /// Its own messages, which DHIS 2 drops.
+    fn own(&self) -> Vec<String> {
+        self.with_prefix("own ")
+    }
+
+    fn with_prefix(&self, prefix: &str) -> Vec<String> {
         self.lines
             .lock()
             .expect("lock")
             .iter()
-            .filter_map(|l| l.strip_prefix("recv ").map(str::to_string))
+            .filter_map(|l| l.strip_prefix(prefix).map(str::to_string))
             .collect()
     }
+}
+
+/// Message `k` of the instance `uid`, as tests/lettuce's `dhis2` mode
+/// publishes it: in turn an entity, a collection of an owner, and an entity
+/// with a composite id, in DHIS 2's shapes.
+fn dhis2_message(uid: &str, k: usize) -> String {
+    match k % 3 {
+        1 => format!("{uid}:update:org.hisp.dhis.dataelement.DataElement:{k}"),
+        2 => format!(
+            "{uid}:collection:org.hisp.dhis.dataset.DataSet:org.hisp.dhis.dataset.DataSet.dataSetElements:{k}"
+        ),
+        _ => format!(
+            "{uid}:update:org.hisp.dhis.datavalue.DataValue:fbfJHSPpUQD;202612;DiszpKrYNg8;HllvX50cXC0;{k}"
+        ),
+    }
+}
+
+/// The number of a message of [`dhis2_message`].
+fn dhis2_k(message: &str) -> Option<usize> {
+    message.rsplit([':', ';']).next()?.parse().ok()
 }
 
 impl Drop for Dhis2 {
@@ -1390,12 +1452,7 @@ async fn three_dhis2_instances_stay_coherent_through_a_crash_and_a_sidecar_resta
     for i in 0..3 {
         m.wait_call_after(i, start).await;
     }
-    let msg = |i: usize, k: usize| {
-        format!(
-            "{}:update:org.hisp.dhis.dataelement.DataElement:{k}",
-            uids[i]
-        )
-    };
+    let msg = |i: usize, k: usize| dhis2_message(uids[i], k);
     let mut sent = [0usize; 3];
     // Phase 1: every subscriber gets every message exactly once, in each
     // origin's order.
@@ -1406,10 +1463,10 @@ async fn three_dhis2_instances_stay_coherent_through_a_crash_and_a_sidecar_resta
             let _ = round;
         }
     }
-    for app in &apps {
-        let total: usize = sent.iter().sum();
+    for (j, app) in apps.iter().enumerate() {
+        let total: usize = sent.iter().sum::<usize>() - sent[j];
         let deadline = Instant::now() + LONG;
-        while app.received().len() < total {
+        while app.received().len() < total || app.own().len() < sent[j] {
             assert!(
                 Instant::now() < deadline,
                 "only {} of {total}",
@@ -1420,7 +1477,13 @@ async fn three_dhis2_instances_stay_coherent_through_a_crash_and_a_sidecar_resta
         let got = app.received();
         assert_eq!(got.len(), total, "duplicates");
         for (i, uid) in uids.iter().enumerate() {
-            let from: Vec<String> = got.iter().filter(|m| m.starts_with(uid)).cloned().collect();
+            let from: Vec<String> = if i == j {
+                // Delivered to the publisher too, as Redis does, and dropped.
+                assert!(!got.iter().any(|m| m.starts_with(uid)), "own acted on");
+                app.own()
+            } else {
+                got.iter().filter(|m| m.starts_with(uid)).cloned().collect()
+            };
             let want: Vec<String> = (1..=sent[i]).map(|k| msg(i, k)).collect();
             assert_eq!(from, want, "origin {i}'s messages, in order");
         }
@@ -1470,7 +1533,7 @@ async fn three_dhis2_instances_stay_coherent_through_a_crash_and_a_sidecar_resta
             let got: std::collections::HashSet<String> = app.received().into_iter().collect();
             let calls = m.calls_for(j);
             for &(i, k, t) in &published_at {
-                if !got.contains(&msg(i, k)) && !calls.iter().any(|c| *c >= t) {
+                if i != j && !got.contains(&msg(i, k)) && !calls.iter().any(|c| *c >= t) {
                     missing.push(format!(
                         "app {j} lacks {} with no flush after it",
                         msg(i, k)
@@ -1496,7 +1559,7 @@ async fn three_dhis2_instances_stay_coherent_through_a_crash_and_a_sidecar_resta
                 .received()
                 .iter()
                 .filter(|m| m.starts_with(uid))
-                .filter_map(|m| m.rsplit(':').next()?.parse().ok())
+                .filter_map(|m| dhis2_k(m))
                 .collect();
             let mut seen = std::collections::HashSet::new();
             let firsts: Vec<usize> = ks.iter().copied().filter(|k| seen.insert(*k)).collect();
@@ -1511,6 +1574,116 @@ async fn three_dhis2_instances_stay_coherent_through_a_crash_and_a_sidecar_resta
         0,
         "credentials were refused"
     );
+}
+
+/// Waits until `app` has acted on `want` (in that order, nothing else)
+/// from the instance `uid`.
+async fn wait_from(app: &Dhis2, uid: &str, want: &[String], what: &str) {
+    let deadline = Instant::now() + LONG;
+    loop {
+        let from: Vec<String> = app
+            .received()
+            .into_iter()
+            .filter(|m| m.starts_with(uid))
+            .collect();
+        if from.len() >= want.len() {
+            assert_eq!(from, want, "{what}: in order, once each");
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what}: only {from:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The Lettuce of every DHIS 2 release line, wired as DHIS 2 wires it, on
+/// two sidecars: one with `redis.password`, one without (DHIS 2 then gives
+/// Lettuce the empty password, which 6.8 sends in `HELLO 3 AUTH`). Each
+/// instance acts on the other's messages, in order, and drops its own;
+/// what one publishes while its sidecar restarts is queued by Lettuce and
+/// reaches the other instance, in order, once the sidecar is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_lettuce_of_every_dhis2_release_line_works_across_sidecars_and_a_restart() {
+    let Some(jars) = tokio::task::spawn_blocking(lettuce_jars)
+        .await
+        .expect("build")
+    else {
+        return;
+    };
+    let uids = ["uidAAAAAAAAA", "uidBBBBBBBBB"];
+    for (version, jar) in &jars {
+        let t = Instant::now();
+        let mut c = Cluster::new(2, "");
+        let ports = with_resp(&c, "");
+        let mut text = std::fs::read_to_string(&c.nodes[0].conf).expect("conf");
+        text.push_str("redis.password = pw0\n");
+        std::fs::write(&c.nodes[0].conf, text).expect("conf");
+        c.start_all().await;
+        c.wait_connected().await;
+        let mut a = Dhis2::start(jar, ports[0], "pw0", uids[0]).await;
+        let mut b = Dhis2::start(jar, ports[1], "", uids[1]).await;
+        let from = |i: usize, ks: std::ops::RangeInclusive<usize>| -> Vec<String> {
+            ks.map(|k| dhis2_message(uids[i], k)).collect()
+        };
+        a.publish(9, 9).await;
+        b.publish(9, 9).await;
+        wait_from(
+            &b,
+            uids[0],
+            &from(0, 1..=9),
+            &format!("{version}: b from a"),
+        )
+        .await;
+        wait_from(
+            &a,
+            uids[1],
+            &from(1, 1..=9),
+            &format!("{version}: a from b"),
+        )
+        .await;
+        let deadline = Instant::now() + LONG;
+        while a.own().len() < 9 || b.own().len() < 9 {
+            assert!(
+                Instant::now() < deadline,
+                "{version}: own messages not delivered"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(a.own(), from(0, 1..=9), "{version}: a's own, dropped");
+        assert_eq!(b.own(), from(1, 1..=9), "{version}: b's own, dropped");
+        // a's sidecar restarts; a publishes meanwhile, as DHIS 2 goes on
+        // saving objects: Lettuce queues the commands until it is back.
+        c.nodes[0].terminate();
+        a.wait_line("disconnected", |l| l == "disconnected").await;
+        a.send(9).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        c.nodes[0].spawn();
+        c.nodes[0].wait_healthy().await;
+        c.wait_connected().await;
+        a.wait_line("published 18", |l| l == "published 18").await;
+        a.wait_line("reconnected", |l| l == "reconnected").await;
+        wait_from(
+            &b,
+            uids[0],
+            &from(0, 1..=18),
+            &format!("{version}: b from a, queued"),
+        )
+        .await;
+        b.publish(9, 18).await;
+        let deadline = Instant::now() + LONG;
+        while !a.received().contains(&dhis2_message(uids[1], 18)) {
+            assert!(
+                Instant::now() < deadline,
+                "{version}: a resubscribed but got nothing"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let ks: Vec<usize> = a.received().iter().filter_map(|m| dhis2_k(m)).collect();
+        assert!(
+            ks.windows(2).all(|w| w[0] < w[1]),
+            "{version}: a got {ks:?}"
+        );
+        eprintln!("Lettuce {version}: {:?}", t.elapsed());
+    }
 }
 
 /// A sidecar with the Redis-protocol endpoint and a flush hook to `url`.
