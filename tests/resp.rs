@@ -1787,3 +1787,127 @@ async fn a_redirect_is_not_a_cleared_cache() {
             || c.nodes[0].log_text().contains("flush hook call failed")
     );
 }
+
+/// Whether `tool` runs here. Unlike [`have`], not required in CI: the
+/// clients of other languages are checked where their toolchain is
+/// installed, and skipped, saying why, elsewhere.
+fn optional_tool(tool: &str, args: &[&str], what: &str) -> bool {
+    let ok = Command::new(tool)
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        eprintln!("SKIPPED: {what}: {tool} is not installed here");
+    }
+    ok
+}
+
+/// Runs a client check of tests/clients (subscribers through the first
+/// sidecar of a pair, publishers through the second; the first with a
+/// password, the second without) and restarts the subscribers' sidecar
+/// when the check says `restart`. Returns the check's output once it says
+/// `done`.
+async fn client_check(mut cmd: tokio::process::Command, what: &str) -> String {
+    let mut c = Cluster::new(2, "");
+    let ports = with_resp(&c, "");
+    let mut text = std::fs::read_to_string(&c.nodes[0].conf).expect("conf");
+    text.push_str("redis.password = sub-pw\n");
+    std::fs::write(&c.nodes[0].conf, text).expect("conf");
+    c.start_all().await;
+    c.wait_connected().await;
+    let mut child = cmd
+        .args([&ports[0].to_string(), "sub-pw", &ports[1].to_string(), "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("client check");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let mut out = String::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let line = tokio::time::timeout_at(deadline.into(), lines.next_line())
+            .await
+            .unwrap_or_else(|_| panic!("{what}: no end within 120 s:\n{out}"))
+            .expect("read");
+        let Some(line) = line else {
+            panic!("{what}: ended without done:\n{out}");
+        };
+        out.push_str(&line);
+        out.push('\n');
+        assert!(!line.starts_with("FAIL"), "{what}:\n{out}");
+        if line == "restart" {
+            c.nodes[0].terminate();
+            c.nodes[0].spawn();
+            c.nodes[0].wait_healthy().await;
+            c.wait_connected().await;
+            stdin.write_all(b"restarted\n").await.expect("stdin");
+        }
+        if line == "done" {
+            break;
+        }
+    }
+    assert!(
+        child.wait().await.expect("wait").success(),
+        "{what}:\n{out}"
+    );
+    out
+}
+
+/// ioredis and node-redis on their default options (tests/clients/node):
+/// ioredis's ready check sends INFO and subscribes only if that succeeds.
+/// Every message published through one sidecar reaches the subscriber on
+/// the other, in order, before and after the subscriber's sidecar
+/// restarts; node-redis in RESP2 and RESP3.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ioredis_and_node_redis_on_defaults_get_every_message_across_sidecars() {
+    let what = "ioredis and node-redis";
+    if !optional_tool("node", &["--version"], what) || !optional_tool("npm", &["--version"], what) {
+        return;
+    }
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/node");
+    // `npm ci` (from npm's cache after the first run) when the installed
+    // packages are not those of package-lock.json.
+    let installed = dir.join("node_modules/.package-lock.json");
+    let current = std::fs::metadata(&installed)
+        .and_then(|m| m.modified())
+        .ok()
+        .zip(
+            std::fs::metadata(dir.join("package-lock.json"))
+                .and_then(|m| m.modified())
+                .ok(),
+        )
+        .is_some_and(|(i, l)| i >= l);
+    if !current {
+        let t = Instant::now();
+        let out = tokio::process::Command::new("npm")
+            .args(["ci", "--no-audit", "--no-fund", "--loglevel=error"])
+            .current_dir(&dir)
+            .output()
+            .await
+            .expect("npm");
+        if !out.status.success() {
+            eprintln!(
+                "SKIPPED: {what}: npm ci failed (registry unreachable?):\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            return;
+        }
+        eprintln!("npm ci: {:?}", t.elapsed());
+    }
+    let mut cmd = tokio::process::Command::new("node");
+    cmd.arg(dir.join("check.mjs"));
+    let out = client_check(cmd, what).await;
+    eprint!("{out}");
+    for client in ["ioredis", "node-redis-resp2", "node-redis-resp3"] {
+        for phase in ["before", "after"] {
+            assert!(
+                out.contains(&format!("ok {client} {phase} 200\n")),
+                "{client} {phase}:\n{out}"
+            );
+        }
+    }
+}
