@@ -1911,3 +1911,60 @@ async fn ioredis_and_node_redis_on_defaults_get_every_message_across_sidecars() 
         }
     }
 }
+
+/// go-redis v9 on its default options (tests/clients/go), in RESP2 and
+/// RESP3: every message published through one sidecar reaches the
+/// subscriber on the other, in order, before and after the subscriber's
+/// sidecar restarts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn go_redis_gets_every_message_across_sidecars() {
+    let what = "go-redis";
+    if !optional_tool("go", &["version"], what) {
+        return;
+    }
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/go");
+    // Modules come from the Go proxy once, then from the module cache. An
+    // older Go than go.mod asks for skips rather than fetch a toolchain.
+    let t = Instant::now();
+    let out = tokio::process::Command::new("go")
+        .args(["mod", "download"])
+        .env("GOTOOLCHAIN", "local")
+        .current_dir(&dir)
+        .output()
+        .await
+        .expect("go");
+    if !out.status.success() {
+        eprintln!(
+            "SKIPPED: {what}: go mod download failed (proxy unreachable, or Go older than go.mod's):\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        return;
+    }
+    let bin = Path::new(env!("CARGO_TARGET_TMPDIR")).join("go-check");
+    let out = tokio::process::Command::new("go")
+        .arg("build")
+        .arg("-o")
+        .arg(&bin)
+        .arg(".")
+        .env("GOTOOLCHAIN", "local")
+        .current_dir(&dir)
+        .output()
+        .await
+        .expect("go");
+    assert!(
+        out.status.success(),
+        "go build:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("go-redis check built in {:?}", t.elapsed());
+    let out = client_check(tokio::process::Command::new(&bin), what).await;
+    eprint!("{out}");
+    for client in ["go-redis-resp2", "go-redis-resp3"] {
+        for phase in ["before", "after"] {
+            assert!(
+                out.contains(&format!("ok {client} {phase} 200\n")),
+                "{client} {phase}:\n{out}"
+            );
+        }
+    }
+}
