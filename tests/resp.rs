@@ -1040,8 +1040,9 @@ fn redis_cli(port: u16, password: &str, args: &[&str]) -> String {
 const LETTUCE_VERSIONS: [&str; 5] = ["6.1.6", "6.4.0", "6.5.5", "6.7.1", "6.8.1"];
 
 /// Builds the Lettuce client for every version in [`LETTUCE_VERSIONS`],
-/// once per test run and in one Maven run (Maven fetches Lettuce from
-/// Maven Central the first time); `None` when Maven or Java is missing.
+/// and tests/clients/jvm (Jedis, Redisson, Spring Data Redis), once per
+/// test run and in one Maven run (Maven fetches the libraries from Maven
+/// Central the first time); `None` when Maven or Java is missing.
 fn lettuce_jars() -> Option<Vec<(&'static str, PathBuf)>> {
     type Jars = Option<Vec<(&'static str, PathBuf)>>;
     static BUILT: Mutex<Option<Jars>> = Mutex::new(None);
@@ -1070,16 +1071,21 @@ fn lettuce_jars() -> Option<Vec<(&'static str, PathBuf)>> {
             .output()
             .expect("mvn");
         assert!(
-            out.status.success() && jars.iter().all(|(_, j)| j.exists()),
+            out.status.success() && jars.iter().all(|(_, j)| j.exists()) && jvm_jar().exists(),
             "mvn package failed:\n{}\n{}",
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
-        eprintln!("Lettuce clients built in {:?}", t.elapsed());
+        eprintln!("Lettuce and JVM clients built in {:?}", t.elapsed());
         Some(jars)
     };
     *built = Some(result.clone());
     result
+}
+
+/// The check of tests/clients/jvm, built by [`lettuce_jars`].
+fn jvm_jar() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/jvm/target/jvm-clients.jar")
 }
 
 /// The client on the Lettuce of the newest DHIS 2 releases.
@@ -1966,5 +1972,40 @@ async fn go_redis_gets_every_message_across_sidecars() {
                 "{client} {phase}:\n{out}"
             );
         }
+    }
+}
+
+/// Jedis 6.2 (RESP2 and RESP3, resubscribing as applications do),
+/// Redisson 3.52 (25 connections per client) and Spring Data Redis's
+/// listener container (tests/clients/jvm): every message published through
+/// one sidecar reaches the subscriber on the other, in order, before and
+/// after the subscriber's sidecar restarts; Spring Boot's Redis health
+/// indicator reports UP with the version INFO gives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jedis_redisson_and_spring_get_every_message_across_sidecars() {
+    if tokio::task::spawn_blocking(lettuce_jars)
+        .await
+        .expect("build")
+        .is_none()
+    {
+        return;
+    }
+    let mut cmd = tokio::process::Command::new("java");
+    cmd.arg("-jar").arg(jvm_jar());
+    let out = client_check(cmd, "Jedis, Redisson, Spring").await;
+    eprint!("{out}");
+    for client in ["jedis-resp2", "jedis-resp3", "redisson", "spring-listener"] {
+        for phase in ["before", "after"] {
+            assert!(
+                out.contains(&format!("ok {client} {phase} 200\n")),
+                "{client} {phase}:\n{out}"
+            );
+        }
+    }
+    for phase in ["before", "after"] {
+        assert!(
+            out.contains(&format!("ok spring-health {phase} UP 7.")),
+            "health {phase}:\n{out}"
+        );
     }
 }
