@@ -1627,6 +1627,41 @@ async fn the_lettuce_of_every_dhis2_release_line_works_across_sidecars_and_a_res
         c.wait_connected().await;
         let mut a = Dhis2::start(jar, ports[0], "pw0", uids[0]).await;
         let mut b = Dhis2::start(jar, ports[1], "", uids[1]).await;
+        // What each connection negotiated: RESP3 (HELLO 3) for every
+        // version, and from 6.3 on the library's name and version (CLIENT
+        // SETINFO, after HELLO 3 AUTH default with the empty password).
+        let requests = [
+            (ports[0], cmds(&[&["AUTH", "pw0"], &["CLIENT", "LIST"]])),
+            (ports[1], cmd(&["CLIENT", "LIST"])),
+        ];
+        for (port, request) in requests {
+            let reply = exchange(port, &request).await;
+            let reply = String::from_utf8_lossy(&reply);
+            let list = reply.trim_start_matches("+OK\r\n");
+            let list = text_of(list.as_bytes());
+            let apps: Vec<Vec<(String, String)>> = list
+                .lines()
+                .map(client_fields)
+                .filter(|f| !f.iter().any(|(k, v)| k == "cmd" && v == "client|list"))
+                .collect();
+            assert_eq!(apps.len(), 2, "{version}: {list}");
+            let want_lib = if *version == "6.1.6" {
+                ("", "")
+            } else {
+                ("Lettuce", *version)
+            };
+            for f in &apps {
+                let get = |key: &str| {
+                    f.iter()
+                        .find(|(k, _)| k == key)
+                        .map(|(_, v)| v.clone())
+                        .unwrap_or_default()
+                };
+                assert_eq!(get("resp"), "3", "{version}: {list}");
+                assert_eq!(get("lib-name"), want_lib.0, "{version}: {list}");
+                assert!(get("lib-ver").starts_with(want_lib.1), "{version}: {list}");
+            }
+        }
         let from = |i: usize, ks: std::ops::RangeInclusive<usize>| -> Vec<String> {
             ks.map(|k| dhis2_message(uids[i], k)).collect()
         };
