@@ -1334,20 +1334,34 @@ struct Dhis2 {
 
 impl Dhis2 {
     async fn start(jar: &Path, port: u16, password: &str, uid: &str) -> Dhis2 {
-        let mut child = tokio::process::Command::new("java")
-            .arg("-jar")
-            .arg(jar)
-            .args([
-                "dhis2",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                &port.to_string(),
-                "--password",
-                password,
-                "--uid",
-                uid,
-            ])
+        Dhis2::start_with(jar, port, password, uid, None).await
+    }
+
+    /// As [`Dhis2::start`], with the protocol pinned (`RESP2`) rather than
+    /// Lettuce's default, as DHIS 2 leaves it.
+    async fn start_with(
+        jar: &Path,
+        port: u16,
+        password: &str,
+        uid: &str,
+        protocol: Option<&str>,
+    ) -> Dhis2 {
+        let mut cmd = tokio::process::Command::new("java");
+        cmd.arg("-jar").arg(jar).args([
+            "dhis2",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &port.to_string(),
+            "--password",
+            password,
+            "--uid",
+            uid,
+        ]);
+        if let Some(p) = protocol {
+            cmd.args(["--protocol", p]);
+        }
+        let mut child = cmd
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .kill_on_drop(true)
@@ -1627,7 +1641,9 @@ async fn wait_from(app: &Dhis2, uid: &str, want: &[String], what: &str) {
 /// Lettuce the empty password, which 6.8 sends in `HELLO 3 AUTH`). Each
 /// instance acts on the other's messages, in order, and drops its own;
 /// what one publishes while its sidecar restarts is queued by Lettuce and
-/// reaches the other instance, in order, once the sidecar is back.
+/// reaches the other instance, in order, once the sidecar is back. A third
+/// listener, pinned to RESP2, beside the first, gets both instances'
+/// messages in order and resubscribes after the restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_lettuce_of_every_dhis2_release_line_works_across_sidecars_and_a_restart() {
     let Some(jars) = tokio::task::spawn_blocking(lettuce_jars)
@@ -1636,7 +1652,7 @@ async fn the_lettuce_of_every_dhis2_release_line_works_across_sidecars_and_a_res
     else {
         return;
     };
-    let uids = ["uidAAAAAAAAA", "uidBBBBBBBBB"];
+    let uids = ["uidAAAAAAAAA", "uidBBBBBBBBB", "uidCCCCCCCCC"];
     for (version, jar) in &jars {
         let t = Instant::now();
         let mut c = Cluster::new(2, "");
@@ -1648,9 +1664,12 @@ async fn the_lettuce_of_every_dhis2_release_line_works_across_sidecars_and_a_res
         c.wait_connected().await;
         let mut a = Dhis2::start(jar, ports[0], "pw0", uids[0]).await;
         let mut b = Dhis2::start(jar, ports[1], "", uids[1]).await;
+        // A listener in RESP2 beside a, through the same restart.
+        let r2 = Dhis2::start_with(jar, ports[0], "pw0", uids[2], Some("RESP2")).await;
         // What each connection negotiated: RESP3 (HELLO 3) for every
-        // version, and from 6.3 on the library's name and version (CLIENT
-        // SETINFO, after HELLO 3 AUTH default with the empty password).
+        // version unless pinned, and from 6.3 on the library's name and
+        // version (CLIENT SETINFO, after HELLO 3 AUTH default with the
+        // empty password).
         let requests = [
             (ports[0], cmds(&[&["AUTH", "pw0"], &["CLIENT", "LIST"]])),
             (ports[1], cmd(&["CLIENT", "LIST"])),
@@ -1665,7 +1684,8 @@ async fn the_lettuce_of_every_dhis2_release_line_works_across_sidecars_and_a_res
                 .map(client_fields)
                 .filter(|f| !f.iter().any(|(k, v)| k == "cmd" && v == "client|list"))
                 .collect();
-            assert_eq!(apps.len(), 2, "{version}: {list}");
+            let resp2 = if port == ports[0] { 2 } else { 0 };
+            assert_eq!(apps.len(), 2 + resp2, "{version}: {list}");
             let want_lib = if *version == "6.1.6" {
                 ("", "")
             } else {
@@ -1678,10 +1698,18 @@ async fn the_lettuce_of_every_dhis2_release_line_works_across_sidecars_and_a_res
                         .map(|(_, v)| v.clone())
                         .unwrap_or_default()
                 };
-                assert_eq!(get("resp"), "3", "{version}: {list}");
+                assert!(
+                    ["2", "3"].contains(&get("resp").as_str()),
+                    "{version}: {list}"
+                );
                 assert_eq!(get("lib-name"), want_lib.0, "{version}: {list}");
                 assert!(get("lib-ver").starts_with(want_lib.1), "{version}: {list}");
             }
+            let in_resp2 = apps
+                .iter()
+                .filter(|f| f.iter().any(|(k, v)| k == "resp" && v == "2"))
+                .count();
+            assert_eq!(in_resp2, resp2, "{version}: {list}");
         }
         let from = |i: usize, ks: std::ops::RangeInclusive<usize>| -> Vec<String> {
             ks.map(|k| dhis2_message(uids[i], k)).collect()
@@ -1700,6 +1728,20 @@ async fn the_lettuce_of_every_dhis2_release_line_works_across_sidecars_and_a_res
             uids[1],
             &from(1, 1..=9),
             &format!("{version}: a from b"),
+        )
+        .await;
+        wait_from(
+            &r2,
+            uids[0],
+            &from(0, 1..=9),
+            &format!("{version}: RESP2 from a"),
+        )
+        .await;
+        wait_from(
+            &r2,
+            uids[1],
+            &from(1, 1..=9),
+            &format!("{version}: RESP2 from b"),
         )
         .await;
         let deadline = Instant::now() + LONG;
@@ -1723,6 +1765,7 @@ async fn the_lettuce_of_every_dhis2_release_line_works_across_sidecars_and_a_res
         c.wait_connected().await;
         a.wait_line("published 18", |l| l == "published 18").await;
         a.wait_line("reconnected", |l| l == "reconnected").await;
+        r2.wait_line("reconnected", |l| l == "reconnected").await;
         wait_from(
             &b,
             uids[0],
@@ -1731,19 +1774,28 @@ async fn the_lettuce_of_every_dhis2_release_line_works_across_sidecars_and_a_res
         )
         .await;
         b.publish(9, 18).await;
-        let deadline = Instant::now() + LONG;
-        while !a.received().contains(&dhis2_message(uids[1], 18)) {
-            assert!(
-                Instant::now() < deadline,
-                "{version}: a resubscribed but got nothing"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        for (name, app) in [("a", &a), ("RESP2", &r2)] {
+            let deadline = Instant::now() + LONG;
+            while !app.received().contains(&dhis2_message(uids[1], 18)) {
+                assert!(
+                    Instant::now() < deadline,
+                    "{version}: {name} resubscribed but got nothing"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            for uid in &uids {
+                let ks: Vec<usize> = app
+                    .received()
+                    .iter()
+                    .filter(|m| m.starts_with(uid))
+                    .filter_map(|m| dhis2_k(m))
+                    .collect();
+                assert!(
+                    ks.windows(2).all(|w| w[0] < w[1]),
+                    "{version}: {name} got {ks:?}"
+                );
+            }
         }
-        let ks: Vec<usize> = a.received().iter().filter_map(|m| dhis2_k(m)).collect();
-        assert!(
-            ks.windows(2).all(|w| w[0] < w[1]),
-            "{version}: a got {ks:?}"
-        );
         eprintln!("Lettuce {version}: {:?}", t.elapsed());
     }
 }
