@@ -1034,51 +1034,105 @@ fn redis_cli(port: u16, password: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// Builds the Lettuce client once per test run (Maven fetches Lettuce from
-/// Maven Central the first time); `None` when Maven or Java is missing.
-fn lettuce_jar() -> Option<PathBuf> {
-    static BUILT: Mutex<Option<Option<PathBuf>>> = Mutex::new(None);
+/// The Lettuce versions of DHIS 2's release lines (docs/dhis2.md, "DHIS 2
+/// releases"): 2.38.2; 2.39.7–2.39.10; 2.42.0; 2.42.1–2.42.2; 2.40.12,
+/// 2.41.9.1 and 2.42.3+. One module of tests/lettuce each.
+const LETTUCE_VERSIONS: [&str; 5] = ["6.1.6", "6.4.0", "6.5.5", "6.7.1", "6.8.1"];
+
+/// Builds the Lettuce client for every version in [`LETTUCE_VERSIONS`],
+/// and tests/clients/jvm (Jedis, Redisson, Spring Data Redis), once per
+/// test run and in one Maven run (Maven fetches the libraries from Maven
+/// Central the first time); `None` when Maven or Java is missing.
+fn lettuce_jars() -> Option<Vec<(&'static str, PathBuf)>> {
+    type Jars = Option<Vec<(&'static str, PathBuf)>>;
+    static BUILT: Mutex<Option<Jars>> = Mutex::new(None);
     let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
     if let Some(r) = built.clone() {
         return r;
     }
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/lettuce");
-    let jar = dir.join("target/lettuce-client.jar");
+    let jars: Vec<(&'static str, PathBuf)> = LETTUCE_VERSIONS
+        .iter()
+        .map(|v| {
+            (
+                *v,
+                dir.join(format!("lettuce-{v}/target/lettuce-client.jar")),
+            )
+        })
+        .collect();
     let result = if !have("mvn", &["-v"]) || !have("java", &["-version"]) {
         None
     } else {
+        let t = Instant::now();
         let out = Command::new("mvn")
             .args(["-q", "-B", "-Dstyle.color=never", "-f"])
             .arg(dir.join("pom.xml"))
             .args(["package", "-DskipTests"])
             .output()
             .expect("mvn");
-        assert!(
-            out.status.success() && jar.exists(),
-            "mvn package failed:\n{}\n{}",
+        let log = format!(
+            "{}{}",
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
-        Some(jar)
+        // Maven Central out of reach with the libraries not yet in the local
+        // repository: nothing here can be built, which says nothing of
+        // the sidecar.
+        if !out.status.success()
+            && ["Could not transfer", "Could not resolve", "Non-resolvable"]
+                .iter()
+                .any(|s| log.contains(s))
+        {
+            eprintln!("SKIPPED: Maven could not fetch the clients' libraries:\n{log}");
+            *built = Some(None);
+            return None;
+        }
+        assert!(
+            out.status.success() && jars.iter().all(|(_, j)| j.exists()) && jvm_jar().exists(),
+            "mvn package failed:\n{log}"
+        );
+        eprintln!("Lettuce and JVM clients built in {:?}", t.elapsed());
+        Some(jars)
     };
     *built = Some(result.clone());
     result
 }
 
+/// The check of tests/clients/jvm, built by [`lettuce_jars`].
+fn jvm_jar() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/jvm/target/jvm-clients.jar")
+}
+
+/// The client on the Lettuce of the newest DHIS 2 releases.
+fn lettuce_jar() -> Option<PathBuf> {
+    lettuce_jars().map(|j| j.last().expect("a version").1.clone())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lettuce_as_dhis2_uses_it_resp3_and_resp2_with_and_without_a_password() {
-    let Some(jar) = tokio::task::spawn_blocking(lettuce_jar)
+    let Some(jars) = tokio::task::spawn_blocking(lettuce_jars)
         .await
         .expect("build")
     else {
         return;
     };
-    let (_c, ports) = started(1, "").await;
-    let (_c2, ports_pw) = started(1, "redis.password = lettuce-pw").await;
-    for (port, password) in [(ports[0], None), (ports_pw[0], Some("lettuce-pw"))] {
+    // A sidecar per case, so that the four cases of a version run at once
+    // (the conformance client counts the subscribers of its channels).
+    let mut clusters = Vec::new();
+    let mut cases = Vec::new();
+    for password in [None, Some("lettuce-pw")] {
         for protocol in ["RESP3", "RESP2"] {
-            let mut cmd = Command::new("java");
-            cmd.arg("-jar").arg(&jar).args([
+            let extra = password.map_or(String::new(), |p| format!("redis.password = {p}"));
+            let (c, ports) = started(1, &extra).await;
+            clusters.push(c);
+            cases.push((ports[0], password, protocol));
+        }
+    }
+    for (version, jar) in &jars {
+        let mut runs = tokio::task::JoinSet::new();
+        for (port, password, protocol) in cases.clone() {
+            let mut cmd = tokio::process::Command::new("java");
+            cmd.arg("-jar").arg(jar).args([
                 "conformance",
                 "--host",
                 "127.0.0.1",
@@ -1090,14 +1144,14 @@ async fn lettuce_as_dhis2_uses_it_resp3_and_resp2_with_and_without_a_password() 
             if let Some(p) = password {
                 cmd.args(["--password", p]);
             }
-            let out = tokio::task::spawn_blocking(move || cmd.output())
-                .await
-                .expect("join")
-                .expect("java");
+            runs.spawn(async move { (password, protocol, cmd.output().await.expect("java")) });
+        }
+        while let Some(run) = runs.join_next().await {
+            let (password, protocol, out) = run.expect("join");
             let text = String::from_utf8_lossy(&out.stdout);
             assert!(
                 out.status.success() && text.ends_with("done\n"),
-                "Lettuce {protocol}, password {password:?}:\n{text}\n{}",
+                "Lettuce {version} {protocol}, password {password:?}:\n{text}\n{}",
                 String::from_utf8_lossy(&out.stderr)
             );
             if password.is_some() {
@@ -1280,20 +1334,34 @@ struct Dhis2 {
 
 impl Dhis2 {
     async fn start(jar: &Path, port: u16, password: &str, uid: &str) -> Dhis2 {
-        let mut child = tokio::process::Command::new("java")
-            .arg("-jar")
-            .arg(jar)
-            .args([
-                "dhis2",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                &port.to_string(),
-                "--password",
-                password,
-                "--uid",
-                uid,
-            ])
+        Dhis2::start_with(jar, port, password, uid, None).await
+    }
+
+    /// As [`Dhis2::start`], with the protocol pinned (`RESP2`) rather than
+    /// Lettuce's default, as DHIS 2 leaves it.
+    async fn start_with(
+        jar: &Path,
+        port: u16,
+        password: &str,
+        uid: &str,
+        protocol: Option<&str>,
+    ) -> Dhis2 {
+        let mut cmd = tokio::process::Command::new("java");
+        cmd.arg("-jar").arg(jar).args([
+            "dhis2",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &port.to_string(),
+            "--password",
+            password,
+            "--uid",
+            uid,
+        ]);
+        if let Some(p) = protocol {
+            cmd.args(["--protocol", p]);
+        }
+        let mut child = cmd
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .kill_on_drop(true)
@@ -1331,22 +1399,57 @@ impl Dhis2 {
 
     /// Publishes `n` more messages and waits until all were acknowledged.
     async fn publish(&mut self, n: usize, last: usize) {
-        self.stdin
-            .write_all(format!("publish {n}\n").as_bytes())
-            .await
-            .expect("stdin");
+        self.send(n).await;
         let want = format!("published {last}");
         self.wait_line(&want, |l| l == want).await;
     }
 
+    /// Asks for `n` more messages without waiting for them.
+    async fn send(&mut self, n: usize) {
+        self.stdin
+            .write_all(format!("publish {n}\n").as_bytes())
+            .await
+            .expect("stdin");
+    }
+
+    /// The messages of other instances, as DHIS 2 acts on them.
     fn received(&self) -> Vec<String> {
+        self.with_prefix("recv ")
+    }
+
+    /// Its own messages, which DHIS 2 drops.
+    fn own(&self) -> Vec<String> {
+        self.with_prefix("own ")
+    }
+
+    fn with_prefix(&self, prefix: &str) -> Vec<String> {
         self.lines
             .lock()
             .expect("lock")
             .iter()
-            .filter_map(|l| l.strip_prefix("recv ").map(str::to_string))
+            .filter_map(|l| l.strip_prefix(prefix).map(str::to_string))
             .collect()
     }
+}
+
+/// Message `k` of the instance `uid`, as tests/lettuce's `dhis2` mode
+/// publishes it: in turn an entity, a collection of an owner, and an entity
+/// with a composite id, in DHIS 2's shapes.
+fn dhis2_message(uid: &str, k: usize) -> String {
+    match k % 3 {
+        1 => format!("{uid}:update:org.hisp.dhis.dataelement.DataElement:{k}"),
+        2 => format!(
+            "{uid}:collection:org.hisp.dhis.dataset.DataSet:org.hisp.dhis.dataset.DataSet.dataSetElements:{k}"
+        ),
+        _ => format!(
+            "{uid}:update:org.hisp.dhis.datavalue.DataValue:fbfJHSPpUQD;202612;DiszpKrYNg8;HllvX50cXC0;{k}"
+        ),
+    }
+}
+
+/// The number of a message of [`dhis2_message`].
+fn dhis2_k(message: &str) -> Option<usize> {
+    message.rsplit([':', ';']).next()?.parse().ok()
 }
 
 impl Drop for Dhis2 {
@@ -1390,12 +1493,7 @@ async fn three_dhis2_instances_stay_coherent_through_a_crash_and_a_sidecar_resta
     for i in 0..3 {
         m.wait_call_after(i, start).await;
     }
-    let msg = |i: usize, k: usize| {
-        format!(
-            "{}:update:org.hisp.dhis.dataelement.DataElement:{k}",
-            uids[i]
-        )
-    };
+    let msg = |i: usize, k: usize| dhis2_message(uids[i], k);
     let mut sent = [0usize; 3];
     // Phase 1: every subscriber gets every message exactly once, in each
     // origin's order.
@@ -1406,10 +1504,10 @@ async fn three_dhis2_instances_stay_coherent_through_a_crash_and_a_sidecar_resta
             let _ = round;
         }
     }
-    for app in &apps {
-        let total: usize = sent.iter().sum();
+    for (j, app) in apps.iter().enumerate() {
+        let total: usize = sent.iter().sum::<usize>() - sent[j];
         let deadline = Instant::now() + LONG;
-        while app.received().len() < total {
+        while app.received().len() < total || app.own().len() < sent[j] {
             assert!(
                 Instant::now() < deadline,
                 "only {} of {total}",
@@ -1420,7 +1518,13 @@ async fn three_dhis2_instances_stay_coherent_through_a_crash_and_a_sidecar_resta
         let got = app.received();
         assert_eq!(got.len(), total, "duplicates");
         for (i, uid) in uids.iter().enumerate() {
-            let from: Vec<String> = got.iter().filter(|m| m.starts_with(uid)).cloned().collect();
+            let from: Vec<String> = if i == j {
+                // Delivered to the publisher too, as Redis does, and dropped.
+                assert!(!got.iter().any(|m| m.starts_with(uid)), "own acted on");
+                app.own()
+            } else {
+                got.iter().filter(|m| m.starts_with(uid)).cloned().collect()
+            };
             let want: Vec<String> = (1..=sent[i]).map(|k| msg(i, k)).collect();
             assert_eq!(from, want, "origin {i}'s messages, in order");
         }
@@ -1470,7 +1574,7 @@ async fn three_dhis2_instances_stay_coherent_through_a_crash_and_a_sidecar_resta
             let got: std::collections::HashSet<String> = app.received().into_iter().collect();
             let calls = m.calls_for(j);
             for &(i, k, t) in &published_at {
-                if !got.contains(&msg(i, k)) && !calls.iter().any(|c| *c >= t) {
+                if i != j && !got.contains(&msg(i, k)) && !calls.iter().any(|c| *c >= t) {
                     missing.push(format!(
                         "app {j} lacks {} with no flush after it",
                         msg(i, k)
@@ -1496,7 +1600,7 @@ async fn three_dhis2_instances_stay_coherent_through_a_crash_and_a_sidecar_resta
                 .received()
                 .iter()
                 .filter(|m| m.starts_with(uid))
-                .filter_map(|m| m.rsplit(':').next()?.parse().ok())
+                .filter_map(|m| dhis2_k(m))
                 .collect();
             let mut seen = std::collections::HashSet::new();
             let firsts: Vec<usize> = ks.iter().copied().filter(|k| seen.insert(*k)).collect();
@@ -1511,6 +1615,189 @@ async fn three_dhis2_instances_stay_coherent_through_a_crash_and_a_sidecar_resta
         0,
         "credentials were refused"
     );
+}
+
+/// Waits until `app` has acted on `want` (in that order, nothing else)
+/// from the instance `uid`.
+async fn wait_from(app: &Dhis2, uid: &str, want: &[String], what: &str) {
+    let deadline = Instant::now() + LONG;
+    loop {
+        let from: Vec<String> = app
+            .received()
+            .into_iter()
+            .filter(|m| m.starts_with(uid))
+            .collect();
+        if from.len() >= want.len() {
+            assert_eq!(from, want, "{what}: in order, once each");
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what}: only {from:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The Lettuce of every DHIS 2 release line, wired as DHIS 2 wires it, on
+/// two sidecars: one with `redis.password`, one without (DHIS 2 then gives
+/// Lettuce the empty password, which 6.8 sends in `HELLO 3 AUTH`). Each
+/// instance acts on the other's messages, in order, and drops its own;
+/// what one publishes while its sidecar restarts is queued by Lettuce and
+/// reaches the other instance, in order, once the sidecar is back. A third
+/// listener, pinned to RESP2, beside the first, gets both instances'
+/// messages in order and resubscribes after the restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_lettuce_of_every_dhis2_release_line_works_across_sidecars_and_a_restart() {
+    let Some(jars) = tokio::task::spawn_blocking(lettuce_jars)
+        .await
+        .expect("build")
+    else {
+        return;
+    };
+    let uids = ["uidAAAAAAAAA", "uidBBBBBBBBB", "uidCCCCCCCCC"];
+    for (version, jar) in &jars {
+        let t = Instant::now();
+        let mut c = Cluster::new(2, "");
+        let ports = with_resp(&c, "");
+        let mut text = std::fs::read_to_string(&c.nodes[0].conf).expect("conf");
+        text.push_str("redis.password = pw0\n");
+        std::fs::write(&c.nodes[0].conf, text).expect("conf");
+        c.start_all().await;
+        c.wait_connected().await;
+        let mut a = Dhis2::start(jar, ports[0], "pw0", uids[0]).await;
+        let mut b = Dhis2::start(jar, ports[1], "", uids[1]).await;
+        // A listener in RESP2 beside a, through the same restart.
+        let r2 = Dhis2::start_with(jar, ports[0], "pw0", uids[2], Some("RESP2")).await;
+        // What each connection negotiated: RESP3 (HELLO 3) for every
+        // version unless pinned, and from 6.3 on the library's name and
+        // version (CLIENT SETINFO, after HELLO 3 AUTH default with the
+        // empty password).
+        let requests = [
+            (ports[0], cmds(&[&["AUTH", "pw0"], &["CLIENT", "LIST"]])),
+            (ports[1], cmd(&["CLIENT", "LIST"])),
+        ];
+        for (port, request) in requests {
+            let reply = exchange(port, &request).await;
+            let reply = String::from_utf8_lossy(&reply);
+            let list = reply.trim_start_matches("+OK\r\n");
+            let list = text_of(list.as_bytes());
+            let apps: Vec<Vec<(String, String)>> = list
+                .lines()
+                .map(client_fields)
+                .filter(|f| !f.iter().any(|(k, v)| k == "cmd" && v == "client|list"))
+                .collect();
+            let resp2 = if port == ports[0] { 2 } else { 0 };
+            assert_eq!(apps.len(), 2 + resp2, "{version}: {list}");
+            let want_lib = if *version == "6.1.6" {
+                ("", "")
+            } else {
+                ("Lettuce", *version)
+            };
+            for f in &apps {
+                let get = |key: &str| {
+                    f.iter()
+                        .find(|(k, _)| k == key)
+                        .map(|(_, v)| v.clone())
+                        .unwrap_or_default()
+                };
+                assert!(
+                    ["2", "3"].contains(&get("resp").as_str()),
+                    "{version}: {list}"
+                );
+                assert_eq!(get("lib-name"), want_lib.0, "{version}: {list}");
+                assert!(get("lib-ver").starts_with(want_lib.1), "{version}: {list}");
+            }
+            let in_resp2 = apps
+                .iter()
+                .filter(|f| f.iter().any(|(k, v)| k == "resp" && v == "2"))
+                .count();
+            assert_eq!(in_resp2, resp2, "{version}: {list}");
+        }
+        let from = |i: usize, ks: std::ops::RangeInclusive<usize>| -> Vec<String> {
+            ks.map(|k| dhis2_message(uids[i], k)).collect()
+        };
+        a.publish(9, 9).await;
+        b.publish(9, 9).await;
+        wait_from(
+            &b,
+            uids[0],
+            &from(0, 1..=9),
+            &format!("{version}: b from a"),
+        )
+        .await;
+        wait_from(
+            &a,
+            uids[1],
+            &from(1, 1..=9),
+            &format!("{version}: a from b"),
+        )
+        .await;
+        wait_from(
+            &r2,
+            uids[0],
+            &from(0, 1..=9),
+            &format!("{version}: RESP2 from a"),
+        )
+        .await;
+        wait_from(
+            &r2,
+            uids[1],
+            &from(1, 1..=9),
+            &format!("{version}: RESP2 from b"),
+        )
+        .await;
+        let deadline = Instant::now() + LONG;
+        while a.own().len() < 9 || b.own().len() < 9 {
+            assert!(
+                Instant::now() < deadline,
+                "{version}: own messages not delivered"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(a.own(), from(0, 1..=9), "{version}: a's own, dropped");
+        assert_eq!(b.own(), from(1, 1..=9), "{version}: b's own, dropped");
+        // a's sidecar restarts; a publishes meanwhile, as DHIS 2 goes on
+        // saving objects: Lettuce queues the commands until it is back.
+        c.nodes[0].terminate();
+        a.wait_line("disconnected", |l| l == "disconnected").await;
+        a.send(9).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        c.nodes[0].spawn();
+        c.nodes[0].wait_healthy().await;
+        c.wait_connected().await;
+        a.wait_line("published 18", |l| l == "published 18").await;
+        a.wait_line("reconnected", |l| l == "reconnected").await;
+        r2.wait_line("reconnected", |l| l == "reconnected").await;
+        wait_from(
+            &b,
+            uids[0],
+            &from(0, 1..=18),
+            &format!("{version}: b from a, queued"),
+        )
+        .await;
+        b.publish(9, 18).await;
+        for (name, app) in [("a", &a), ("RESP2", &r2)] {
+            let deadline = Instant::now() + LONG;
+            while !app.received().contains(&dhis2_message(uids[1], 18)) {
+                assert!(
+                    Instant::now() < deadline,
+                    "{version}: {name} resubscribed but got nothing"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            for uid in &uids {
+                let ks: Vec<usize> = app
+                    .received()
+                    .iter()
+                    .filter(|m| m.starts_with(uid))
+                    .filter_map(|m| dhis2_k(m))
+                    .collect();
+                assert!(
+                    ks.windows(2).all(|w| w[0] < w[1]),
+                    "{version}: {name} got {ks:?}"
+                );
+            }
+        }
+        eprintln!("Lettuce {version}: {:?}", t.elapsed());
+    }
 }
 
 /// A sidecar with the Redis-protocol endpoint and a flush hook to `url`.
@@ -1690,4 +1977,220 @@ async fn fresh_subscriptions_in_a_loop_call_the_hook_at_a_bounded_rate_and_none_
         asked.elapsed()
     );
     drop(held);
+}
+
+/// Whether `tool` runs here. Unlike [`have`], not required in CI: the
+/// clients of other languages are checked where their toolchain is
+/// installed, and skipped, saying why, elsewhere.
+fn optional_tool(tool: &str, args: &[&str], what: &str) -> bool {
+    let ok = Command::new(tool)
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        eprintln!("SKIPPED: {what}: {tool} is not installed here");
+    }
+    ok
+}
+
+/// Runs a client check of tests/clients (subscribers through the first
+/// sidecar of a pair, publishers through the second; the first with a
+/// password, the second without) and restarts the subscribers' sidecar
+/// when the check says `restart`. Returns the check's output once it says
+/// `done`.
+async fn client_check(mut cmd: tokio::process::Command, what: &str) -> String {
+    let mut c = Cluster::new(2, "");
+    let ports = with_resp(&c, "");
+    let mut text = std::fs::read_to_string(&c.nodes[0].conf).expect("conf");
+    text.push_str("redis.password = sub-pw\n");
+    std::fs::write(&c.nodes[0].conf, text).expect("conf");
+    c.start_all().await;
+    c.wait_connected().await;
+    let mut child = cmd
+        .args([&ports[0].to_string(), "sub-pw", &ports[1].to_string(), "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("client check");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let mut out = String::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let line = tokio::time::timeout_at(deadline.into(), lines.next_line())
+            .await
+            .unwrap_or_else(|_| panic!("{what}: no end within 120 s:\n{out}"))
+            .expect("read");
+        let Some(line) = line else {
+            panic!("{what}: ended without done:\n{out}");
+        };
+        out.push_str(&line);
+        out.push('\n');
+        assert!(!line.starts_with("FAIL"), "{what}:\n{out}");
+        if line == "restart" {
+            c.nodes[0].terminate();
+            c.nodes[0].spawn();
+            c.nodes[0].wait_healthy().await;
+            c.wait_connected().await;
+            stdin.write_all(b"restarted\n").await.expect("stdin");
+        }
+        if line == "done" {
+            break;
+        }
+    }
+    assert!(
+        child.wait().await.expect("wait").success(),
+        "{what}:\n{out}"
+    );
+    out
+}
+
+/// ioredis and node-redis on their default options (tests/clients/node):
+/// ioredis's ready check sends INFO and subscribes only if that succeeds.
+/// Every message published through one sidecar reaches the subscriber on
+/// the other, in order, before and after the subscriber's sidecar
+/// restarts; node-redis in RESP2 and RESP3.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ioredis_and_node_redis_on_defaults_get_every_message_across_sidecars() {
+    let what = "ioredis and node-redis";
+    if !optional_tool("node", &["--version"], what) || !optional_tool("npm", &["--version"], what) {
+        return;
+    }
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/node");
+    // `npm ci` (from npm's cache after the first run) when the installed
+    // packages are not those of package-lock.json.
+    let installed = dir.join("node_modules/.package-lock.json");
+    let current = std::fs::metadata(&installed)
+        .and_then(|m| m.modified())
+        .ok()
+        .zip(
+            std::fs::metadata(dir.join("package-lock.json"))
+                .and_then(|m| m.modified())
+                .ok(),
+        )
+        .is_some_and(|(i, l)| i >= l);
+    if !current {
+        let t = Instant::now();
+        let out = tokio::process::Command::new("npm")
+            .args(["ci", "--no-audit", "--no-fund", "--loglevel=error"])
+            .current_dir(&dir)
+            .output()
+            .await
+            .expect("npm");
+        if !out.status.success() {
+            eprintln!(
+                "SKIPPED: {what}: npm ci failed (registry unreachable?):\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            return;
+        }
+        eprintln!("npm ci: {:?}", t.elapsed());
+    }
+    let mut cmd = tokio::process::Command::new("node");
+    cmd.arg(dir.join("check.mjs"));
+    let out = client_check(cmd, what).await;
+    eprint!("{out}");
+    for client in ["ioredis", "node-redis-resp2", "node-redis-resp3"] {
+        for phase in ["before", "after"] {
+            assert!(
+                out.contains(&format!("ok {client} {phase} 200\n")),
+                "{client} {phase}:\n{out}"
+            );
+        }
+    }
+}
+
+/// go-redis v9 on its default options (tests/clients/go), in RESP2 and
+/// RESP3: every message published through one sidecar reaches the
+/// subscriber on the other, in order, before and after the subscriber's
+/// sidecar restarts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn go_redis_gets_every_message_across_sidecars() {
+    let what = "go-redis";
+    if !optional_tool("go", &["version"], what) {
+        return;
+    }
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/go");
+    // Modules come from the Go proxy once, then from the module cache. An
+    // older Go than go.mod asks for skips rather than fetch a toolchain.
+    let t = Instant::now();
+    let out = tokio::process::Command::new("go")
+        .args(["mod", "download"])
+        .env("GOTOOLCHAIN", "local")
+        .current_dir(&dir)
+        .output()
+        .await
+        .expect("go");
+    if !out.status.success() {
+        eprintln!(
+            "SKIPPED: {what}: go mod download failed (proxy unreachable, or Go older than go.mod's):\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        return;
+    }
+    let bin = Path::new(env!("CARGO_TARGET_TMPDIR")).join("go-check");
+    let out = tokio::process::Command::new("go")
+        .arg("build")
+        .arg("-o")
+        .arg(&bin)
+        .arg(".")
+        .env("GOTOOLCHAIN", "local")
+        .current_dir(&dir)
+        .output()
+        .await
+        .expect("go");
+    assert!(
+        out.status.success(),
+        "go build:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("go-redis check built in {:?}", t.elapsed());
+    let out = client_check(tokio::process::Command::new(&bin), what).await;
+    eprint!("{out}");
+    for client in ["go-redis-resp2", "go-redis-resp3"] {
+        for phase in ["before", "after"] {
+            assert!(
+                out.contains(&format!("ok {client} {phase} 200\n")),
+                "{client} {phase}:\n{out}"
+            );
+        }
+    }
+}
+
+/// Jedis 6.2 (RESP2 and RESP3, resubscribing as applications do),
+/// Redisson 3.52 (25 connections per client) and Spring Data Redis's
+/// listener container (tests/clients/jvm): every message published through
+/// one sidecar reaches the subscriber on the other, in order, before and
+/// after the subscriber's sidecar restarts; Spring Boot's Redis health
+/// indicator reports UP with the version INFO gives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jedis_redisson_and_spring_get_every_message_across_sidecars() {
+    if tokio::task::spawn_blocking(lettuce_jars)
+        .await
+        .expect("build")
+        .is_none()
+    {
+        return;
+    }
+    let mut cmd = tokio::process::Command::new("java");
+    cmd.arg("-jar").arg(jvm_jar());
+    let out = client_check(cmd, "Jedis, Redisson, Spring").await;
+    eprint!("{out}");
+    for client in ["jedis-resp2", "jedis-resp3", "redisson", "spring-listener"] {
+        for phase in ["before", "after"] {
+            assert!(
+                out.contains(&format!("ok {client} {phase} 200\n")),
+                "{client} {phase}:\n{out}"
+            );
+        }
+    }
+    for phase in ["before", "after"] {
+        assert!(
+            out.contains(&format!("ok spring-health {phase} UP 7.")),
+            "health {phase}:\n{out}"
+        );
+    }
 }

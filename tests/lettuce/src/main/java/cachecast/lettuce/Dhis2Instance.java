@@ -119,7 +119,7 @@ final class Dhis2Instance {
   private void publish(int n) throws InterruptedException {
     for (int i = 0; i < n; i++) {
       long k = lastK + 1;
-      String message = uid + ":update:org.hisp.dhis.dataelement.DataElement:" + k;
+      String message = message(uid, k);
       String error = publishOne(message);
       if (error != null) {
         Out.line("FAIL publish " + k + " " + error);
@@ -128,6 +128,29 @@ final class Dhis2Instance {
       lastK = k;
     }
     Out.line("published " + lastK);
+  }
+
+  /**
+   * Message k of an instance, in the shapes DHIS 2 publishes, in turn: an entity
+   * ({@code <uid>:<op>:<entityClass>:<id>}), a collection of an owner
+   * ({@code <uid>:collection:<ownerEntity>:<role>:<ownerId>}) and an entity with a composite id
+   * (its parts joined with ';', DataValue's five). k is always the last part.
+   */
+  static String message(String uid, long k) {
+    switch ((int) (k % 3)) {
+      case 1:
+        return uid + ":update:org.hisp.dhis.dataelement.DataElement:" + k;
+      case 2:
+        return uid
+            + ":collection:org.hisp.dhis.dataset.DataSet:"
+            + "org.hisp.dhis.dataset.DataSet.dataSetElements:"
+            + k;
+      default:
+        return uid
+            + ":update:org.hisp.dhis.datavalue.DataValue:"
+            + "fbfJHSPpUQD;202612;DiszpKrYNg8;HllvX50cXC0;"
+            + k;
+    }
   }
 
   /** null on success, else the last error. */
@@ -176,7 +199,13 @@ final class Dhis2Instance {
 
     @Override
     public void message(String channel, String message) {
-      if (CHANNEL.equals(channel)) {
+      if (!CHANNEL.equals(channel)) {
+        return;
+      }
+      // DHIS 2 drops its own messages: the first part is the sender's server instance id.
+      if (uid.equals(message.split(":", 2)[0])) {
+        Out.line("own " + message);
+      } else {
         Out.line("recv " + message);
       }
     }
