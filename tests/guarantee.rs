@@ -7,7 +7,6 @@
 
 mod common;
 
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -15,93 +14,17 @@ use cachecast::wire::{
     Batch, FrameCodec, Hello, Item, MAGIC, Message, PROTOCOL_VERSION, Position, Resume,
 };
 use common::Mode;
-use common::procs::{Cluster, LONG, Sidecar, client, metric};
+use common::procs::{Cluster, LONG, Sidecar, Sse, Subscription, client, metric};
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio_util::codec::{Encoder, FramedRead};
 
-/// Event types (and the data) seen on one sidecar's event stream.
-struct Stream {
-    events: Arc<Mutex<Vec<(String, Value)>>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Stream {
-    async fn open(node: &Sidecar) -> Stream {
-        let resp = client()
-            .get(node.url("/v1/events"))
-            .timeout(Duration::from_secs(3600))
-            .send()
-            .await
-            .expect("subscribe");
-        assert_eq!(resp.status(), 200);
-        let events = Arc::new(Mutex::new(Vec::new()));
-        let sink = events.clone();
-        let task = tokio::spawn(async move {
-            let mut body = resp.bytes_stream();
-            let mut buf = String::new();
-            while let Some(Ok(chunk)) = body.next().await {
-                buf.push_str(&String::from_utf8_lossy(&chunk));
-                while let Some(end) = buf.find("\n\n") {
-                    let block: String = buf.drain(..end + 2).collect();
-                    let mut event = String::new();
-                    let mut data = String::new();
-                    for line in block.lines() {
-                        if let Some(v) = line.strip_prefix("event:") {
-                            event = v.trim().to_string();
-                        } else if let Some(v) = line.strip_prefix("data:") {
-                            data.push_str(v.trim());
-                        }
-                    }
-                    if !event.is_empty() {
-                        let data = serde_json::from_str(&data).unwrap_or(Value::Null);
-                        sink.lock().expect("lock").push((event, data));
-                    }
-                }
-            }
-        });
-        Stream { events, task }
-    }
-
-    fn events(&self) -> Vec<(String, Value)> {
-        self.events.lock().expect("lock").clone()
-    }
-
-    /// Waits until `pred` holds of the events so far (or fails after
-    /// `limit`, printing them).
-    async fn wait_for(
-        &self,
-        what: &str,
-        limit: Duration,
-        pred: impl Fn(&[(String, Value)]) -> bool,
-    ) {
-        let deadline = tokio::time::Instant::now() + limit;
-        loop {
-            let evs = self.events();
-            if pred(&evs) {
-                return;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "timed out waiting for {what}; got {evs:#?}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-}
-
-impl Drop for Stream {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
 /// A flush from `origin` on the stream.
-fn flush_from(evs: &[(String, Value)], origin: &str) -> bool {
+fn flush_from(evs: &[Sse], origin: &str) -> bool {
     evs.iter()
-        .any(|(e, d)| e == "flush" && d["origin"] == json!(origin))
+        .any(|e| e.event == "flush" && e.data["origin"] == json!(origin))
 }
 
 async fn invalidate(node: &Sidecar, key: &str) {
@@ -124,7 +47,7 @@ async fn a_crash_after_a_partition_is_covered_by_default() {
     c.start_all().await;
     c.wait_connected().await;
     let a = c.nodes[0].id();
-    let b_stream = Stream::open(&c.nodes[1]).await;
+    let b_stream = Subscription::open(c.nodes[1].url("/v1/events"), None).await;
     // Run A0 ends cleanly: B sees its goodbye.
     let status = c.nodes[0].terminate();
     assert!(status.success(), "{status:?}");
@@ -148,7 +71,7 @@ async fn a_crash_after_a_partition_is_covered_by_default() {
     c.nodes[0].spawn();
     c.nodes[0].wait_healthy().await;
     b_stream
-        .wait_for("a flush from A's next run", LONG, |evs| flush_from(evs, &a))
+        .wait_for("a flush from A's next run", |evs| flush_from(evs, &a))
         .await;
 }
 
@@ -193,20 +116,62 @@ fn key(k: &str) -> Item {
 
 /// Every key of `keys` reached the stream, or a flush from `origin` came
 /// after index `from` of the stream (when they had been accepted).
-fn covered(evs: &[(String, Value)], origin: &str, keys: &[String], from: usize) -> Vec<String> {
-    let flushed = evs
-        .iter()
-        .skip(from)
-        .any(|(e, d)| e == "flush" && d["origin"] == json!(origin));
+fn covered(evs: &[Sse], origin: &str, keys: &[String], from: usize) -> Vec<String> {
+    let flushed = flush_from(&evs[from.min(evs.len())..], origin);
     keys.iter()
         .filter(|k| {
             !flushed
                 && !evs
                     .iter()
-                    .any(|(e, d)| e == "invalidate" && d["key"] == json!(k))
+                    .any(|e| e.event == "invalidate" && e.data["key"] == json!(k))
         })
         .cloned()
         .collect()
+}
+
+/// Two sidecars S (node 0) and R (node 1) behind relays, with R's event
+/// stream open: S's 1..15 applied at R and acknowledged to S, then R's
+/// relay stalled, and S's 16..25 (`real`) accepted into the stalled link.
+struct Stalled {
+    c: Cluster,
+    relays: Vec<common::Proxy>,
+    r_stream: Subscription,
+    /// R's events before 16..25 were accepted.
+    from: usize,
+    real: Vec<String>,
+}
+
+async fn stalled_after_15(extra: &str) -> Stalled {
+    let (mut c, relays) = Cluster::relayed(2, extra).await;
+    c.start_all().await;
+    c.wait_connected().await;
+    let (s_id, r_id) = (c.nodes[0].id(), c.nodes[1].id());
+    let r_stream = Subscription::open(c.nodes[1].url("/v1/events"), None).await;
+    for i in 1..=15 {
+        invalidate(&c.nodes[0], &format!("before-{i}")).await;
+    }
+    wait_peer(&c.nodes[1], &s_id, "R applied S's 15", |p| {
+        p["applied"][1] == json!(15)
+    })
+    .await;
+    wait_peer(&c.nodes[0], &r_id, "S saw R's ack of 15", |p| {
+        p["acked_seq"] == json!(15)
+    })
+    .await;
+    // S's link to R stalls (everything that reaches R goes through its relay).
+    relays[1].set(Mode::Stall);
+    let from = r_stream.events().len();
+    let real: Vec<String> = (16..=25).map(|i| format!("real-{i}")).collect();
+    for k in &real {
+        invalidate(&c.nodes[0], k).await;
+    }
+    Stalled {
+        c,
+        relays,
+        r_stream,
+        from,
+        real,
+    }
 }
 
 /// Hole: with neither secret nor TLS, a process on S's server (it reads S's
@@ -218,25 +183,14 @@ fn covered(evs: &[(String, Value)], origin: &str, keys: &[String], from: usize) 
 /// it is not its own, and R flushes before it gets S's real 16..25.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_claim_in_range_cannot_make_a_node_skip_a_peers_invalidations() {
-    let (mut c, relays) = Cluster::relayed(2, "").await;
-    c.start_all().await;
-    c.wait_connected().await;
+    let Stalled {
+        c,
+        relays,
+        r_stream,
+        from,
+        real,
+    } = stalled_after_15("").await;
     let (s_id, r_id) = (c.nodes[0].id(), c.nodes[1].id());
-    let r_stream = Stream::open(&c.nodes[1]).await;
-    for i in 1..=15 {
-        invalidate(&c.nodes[0], &format!("before-{i}")).await;
-    }
-    wait_peer(&c.nodes[1], &s_id, "R applied S's 15", |p| {
-        p["applied"][1] == json!(15)
-    })
-    .await;
-    // S's link to R stalls (everything that reaches R goes through its relay).
-    relays[1].set(Mode::Stall);
-    let from = r_stream.events().len();
-    let real: Vec<String> = (16..=25).map(|i| format!("real-{i}")).collect();
-    for k in &real {
-        invalidate(&c.nodes[0], k).await;
-    }
     wait_peer(&c.nodes[1], &s_id, "R's link from S down", |p| {
         p["inbound"] == json!(false)
     })
@@ -310,7 +264,7 @@ async fn a_claim_in_range_cannot_make_a_node_skip_a_peers_invalidations() {
     relays[1].cut();
     relays[1].set(Mode::Forward);
     r_stream
-        .wait_for("S's 16..25, or a flush after them", LONG, |evs| {
+        .wait_for("S's 16..25, or a flush after them", |evs| {
             covered(evs, &s_id, &real, from).is_empty()
         })
         .await;
@@ -328,28 +282,14 @@ async fn a_claim_in_range_cannot_make_a_node_skip_a_peers_invalidations() {
 /// position below what the same run of it acknowledged is divergence, and
 /// S replays (or flushes). Either way R gets 16..25 or a flush.
 async fn a_forged_ack_cannot_make_an_origin_skip(extra: &str) {
-    let (mut c, relays) = Cluster::relayed(2, extra).await;
-    c.start_all().await;
-    c.wait_connected().await;
+    let Stalled {
+        c,
+        relays,
+        r_stream,
+        from,
+        real,
+    } = stalled_after_15(extra).await;
     let s_id = c.nodes[0].id();
-    let r_stream = Stream::open(&c.nodes[1]).await;
-    for i in 1..=15 {
-        invalidate(&c.nodes[0], &format!("before-{i}")).await;
-    }
-    wait_peer(&c.nodes[1], &s_id, "R applied S's 15", |p| {
-        p["applied"][1] == json!(15)
-    })
-    .await;
-    wait_peer(&c.nodes[0], &c.nodes[1].id(), "S saw R's ack of 15", |p| {
-        p["acked_seq"] == json!(15)
-    })
-    .await;
-    relays[1].set(Mode::Stall);
-    let from = r_stream.events().len();
-    let real: Vec<String> = (16..=25).map(|i| format!("real-{i}")).collect();
-    for k in &real {
-        invalidate(&c.nodes[0], k).await;
-    }
     let incarnation = u64::from_str_radix(
         c.nodes[0].status().await["incarnation"]
             .as_str()
@@ -376,11 +316,9 @@ async fn a_forged_ack_cannot_make_an_origin_skip(extra: &str) {
     relays[1].cut();
     relays[1].set(Mode::Forward);
     r_stream
-        .wait_for(
-            "S's 16..25, or a flush after them",
-            Duration::from_secs(10),
-            |evs| covered(evs, &s_id, &real, from).is_empty(),
-        )
+        .wait_for("S's 16..25, or a flush after them", |evs| {
+            covered(evs, &s_id, &real, from).is_empty()
+        })
         .await;
 }
 

@@ -8,94 +8,10 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::procs::{Cluster, LONG, Sidecar, client, free_port, metric, metrics_text};
-use futures_util::StreamExt;
+use common::procs::{
+    Cluster, LONG, Sidecar, Sse, Subscription, client, free_port, metric, metrics_text,
+};
 use serde_json::{Value, json};
-
-/// One parsed SSE event.
-#[derive(Debug, Clone)]
-struct Sse {
-    id: String,
-    event: String,
-    data: Value,
-}
-
-/// A live SSE subscription, collecting events in the background.
-struct Subscription {
-    events: Arc<Mutex<Vec<Sse>>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Subscription {
-    async fn open(url: String, last_event_id: Option<String>) -> Subscription {
-        let mut req = client().get(url).timeout(Duration::from_secs(3600));
-        if let Some(id) = last_event_id {
-            req = req.header("Last-Event-ID", id);
-        }
-        let resp = req.send().await.expect("subscribe");
-        assert_eq!(resp.status(), 200);
-        assert!(
-            resp.headers()["content-type"]
-                .to_str()
-                .unwrap()
-                .starts_with("text/event-stream")
-        );
-        let events = Arc::new(Mutex::new(Vec::new()));
-        let sink = events.clone();
-        let task = tokio::spawn(async move {
-            let mut stream = resp.bytes_stream();
-            let mut buf = String::new();
-            while let Some(Ok(chunk)) = stream.next().await {
-                buf.push_str(&String::from_utf8_lossy(&chunk));
-                while let Some(end) = buf.find("\n\n") {
-                    let block: String = buf.drain(..end + 2).collect();
-                    let (mut id, mut event, mut data) =
-                        (String::new(), String::new(), String::new());
-                    for line in block.lines() {
-                        if let Some(v) = line.strip_prefix("id:") {
-                            id = v.trim().to_string();
-                        } else if let Some(v) = line.strip_prefix("event:") {
-                            event = v.trim().to_string();
-                        } else if let Some(v) = line.strip_prefix("data:") {
-                            data.push_str(v.trim());
-                        }
-                    }
-                    if event.is_empty() {
-                        continue; // a keep-alive comment
-                    }
-                    let data = serde_json::from_str(&data).expect("event data is JSON");
-                    sink.lock().unwrap().push(Sse { id, event, data });
-                }
-            }
-        });
-        Subscription { events, task }
-    }
-
-    fn events(&self) -> Vec<Sse> {
-        self.events.lock().unwrap().clone()
-    }
-
-    async fn wait_for(&self, what: &str, pred: impl Fn(&[Sse]) -> bool) -> Vec<Sse> {
-        let deadline = tokio::time::Instant::now() + LONG;
-        loop {
-            let evs = self.events();
-            if pred(&evs) {
-                return evs;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "timed out waiting for {what}; got {evs:#?}"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-}
-
-impl Drop for Subscription {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
 
 fn keys(evs: &[Sse]) -> Vec<String> {
     evs.iter()

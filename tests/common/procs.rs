@@ -6,8 +6,10 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures_util::StreamExt;
 use serde_json::{Value, json};
 
 pub const LONG: Duration = Duration::from_secs(20);
@@ -320,4 +322,89 @@ pub async fn metric(node: &Sidecar, name: &str) -> u64 {
         .find_map(|l| l.strip_prefix(&format!("{name} ")))
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| panic!("no {name} in:\n{text}"))
+}
+
+/// One parsed SSE event.
+#[derive(Debug, Clone)]
+pub struct Sse {
+    pub id: String,
+    pub event: String,
+    pub data: Value,
+}
+
+/// A live SSE subscription, collecting events in the background.
+pub struct Subscription {
+    events: Arc<Mutex<Vec<Sse>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Subscription {
+    pub async fn open(url: String, last_event_id: Option<String>) -> Subscription {
+        let mut req = client().get(url).timeout(Duration::from_secs(3600));
+        if let Some(id) = last_event_id {
+            req = req.header("Last-Event-ID", id);
+        }
+        let resp = req.send().await.expect("subscribe");
+        assert_eq!(resp.status(), 200);
+        assert!(
+            resp.headers()["content-type"]
+                .to_str()
+                .unwrap()
+                .starts_with("text/event-stream")
+        );
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let sink = events.clone();
+        let task = tokio::spawn(async move {
+            let mut stream = resp.bytes_stream();
+            let mut buf = String::new();
+            while let Some(Ok(chunk)) = stream.next().await {
+                buf.push_str(&String::from_utf8_lossy(&chunk));
+                while let Some(end) = buf.find("\n\n") {
+                    let block: String = buf.drain(..end + 2).collect();
+                    let (mut id, mut event, mut data) =
+                        (String::new(), String::new(), String::new());
+                    for line in block.lines() {
+                        if let Some(v) = line.strip_prefix("id:") {
+                            id = v.trim().to_string();
+                        } else if let Some(v) = line.strip_prefix("event:") {
+                            event = v.trim().to_string();
+                        } else if let Some(v) = line.strip_prefix("data:") {
+                            data.push_str(v.trim());
+                        }
+                    }
+                    if event.is_empty() {
+                        continue; // a keep-alive comment
+                    }
+                    let data = serde_json::from_str(&data).expect("event data is JSON");
+                    sink.lock().unwrap().push(Sse { id, event, data });
+                }
+            }
+        });
+        Subscription { events, task }
+    }
+
+    pub fn events(&self) -> Vec<Sse> {
+        self.events.lock().unwrap().clone()
+    }
+
+    pub async fn wait_for(&self, what: &str, pred: impl Fn(&[Sse]) -> bool) -> Vec<Sse> {
+        let deadline = tokio::time::Instant::now() + LONG;
+        loop {
+            let evs = self.events();
+            if pred(&evs) {
+                return evs;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out waiting for {what}; got {evs:#?}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }

@@ -544,6 +544,24 @@ mod tests {
         }
     }
 
+    /// The seqs written to `peer` now.
+    fn seqs(log: &mut OutLog, peer: usize) -> Vec<u64> {
+        drain(log, peer).iter().map(|x| x.0).collect()
+    }
+
+    /// A log of incarnation 7 holding `capacity` entries for peers whose
+    /// runs are `runs`, all connected, with keys "0".."n-1" pushed.
+    fn with_keys(runs: &[u64], capacity: usize, n: usize) -> OutLog {
+        let mut log = OutLog::new(7, runs.len(), capacity, usize::MAX);
+        for (peer, &run) in runs.iter().enumerate() {
+            log.connected(peer, nothing(), run);
+        }
+        for i in 0..n {
+            log.push(key(&i.to_string()));
+        }
+        log
+    }
+
     fn pos(log: &OutLog, seq: u64) -> Position {
         Position {
             incarnation: log.incarnation(),
@@ -559,8 +577,8 @@ mod tests {
         for i in 0..5 {
             assert_eq!(log.push(key(&i.to_string())), i + 1);
         }
-        let got = drain(&mut log, 0);
-        assert_eq!(got.iter().map(|x| x.0).collect::<Vec<_>>(), [1, 2, 3, 4, 5]);
+        let got = seqs(&mut log, 0);
+        assert_eq!(got, [1, 2, 3, 4, 5]);
         assert!(drain(&mut log, 0).is_empty());
         log.ack(0, pos(&log, 5)).expect("ack");
         assert_eq!(log.held(), 5, "peer 1 has not acked");
@@ -573,29 +591,21 @@ mod tests {
 
     #[test]
     fn replays_after_reconnect_from_last_applied() {
-        let mut log = OutLog::new(7, 1, 100, usize::MAX);
-        log.connected(0, nothing(), 1);
-        for i in 0..10 {
-            log.push(key(&i.to_string()));
-        }
+        let mut log = with_keys(&[1], 100, 10);
         drain(&mut log, 0);
         // The peer applied 6 before the link broke, but acked only 2.
         log.ack(0, pos(&log, 2)).expect("ack");
         log.disconnected(0);
         log.connected(0, said(&log, 6), 1);
-        let got = drain(&mut log, 0);
-        assert_eq!(got.iter().map(|x| x.0).collect::<Vec<_>>(), [7, 8, 9, 10]);
+        let got = seqs(&mut log, 0);
+        assert_eq!(got, [7, 8, 9, 10]);
     }
 
     /// Hazard: a peer whose position for us was inflated by a party
     /// claiming our identity must not make us trim what it never got.
     #[test]
     fn a_position_beyond_what_was_assigned_is_not_believed() {
-        let mut log = OutLog::new(7, 1, 100, usize::MAX);
-        log.connected(0, nothing(), 1);
-        for i in 0..10 {
-            log.push(key(&i.to_string()));
-        }
+        let mut log = with_keys(&[1], 100, 10);
         drain(&mut log, 0);
         log.ack(0, pos(&log, 4)).expect("ack");
         log.disconnected(0);
@@ -619,23 +629,15 @@ mod tests {
             })
         );
         assert_eq!(log.held(), 6, "5..=10 still held");
-        let got = drain(&mut log, 0);
-        assert_eq!(
-            got.iter().map(|x| x.0).collect::<Vec<_>>(),
-            [5, 6, 7, 8, 9, 10]
-        );
+        let got = seqs(&mut log, 0);
+        assert_eq!(got, [5, 6, 7, 8, 9, 10]);
     }
 
     /// Hazard: acks forged on the path (or a receiver that started over)
     /// must not make us skip what the receiver never applied.
     #[test]
     fn a_position_below_what_the_same_run_acknowledged_replays_or_flushes() {
-        let mut log = OutLog::new(7, 2, 100, usize::MAX);
-        log.connected(0, nothing(), 1);
-        log.connected(1, nothing(), 9);
-        for i in 0..10 {
-            log.push(key(&i.to_string()));
-        }
+        let mut log = with_keys(&[1, 9], 100, 10);
         drain(&mut log, 0);
         // A forged ack of everything; the receiver had applied only 4.
         log.ack(0, pos(&log, 10)).expect("ack");
@@ -649,11 +651,8 @@ mod tests {
             })
         );
         assert!(!resumed.behind, "peer 1 keeps 5..=10 in the ring");
-        let got = drain(&mut log, 0);
-        assert_eq!(
-            got.iter().map(|x| x.0).collect::<Vec<_>>(),
-            [5, 6, 7, 8, 9, 10]
-        );
+        let got = seqs(&mut log, 0);
+        assert_eq!(got, [5, 6, 7, 8, 9, 10]);
 
         // Once nothing is held any more, a flush covers the gap.
         drain(&mut log, 1);
@@ -682,21 +681,14 @@ mod tests {
     /// and it resumes after what its earlier run acknowledged.
     #[test]
     fn a_new_run_of_the_receiver_resumes_from_the_acks() {
-        let mut log = OutLog::new(7, 1, 100, usize::MAX);
-        log.connected(0, nothing(), 1);
-        for i in 0..3 {
-            log.push(key(&i.to_string()));
-        }
+        let mut log = with_keys(&[1], 100, 3);
         drain(&mut log, 0);
         log.ack(0, pos(&log, 3)).expect("ack");
         log.disconnected(0);
         let resumed = log.connected(0, said(&log, 0), 2);
         assert_eq!(resumed.divergence, None);
         log.push(key("x"));
-        assert_eq!(
-            drain(&mut log, 0).iter().map(|x| x.0).collect::<Vec<_>>(),
-            [4]
-        );
+        assert_eq!(seqs(&mut log, 0), [4]);
     }
 
     /// Hole: a party at our address fed the receiver invalidations of its
@@ -704,11 +696,7 @@ mod tests {
     /// range, but bound to content that is not ours: not believed.
     #[test]
     fn a_position_in_range_with_content_not_ours_is_not_believed() {
-        let mut log = OutLog::new(7, 1, 100, usize::MAX);
-        log.connected(0, nothing(), 1);
-        for i in 0..10 {
-            log.push(key(&i.to_string()));
-        }
+        let mut log = with_keys(&[1], 100, 10);
         drain(&mut log, 0);
         log.ack(0, pos(&log, 5)).expect("ack");
         log.disconnected(0);
@@ -721,19 +709,13 @@ mod tests {
             resumed.divergence,
             Some(Divergence::Content { announced: 8 })
         );
-        let got = drain(&mut log, 0);
-        assert_eq!(
-            got.iter().map(|x| x.0).collect::<Vec<_>>(),
-            [6, 7, 8, 9, 10]
-        );
+        let got = seqs(&mut log, 0);
+        assert_eq!(got, [6, 7, 8, 9, 10]);
         // The same position with our item's fingerprint is believed.
         log.disconnected(0);
         let resumed = log.connected(0, said(&log, 8), 1);
         assert_eq!(resumed.divergence, None);
-        assert_eq!(
-            drain(&mut log, 0).iter().map(|x| x.0).collect::<Vec<_>>(),
-            [9, 10]
-        );
+        assert_eq!(seqs(&mut log, 0), [9, 10]);
     }
 
     /// Below what it acknowledged *and* holding an item that is not ours
@@ -741,12 +723,7 @@ mod tests {
     /// than keep the forged item in place of ours.
     #[test]
     fn below_the_acks_with_content_not_ours_gets_its_seq_again() {
-        let mut log = OutLog::new(7, 2, 100, usize::MAX);
-        log.connected(0, nothing(), 1);
-        log.connected(1, nothing(), 9);
-        for i in 0..10 {
-            log.push(key(&i.to_string()));
-        }
+        let mut log = with_keys(&[1, 9], 100, 10);
         drain(&mut log, 0);
         log.ack(0, pos(&log, 10)).expect("ack");
         log.disconnected(0);
@@ -762,10 +739,7 @@ mod tests {
                 acked: 10
             })
         );
-        assert_eq!(
-            drain(&mut log, 0).iter().map(|x| x.0).collect::<Vec<_>>(),
-            [6, 7, 8, 9, 10]
-        );
+        assert_eq!(seqs(&mut log, 0), [6, 7, 8, 9, 10]);
         // A new run of it that holds a forged item within what its
         // predecessor acknowledged: counted, nothing to resend.
         log.ack(0, pos(&log, 10)).expect("ack");
@@ -780,10 +754,7 @@ mod tests {
             Some(Divergence::Content { announced: 6 })
         );
         log.push(key("new"));
-        assert_eq!(
-            drain(&mut log, 0).iter().map(|x| x.0).collect::<Vec<_>>(),
-            [11]
-        );
+        assert_eq!(seqs(&mut log, 0), [11]);
     }
 
     /// Past what it acknowledged, at an item we no longer hold: nothing to
@@ -791,11 +762,7 @@ mod tests {
     /// it is one we can check.
     #[test]
     fn a_position_that_cannot_be_checked_costs_a_flush() {
-        let mut log = OutLog::new(7, 1, 4, usize::MAX);
-        log.connected(0, nothing(), 1);
-        for i in 0..3 {
-            log.push(key(&i.to_string()));
-        }
+        let mut log = with_keys(&[1], 4, 3);
         drain(&mut log, 0);
         log.ack(0, pos(&log, 1)).expect("ack");
         log.disconnected(0);
@@ -825,10 +792,7 @@ mod tests {
         };
         let resumed = log.connected(0, flushed, 1);
         assert_eq!(resumed.divergence, None);
-        assert_eq!(
-            drain(&mut log, 0).iter().map(|x| x.0).collect::<Vec<_>>(),
-            [7, 8, 9, 10]
-        );
+        assert_eq!(seqs(&mut log, 0), [7, 8, 9, 10]);
     }
 
     #[test]
