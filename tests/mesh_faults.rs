@@ -1482,8 +1482,10 @@ async fn overflow_while_a_peer_is_mid_replay_flushes_only_that_peer() {
             .await;
         }
     }
-    proxy.set(Mode::Forward);
+    // Cut first: what the stalled link holds is lost with it, as on a
+    // real failure (set Forward first and it could all go through).
     proxy.cut();
+    proxy.set(Mode::Forward);
     let h = a.clone();
     wait_until("both acked everything", Duration::from_secs(20), || {
         let st = h.status();
