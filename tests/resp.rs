@@ -1240,12 +1240,7 @@ impl Maintenance {
     }
 
     async fn wait_call_after(&self, server: usize, t: Instant) {
-        self.wait_call_within(server, t, LONG).await;
-    }
-
-    /// As [`Maintenance::wait_call_after`], waiting at most `limit`.
-    async fn wait_call_within(&self, server: usize, t: Instant, limit: Duration) {
-        let deadline = Instant::now() + limit;
+        let deadline = Instant::now() + LONG;
         while !self.calls_for(server).iter().any(|c| *c >= t) {
             assert!(
                 Instant::now() < deadline,
@@ -1967,6 +1962,8 @@ async fn fresh_subscriptions_in_a_loop_call_the_hook_at_a_bounded_rate_and_none_
     // The rate is spent again; a flush from the API is not held back, and
     // covers the subscription held back meanwhile.
     let held = subscribed(port, "fresh-21").await;
+    // Taken before the request: its call may be made before the answer.
+    let asked = Instant::now();
     let r = common::procs::client()
         .post(c.nodes[0].url("/v1/invalidate"))
         .json(&serde_json::json!({"flush": true}))
@@ -1977,8 +1974,19 @@ async fn fresh_subscriptions_in_a_loop_call_the_hook_at_a_bounded_rate_and_none_
     // That it is not held to the rate is the unit test's to show (a
     // wall-clock bound here would flicker on a loaded machine); here it
     // must come, retries and all.
-    let asked = Instant::now();
-    m.wait_call_within(0, asked, 3 * LONG).await;
+    let deadline = asked + 3 * LONG;
+    while !m.calls_for(0).iter().any(|t| *t >= asked) {
+        if Instant::now() > deadline {
+            let log = c.nodes[0].log_text();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            panic!(
+                "no hook call for the API's flush; status {}\nlog (last lines first):\n{}",
+                c.nodes[0].status().await["sidecar"]["flush_hook"],
+                tail.join("\n")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     drop(held);
 }
 
