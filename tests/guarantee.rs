@@ -75,6 +75,13 @@ async fn a_crash_after_a_partition_is_covered_by_default() {
         .await;
 }
 
+/// `node`'s incarnation, as its status gives it (in hex): what a process
+/// on its server can read from its local API.
+async fn incarnation_of(node: &Sidecar) -> u64 {
+    let st = node.status().await;
+    u64::from_str_radix(st["incarnation"].as_str().expect("incarnation"), 16).expect("hex")
+}
+
 /// What `node` reports of `peer` in its status.
 async fn peer_status(node: &Sidecar, peer: &str) -> Value {
     let st = node.status().await;
@@ -197,13 +204,7 @@ async fn a_claim_in_range_cannot_make_a_node_skip_a_peers_invalidations() {
     .await;
 
     // The claimant, at S's address, straight to R's port.
-    let incarnation = u64::from_str_radix(
-        c.nodes[0].status().await["incarnation"]
-            .as_str()
-            .expect("incarnation"),
-        16,
-    )
-    .expect("hex");
+    let incarnation = incarnation_of(&c.nodes[0]).await;
     let r_port: u16 = relays[1].target.port();
     let stream = TcpStream::connect(("127.0.0.1", r_port))
         .await
@@ -290,13 +291,7 @@ async fn a_forged_ack_cannot_make_an_origin_skip(extra: &str) {
         real,
     } = stalled_after_15(extra).await;
     let s_id = c.nodes[0].id();
-    let incarnation = u64::from_str_radix(
-        c.nodes[0].status().await["incarnation"]
-            .as_str()
-            .expect("incarnation"),
-        16,
-    )
-    .expect("hex");
+    let incarnation = incarnation_of(&c.nodes[0]).await;
     relays[1].inject_to_dialer(
         frame(&Message::Ack(Position {
             incarnation,

@@ -419,14 +419,7 @@ impl FlushHook {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::PermissionsExt;
-
-    fn file(text: &str, mode: u32) -> tempfile::NamedTempFile {
-        let f = tempfile::NamedTempFile::new().expect("temp file");
-        std::fs::write(f.path(), text).expect("write");
-        std::fs::set_permissions(f.path(), std::fs::Permissions::from_mode(mode)).expect("chmod");
-        f
-    }
+    use crate::sidecar::test_file as file;
 
     /// Subscribers' triggers take from the rate, others do not; a call the
     /// rate holds back is owed until a call that started after it

@@ -399,3 +399,14 @@ fn route_local(app: &App, items: &[crate::wire::Item]) {
         }
     }
 }
+
+/// A temporary file holding `text` with permissions `mode` (tests of the
+/// files that must stay private: credentials, the API token).
+#[cfg(test)]
+pub(crate) fn test_file(text: &str, mode: u32) -> tempfile::NamedTempFile {
+    use std::os::unix::fs::PermissionsExt;
+    let f = tempfile::NamedTempFile::new().expect("temp file");
+    std::fs::write(f.path(), text).expect("write");
+    std::fs::set_permissions(f.path(), std::fs::Permissions::from_mode(mode)).expect("chmod");
+    f
+}

@@ -100,14 +100,7 @@ impl ApiToken {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::PermissionsExt;
-
-    fn file(text: &str, mode: u32) -> tempfile::NamedTempFile {
-        let f = tempfile::NamedTempFile::new().expect("temp file");
-        std::fs::write(f.path(), text).expect("write");
-        std::fs::set_permissions(f.path(), std::fs::Permissions::from_mode(mode)).expect("chmod");
-        f
-    }
+    use crate::sidecar::test_file as file;
 
     #[test]
     fn the_token_file_follows_the_secret_file_rules() {
