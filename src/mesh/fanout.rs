@@ -240,15 +240,15 @@ pub(crate) async fn dispatch(shared: Arc<Shared>, peer: usize, done: Cancellatio
             }
             continue;
         }
-        for event in batch {
+        for event in &batch {
             if shared.callbacks_gen.load(Ordering::Acquire) != callbacks.generation {
                 callbacks = shared.callbacks();
             }
             for cb in callbacks.list.iter() {
-                cb(&event);
+                cb(event);
             }
-            shared.fanout.publish(&event);
         }
+        shared.fanout.publish(&batch);
         if let Some((ack_to, position)) = ack {
             ack_to(position);
         }
@@ -313,8 +313,9 @@ impl Fanout {
         }
     }
 
-    /// Hands `event` to every live stream.
-    fn publish(&self, event: &Event) {
+    /// Hands `events` to every live stream, in order (one look at the
+    /// list of streams, and one lock and wake-up per stream, per batch).
+    fn publish(&self, events: &VecDeque<Event>) {
         if self.inner.live.load(Ordering::Acquire) == 0 {
             return;
         }
@@ -326,10 +327,12 @@ impl Fanout {
         };
         for s in streams {
             let mut st = lock(&s.state);
-            st.queue.push(event.clone(), |missed| Event::Flush {
-                origin: None,
-                reason: FlushReason::Lagged { missed },
-            });
+            for event in events {
+                st.queue.push(event.clone(), |missed| Event::Flush {
+                    origin: None,
+                    reason: FlushReason::Lagged { missed },
+                });
+            }
             if let Some(w) = st.waker.take() {
                 w.wake();
             }
