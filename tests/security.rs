@@ -141,59 +141,72 @@ async fn a_secret_on_one_side_only_is_refused() {
     }
 }
 
-/// Records what a dialer sends, to replay it later.
-async fn recording_proxy(target: SocketAddr) -> (SocketAddr, Arc<std::sync::Mutex<Vec<u8>>>) {
+/// What a dialer sent, one recording per connection, oldest first.
+type Recordings = Arc<std::sync::Mutex<Vec<Vec<u8>>>>;
+
+/// Forwards every connection to `target` and records what each dialer
+/// sends, to replay it later. Every connection is forwarded: a dial that
+/// waits for its answer is made again when the peer reaches the dialer
+/// first, and that second dial is the one that becomes the link.
+async fn recording_proxy(target: SocketAddr) -> (SocketAddr, Recordings) {
     let listener = common::bind().await;
     let addr = listener.local_addr().expect("addr");
-    let rec: Arc<std::sync::Mutex<Vec<u8>>> = Arc::default();
-    let rec2 = rec.clone();
+    let recordings: Recordings = Arc::default();
+    let all = recordings.clone();
     tokio::spawn(async move {
-        // Only the first connection is recorded and forwarded.
-        let Ok((client, _)) = listener.accept().await else {
-            return;
-        };
-        let Ok(server) = TcpStream::connect(target).await else {
-            return;
-        };
-        let (mut cr, mut cw) = client.into_split();
-        let (mut sr, mut sw) = server.into_split();
-        tokio::spawn(async move {
-            let _ = tokio::io::copy(&mut sr, &mut cw).await;
-        });
-        let mut buf = vec![0u8; 4096];
-        while let Ok(n) = cr.read(&mut buf).await {
-            if n == 0 {
-                break;
-            }
-            rec2.lock().unwrap().extend_from_slice(&buf[..n]);
-            if sw.write_all(&buf[..n]).await.is_err() {
-                break;
-            }
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(server) = TcpStream::connect(target).await else {
+                continue;
+            };
+            let place = {
+                let mut all = all.lock().unwrap();
+                all.push(Vec::new());
+                all.len() - 1
+            };
+            let all = all.clone();
+            let (mut cr, mut cw) = client.into_split();
+            let (mut sr, mut sw) = server.into_split();
+            tokio::spawn(async move {
+                let _ = tokio::io::copy(&mut sr, &mut cw).await;
+            });
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                while let Ok(n) = cr.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    all.lock().unwrap()[place].extend_from_slice(&buf[..n]);
+                    if sw.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            });
         }
     });
-    (addr, rec)
+    (addr, recordings)
 }
 
 /// Two nodes with a secret, node 0 dialling node 1 through a proxy that
-/// records what it sends; node 1's address and the recording.
-async fn recorded_secured_pair() -> (Cluster, SocketAddr, Arc<std::sync::Mutex<Vec<u8>>>) {
+/// records what it sends; node 1's address and what the dial that became
+/// the link sent (the last one: no dial follows a link that is up).
+async fn recorded_secured_pair() -> (Cluster, SocketAddr, Vec<u8>) {
     let (mut c, listeners) = Cluster::reserve(2).await;
     c.customize = with(|_, cfg| cfg.secret = Some(secret("correct horse battery staple")));
     let target = SocketAddr::from(([127, 0, 0, 1], c.ports[1]));
-    let (proxy, recorded) = recording_proxy(target).await;
+    let (proxy, recordings) = recording_proxy(target).await;
     c.via.insert((0, 1), proxy);
     for (i, l) in listeners.into_iter().enumerate() {
         c.start_node(i, Some(l)).await;
     }
     c.wait_connected(Duration::from_secs(5)).await;
-    (c, target, recorded)
+    let last = recordings.lock().unwrap().last().cloned();
+    (c, target, last.expect("the link's connection was recorded"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replayed_handshake_is_refused() {
-    let (c, target, recorded) = recorded_secured_pair().await;
+    let (c, target, bytes) = recorded_secured_pair().await;
     // Node 0's hello and proof, as an eavesdropper saw them.
-    let bytes = recorded.lock().unwrap().clone();
     assert!(bytes.len() > 100, "recorded the handshake");
     let before = counters(c.h(1)).rejected_auth;
     let mut s = TcpStream::connect(target).await.expect("connect");
@@ -216,9 +229,8 @@ async fn a_replayed_handshake_is_refused() {
 /// operators alert on for someone without the secret.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dialer_that_leaves_before_its_proof_is_no_auth_failure() {
-    let (c, target, recorded) = recorded_secured_pair().await;
+    let (c, target, bytes) = recorded_secured_pair().await;
     // Node 0's hello frame alone, without the proof that followed it.
-    let bytes = recorded.lock().unwrap().clone();
     let len = u32::from_be_bytes(bytes[..4].try_into().expect("length")) as usize;
     let hello = bytes[..4 + len].to_vec();
     let before = counters(c.h(1));

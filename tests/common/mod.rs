@@ -287,10 +287,26 @@ impl Cluster {
             if all {
                 return;
             }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "cluster not connected within {limit:?}"
-            );
+            if tokio::time::Instant::now() >= deadline {
+                let links: Vec<String> = self
+                    .nodes
+                    .iter()
+                    .flatten()
+                    .flat_map(|h| {
+                        let st = h.status();
+                        st.peers.into_iter().map(move |p| {
+                            format!(
+                                "{} -> {}: out {} in {} ({:?}; {:?})",
+                                st.node, p.id, p.outbound, p.inbound, p.last_error, st.counters
+                            )
+                        })
+                    })
+                    .collect();
+                panic!(
+                    "cluster not connected within {limit:?}:\n{}",
+                    links.join("\n")
+                );
+            }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
