@@ -45,7 +45,7 @@ pub use event::{Event, FlushReason, PeerId};
 use metrics::Histogram;
 pub use metrics::{BUCKETS_US, HistogramSnapshot};
 use outbound::OutLog;
-pub use transport::MemoryNetwork;
+pub use transport::{MemoryNetwork, MemoryStream, Toward};
 
 #[doc(hidden)]
 pub use builder::fuzz_acceptor;

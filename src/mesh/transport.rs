@@ -5,14 +5,14 @@
 //! backoff and replay are tested deterministically and fast. The tasks
 //! above it only move bytes.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, DuplexStream, ReadBuf};
@@ -138,12 +138,43 @@ async fn dial(addr: &NodeAddr, connect_timeout: Duration) -> Result<TcpStream, L
 /// Bytes buffered in each direction of an in-memory connection.
 const PIPE_BYTES: usize = 256 * 1024;
 
-/// One direction of the in-memory links between two nodes: whether its
-/// bytes are dropped silently (no reset, no end of stream), as on a path
-/// where a firewall drops packets.
+/// One direction of the in-memory links between two nodes: whether it is
+/// silent (no reset, no end of stream), as on a path where a firewall
+/// drops packets. As with TCP, nothing written on an open connection is
+/// lost: a write waits until the path heals (TCP resends until then) or
+/// the connection is reset; new connections are not answered.
 #[derive(Debug, Default)]
 struct Direction {
     silent: AtomicBool,
+    /// Writes waiting for the path to heal.
+    waiting: Mutex<Vec<Waker>>,
+}
+
+impl Direction {
+    fn set_silent(&self, silent: bool) {
+        self.silent.store(silent, Ordering::SeqCst);
+        if !silent {
+            let waiting =
+                std::mem::take(&mut *self.waiting.lock().unwrap_or_else(|e| e.into_inner()));
+            for w in waiting {
+                w.wake();
+            }
+        }
+    }
+
+    /// Whether a write must wait; if so, it is woken when the path heals.
+    fn blocks(&self, cx: &Context<'_>) -> bool {
+        if !self.silent.load(Ordering::SeqCst) {
+            return false;
+        }
+        let mut waiting = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
+        if !waiting.iter().any(|w| w.will_wake(cx.waker())) {
+            waiting.push(cx.waker().clone());
+        }
+        drop(waiting);
+        // Healed meanwhile: its wake-up may have missed this waker.
+        self.silent.load(Ordering::SeqCst)
+    }
 }
 
 /// An in-memory network of nodes, for tests: each node joins it under its
@@ -166,10 +197,48 @@ struct Net {
     listening: HashMap<String, mpsc::UnboundedSender<(MemoryStream, SocketAddr)>>,
     /// Each direction (from, to) between two nodes.
     directions: HashMap<(String, String), Arc<Direction>>,
-    /// Every connection made, by its (dialer, acceptor), to cut them.
-    open: HashMap<(String, String), Vec<CancellationToken>>,
+    /// Every connection made, by its (dialer, acceptor), oldest first: to
+    /// cut them, or to put bytes in them.
+    open: HashMap<(String, String), Vec<Wire>>,
     /// Connection attempts, by (dialer, acceptor).
     attempts: HashMap<(String, String), u64>,
+}
+
+/// An open in-memory connection, as the network sees it.
+struct Wire {
+    reset: CancellationToken,
+    /// Bytes put in on the way to the dialer, and to the acceptor.
+    to_dialer: Arc<Injected>,
+    to_acceptor: Arc<Injected>,
+}
+
+/// Bytes a party on the path put into one direction of a connection: the
+/// reading end takes them before anything its peer wrote after.
+#[derive(Default)]
+struct Injected {
+    state: Mutex<(VecDeque<u8>, Option<Waker>)>,
+}
+
+impl Injected {
+    fn put(&self, bytes: &[u8]) {
+        let waker = {
+            let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            st.0.extend(bytes);
+            st.1.take()
+        };
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+}
+
+/// Which end of a connection bytes are put in for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Toward {
+    /// The end that dialled.
+    Dialer,
+    /// The end that accepted.
+    Acceptor,
 }
 
 impl Net {
@@ -191,11 +260,13 @@ impl MemoryNetwork {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Drops the bytes from `from` to `to` silently, on open connections
-    /// and new ones (a new connection from `from` to `to` is not answered).
+    /// Silences the path from `from` to `to`: nothing written on an open
+    /// connection arrives (the write waits, as TCP resends, until the path
+    /// heals or the connection is reset), and a new connection between
+    /// them is not answered.
     pub fn drop_one_way(&self, from: &NodeAddr, to: &NodeAddr) {
         let d = self.lock().direction(&from.to_string(), &to.to_string());
-        d.silent.store(true, Ordering::SeqCst);
+        d.set_silent(true);
     }
 
     /// Silences both directions between `a` and `b`.
@@ -209,7 +280,7 @@ impl MemoryNetwork {
         let mut net = self.lock();
         for (x, y) in [(a, b), (b, a)] {
             let d = net.direction(&x.to_string(), &y.to_string());
-            d.silent.store(false, Ordering::SeqCst);
+            d.set_silent(false);
         }
     }
 
@@ -221,10 +292,47 @@ impl MemoryNetwork {
             (a.to_string(), b.to_string()),
             (b.to_string(), a.to_string()),
         ] {
-            for reset in net.open.remove(&key).unwrap_or_default() {
-                reset.cancel();
+            for wire in net.open.remove(&key).unwrap_or_default() {
+                wire.reset.cancel();
             }
         }
+    }
+
+    /// Puts `bytes` into the newest connection `dialer` opened to
+    /// `acceptor`, read by the end `toward` before anything the other end
+    /// writes after, as a party on the path would (the simulator's forged
+    /// frames). False when there is no such connection.
+    pub fn inject(
+        &self,
+        dialer: &NodeAddr,
+        acceptor: &NodeAddr,
+        toward: Toward,
+        bytes: &[u8],
+    ) -> bool {
+        let key = (dialer.to_string(), acceptor.to_string());
+        let net = self.lock();
+        let Some(wire) = net.open.get(&key).and_then(|w| w.last()) else {
+            return false;
+        };
+        match toward {
+            Toward::Dialer => wire.to_dialer.put(bytes),
+            Toward::Acceptor => wire.to_acceptor.put(bytes),
+        }
+        true
+    }
+
+    /// Connects to `to` as a party on `from`'s address would: with
+    /// `from`'s source address and its paths' silences (a `from` that is no
+    /// node, a port of its host that no node uses, has paths of its own).
+    /// Refused when nobody listens at `to`; times out while the path is
+    /// silent.
+    pub async fn dial(
+        &self,
+        from: &NodeAddr,
+        to: &NodeAddr,
+        timeout: Duration,
+    ) -> io::Result<MemoryStream> {
+        self.connect(from, to, timeout).await
     }
 
     /// How many times `from` tried to connect to `to`.
@@ -284,12 +392,18 @@ impl MemoryNetwork {
         let refused = || io::Error::new(io::ErrorKind::ConnectionRefused, "connection refused");
         let tx = net.listening.get(&key_to).ok_or_else(refused)?;
         let (a, b) = tokio::io::duplex(PIPE_BYTES);
-        let reset = CancellationToken::new();
-        let ours = MemoryStream::new(a, forth, reset.clone());
-        let theirs = MemoryStream::new(b, back, reset.clone());
+        let wire = Wire {
+            reset: CancellationToken::new(),
+            to_dialer: Arc::default(),
+            to_acceptor: Arc::default(),
+        };
+        let mut ours = MemoryStream::new(a, forth, wire.reset.clone());
+        ours.injected = wire.to_dialer.clone();
+        let mut theirs = MemoryStream::new(b, back, wire.reset.clone());
+        theirs.injected = wire.to_acceptor.clone();
         let source = SocketAddr::new(source_ip(from), 0);
         tx.send((theirs, source)).map_err(|_| refused())?;
-        net.open.entry((key_from, key_to)).or_default().push(reset);
+        net.open.entry((key_from, key_to)).or_default().push(wire);
         Ok(Some(ours))
     }
 }
@@ -303,11 +417,13 @@ fn source_ip(node: &NodeAddr) -> IpAddr {
 /// One end of an in-memory connection.
 pub struct MemoryStream {
     inner: DuplexStream,
-    /// Whether what this end writes is dropped silently.
+    /// The path this end writes on (silent or not).
     out: Arc<Direction>,
     /// Resolves when the connection is reset; polled beside every read
     /// and write, so that a waiting one wakes up.
     reset: Pin<Box<WaitForCancellationFutureOwned>>,
+    /// What a party on the path put in for this end.
+    injected: Arc<Injected>,
 }
 
 impl std::fmt::Debug for MemoryStream {
@@ -322,6 +438,7 @@ impl MemoryStream {
             inner,
             out,
             reset: Box::pin(reset.cancelled_owned()),
+            injected: Arc::default(),
         }
     }
 
@@ -348,6 +465,25 @@ impl AsyncRead for MemoryStream {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         self.check_reset(cx)?;
+        {
+            let mut st = self
+                .injected
+                .state
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if !st.0.is_empty() {
+                let n = st.0.len().min(buf.remaining());
+                let (front, back) = st.0.as_slices();
+                let first = front.len().min(n);
+                buf.put_slice(&front[..first]);
+                buf.put_slice(&back[..n - first]);
+                st.0.drain(..n);
+                return Poll::Ready(Ok(()));
+            }
+            // Registered before the pipe is polled: bytes put in meanwhile
+            // wake this read.
+            st.1 = Some(cx.waker().clone());
+        }
         Pin::new(&mut self.inner).poll_read(cx, buf)
     }
 }
@@ -359,8 +495,8 @@ impl AsyncWrite for MemoryStream {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         self.check_reset(cx)?;
-        if self.out.silent.load(Ordering::SeqCst) {
-            return Poll::Ready(Ok(buf.len()));
+        if self.out.blocks(cx) {
+            return Poll::Pending;
         }
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }

@@ -41,6 +41,10 @@ pub struct Tuning {
     /// sender wakes once for them instead of once per batch (a sixth less
     /// CPU per invalidation, docs/performance.md). Zero: one per batch.
     pub ack_delay: Duration,
+    /// Seeds the reconnect delays' jitter, so that a simulated run repeats
+    /// exactly (the simulator sets it; nothing secret derives from it).
+    /// `None`: drawn from the operating system.
+    pub jitter_seed: Option<u64>,
 }
 
 impl Default for Tuning {
@@ -59,6 +63,7 @@ impl Default for Tuning {
             max_connections: 64,
             buffer_bytes: 64 * 1024 * 1024,
             ack_delay: Duration::from_millis(1),
+            jitter_seed: None,
         }
     }
 }

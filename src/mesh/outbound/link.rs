@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use futures_util::StreamExt;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 use tokio::io::{AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::time::{Instant, sleep, sleep_until, timeout, timeout_at};
 use tokio_util::codec::{Encoder, FramedRead};
@@ -63,6 +65,7 @@ struct Backoff {
     first: Duration,
     cap: Duration,
     failures: u32,
+    jitter: StdRng,
 }
 
 impl Backoff {
@@ -72,7 +75,7 @@ impl Backoff {
             .saturating_mul(1u32 << self.failures.min(16))
             .min(self.cap);
         self.failures = self.failures.saturating_add(1);
-        base.mul_f64(rand::random_range(0.8..1.2))
+        base.mul_f64(self.jitter.random_range(0.8..1.2))
     }
 }
 
@@ -101,10 +104,16 @@ pub(crate) async fn run(shared: Arc<Shared>, peer: usize) {
     let id = shared.peers[peer].id.clone();
     let span = info_span!("link", peer = %id);
     async move {
+        let jitter = match shared.tuning.jitter_seed {
+            // One sequence per link, whatever order the links draw in.
+            Some(seed) => StdRng::seed_from_u64(seed ^ (peer as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15)),
+            None => StdRng::from_os_rng(),
+        };
         let mut backoff = Backoff {
             first: shared.tuning.backoff_first,
             cap: shared.tuning.backoff_cap,
             failures: 0,
+            jitter,
         };
         let mut last_logged = RepeatLog::default();
         loop {
@@ -687,6 +696,7 @@ mod tests {
             first: Duration::from_millis(100),
             cap: Duration::from_secs(5),
             failures: 0,
+            jitter: StdRng::seed_from_u64(7),
         };
         let first = b.next();
         assert!(first >= Duration::from_millis(80) && first <= Duration::from_millis(120));
