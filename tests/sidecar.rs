@@ -842,22 +842,52 @@ async fn idle_connections_beyond_the_cap_starve_neither_the_api_nor_the_mesh() {
     );
 }
 
+/// The value of an unlabelled metric of the API at `api`.
+async fn metric_at(api: std::net::SocketAddr, name: &str) -> u64 {
+    let text = reqwest::get(format!("http://{api}/metrics"))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in:\n{text}"))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_api_connections_are_closed_and_a_live_stream_is_not() {
     use tokio::io::AsyncWriteExt;
-    use tokio::net::TcpStream;
+    use tokio::net::{TcpListener, TcpStream};
     const IDLE: Duration = Duration::from_millis(1500);
-    let mut c = Cluster::new(1, "");
-    c.nodes[0].env.push((
-        "CACHECAST_TEST_API_IDLE_TIMEOUT_MS",
-        IDLE.as_millis().to_string(),
-    ));
-    c.start_all().await;
-    let n = &c.nodes[0];
-
+    // The sidecar of the library, in this process: its options shorten the
+    // 75 s idle timeout, which the command line does not offer.
+    let peers = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let api = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let (peer_port, api_addr) = (
+        peers.local_addr().expect("addr").port(),
+        api.local_addr().expect("addr"),
+    );
+    let text = format!(
+        "cluster.instance0.hostname = 127.0.0.1\n\
+         cluster.instance0.cache.port = {peer_port}\n\
+         cachecast.api.port = {}\n\
+         cachecast.state.file = none\n",
+        api_addr.port()
+    );
+    let config = cachecast::config::parse_str(&text).expect("config").config;
+    let options = cachecast::sidecar::Options {
+        peer_listener: Some(peers),
+        api_listener: Some(api),
+        api_idle_timeout: Some(IDLE),
+        ..Default::default()
+    };
+    let stop = tokio_util::sync::CancellationToken::new();
+    let sidecar = tokio::spawn(cachecast::sidecar::run(config, options, stop.clone()));
     // An event stream whose client reads: kept alive by the comments the
     // server sends (every IDLE/3 here) for several idle periods.
-    let mut sse = TcpStream::connect(n.api).await.expect("connect");
+    let mut sse = TcpStream::connect(api_addr).await.expect("connect");
     sse.write_all(b"GET /v1/events HTTP/1.1\r\nHost: t\r\n\r\n")
         .await
         .expect("write");
@@ -875,7 +905,7 @@ async fn stalled_api_connections_are_closed_and_a_live_stream_is_not() {
     ];
     let mut tasks = Vec::new();
     for (name, bytes) in stalls {
-        let mut s = TcpStream::connect(n.api).await.expect("connect");
+        let mut s = TcpStream::connect(api_addr).await.expect("connect");
         s.write_all(bytes).await.expect("write");
         tasks.push(tokio::spawn(async move {
             let start = tokio::time::Instant::now();
@@ -918,7 +948,13 @@ async fn stalled_api_connections_are_closed_and_a_live_stream_is_not() {
         }
     }
     assert!(!got.is_empty(), "no keep-alive within {:?}", IDLE * 2);
-    assert!(metric(n, "cachecast_api_connections_timed_out_total").await >= 3);
+    assert!(metric_at(api_addr, "cachecast_api_connections_timed_out_total").await >= 3);
+    stop.cancel();
+    let ended = tokio::time::timeout(LONG, sidecar).await;
+    assert!(
+        matches!(ended, Ok(Ok(Ok(())))),
+        "the sidecar stopped: {ended:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -13,6 +13,7 @@ pub mod check;
 mod conn;
 mod flush;
 mod hub;
+mod limits;
 pub(crate) mod resp;
 pub mod state_path;
 mod table;
@@ -37,6 +38,7 @@ pub use conn::{API_IDLE_TIMEOUT, MAX_API_CONNECTIONS};
 pub use flush::{
     CredentialsError, FlushHookStatus, SUBSCRIBER_BURST, SUBSCRIBER_REFILL, load_credentials,
 };
+pub use limits::api_connection_cap;
 pub use resp::{MAX_RESP_CONNECTIONS, RESP_STALL_TIMEOUT};
 pub use table::status_table;
 pub use token::{ApiToken, MIN_TOKEN, TokenError};
