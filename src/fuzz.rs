@@ -1,5 +1,5 @@
-//! Entry points for the fuzz targets in `fuzz/` and their regression tests.
-//! Not part of the public API.
+//! Entry points for the fuzz targets in `fuzz/` and their regression tests
+//! (feature `fuzz`; no application needs them).
 
 use bytes::BytesMut;
 use tokio_util::codec::{Decoder, Encoder};

@@ -51,15 +51,13 @@
 //!   applied from it, the handshake's checks); tasks only move bytes and
 //!   timers around them, over TCP, TLS or an in-memory network
 //!   ([`MemoryNetwork`]) on which tests run under paused time.
-//! - [`demo`]: `cachecast demo`.
 #![warn(missing_docs)]
 
-pub mod auth;
+pub(crate) mod auth;
 #[cfg(feature = "moka")]
 pub mod coherent;
 pub mod config;
-pub mod demo;
-#[doc(hidden)]
+#[cfg(feature = "fuzz")]
 pub mod fuzz;
 pub mod mesh;
 #[cfg(feature = "sidecar")]

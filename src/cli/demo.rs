@@ -19,7 +19,7 @@ pub(crate) fn demo() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(cachecast::demo::run(Box::new(std::io::stdout()))) {
+    match runtime.block_on(super::story::run(Box::new(std::io::stdout()))) {
         Ok(_) => ExitCode::SUCCESS,
         Err(e) => {
             // The demo writes only to stdout: a reader that went away

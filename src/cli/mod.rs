@@ -11,6 +11,7 @@ mod demo;
 mod manual;
 mod run;
 mod status;
+mod story;
 
 pub(crate) use check::check;
 pub(crate) use demo::demo;

@@ -9,7 +9,7 @@
 //!
 //! The file is read as DHIS 2 reads it, so that a file DHIS 2 accepts means
 //! the same to the sidecar: `${VAR}` in a value is replaced from the
-//! environment, then the value is trimmed ([`environment`]); on/off keys
+//! environment, then the value is trimmed; on/off keys
 //! are on for `on` or `true` in any case; DHIS 2's defaults apply to its
 //! keys that are absent, and an empty value of one of them is the empty
 //! text. The environment is an input: [`load`] and [`parse_bytes`] read the

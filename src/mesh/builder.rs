@@ -296,7 +296,7 @@ pub(crate) fn build_shared(
 /// harness's entry). The input is written and the pipe closed, so every
 /// read ends at once and no deadline is waited for. The first byte picks
 /// whether this node has a shared secret.
-#[doc(hidden)]
+#[cfg(feature = "fuzz")]
 pub fn fuzz_acceptor(input: &[u8]) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let Ok(rt) = tokio::runtime::Builder::new_current_thread()
@@ -340,7 +340,7 @@ pub fn fuzz_acceptor(input: &[u8]) {
         };
         let deadline = tokio::time::Instant::now() + shared.tuning.hello_timeout;
         let server = io::Io::Memory(transport::MemoryStream::plain(server));
-        let serve = inbound::serve_io(&shared, server, None, None, deadline, slot);
+        let serve = inbound::conn::serve_io(&shared, server, None, None, deadline, slot);
         let talk = async {
             let _ = client.write_all(bytes).await;
             let _ = client.shutdown().await;

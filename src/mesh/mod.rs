@@ -48,6 +48,7 @@ use outbound::OutLog;
 pub use transport::{MemoryNetwork, MemoryStream, Toward};
 
 #[doc(hidden)]
+#[cfg(feature = "fuzz")]
 pub use builder::fuzz_acceptor;
 pub use builder::{Mesh, MeshBuilder};
 pub use error::{InvalidateError, StartError};

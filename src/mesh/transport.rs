@@ -443,6 +443,7 @@ impl MemoryStream {
     }
 
     /// A plain pipe end with no network around it (the fuzz harness).
+    #[cfg(feature = "fuzz")]
     pub(crate) fn plain(inner: DuplexStream) -> Self {
         Self::new(inner, Arc::default(), CancellationToken::new())
     }

@@ -5,7 +5,5 @@
 pub(crate) mod conn;
 pub(crate) mod origin;
 
-pub(crate) use conn::{
-    Incoming, accept_loop, hello_for, identity_matches, parse_identity, serve_io,
-};
+pub(crate) use conn::{Incoming, accept_loop, hello_for, identity_matches, parse_identity};
 pub(crate) use origin::{DuplicateIdentity, OriginRecord};
