@@ -50,7 +50,8 @@
 //!   machines (the origin's replay ring, each peer's state with what was
 //!   applied from it, the handshake's checks); tasks only move bytes and
 //!   timers around them, over TCP, TLS or an in-memory network
-//!   ([`MemoryNetwork`]) on which tests run under paused time.
+//!   (`MemoryNetwork`, feature `test-util`) on which tests run under
+//!   paused time.
 #![warn(missing_docs)]
 
 pub(crate) mod auth;
@@ -66,10 +67,11 @@ pub mod tls;
 pub mod wire;
 
 pub use config::{ClusterConfig, NodeAddr, StateFile};
+#[cfg(feature = "test-util")]
+pub use mesh::MemoryNetwork;
 pub use mesh::{
-    Counters, Event, EventCounters, Events, FlushReason, HistogramSnapshot, InvalidateError,
-    MemoryNetwork, Mesh, MeshBuilder, MeshHandle, PeerId, PeerStatus, StartError, Status, Tuning,
-    WaitOutcome,
+    Counters, Event, EventCounters, Events, FlushReason, HistogramSnapshot, InvalidateError, Mesh,
+    MeshBuilder, MeshHandle, PeerId, PeerStatus, StartError, Status, Tuning, WaitOutcome,
 };
 pub use wire::Item;
 

@@ -36,7 +36,7 @@ impl Mesh {
             connect_via: HashMap::new(),
             callbacks: Vec::new(),
             fanout: None,
-            network: None,
+            transport: None,
         }
     }
 }
@@ -51,7 +51,8 @@ pub struct MeshBuilder {
     pub(crate) callbacks: Vec<Callback>,
     /// The event channel, once [`MeshBuilder::subscribe`] made it.
     pub(crate) fanout: Option<Fanout>,
-    pub(crate) network: Option<MemoryNetwork>,
+    /// How it reaches its peers, when not over TCP.
+    pub(crate) transport: Option<Arc<dyn Transport>>,
 }
 
 impl MeshBuilder {
@@ -92,8 +93,9 @@ impl MeshBuilder {
     /// nothing, is reached under its identity, and reaches its peers
     /// through `network`, which the test can partition and cut. TLS is not
     /// used there; a shared secret is.
-    pub fn network(mut self, network: MemoryNetwork) -> Self {
-        self.network = Some(network);
+    #[cfg(feature = "test-util")]
+    pub fn network(mut self, network: super::MemoryNetwork) -> Self {
+        self.transport = Some(Arc::new(network));
         self
     }
 
@@ -124,14 +126,11 @@ impl MeshBuilder {
             connect_via,
             callbacks,
             fanout,
-            network,
+            transport,
         } = self;
         let fanout =
             fanout.unwrap_or_else(|| Fanout::new(tuning.event_capacity, tuning.event_bytes));
-        let transport: Arc<dyn Transport> = match network {
-            Some(net) => Arc::new(net),
-            None => Arc::new(transport::Tcp),
-        };
+        let transport: Arc<dyn Transport> = transport.unwrap_or_else(|| Arc::new(transport::Tcp));
         if config.state_file == StateFile::Default {
             return Err(StartError::StateFileUnchosen);
         }
@@ -160,6 +159,7 @@ impl MeshBuilder {
         let incoming = shared.transport.listen(&shared, listener).await?;
         let local = match &incoming {
             inbound::Incoming::Tcp(l) => l.local_addr().ok(),
+            #[cfg(feature = "test-util")]
             inbound::Incoming::Memory(_) => None,
         };
         info!(
@@ -339,7 +339,7 @@ pub fn fuzz_acceptor(input: &[u8]) {
             return;
         };
         let deadline = tokio::time::Instant::now() + shared.tuning.hello_timeout;
-        let server = io::Io::Memory(transport::MemoryStream::plain(server));
+        let server = io::Io::Memory(super::memory::MemoryStream::plain(server));
         let serve = inbound::conn::serve_io(&shared, server, None, None, deadline, slot);
         let talk = async {
             let _ = client.write_all(bytes).await;

@@ -8,7 +8,8 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-use super::transport::MemoryStream;
+#[cfg(feature = "test-util")]
+use super::memory::MemoryStream;
 
 /// A connection to a peer: plain TCP, TLS as client or server, or an
 /// in-memory connection (tests and fuzzing).
@@ -16,6 +17,7 @@ pub(crate) enum Io {
     Plain(TcpStream),
     Client(Box<tokio_rustls::client::TlsStream<TcpStream>>),
     Server(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+    #[cfg(feature = "test-util")]
     Memory(MemoryStream),
 }
 
@@ -25,6 +27,7 @@ macro_rules! delegate {
             Io::Plain($s) => $e,
             Io::Client($s) => $e,
             Io::Server($s) => $e,
+            #[cfg(feature = "test-util")]
             Io::Memory($s) => $e,
         }
     };
@@ -70,6 +73,7 @@ impl AsyncWrite for Io {
             Io::Plain(s) => s.is_write_vectored(),
             Io::Client(s) => s.is_write_vectored(),
             Io::Server(s) => s.is_write_vectored(),
+            #[cfg(feature = "test-util")]
             Io::Memory(_) => false,
         }
     }

@@ -30,6 +30,8 @@ mod handshake;
 mod inbound;
 mod io;
 mod limits;
+#[cfg(feature = "test-util")]
+mod memory;
 mod metrics;
 mod outbound;
 mod peer;
@@ -42,10 +44,11 @@ mod tuning;
 use std::sync::{Mutex, MutexGuard};
 
 pub use event::{Event, FlushReason, PeerId};
+#[cfg(feature = "test-util")]
+pub use memory::{MemoryNetwork, MemoryStream, Toward};
 use metrics::Histogram;
 pub use metrics::{BUCKETS_US, HistogramSnapshot};
 use outbound::OutLog;
-pub use transport::{MemoryNetwork, MemoryStream, Toward};
 
 #[doc(hidden)]
 #[cfg(feature = "fuzz")]

@@ -11,7 +11,9 @@ use futures_util::StreamExt;
 use rustls_pki_types::CertificateDer;
 use tokio::io::{AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch};
+#[cfg(feature = "test-util")]
+use tokio::sync::mpsc;
+use tokio::sync::watch;
 use tokio::time::{Instant, timeout, timeout_at};
 use tokio_util::codec::{Encoder, FramedRead};
 use tokio_util::sync::CancellationToken;
@@ -23,7 +25,8 @@ use crate::config::NodeAddr;
 use crate::mesh::handshake;
 use crate::mesh::io::Io;
 use crate::mesh::limits::{Admit, IpSlot, lookup};
-use crate::mesh::transport::MemoryStream;
+#[cfg(feature = "test-util")]
+use crate::mesh::memory::MemoryStream;
 use crate::mesh::{Dir, Event, FlushReason, Rejected, Shared, Silence, lock};
 use crate::wire::{
     CodecError, Expect, FrameCodec, Hello, MAGIC, Message, NONCE_LEN, PROTOCOL_VERSION, Position,
@@ -129,6 +132,7 @@ pub(crate) async fn accept_loop(shared: Arc<Shared>, mut incoming: Incoming, tra
             let span = info_span!("inbound", remote = %remote);
             match stream {
                 Conn::Tcp(stream) => serve(&shared, stream, remote, slot).instrument(span).await,
+                #[cfg(feature = "test-util")]
                 Conn::Memory(stream) => {
                     let deadline = Instant::now() + shared.tuning.hello_timeout;
                     let io = Io::Memory(stream);
@@ -145,12 +149,14 @@ pub(crate) async fn accept_loop(shared: Arc<Shared>, mut incoming: Incoming, tra
 /// Where inbound connections come from.
 pub(crate) enum Incoming {
     Tcp(TcpListener),
+    #[cfg(feature = "test-util")]
     Memory(mpsc::UnboundedReceiver<(MemoryStream, SocketAddr)>),
 }
 
 /// An accepted connection, before the handshake.
 enum Conn {
     Tcp(TcpStream),
+    #[cfg(feature = "test-util")]
     Memory(MemoryStream),
 }
 
@@ -159,6 +165,7 @@ impl Incoming {
     async fn accept(&mut self) -> std::io::Result<Option<(Conn, SocketAddr)>> {
         match self {
             Incoming::Tcp(l) => l.accept().await.map(|(s, a)| Some((Conn::Tcp(s), a))),
+            #[cfg(feature = "test-util")]
             Incoming::Memory(rx) => Ok(rx.recv().await.map(|(s, a)| (Conn::Memory(s), a))),
         }
     }
