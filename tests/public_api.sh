@@ -4,7 +4,8 @@
 # on purpose, by updating that file (`tests/public_api.sh --update`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo doc --no-deps --all-features -q
+# Broken intra-doc links fail here too.
+RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --all-features -q
 listing="$(python3 - <<'PY'
 import re
 html = open("target/doc/cachecast/all.html", encoding="utf-8").read()

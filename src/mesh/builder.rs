@@ -13,7 +13,10 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use super::transport::Transport;
-use super::*;
+use super::{
+    Callback, Event, Events, Fanout, MeshHandle, OutLog, PeerId, PeerInfo, PeerStats, Shared,
+    StartError, Stats, Tuning, fanout, inbound, limits, lock, outbound, peer, state, transport,
+};
 use crate::auth::Secret;
 use crate::config::{ClusterConfig, NodeAddr, StateFile};
 use crate::tls::Tls;
@@ -339,7 +342,7 @@ pub fn fuzz_acceptor(input: &[u8]) {
             return;
         };
         let deadline = tokio::time::Instant::now() + shared.tuning.hello_timeout;
-        let server = io::Io::Memory(super::memory::MemoryStream::plain(server));
+        let server = super::io::Io::Memory(super::memory::MemoryStream::plain(server));
         let serve = inbound::conn::serve_io(&shared, server, None, None, deadline, slot);
         let talk = async {
             let _ = client.write_all(bytes).await;

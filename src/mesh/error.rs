@@ -1,8 +1,11 @@
-//! Why a node could not start, or an invalidation was not taken.
+//! Why a node could not start, an invalidation was not taken, or a link
+//! ended.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
-use crate::wire::ItemError;
+use crate::mesh::handshake::HandshakeError;
+use crate::wire::{CodecError, ItemError};
 
 /// Why the mesh could not start.
 #[derive(Debug, thiserror::Error)]
@@ -60,4 +63,35 @@ pub enum InvalidateError {
     /// The mesh is shutting down.
     #[error("the mesh is shut down")]
     Closed,
+}
+
+/// Why a link ended.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum LinkError {
+    #[error("connect failed: {0}")]
+    Connect(String),
+    /// Not a failure: the peer connected to us while our dial still waited
+    /// for an answer, so the dial is made again at once.
+    #[error("the peer connected to us while this dial waited: dialling again")]
+    Redial,
+    #[error("{0}")]
+    Codec(#[from] CodecError),
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("no hello within {0:?}")]
+    HelloTimeout(Duration),
+    #[error("nothing heard for {0:?} (dead or half-open link)")]
+    Dead(Duration),
+    #[error("the peer read nothing for {0:?} (stopped reading)")]
+    Stalled(Duration),
+    #[error("connection closed by the peer")]
+    Closed,
+    #[error("peer refused the connection: {0}")]
+    Rejected(String),
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    #[error("{0}")]
+    Handshake(#[from] HandshakeError),
+    #[error("{0}")]
+    Tls(String),
 }

@@ -22,7 +22,7 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use super::*;
+use super::{Event, FlushReason, PeerId, Shared, lock};
 use crate::wire::Position;
 
 /// Bytes counted for an event beside its strings.
@@ -350,7 +350,7 @@ impl Fanout {
     }
 }
 
-/// A stream of [`Event`]s; see [`MeshHandle::subscribe`].
+/// A stream of [`Event`]s; see [`MeshHandle::subscribe`](crate::MeshHandle::subscribe).
 #[must_use = "events are only kept for a stream that is read"]
 pub struct Events {
     stream: Arc<Stream>,

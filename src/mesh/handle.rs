@@ -9,7 +9,10 @@ use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use super::*;
+use super::{
+    Counters, Event, EventCounters, Events, InvalidateError, PeerId, PeerStatus, Shared, Status,
+    WaitOutcome, lock, state,
+};
 use crate::wire::Item;
 
 /// `cache` as an `Arc<str>`, shared with the invalidations this thread made
@@ -199,13 +202,13 @@ impl MeshHandle {
     }
 
     /// A stream of events from now on. A subscriber that falls more than
-    /// [`Tuning::event_capacity`] events (or [`Tuning::event_bytes`] of
-    /// them) behind gets a [`FlushReason::Lagged`] flush in place of what
+    /// [`Tuning::event_capacity`](crate::Tuning::event_capacity) events (or [`Tuning::event_bytes`](crate::Tuning::event_bytes) of
+    /// them) behind gets a [`FlushReason::Lagged`](crate::FlushReason::Lagged) flush in place of what
     /// it missed.
     ///
     /// Events that arrive before this call reach no stream: to see every
     /// event from the first, take the stream from
-    /// [`MeshBuilder::subscribe`] before the node starts.
+    /// [`MeshBuilder::subscribe`](crate::MeshBuilder::subscribe) before the node starts.
     pub fn subscribe(&self) -> Events {
         self.shared.fanout.subscribe()
     }
@@ -214,9 +217,9 @@ impl MeshHandle {
     /// task of their own, in the order decided, never on the network path
     /// nor under a peer's lock: a slow `f` holds up only that peer's
     /// events (`f` may run for two peers at once), and acks keep flowing.
-    /// A peer whose events fall [`Tuning::event_capacity`] events (or
-    /// [`Tuning::event_bytes`]) behind has them replaced by one
-    /// [`FlushReason::Backlog`] flush.
+    /// A peer whose events fall [`Tuning::event_capacity`](crate::Tuning::event_capacity) events (or
+    /// [`Tuning::event_bytes`](crate::Tuning::event_bytes)) behind has them replaced by one
+    /// [`FlushReason::Backlog`](crate::FlushReason::Backlog) flush.
     pub fn on_event(&self, f: impl Fn(&Event) + Send + Sync + 'static) {
         let mut callbacks = self
             .shared
@@ -312,7 +315,7 @@ impl MeshHandle {
     }
 
     /// Shuts down gracefully and waits until every task has ended (at most
-    /// about [`Tuning::shutdown_timeout`] plus a little).
+    /// about [`Tuning::shutdown_timeout`](crate::Tuning::shutdown_timeout) plus a little).
     pub async fn shutdown(self) {
         self.initiate_shutdown();
         self.tracker.wait().await;

@@ -20,9 +20,9 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
+use super::LinkError;
 use super::inbound::Incoming;
 use super::io::Io;
-use super::outbound::link::LinkError;
 use super::transport::{Dialing, Listening, Transport};
 use super::{PeerInfo, Shared};
 use crate::config::NodeAddr;

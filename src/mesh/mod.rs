@@ -54,6 +54,7 @@ use outbound::OutLog;
 #[cfg(feature = "fuzz")]
 pub use builder::fuzz_acceptor;
 pub use builder::{Mesh, MeshBuilder};
+pub(crate) use error::LinkError;
 pub use error::{InvalidateError, StartError};
 pub use fanout::Events;
 use fanout::Fanout;

@@ -11,7 +11,10 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::*;
+use super::{
+    Dir, Event, Fanout, OutLog, PeerId, PeerStats, Stats, Tuning, fanout, limits, lock, peer,
+    transport,
+};
 use crate::auth::Secret;
 use crate::config::{ClusterConfig, NodeAddr};
 use crate::tls::Tls;

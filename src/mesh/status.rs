@@ -5,10 +5,10 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use super::*;
+use super::{Histogram, HistogramSnapshot, PeerId};
 use crate::wire::Position;
 
-/// Which peers acknowledged, after [`MeshHandle::invalidate_and_wait`].
+/// Which peers acknowledged, after [`MeshHandle::invalidate_and_wait`](crate::MeshHandle::invalidate_and_wait).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[non_exhaustive]
 pub struct WaitOutcome {
@@ -119,16 +119,16 @@ pub struct Counters {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 #[non_exhaustive]
 pub struct EventCounters {
-    /// [`Event::Invalidated`].
+    /// [`Event::Invalidated`](crate::Event::Invalidated).
     pub invalidated: u64,
-    /// [`Event::CacheCleared`].
+    /// [`Event::CacheCleared`](crate::Event::CacheCleared).
     pub cache_cleared: u64,
-    /// [`Event::Flush`] (lagging subscribers' flushes excluded: those are
+    /// [`Event::Flush`](crate::Event::Flush) (lagging subscribers' flushes excluded: those are
     /// made per subscriber).
     pub flush: u64,
-    /// [`Event::PeerUp`].
+    /// [`Event::PeerUp`](crate::Event::PeerUp).
     pub peer_up: u64,
-    /// [`Event::PeerDown`].
+    /// [`Event::PeerDown`](crate::Event::PeerDown).
     pub peer_down: u64,
 }
 

@@ -10,10 +10,10 @@ use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::{Instant, timeout, timeout_at};
 
+use super::LinkError;
 use super::inbound::Incoming;
 use super::io::Io;
 use super::limits::lookup;
-use super::outbound::link::LinkError;
 use super::{PeerInfo, Shared, StartError};
 use crate::config::NodeAddr;
 

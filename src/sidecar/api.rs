@@ -21,6 +21,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::App;
+use super::conn::MAX_WAIT;
 use super::hub::{Read, flush_json};
 use crate::mesh::{BUCKETS_US, Status};
 use crate::wire::Item;
@@ -29,8 +30,6 @@ use crate::wire::Item;
 pub const MAX_BODY: usize = 4 * 1024 * 1024;
 /// Most invalidations in one request.
 pub const MAX_ITEMS: usize = 10_000;
-/// Longest `?wait=`.
-pub const MAX_WAIT: Duration = Duration::from_secs(60);
 /// Entries an SSE stream takes from the ring per pass.
 const SSE_CHUNK: usize = 256;
 

@@ -18,11 +18,13 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::{Instant, Sleep};
 use tracing::warn;
 
-use super::api::MAX_WAIT;
-
 /// API connections open at once, by default. Beyond it, new connections
 /// are closed as soon as they are accepted.
 pub const MAX_API_CONNECTIONS: usize = 256;
+
+/// Longest `?wait=`: the API's longest request, which bounds its
+/// connections' idle timeout from below.
+pub const MAX_WAIT: Duration = Duration::from_secs(60);
 
 /// A connection on which nothing was read or written for this long is
 /// closed. Longer than the longest `?wait=`, so that a waiting request is

@@ -33,8 +33,8 @@ use tracing::{info, warn};
 use crate::config::{ClusterConfig, StateFile};
 use crate::mesh::{Event, Mesh, MeshHandle, StartError, Tuning};
 
-pub use api::{MAX_BODY, MAX_ITEMS, MAX_WAIT, parse_duration};
-pub use conn::{API_IDLE_TIMEOUT, MAX_API_CONNECTIONS};
+pub use api::{MAX_BODY, MAX_ITEMS, parse_duration};
+pub use conn::{API_IDLE_TIMEOUT, MAX_API_CONNECTIONS, MAX_WAIT};
 pub use flush::{
     CredentialsError, FlushHookStatus, SUBSCRIBER_BURST, SUBSCRIBER_REFILL, load_credentials,
 };

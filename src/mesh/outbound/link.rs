@@ -17,7 +17,8 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::ring::{Filled, Taken};
 use crate::auth;
-use crate::mesh::handshake::{self, HandshakeError};
+use crate::mesh::LinkError;
+use crate::mesh::handshake;
 use crate::mesh::inbound::{hello_for, identity_matches, parse_identity};
 use crate::mesh::io::Io;
 use crate::mesh::{Dir, Shared, Silence, lock};
@@ -27,37 +28,6 @@ use crate::wire::{CodecError, Expect, FrameCodec, Hello, Message, Resume, Sealer
 /// syscall to carry thousands of invalidations, small enough to keep the
 /// items taken from the ring per write few.
 const WRITE_CHUNK: usize = 256 * 1024;
-
-/// Why a link ended.
-#[derive(Debug, thiserror::Error)]
-pub(crate) enum LinkError {
-    #[error("connect failed: {0}")]
-    Connect(String),
-    /// Not a failure: the peer connected to us while our dial still waited
-    /// for an answer, so the dial is made again at once.
-    #[error("the peer connected to us while this dial waited: dialling again")]
-    Redial,
-    #[error("{0}")]
-    Codec(#[from] CodecError),
-    #[error("i/o: {0}")]
-    Io(#[from] std::io::Error),
-    #[error("no hello within {0:?}")]
-    HelloTimeout(Duration),
-    #[error("nothing heard for {0:?} (dead or half-open link)")]
-    Dead(Duration),
-    #[error("the peer read nothing for {0:?} (stopped reading)")]
-    Stalled(Duration),
-    #[error("connection closed by the peer")]
-    Closed,
-    #[error("peer refused the connection: {0}")]
-    Rejected(String),
-    #[error("protocol error: {0}")]
-    Protocol(String),
-    #[error("{0}")]
-    Handshake(#[from] HandshakeError),
-    #[error("{0}")]
-    Tls(String),
-}
 
 /// Capped exponential backoff with ±20% jitter, so that nodes restarted
 /// together do not dial in lockstep.
