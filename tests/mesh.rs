@@ -119,8 +119,8 @@ async fn invalidate_and_wait_reports_acks_and_missing_peers() {
     c.shutdown_all().await;
 }
 
-/// A node that is down at first comes up later: it connects within a
-/// second, and gets what it missed (large buffer) or a flush (small).
+/// A node that is down at first comes up later: it connects, and gets
+/// what it missed (large buffer) or a flush (small).
 async fn late_peer(buffer: usize, sent: u64) -> (Vec<Event>, String) {
     let (mut c, mut listeners) = Cluster::reserve(2).await;
     c.buffer = buffer;
@@ -136,18 +136,15 @@ async fn late_peer(buffer: usize, sent: u64) -> (Vec<Event>, String) {
         h0.status().peers[0].last_error.is_some()
     })
     .await;
-    let started = Instant::now();
+    // How soon it connects (at once, not after node 0's backoff) is
+    // measured exactly under paused time: tests/paused.rs,
+    // a_peer_that_starts_late_is_connected_at_once.
     c.start_node(1, None).await;
     let r = c.recorders[1].clone();
-    r.wait_for("peer up", Duration::from_secs(3), |evs| {
+    r.wait_for("peer up", Duration::from_secs(10), |evs| {
         evs.iter().any(|e| matches!(e, Event::PeerUp { .. }))
     })
     .await;
-    let up_after = started.elapsed();
-    assert!(
-        up_after < Duration::from_secs(1),
-        "connected after {up_after:?}"
-    );
     let origin = c.id(0);
     r.wait_for("the last invalidation", LONG, |evs| {
         evs.iter()

@@ -8,7 +8,8 @@ mod common;
 use std::time::Duration;
 
 use cachecast::{
-    ClusterConfig, Event, MemoryNetwork, Mesh, MeshHandle, NodeAddr, StateFile, Tuning,
+    ClusterConfig, Event, Item, MemoryNetwork, Mesh, MeshHandle, NodeAddr, PeerId, StateFile,
+    Tuning,
 };
 use common::{Recorder, check_no_silent_gap};
 use tokio::time::Instant;
@@ -19,14 +20,20 @@ fn addr(i: u16) -> NodeAddr {
 
 /// Starts node `i` of `n` on `net`, with the default (production) timers.
 async fn node(net: &MemoryNetwork, i: u16, n: u16) -> (MeshHandle, Recorder) {
+    let tuning = Tuning {
+        event_capacity: 1 << 16,
+        ..Tuning::default()
+    };
+    node_tuned(net, i, n, tuning).await
+}
+
+/// Starts node `i` of `n` on `net`, with `tuning`.
+async fn node_tuned(net: &MemoryNetwork, i: u16, n: u16, tuning: Tuning) -> (MeshHandle, Recorder) {
     let peers = (0..n).filter(|&j| j != i).map(addr);
     let (rec, cb) = Recorder::new();
     let h = Mesh::builder(ClusterConfig::new(addr(i), peers))
         .state_file(StateFile::Off)
-        .tuning(Tuning {
-            event_capacity: 1 << 16,
-            ..Tuning::default()
-        })
+        .tuning(tuning)
         .network(net.clone())
         .on_event(cb)
         .start()
@@ -224,4 +231,117 @@ async fn an_inbound_link_cuts_the_outbound_backoff_short() {
     .await;
     a.shutdown().await;
     b.shutdown().await;
+}
+
+/// A peer that starts while this node waits out a long backoff is
+/// connected both ways at once: its dial makes this node redial instead of
+/// waiting out the delay.
+#[tokio::test(start_paused = true)]
+async fn a_peer_that_starts_late_is_connected_at_once() {
+    let net = MemoryNetwork::new();
+    let (a, _ra) = node(&net, 0, 2).await;
+    // Long enough for the delays to reach the cap (5 s).
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    assert!(
+        a.status().peers[0].last_error.is_some(),
+        "it failed to dial"
+    );
+    let (b, rb) = node(&net, 1, 2).await;
+    let took = until("both links up", Duration::from_secs(10), || {
+        connected(&a) && connected(&b)
+    })
+    .await;
+    assert!(
+        took < Duration::from_millis(100),
+        "connected after {took:?}"
+    );
+    assert_eq!(rb.count(|e| matches!(e, Event::PeerUp { .. })), 1);
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+/// DESIGN §4: `invalidate_and_wait(timeout)` "resolves when every
+/// connected peer acknowledged": with one peer down, it does not wait out
+/// the timeout once the connected one acked, and it names both.
+#[tokio::test(start_paused = true)]
+async fn invalidate_and_wait_does_not_wait_for_peers_that_are_down() {
+    let net = MemoryNetwork::new();
+    // Node 2 never starts.
+    let (a, _ra) = node(&net, 0, 3).await;
+    let (b, _rb) = node(&net, 1, 3).await;
+    until("0 and 1 connected", Duration::from_secs(5), || {
+        a.status().peers[0].connected
+    })
+    .await;
+    let started = Instant::now();
+    let item = Item::Key {
+        cache: "c".into(),
+        key: "k".into(),
+    };
+    let out = a
+        .invalidate_and_wait(item, Duration::from_secs(3))
+        .await
+        .expect("sent");
+    let took = started.elapsed();
+    assert_eq!(out.acked, vec![PeerId::from(addr(1).to_string())]);
+    assert_eq!(out.not_acked, vec![PeerId::from(addr(2).to_string())]);
+    // The ack is delayed by at most `ack_delay` (1 ms) to cover more.
+    assert!(took <= Duration::from_millis(10), "took {took:?}");
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+/// A peer that completes the hellos and fails each session at once is
+/// redialled ever more slowly: a session counts as healthy only once it
+/// acknowledged something or lasted, so the delays keep doubling.
+#[tokio::test(start_paused = true)]
+async fn a_peer_that_fails_each_session_at_once_is_redialled_ever_more_slowly() {
+    use cachecast::mesh::MemoryStream;
+    use cachecast::wire::{FrameCodec, Hello, MAGIC, Message, NONCE_LEN, PROTOCOL_VERSION, Resume};
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_util::codec::Framed;
+
+    let net = MemoryNetwork::new();
+    // Node 1 is played by hand: it answers the hello, then closes.
+    let mut fake = net.listen(&addr(1));
+    let acceptor = tokio::spawn(async move {
+        while let Some((stream, _)) = fake.accept().await {
+            let mut f: Framed<MemoryStream, FrameCodec> = Framed::new(stream, FrameCodec::new());
+            if let Some(Ok(Message::Hello(_))) = f.next().await {
+                let hello = Hello {
+                    magic: MAGIC,
+                    version: PROTOCOL_VERSION,
+                    node: addr(1).to_string(),
+                    incarnation: 99,
+                    nonce: [7; NONCE_LEN],
+                    last_applied: None,
+                    auth: false,
+                };
+                let _ = f.send(Message::Hello(hello)).await;
+                let none = Resume {
+                    last_applied: None,
+                    digest: [0; 16],
+                };
+                let _ = f.send(Message::Resume(none)).await;
+                // The dialer's own Resume ends its handshake.
+                let _ = f.next().await;
+            }
+            // ...and the session fails at once.
+        }
+    });
+    let tuning = Tuning {
+        backoff_first: Duration::from_millis(50),
+        backoff_cap: Duration::from_secs(10),
+        event_capacity: 1 << 16,
+        ..Tuning::default()
+    };
+    let (a, _ra) = node_tuned(&net, 0, 2, tuning).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let n = net.attempts(&addr(0), &addr(1));
+    a.shutdown().await;
+    acceptor.abort();
+    // Dials at 0, then after 50, 100, 200, 400, 800, 1600 ms (each ±20%):
+    // the sixth delay ends between 2.52 and 3.78 s, so 6 or 7 dials fit in
+    // 3 s. Had a failed session reset the delay, about 60 would.
+    assert!((6..=7).contains(&n), "{n} dials in 3 s");
 }

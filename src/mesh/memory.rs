@@ -253,6 +253,15 @@ impl MemoryNetwork {
         self.lock().attempts.get(&key).copied().unwrap_or(0)
     }
 
+    /// Accepts connections as `node` (a test playing a peer by hand):
+    /// connections to `node` arrive here from now on, in place of any node
+    /// that listened there before.
+    pub fn listen(&self, node: &NodeAddr) -> MemoryListener {
+        MemoryListener {
+            incoming: self.listen_as(node),
+        }
+    }
+
     /// `node` accepts connections from now on.
     pub(crate) fn listen_as(
         &self,
@@ -317,6 +326,21 @@ impl MemoryNetwork {
         tx.send((theirs, source)).map_err(|_| refused())?;
         net.open.entry((key_from, key_to)).or_default().push(wire);
         Ok(Some(ours))
+    }
+}
+
+/// Connections made to an address that a test listens on
+/// ([`MemoryNetwork::listen`]).
+#[derive(Debug)]
+pub struct MemoryListener {
+    incoming: mpsc::UnboundedReceiver<(MemoryStream, SocketAddr)>,
+}
+
+impl MemoryListener {
+    /// The next connection and the address it came from; `None` once the
+    /// network is gone.
+    pub async fn accept(&mut self) -> Option<(MemoryStream, SocketAddr)> {
+        self.incoming.recv().await
     }
 }
 

@@ -45,7 +45,7 @@ use std::sync::{Mutex, MutexGuard};
 
 pub use event::{Event, FlushReason, PeerId};
 #[cfg(feature = "test-util")]
-pub use memory::{MemoryNetwork, MemoryStream, Toward};
+pub use memory::{MemoryListener, MemoryNetwork, MemoryStream, Toward};
 use metrics::Histogram;
 pub use metrics::{BUCKETS_US, HistogramSnapshot};
 use outbound::OutLog;
