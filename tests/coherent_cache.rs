@@ -1,5 +1,7 @@
 //! `CoherentCache` (feature `moka`) on real nodes on loopback.
 
+mod common;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -34,14 +36,9 @@ async fn pair() -> (MeshHandle, MeshHandle) {
     (ma, mb)
 }
 
-async fn until(what: &str, mut cond: impl FnMut() -> bool) {
-    tokio::time::timeout(LONG, async {
-        while !cond() {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await
-    .unwrap_or_else(|_| panic!("{what}: not within {LONG:?}"));
+/// Waits for `cond`, as every test of the suite does.
+async fn until(what: &str, cond: impl FnMut() -> bool) {
+    common::wait_until(what, LONG, cond).await;
 }
 
 /// Set once `mesh` has passed an invalidation of `key` to its callbacks

@@ -11,7 +11,7 @@ use cachecast::{
     ClusterConfig, Event, Item, MemoryNetwork, Mesh, MeshHandle, NodeAddr, PeerId, StateFile,
     Tuning,
 };
-use common::{Recorder, check_no_silent_gap};
+use common::{Recorder, check_no_silent_gap, wait_until as until};
 use tokio::time::Instant;
 
 fn addr(i: u16) -> NodeAddr {
@@ -56,16 +56,6 @@ async fn pair() -> (
     })
     .await;
     (net, a, b)
-}
-
-/// Waits (in paused time) until `cond` holds; returns how long it took.
-async fn until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) -> Duration {
-    let start = Instant::now();
-    while !cond() {
-        assert!(start.elapsed() < limit, "{what}: not within {limit:?}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    start.elapsed()
 }
 
 fn connected(h: &MeshHandle) -> bool {

@@ -320,16 +320,18 @@ impl Cluster {
     }
 }
 
-/// Polls `cond` until it holds, or panics after `limit`.
-pub async fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + limit;
+/// Polls `cond` every 10 ms until it holds, or panics after `limit`
+/// naming `what`; returns how long it took (exact under paused time).
+pub async fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) -> Duration {
+    let start = tokio::time::Instant::now();
     while !cond() {
         assert!(
-            tokio::time::Instant::now() < deadline,
+            start.elapsed() < limit,
             "timed out after {limit:?} waiting for {what}"
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    start.elapsed()
 }
 
 /// What the proxy does with bytes.
