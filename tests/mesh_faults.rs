@@ -243,6 +243,14 @@ async fn restart_seen_only_from_the_dialing_side_is_not_taken_for_clean() {
     rb.wait_for("before", SHORT, |e| has_key(e, "before")).await;
     // A0: clean shutdown, B applied everything and recorded the goodbye.
     c.nodes[0].take().expect("A0").shutdown().await;
+    // B's link to A0 must be seen gone first: else the wait below could
+    // pass on it, before B ever reached A1 (and then nothing but a state
+    // file, off in this harness, could tell B that A1 ran).
+    let hb = c.h(1).clone();
+    wait_until("B's link to A0 down", SHORT, || {
+        !hb.status().peers[0].outbound
+    })
+    .await;
 
     // A1: its dials to B go nowhere.
     c.via.insert((0, 1), closed_addr().await);
@@ -250,7 +258,6 @@ async fn restart_seen_only_from_the_dialing_side_is_not_taken_for_clean() {
     let a1 = c.h(0).clone();
     a1.invalidate("c", "lost").expect("send");
     // B is alive and reaches A1 (B's own outbound link comes up).
-    let hb = c.h(1).clone();
     wait_until("B's link to A1 up", SHORT, || hb.status().peers[0].outbound).await;
     drop(a1);
     stop_a1_then_check_a2_covers_it(&mut c).await;
