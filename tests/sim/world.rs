@@ -206,8 +206,8 @@ impl World {
         }
     }
 
-    /// Runs the plan, the quiet time and the final round; returns whether
-    /// every node's marker reached every other node in time.
+    /// Runs the plan, the quiet time and the final round; an error says
+    /// which node's marker did not reach which other node in time.
     pub async fn run(&mut self) -> Result<(), String> {
         self.t0 = Instant::now();
         *STARTED.lock().unwrap() = Some(self.t0);
