@@ -326,6 +326,10 @@ async fn invalidation_accepted_as_shutdown_begins_is_sent_or_flushed() {
         })
         .await;
         stopping.store(true, Ordering::Release);
+        // The writers go on calling throughout the start of the shutdown;
+        // this pause only lets them see the flag first, so that a loaded
+        // machine still counts calls made around it.
+        tokio::time::sleep(Duration::from_millis(2)).await;
         c.nodes[0].take().expect("A").shutdown().await;
         for t in threads {
             tokio::task::spawn_blocking(move || t.join())

@@ -240,6 +240,17 @@ pub(crate) async fn dispatch(shared: Arc<Shared>, peer: usize, done: Cancellatio
             }
             continue;
         }
+        if shared.callbacks_gen.load(Ordering::Acquire) != callbacks.generation {
+            callbacks = shared.callbacks();
+        }
+        // Application code may block its thread. A task this one just woke
+        // (the connection, for room in the queue or for its ack) waits in
+        // this worker's next-task slot, which other workers do not take
+        // from: it would wait as long as a callback blocks, and its link
+        // would go silent. Yielding first lets it run.
+        if !callbacks.list.is_empty() {
+            tokio::task::yield_now().await;
+        }
         for event in &batch {
             if shared.callbacks_gen.load(Ordering::Acquire) != callbacks.generation {
                 callbacks = shared.callbacks();
