@@ -19,6 +19,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
+use tokio::runtime::RuntimeFlavor;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -221,6 +222,10 @@ impl std::fmt::Debug for Pending {
 pub(crate) async fn dispatch(shared: Arc<Shared>, peer: usize, done: CancellationToken) {
     let queue = &shared.peers[peer].events;
     let mut callbacks = shared.callbacks();
+    // Only other workers can run what a blocked callback holds up; on one
+    // thread nothing can, and a yield would only cost each batch a pass.
+    let other_workers =
+        tokio::runtime::Handle::current().runtime_flavor() != RuntimeFlavor::CurrentThread;
     loop {
         // Registered before the queue is looked at, so that a push after
         // the look is not missed.
@@ -248,7 +253,7 @@ pub(crate) async fn dispatch(shared: Arc<Shared>, peer: usize, done: Cancellatio
         // this worker's next-task slot, which other workers do not take
         // from: it would wait as long as a callback blocks, and its link
         // would go silent. Yielding first lets it run.
-        if !callbacks.list.is_empty() {
+        if other_workers && !callbacks.list.is_empty() {
             tokio::task::yield_now().await;
         }
         for event in &batch {
