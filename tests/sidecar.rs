@@ -1138,6 +1138,56 @@ async fn a_stalled_event_stream_is_counted_as_lagging_while_stalled() {
     );
 }
 
+/// What Prometheus's OpenMetrics parser requires of `/metrics`: every
+/// family declared by `# HELP` and `# TYPE` before its samples, each sample
+/// named as its type has it (a counter's `_total`, a histogram's
+/// `_bucket`, `_sum`, `_count`), no family twice, and `# EOF` last.
+fn assert_openmetrics(text: &str) {
+    let mut families = std::collections::BTreeMap::new();
+    let mut help = None;
+    let mut current: Option<(String, String)> = None;
+    let mut lines = text.lines().peekable();
+    while let Some(line) = lines.next() {
+        if line == "# EOF" {
+            assert!(lines.peek().is_none(), "text after # EOF");
+            return;
+        }
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            let (name, words) = rest.split_once(' ').expect("help text");
+            assert!(!words.is_empty(), "{name}: empty help");
+            help = Some(name.to_string());
+        } else if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').expect("type");
+            assert_eq!(
+                help.as_deref(),
+                Some(name),
+                "# TYPE {name} without its # HELP"
+            );
+            assert!(
+                families.insert(name.to_string(), ()).is_none(),
+                "{name} declared twice"
+            );
+            current = Some((name.to_string(), kind.to_string()));
+        } else {
+            let (name, kind) = current.as_ref().expect("a sample before any # TYPE");
+            let sample = line.split(['{', ' ']).next().expect("name");
+            let suffixes: &[&str] = match kind.as_str() {
+                "counter" => &["_total"],
+                "histogram" => &["_bucket", "_sum", "_count"],
+                "gauge" => &[""],
+                other => panic!("{name}: type {other}"),
+            };
+            assert!(
+                suffixes.iter().any(|s| sample == format!("{name}{s}")),
+                "{sample} is not a sample of {kind} {name}"
+            );
+            let value = line.rsplit(' ').next().expect("value");
+            assert!(value.parse::<f64>().is_ok(), "{line}: value");
+        }
+    }
+    panic!("no # EOF at the end:\n{text}");
+}
+
 /// Every metric that the alert rules and the dashboard of docs/monitoring
 /// use is one a real sidecar serves: a renamed metric cannot leave an alert
 /// that never fires.
@@ -1175,6 +1225,7 @@ async fn the_monitoring_files_use_only_served_metrics() {
     c.start_all().await;
     c.wait_connected().await;
     let text = metrics_text(&c.nodes[0]).await;
+    assert_openmetrics(&text);
     let served: std::collections::BTreeSet<&str> = text
         .lines()
         .filter(|l| !l.starts_with('#') && !l.is_empty())

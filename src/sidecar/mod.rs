@@ -14,6 +14,7 @@ mod conn;
 mod flush;
 mod hub;
 mod limits;
+mod metrics;
 pub(crate) mod resp;
 pub mod state_path;
 mod table;
