@@ -63,7 +63,7 @@ pub mod fuzz;
 pub mod mesh;
 #[cfg(feature = "sidecar")]
 pub mod sidecar;
-pub mod tls;
+pub(crate) mod tls;
 pub mod wire;
 
 pub use config::{ClusterConfig, NodeAddr, StateFile};

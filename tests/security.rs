@@ -527,6 +527,9 @@ async fn a_certificate_from_another_ca_or_expired_or_misnamed_is_refused() {
 /// A node's own certificate that its peers would refuse is reported at
 /// start (and by `check`): expired, from another CA, or not allowed for
 /// client use (every node is also a client).
+/// Through `preflight`, the checks `cachecast check` and `run` make: TLS
+/// is internal to the library.
+#[cfg(feature = "sidecar")]
 #[test]
 fn an_own_certificate_the_peers_would_refuse_is_reported() {
     let pki = Pki::new();
@@ -539,10 +542,25 @@ fn an_own_certificate_the_peers_would_refuse_is_reported() {
     };
     let good = files(pki.node("good", "127.0.0.1", &issuer, false));
     let warning = |f: &TlsFiles| {
-        cachecast::tls::Tls::load(f)
-            .expect("loads")
-            .warning()
-            .map(str::to_string)
+        let mut config = cachecast::config::parse_str("cluster.instance0.hostname = 127.0.0.1\n")
+            .expect("config")
+            .config;
+        config.tls = Some(f.clone());
+        let problems = cachecast::sidecar::check::preflight(&config);
+        let tls: Vec<_> = problems
+            .iter()
+            .filter(|p| {
+                p.key
+                    .as_deref()
+                    .is_some_and(|k| k.starts_with("cachecast.tls"))
+            })
+            .collect();
+        assert!(
+            tls.iter()
+                .all(|p| p.severity == cachecast::config::Severity::Warning),
+            "loads: {tls:?}"
+        );
+        tls.first().map(|p| p.message.clone())
     };
     assert_eq!(warning(&good), None);
     let server_only = {
@@ -646,19 +664,26 @@ async fn bad_security_files_stop_the_node_from_starting() {
 /// Key material is checked as the secret file is: a TLS private key, or a
 /// dhis.conf that holds the secret itself, readable by every user stops
 /// `check` and `run` with the command that fixes it.
-#[test]
-fn key_material_readable_by_every_user_is_refused() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_material_readable_by_every_user_is_refused() {
     use std::os::unix::fs::PermissionsExt;
     let pki = Pki::new();
     let (ca, issuer) = pki.ca("cluster");
     let (cert, key) = pki.node("n", "127.0.0.1", &issuer, false);
     let files = TlsFiles { cert, key, ca };
-    assert!(
-        cachecast::tls::Tls::load(&files).is_ok(),
-        "mode 600 is fine"
-    );
+    let (mut c, mut listeners) = Cluster::reserve(1).await;
+    let with_files = files.clone();
+    c.customize = Some(Arc::new(move |_, c: &mut ClusterConfig| {
+        c.tls = Some(with_files.clone())
+    }));
+    c.try_start_node(0, listeners.pop())
+        .await
+        .unwrap_or_else(|e| panic!("mode 600 is fine: {e}"));
+    c.shutdown_all().await;
     std::fs::set_permissions(&files.key, std::fs::Permissions::from_mode(0o644)).expect("chmod");
-    let err = cachecast::tls::Tls::load(&files)
+    let err = c
+        .try_start_node(0, None)
+        .await
         .expect_err("refused")
         .to_string();
     assert!(

@@ -56,6 +56,10 @@ pub use builder::fuzz_acceptor;
 pub use builder::{Mesh, MeshBuilder};
 pub(crate) use error::LinkError;
 pub use error::{InvalidateError, StartError};
+// What StartError carries when the secret or the TLS files cannot be used:
+// named here, since their modules are internal.
+pub use crate::auth::SecretError;
+pub use crate::tls::TlsError;
 pub use fanout::Events;
 use fanout::Fanout;
 pub use handle::MeshHandle;
