@@ -14,8 +14,9 @@ use tracing::{info, warn};
 
 use super::transport::Transport;
 use super::{
-    Callback, Event, Events, Fanout, MeshHandle, OutLog, PeerId, PeerInfo, PeerStats, Shared,
-    StartError, Stats, Tuning, fanout, inbound, limits, lock, outbound, peer, state, transport,
+    Admission, AppSide, Callback, Event, Events, Fanout, Lifecycle, MeshHandle, OutLog, PeerId,
+    PeerInfo, PeerStats, Shared, StartError, Stats, Tuning, fanout, inbound, limits, lock,
+    outbound, peer, state, transport,
 };
 use crate::auth::Secret;
 use crate::config::{ClusterConfig, NodeAddr, StateFile};
@@ -143,7 +144,7 @@ impl MeshBuilder {
                 path: path.to_path_buf(),
                 source: e,
             };
-            *lock(&shared.state_lock) = Some(state::lock(path).map_err(state_err)?);
+            *lock(&shared.life.state_lock) = Some(state::lock(path).map_err(state_err)?);
             let previous = state::read(path).map_err(state_err)?;
             let incarnation = lock(&shared.out).incarnation();
             if let Some(p) = previous.filter(|p| !p.clean) {
@@ -184,7 +185,7 @@ impl MeshBuilder {
                 dispatchers.spawn(fanout::dispatch(shared.clone(), peer, done.clone()));
             }
             dispatchers.close();
-            let (tracker, fanout) = (tracker.clone(), shared.fanout.clone());
+            let (tracker, fanout) = (tracker.clone(), shared.app.fanout.clone());
             tokio::spawn(async move {
                 tracker.wait().await;
                 done.cancel();
@@ -194,7 +195,7 @@ impl MeshBuilder {
         }
         // Peers' names are looked up at once, off the accept loop.
         {
-            let allowlist = shared.allowlist.clone();
+            let allowlist = shared.admission.allowlist.clone();
             tracker.spawn(async move { allowlist.resolve_first().await });
         }
         tracker.spawn(inbound::accept_loop(
@@ -271,23 +272,29 @@ pub(crate) fn build_shared(
             tuning.buffer_bytes,
         )),
         peers,
-        fanout,
-        callbacks: RwLock::new(Arc::new(callbacks)),
-        callbacks_gen: AtomicU64::new(0),
         stats: Stats::default(),
-        aborted: AtomicBool::new(false),
-        token: CancellationToken::new(),
-        conn_limit: Arc::new(Semaphore::new(tuning.max_connections.max(1))),
-        secret,
-        tls,
-        allowlist: Arc::new(limits::Allowlist::new(
-            config.peers.iter().map(|p| p.addr.clone()).collect(),
-        )),
-        per_ip: limits::PerIp::default(),
-        reject_log: limits::LogLimiter::new(20, Duration::from_secs(60)),
-        duplicate_log: limits::LogLimiter::new(1, Duration::from_secs(60)),
-        shutdown_at: std::sync::OnceLock::new(),
-        state_lock: Mutex::new(None),
+        app: AppSide {
+            fanout,
+            callbacks: RwLock::new(Arc::new(callbacks)),
+            callbacks_gen: AtomicU64::new(0),
+        },
+        admission: Admission {
+            conn_limit: Arc::new(Semaphore::new(tuning.max_connections.max(1))),
+            secret,
+            tls,
+            allowlist: Arc::new(limits::Allowlist::new(
+                config.peers.iter().map(|p| p.addr.clone()).collect(),
+            )),
+            per_ip: limits::PerIp::default(),
+            reject_log: limits::LogLimiter::new(20, Duration::from_secs(60)),
+            duplicate_log: limits::LogLimiter::new(1, Duration::from_secs(60)),
+        },
+        life: Lifecycle {
+            aborted: AtomicBool::new(false),
+            token: CancellationToken::new(),
+            shutdown_at: std::sync::OnceLock::new(),
+            state_lock: Mutex::new(None),
+        },
         transport,
         tuning,
         config,
@@ -338,7 +345,7 @@ pub fn fuzz_acceptor(input: &[u8]) {
     rt.block_on(async {
         let (mut client, server) = tokio::io::duplex(64 * 1024);
         let ip = std::net::IpAddr::from([127, 0, 0, 1]);
-        let Some(slot) = shared.per_ip.enter(ip) else {
+        let Some(slot) = shared.admission.per_ip.enter(ip) else {
             return;
         };
         let deadline = tokio::time::Instant::now() + shared.tuning.hello_timeout;

@@ -245,7 +245,7 @@ pub(crate) async fn dispatch(shared: Arc<Shared>, peer: usize, done: Cancellatio
             }
             continue;
         }
-        if shared.callbacks_gen.load(Ordering::Acquire) != callbacks.generation {
+        if shared.app.callbacks_gen.load(Ordering::Acquire) != callbacks.generation {
             callbacks = shared.callbacks();
         }
         // Application code may block its thread. A task this one just woke
@@ -257,14 +257,14 @@ pub(crate) async fn dispatch(shared: Arc<Shared>, peer: usize, done: Cancellatio
             tokio::task::yield_now().await;
         }
         for event in &batch {
-            if shared.callbacks_gen.load(Ordering::Acquire) != callbacks.generation {
+            if shared.app.callbacks_gen.load(Ordering::Acquire) != callbacks.generation {
                 callbacks = shared.callbacks();
             }
             for cb in callbacks.list.iter() {
                 cb(event);
             }
         }
-        shared.fanout.publish(&batch);
+        shared.app.fanout.publish(&batch);
         if let Some((ack_to, position)) = ack {
             ack_to(position);
         }

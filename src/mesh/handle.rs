@@ -210,7 +210,7 @@ impl MeshHandle {
     /// event from the first, take the stream from
     /// [`MeshBuilder::subscribe`](crate::MeshBuilder::subscribe) before the node starts.
     pub fn subscribe(&self) -> Events {
-        self.shared.fanout.subscribe()
+        self.shared.app.fanout.subscribe()
     }
 
     /// Calls `f` for every event. Each peer's events are dispatched by a
@@ -223,13 +223,14 @@ impl MeshHandle {
     pub fn on_event(&self, f: impl Fn(&Event) + Send + Sync + 'static) {
         let mut callbacks = self
             .shared
+            .app
             .callbacks
             .write()
             .unwrap_or_else(|e| e.into_inner());
         let mut list = Vec::clone(&callbacks);
         list.push(Arc::new(f));
         *callbacks = Arc::new(list);
-        self.shared.callbacks_gen.fetch_add(1, Ordering::AcqRel);
+        self.shared.app.callbacks_gen.fetch_add(1, Ordering::AcqRel);
     }
 
     /// A snapshot of the node's state.
@@ -310,7 +311,7 @@ impl MeshHandle {
     pub fn initiate_shutdown(&self) {
         self.shared.shutdown_deadline();
         lock(&self.shared.out).close();
-        self.shared.token.cancel();
+        self.shared.life.token.cancel();
         self.tracker.close();
     }
 
@@ -331,23 +332,27 @@ impl MeshHandle {
                 warn!(path = %path.display(), error = %e, "cannot record the clean shutdown");
             }
         }
-        lock(&self.shared.state_lock).take();
+        lock(&self.shared.life.state_lock).take();
         info!(node = %self.shared.me, "mesh stopped");
     }
 
     /// Stops at once, as a crash would: no draining, no goodbye. For tests
     /// and the demo.
     pub async fn abort(self) {
-        let _ = self.shared.shutdown_at.set(tokio::time::Instant::now());
+        let _ = self
+            .shared
+            .life
+            .shutdown_at
+            .set(tokio::time::Instant::now());
         lock(&self.shared.out).close();
         let shared = self.shared.clone();
         // Links check this flag and skip the goodbye.
-        shared.aborted.store(true, Ordering::Release);
-        shared.token.cancel();
+        shared.life.aborted.store(true, Ordering::Release);
+        shared.life.token.cancel();
         self.tracker.close();
         self.tracker.wait().await;
         // What a crash would do too: the state file stays as written at
         // start, and the lock goes.
-        lock(&shared.state_lock).take();
+        lock(&shared.life.state_lock).take();
     }
 }

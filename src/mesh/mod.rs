@@ -63,7 +63,7 @@ pub use crate::tls::TlsError;
 pub use fanout::Events;
 use fanout::Fanout;
 pub use handle::MeshHandle;
-use shared::{Callback, PeerInfo, Rejected, Shared, Silence};
+use shared::{Admission, AppSide, Callback, Lifecycle, PeerInfo, Rejected, Shared, Silence};
 pub use status::{Counters, EventCounters, PeerStatus, Status, WaitOutcome};
 use status::{PeerStats, Stats};
 pub use tuning::Tuning;

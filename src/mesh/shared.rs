@@ -57,25 +57,42 @@ pub(crate) struct PeerInfo {
 
 pub(crate) type Callback = Arc<dyn Fn(&Event) + Send + Sync>;
 
-/// State shared by the handle and every task.
+/// State shared by the handle and every task, grouped by concern: who
+/// this node is and whom it peers with, what it originates, what goes to
+/// the application, who may connect, and how the run ends.
 pub(crate) struct Shared {
     pub(crate) me: PeerId,
     pub(crate) config: ClusterConfig,
     pub(crate) tuning: Tuning,
     pub(crate) peers: Vec<PeerInfo>,
+    /// What this node originated, per peer not yet acknowledged.
     pub(crate) out: Mutex<OutLog>,
-    /// The event channel; without a live [`Events`] stream, events are not
-    /// sent into it at all.
+    pub(crate) stats: Stats,
+    /// Where events go: the stream and the callbacks.
+    pub(crate) app: AppSide,
+    /// Who may connect and how they prove it.
+    pub(crate) admission: Admission,
+    /// Shutdown, abort and the state file.
+    pub(crate) life: Lifecycle,
+    /// How peers are reached: TCP (and TLS), or an in-memory network.
+    pub(crate) transport: Arc<dyn transport::Transport>,
+}
+
+/// Where a node's events go.
+pub(crate) struct AppSide {
+    /// The event channel; without a live [`Events`](super::Events) stream,
+    /// events are not sent into it at all.
     pub(crate) fanout: Fanout,
     pub(crate) callbacks: RwLock<Arc<Vec<Callback>>>,
     /// Bumped when a callback is registered, so that a batch's events can
     /// share one snapshot of the list and still see a new one at once.
     pub(crate) callbacks_gen: AtomicU64,
-    pub(crate) stats: Stats,
-    /// Set by [`MeshHandle::abort`]: links close without draining or
-    /// saying goodbye, as in a crash.
-    pub(crate) aborted: AtomicBool,
-    pub(crate) token: CancellationToken,
+}
+
+/// What an inbound connection must get past, and the bounds on what
+/// refusing it costs.
+pub(crate) struct Admission {
+    /// Connections (handshakes and sessions) open at once.
     pub(crate) conn_limit: Arc<Semaphore>,
     /// The shared secret, when peers must prove they know it.
     pub(crate) secret: Option<Secret>,
@@ -89,12 +106,18 @@ pub(crate) struct Shared {
     pub(crate) reject_log: limits::LogLimiter,
     /// Bounds the log lines about two nodes with one identity.
     pub(crate) duplicate_log: limits::LogLimiter,
+}
+
+/// How a run ends.
+pub(crate) struct Lifecycle {
+    /// Set by [`MeshHandle::abort`](super::MeshHandle::abort): links close
+    /// without draining or saying goodbye, as in a crash.
+    pub(crate) aborted: AtomicBool,
+    pub(crate) token: CancellationToken,
     /// When a shutdown must be over; set when it begins.
     pub(crate) shutdown_at: std::sync::OnceLock<tokio::time::Instant>,
     /// The state file's lock, held while this run may write the file.
     pub(crate) state_lock: Mutex<Option<std::fs::File>>,
-    /// How peers are reached: TCP (and TLS), or an in-memory network.
-    pub(crate) transport: Arc<dyn transport::Transport>,
 }
 
 /// Why an inbound connection was refused (for counters).
@@ -192,8 +215,9 @@ impl Shared {
     pub(crate) fn callbacks(&self) -> CallbackSnapshot {
         // The generation is read first: a registration after this read is
         // noticed by the next `emit_with`.
-        let generation = self.callbacks_gen.load(Ordering::Acquire);
+        let generation = self.app.callbacks_gen.load(Ordering::Acquire);
         let list = self
+            .app
             .callbacks
             .read()
             .unwrap_or_else(|e| e.into_inner())
@@ -252,6 +276,7 @@ impl Shared {
     /// When the shutdown under way must be over.
     pub(crate) fn shutdown_deadline(&self) -> tokio::time::Instant {
         *self
+            .life
             .shutdown_at
             .get_or_init(|| tokio::time::Instant::now() + self.tuning.shutdown_timeout)
     }
@@ -288,7 +313,7 @@ impl Shared {
         reason: &str,
     ) {
         self.count_rejection(kind);
-        let (log, held) = self.reject_log.admit();
+        let (log, held) = self.admission.reject_log.admit();
         if held > 0 {
             warn!(held, "rejected connections not logged (rate limit)");
         }
@@ -345,7 +370,7 @@ impl Shared {
                      (a restart; two running nodes if this lasts): {reason}"
                 );
             } else {
-                match self.duplicate_log.admit() {
+                match self.admission.duplicate_log.admit() {
                     (true, 0) => tracing::error!("{reason}"),
                     (true, held) => tracing::error!(held_back = held, "{reason}"),
                     (false, _) => debug!("{reason}"),

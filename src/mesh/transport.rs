@@ -75,7 +75,7 @@ async fn tcp_transport(shared: &Shared, info: &PeerInfo) -> Result<(Io, Instant)
     stream.set_nodelay(true)?;
     let hello_timeout = shared.tuning.hello_timeout;
     let deadline = Instant::now() + hello_timeout;
-    let Some(tls) = &shared.tls else {
+    let Some(tls) = &shared.admission.tls else {
         return Ok((Io::Plain(stream), deadline));
     };
     match timeout_at(deadline, tls.connect(&info.addr.host, stream)).await {

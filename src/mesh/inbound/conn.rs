@@ -45,7 +45,7 @@ pub(crate) fn hello_for(shared: &Shared) -> Hello {
         incarnation: lock(&shared.out).incarnation(),
         nonce,
         last_applied: None,
-        auth: shared.secret.is_some(),
+        auth: shared.admission.secret.is_some(),
     }
 }
 
@@ -76,7 +76,7 @@ pub(crate) async fn accept_loop(shared: Arc<Shared>, mut incoming: Incoming, tra
     loop {
         let accepted = tokio::select! {
             r = incoming.accept() => r,
-            _ = shared.token.cancelled() => return,
+            _ = shared.life.token.cancelled() => return,
         };
         let (stream, remote) = match accepted {
             Ok(Some(a)) => a,
@@ -91,7 +91,7 @@ pub(crate) async fn accept_loop(shared: Arc<Shared>, mut incoming: Incoming, tra
         // Strangers are closed before anything is read from them. The
         // accept loop never waits for a name lookup: before the first one
         // is done, the connection's own task waits for it.
-        let admit = shared.allowlist.admit(remote.ip(), &tracker);
+        let admit = shared.admission.allowlist.admit(remote.ip(), &tracker);
         if matches!(admit, Admit::No) {
             shared.reject_quietly(
                 Rejected::NotAllowed,
@@ -102,15 +102,17 @@ pub(crate) async fn accept_loop(shared: Arc<Shared>, mut incoming: Incoming, tra
         }
         // Bounded work per source and in total, taken before spawning, so
         // that a flood cannot grow the number of tasks.
-        let Ok(permit) = shared.conn_limit.clone().try_acquire_owned() else {
+        let Ok(permit) = shared.admission.conn_limit.clone().try_acquire_owned() else {
             shared.reject_quietly(Rejected::Limit, remote, "too many connections open");
             continue;
         };
         let shared = shared.clone();
         tracker.spawn(async move {
             let allowed = match admit {
-                Admit::Unknown => shared.allowlist.permits(remote.ip()).await,
-                Admit::Refreshing(_place) => shared.allowlist.after_refresh(remote.ip()).await,
+                Admit::Unknown => shared.admission.allowlist.permits(remote.ip()).await,
+                Admit::Refreshing(_place) => {
+                    shared.admission.allowlist.after_refresh(remote.ip()).await
+                }
                 Admit::Yes | Admit::No => true,
             };
             if !allowed {
@@ -121,7 +123,7 @@ pub(crate) async fn accept_loop(shared: Arc<Shared>, mut incoming: Incoming, tra
                 );
                 return;
             }
-            let Some(slot) = shared.per_ip.enter(remote.ip()) else {
+            let Some(slot) = shared.admission.per_ip.enter(remote.ip()) else {
                 shared.reject_quietly(
                     Rejected::Limit,
                     remote,
@@ -206,7 +208,7 @@ async fn transport(
     // A TLS record starts with 0x16 (handshake); a frame's length prefix,
     // at most 1 MiB, starts with 0x00.
     let speaks_tls = first[0] == 0x16;
-    match (&shared.tls, speaks_tls) {
+    match (&shared.admission.tls, speaks_tls) {
         (Some(tls), true) => match timeout_at(deadline, tls.accept(stream)).await {
             Ok(Ok(s)) => {
                 let cert = crate::tls::peer_certificate(&s);
@@ -272,7 +274,7 @@ pub(crate) async fn serve_io(
     let mut reader = FramedRead::new(rd, FrameCodec::handshake(Expect::Hello));
     let first = tokio::select! {
         r = timeout_at(deadline, reader.next()) => r,
-        _ = shared.token.cancelled() => return,
+        _ = shared.life.token.cancelled() => return,
     };
     let hs = Rejected::Handshake;
     let hello = match first {
@@ -303,7 +305,7 @@ pub(crate) async fn serve_io(
     // peer cannot speak for another.
     if cert.is_none()
         && let Some(ip) = source
-        && !shared.allowlist.is_address_of(peer, ip)
+        && !shared.admission.allowlist.is_address_of(peer, ip)
     {
         let reason = format!("{ip} is not an address of {id}, the peer it claims to be");
         return reject(shared, &mut wr, Rejected::NotAllowed, &reason).await;
@@ -317,7 +319,9 @@ pub(crate) async fn serve_io(
         );
         return reject(shared, &mut wr, Rejected::Tls, &reason).await;
     }
-    if let Err(e) = handshake::check_secrets(shared.secret.is_some(), &hello, &shared.me, &id) {
+    if let Err(e) =
+        handshake::check_secrets(shared.admission.secret.is_some(), &hello, &shared.me, &id)
+    {
         return reject(shared, &mut wr, Rejected::Auth, &e.to_string()).await;
     }
     // Nothing changes state before the peer has proven who it is: the
@@ -328,11 +332,11 @@ pub(crate) async fn serve_io(
     // Proven by a secret or a certificate, a newer connection is the peer
     // itself and takes over at once (section 2 of the protocol); without,
     // it must not silence a link that is demonstrably alive.
-    let proven = shared.secret.is_some() || cert.is_some();
+    let proven = shared.admission.secret.is_some() || cert.is_some();
     // Without a secret no proof is to come: the claim is judged before our
     // hello tells the claimant anything of the peer it claims to be (its
     // incarnation and our position for it).
-    if shared.secret.is_none()
+    if shared.admission.secret.is_none()
         && let Err(reason) = admit_incarnation(shared, peer, incarnation, proven)
     {
         return reject(shared, &mut wr, Rejected::Handshake, &reason).await;
@@ -345,7 +349,7 @@ pub(crate) async fn serve_io(
         ours: &ours,
         theirs: &hello,
     };
-    let our_proof = shared.secret.as_ref().map(|s| hellos.proof(s));
+    let our_proof = shared.admission.secret.as_ref().map(|s| hellos.proof(s));
     // Without a secret the claim was judged above: our position goes with
     // the hello. With one, it waits for the dialer's proof.
     let encoded = codec
@@ -359,7 +363,7 @@ pub(crate) async fn serve_io(
     }
     buf.clear();
     let mut sealer = None;
-    if let Some(secret) = &shared.secret {
+    if let Some(secret) = &shared.admission.secret {
         reader.decoder_mut().allow_next(Expect::AuthOrReject);
         let proof = match timeout_at(deadline, reader.next()).await {
             Ok(Some(Ok(Message::Auth { mac }))) => mac,
@@ -422,7 +426,7 @@ pub(crate) async fn serve_io(
         .filter(|p| p.incarnation == incarnation)
         .map_or(0, |p| p.seq);
     // This connection supersedes any older one from the same peer.
-    let conn_token = shared.token.child_token();
+    let conn_token = shared.life.token.child_token();
     let generation = lock(&shared.peers[peer].state).inbound_takes_over(
         incarnation,
         conn_token.clone(),
@@ -695,7 +699,7 @@ async fn receive(
         r = read => r,
         w = write => w,
         _ = conn_token.cancelled() => {
-            if shared.token.is_cancelled() {
+            if shared.life.token.is_cancelled() {
                 "shutting down".to_string()
             } else {
                 "superseded by a newer connection".to_string()

@@ -91,7 +91,7 @@ pub(crate) async fn run(shared: Arc<Shared>, peer: usize) {
             let reached = shared.peers[peer].reached.load(Ordering::Acquire);
             let attempt = tokio::select! {
                 r = connect(&shared, peer) => r,
-                _ = shared.token.cancelled() => return,
+                _ = shared.life.token.cancelled() => return,
             };
             match attempt {
                 Ok(Session {
@@ -211,7 +211,7 @@ pub(crate) async fn run(shared: Arc<Shared>, peer: usize) {
             tokio::select! {
                 _ = sleep(delay) => {}
                 _ = redial => debug!("the peer connected to us: redialling at once"),
-                _ = shared.token.cancelled() => return,
+                _ = shared.life.token.cancelled() => return,
             }
         }
     }
@@ -281,9 +281,14 @@ async fn connect(shared: &Shared, peer: usize) -> Result<Session, LinkError> {
                 info.addr, hello.node
             )));
         }
-        handshake::check_secrets(shared.secret.is_some(), &hello, &shared.me, &info.id)?;
+        handshake::check_secrets(
+            shared.admission.secret.is_some(),
+            &hello,
+            &shared.me,
+            &info.id,
+        )?;
         let mut hellos = None;
-        if let Some(secret) = &shared.secret {
+        if let Some(secret) = &shared.admission.secret {
             let pair = handshake::Hellos {
                 role: auth::Role::Dialer,
                 ours: &ours,
@@ -387,7 +392,7 @@ async fn write_bounded(
         let step = wr.write(&buf[written..]);
         tokio::pin!(step);
         let late = |_| LinkError::Stalled(shared.tuning.shutdown_timeout);
-        let n = if shared.token.is_cancelled() {
+        let n = if shared.life.token.is_cancelled() {
             timeout_at(shared.shutdown_deadline(), &mut step)
                 .await
                 .map_err(late)?
@@ -397,7 +402,7 @@ async fn write_bounded(
             tokio::select! {
                 biased;
                 r = timeout(dead_after, &mut step) => r.map_err(|_| LinkError::Stalled(dead_after))?,
-                _ = shared.token.cancelled() => {
+                _ = shared.life.token.cancelled() => {
                     timeout_at(shared.shutdown_deadline(), &mut step).await.map_err(late)?
                 }
             }
@@ -558,12 +563,12 @@ async fn session(
         let ping_every = shared.tuning.ping_every;
         let ping = sleep_until(last_write + ping_every);
         tokio::pin!(ping);
-        let cancelled = shared.token.cancelled();
+        let cancelled = shared.life.token.cancelled();
         tokio::pin!(cancelled);
         loop {
             // Checked on every pass: a long backlog must not hold up
             // shutdown past its deadline.
-            if shared.token.is_cancelled() {
+            if shared.life.token.is_cancelled() {
                 break;
             }
             let chunk = fill_chunk(shared, peer, &mut taken, &mut buf, sealer.as_mut())?;
@@ -609,7 +614,7 @@ async fn session(
                 }
             }
         }
-        if shared.aborted.load(Ordering::Acquire) {
+        if shared.life.aborted.load(Ordering::Acquire) {
             return Ok(());
         }
         // Graceful shutdown: drain, say goodbye, wait for the acks.
