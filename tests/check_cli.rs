@@ -7,6 +7,8 @@
 //! address in them is an IP literal: `check` looks nothing up and never
 //! connects.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -405,19 +407,13 @@ fn the_state_file_is_kept_by_default_and_none_is_warned_about() {
 
 #[test]
 fn check_into_a_closed_pipe_ends_quietly() {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_cachecast"))
-        .arg("check")
-        .arg("--config")
-        .arg(repo("examples/conf/node1.conf"))
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn cachecast check");
-    // As `cachecast check | head -0`.
-    drop(child.stdout.take());
-    let out = child.wait_with_output().expect("wait");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    let (code, stderr) = common::procs::into_closed_pipe(
+        Command::new(env!("CARGO_BIN_EXE_cachecast"))
+            .arg("check")
+            .arg("--config")
+            .arg(repo("examples/conf/node1.conf")),
+    );
+    assert_eq!(code, Some(0), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
 

@@ -1,5 +1,7 @@
 //! The newcomer's first command, `cachecast demo`, runs to the end by itself.
 
+mod common;
+
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -32,17 +34,9 @@ fn demo_runs_to_the_end_and_shows_replay_and_flush() {
 
 #[test]
 fn demo_into_a_closed_pipe_ends_quietly() {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_cachecast"))
-        .arg("demo")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn cachecast demo");
-    // As `cachecast demo | head -0`: the reader is gone before the demo
-    // prints its first line.
-    drop(child.stdout.take());
-    let out = child.wait_with_output().expect("wait");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    // The reader is gone before the demo prints its first line.
+    let (code, stderr) =
+        common::procs::into_closed_pipe(Command::new(env!("CARGO_BIN_EXE_cachecast")).arg("demo"));
+    assert_eq!(code, Some(0), "{stderr}");
     assert!(stderr.is_empty(), "{stderr}");
 }

@@ -94,18 +94,11 @@ async fn peer_status(node: &Sidecar, peer: &str) -> Value {
 
 /// Waits until `pred` holds of what `node` reports of `peer`.
 async fn wait_peer(node: &Sidecar, peer: &str, what: &str, pred: impl Fn(&Value) -> bool) {
-    let deadline = tokio::time::Instant::now() + LONG;
-    loop {
+    common::eventually(what, LONG, async || {
         let p = peer_status(node, peer).await;
-        if pred(&p) {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}: {p}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        if pred(&p) { Ok(()) } else { Err(p) }
+    })
+    .await;
 }
 
 fn frame(msg: &Message) -> BytesMut {
@@ -139,6 +132,25 @@ fn covered(evs: &[Sse], origin: &str, keys: &[String], from: usize) -> Vec<Strin
 /// Two sidecars S (node 0) and R (node 1) behind relays, with R's event
 /// stream open: S's 1..15 applied at R and acknowledged to S, then R's
 /// relay stalled, and S's 16..25 (`real`) accepted into the stalled link.
+/// Cuts the connection through `relay` and lets the next one through; waits
+/// until R's stream has every key of `real` from `origin`, or a flush
+/// after event `from`.
+async fn heal_and_wait_covered(
+    relay: &common::Proxy,
+    r_stream: &Subscription,
+    origin: &str,
+    real: &[String],
+    from: usize,
+) {
+    relay.cut();
+    relay.set(Mode::Forward);
+    r_stream
+        .wait_for("S's 16..25, or a flush after them", |evs| {
+            covered(evs, origin, real, from).is_empty()
+        })
+        .await;
+}
+
 struct Stalled {
     c: Cluster,
     relays: Vec<common::Proxy>,
@@ -262,13 +274,7 @@ async fn a_claim_in_range_cannot_make_a_node_skip_a_peers_invalidations() {
     drop((rd, wr));
 
     // S's link comes back.
-    relays[1].cut();
-    relays[1].set(Mode::Forward);
-    r_stream
-        .wait_for("S's 16..25, or a flush after them", |evs| {
-            covered(evs, &s_id, &real, from).is_empty()
-        })
-        .await;
+    heal_and_wait_covered(&relays[1], &r_stream, &s_id, &real, from).await;
     assert!(
         metric(&c.nodes[0], "cachecast_diverged_total").await >= 1,
         "S counted the divergence"
@@ -308,13 +314,7 @@ async fn a_forged_ack_cannot_make_an_origin_skip(extra: &str) {
         |p| p["acked_seq"] == json!(25) || p["outbound"] == json!(false),
     )
     .await;
-    relays[1].cut();
-    relays[1].set(Mode::Forward);
-    r_stream
-        .wait_for("S's 16..25, or a flush after them", |evs| {
-            covered(evs, &s_id, &real, from).is_empty()
-        })
-        .await;
+    heal_and_wait_covered(&relays[1], &r_stream, &s_id, &real, from).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -184,13 +184,9 @@ async fn late_peer_gets_a_flush_when_the_buffer_overflowed() {
 async fn faulty_link(buffer: usize, fault: impl Fn(&Proxy, u64)) -> (u64, usize) {
     let (mut c, listeners) = Cluster::reserve(2).await;
     c.buffer = buffer;
-    let target = std::net::SocketAddr::from(([127, 0, 0, 1], c.ports[1]));
-    let proxy = Proxy::start(target).await;
-    c.via.insert((0, 1), proxy.addr);
-    for (i, l) in listeners.into_iter().enumerate() {
-        c.start_node(i, Some(l)).await;
-    }
-    c.wait_connected(Duration::from_secs(5)).await;
+    let proxy = c
+        .start_through_proxy(listeners, (0, 1), Duration::from_secs(5))
+        .await;
     let total = 30_000u64;
     for k in 0..total {
         c.h(0).invalidate("c", &k.to_string()).expect("send");
@@ -338,13 +334,9 @@ async fn crash_restart_flushes_and_graceful_restart_does_not() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn half_open_link_is_detected_by_heartbeats() {
     let (mut c, listeners) = Cluster::reserve(2).await;
-    let target = std::net::SocketAddr::from(([127, 0, 0, 1], c.ports[1]));
-    let proxy = Proxy::start(target).await;
-    c.via.insert((0, 1), proxy.addr);
-    for (i, l) in listeners.into_iter().enumerate() {
-        c.start_node(i, Some(l)).await;
-    }
-    c.wait_connected(Duration::from_secs(5)).await;
+    let proxy = c
+        .start_through_proxy(listeners, (0, 1), Duration::from_secs(5))
+        .await;
     proxy.set(Mode::Stall);
     let stalled = Instant::now();
     for r in [&c.recorders[0], &c.recorders[1]] {

@@ -16,7 +16,7 @@ use cachecast::wire::{
 use cachecast::{
     ClusterConfig, Event, FlushReason, InvalidateError, Item, Mesh, MeshHandle, StateFile,
 };
-use common::{Cluster, Mode, Proxy, Recorder, bind, check_no_silent_gap, node, wait_until};
+use common::{Cluster, Mode, Recorder, bind, check_no_silent_gap, node, wait_until};
 use futures_util::StreamExt;
 use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -1360,15 +1360,9 @@ async fn double_crash_restart_flushes_and_recovers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_during_reconnect_storm_is_prompt() {
     let (mut c, listeners) = Cluster::reserve(2).await;
-    let target = SocketAddr::from(([127, 0, 0, 1], c.ports[1]));
-    let proxy = Arc::new(Proxy::start(target).await);
-    c.via.insert((0, 1), proxy.addr);
     c.tuning.backoff_first = Duration::from_millis(5);
     c.tuning.backoff_cap = Duration::from_millis(20);
-    for (i, l) in listeners.into_iter().enumerate() {
-        c.start_node(i, Some(l)).await;
-    }
-    c.wait_connected(SHORT).await;
+    let proxy = Arc::new(c.start_through_proxy(listeners, (0, 1), SHORT).await);
     let p = proxy.clone();
     let cutter = tokio::spawn(async move {
         loop {
@@ -1398,13 +1392,7 @@ async fn shutdown_during_reconnect_storm_is_prompt() {
 async fn overflow_while_a_peer_is_mid_replay_flushes_only_that_peer() {
     let (mut c, listeners) = Cluster::reserve(3).await;
     c.buffer = 300;
-    let target = SocketAddr::from(([127, 0, 0, 1], c.ports[2]));
-    let proxy = Proxy::start(target).await;
-    c.via.insert((0, 2), proxy.addr);
-    for (i, l) in listeners.into_iter().enumerate() {
-        c.start_node(i, Some(l)).await;
-    }
-    c.wait_connected(SHORT).await;
+    let proxy = c.start_through_proxy(listeners, (0, 2), SHORT).await;
     let a = c.h(0).clone();
     for k in 0..200 {
         a.invalidate("c", &k.to_string()).expect("send");

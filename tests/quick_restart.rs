@@ -6,10 +6,9 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
-use common::{Cluster, Mode, Proxy};
+use common::{Cluster, Mode};
 
 const LONG: std::time::Duration = std::time::Duration::from_secs(30);
 
@@ -49,13 +48,7 @@ fn a_quick_restart_is_no_error_about_two_running_nodes() {
             // A reaches B through a relay that will keep B's inbound link
             // from A's first run open and silent, as a crash across a
             // network does.
-            let b_addr = SocketAddr::from(([127, 0, 0, 1], c.ports[1]));
-            let relay = Proxy::start(b_addr).await;
-            c.via.insert((0, 1), relay.addr);
-            for (i, l) in listeners.into_iter().enumerate() {
-                c.start_node(i, Some(l)).await;
-            }
-            c.wait_connected(LONG).await;
+            let relay = c.start_through_proxy(listeners, (0, 1), LONG).await;
             relay.set(Mode::Stall);
             c.nodes[0].take().expect("a").abort().await;
             // The next run dials B directly, before B noticed the crash.

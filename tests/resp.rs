@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::procs::{Cluster, LONG, free_port, metric};
+use common::{eventually, wait_until};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
@@ -80,11 +81,10 @@ impl RedisServer {
         }
         let child = cmd.spawn().expect("redis-server");
         let server = RedisServer { child, port };
-        let deadline = Instant::now() + LONG;
-        while TcpStream::connect(("127.0.0.1", port)).await.is_err() {
-            assert!(Instant::now() < deadline, "redis-server never listened");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        eventually("redis-server to listen", LONG, async || {
+            TcpStream::connect(("127.0.0.1", port)).await.map(drop)
+        })
+        .await;
         server
     }
 }
@@ -899,15 +899,11 @@ async fn publish_crosses_the_mesh_and_bad_input_leaves_the_node_serving() {
     }
     // The two protocol errors are counted (their connections may be served
     // after the ones above).
-    let deadline = Instant::now() + LONG;
-    loop {
-        let st = c.nodes[0].status().await;
-        if st["sidecar"]["resp"]["protocol_errors"].as_u64() >= Some(2) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "{st}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    c.nodes[0]
+        .wait_status("two protocol errors counted", |st| {
+            st["sidecar"]["resp"]["protocol_errors"].as_u64() >= Some(2)
+        })
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1240,14 +1236,12 @@ impl Maintenance {
     }
 
     async fn wait_call_after(&self, server: usize, t: Instant) {
-        let deadline = Instant::now() + LONG;
-        while !self.calls_for(server).iter().any(|c| *c >= t) {
-            assert!(
-                Instant::now() < deadline,
-                "no flush hook call for server {server}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        wait_until(
+            &format!("a flush hook call for server {server}"),
+            LONG,
+            || self.calls_for(server).iter().any(|c| *c >= t),
+        )
+        .await;
     }
 }
 
@@ -1317,11 +1311,9 @@ async fn a_subscriber_that_stops_reading_is_cut_off_and_the_hook_is_called() {
         1
     );
     // Once the call succeeded, nothing is owed.
-    let deadline = Instant::now() + LONG;
-    while metric(&c.nodes[0], "cachecast_flush_hook_pending").await != 0 {
-        assert!(Instant::now() < deadline, "the hook stays pending");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    c.nodes[0]
+        .wait_metric("cachecast_flush_hook_pending", |v| v == 0)
+        .await;
     assert!(metric(&c.nodes[0], "cachecast_flush_hook_calls_total").await >= 2);
 }
 
@@ -1386,15 +1378,15 @@ impl Dhis2 {
     }
 
     async fn wait_line(&self, what: &str, pred: impl Fn(&str) -> bool) {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !self.lines.lock().expect("lock").iter().any(|l| pred(l)) {
-            assert!(
-                Instant::now() < deadline,
-                "no {what}; lines: {:?}",
-                self.lines.lock().expect("lock")
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        eventually(what, Duration::from_secs(60), async || {
+            let lines = self.lines.lock().expect("lock");
+            if lines.iter().any(|l| pred(l)) {
+                Ok(())
+            } else {
+                Err(format!("lines: {lines:?}"))
+            }
+        })
+        .await;
     }
 
     /// Publishes `n` more messages and waits until all were acknowledged.
@@ -1506,15 +1498,15 @@ async fn three_dhis2_instances_stay_coherent_through_a_crash_and_a_sidecar_resta
     }
     for (j, app) in apps.iter().enumerate() {
         let total: usize = sent.iter().sum::<usize>() - sent[j];
-        let deadline = Instant::now() + LONG;
-        while app.received().len() < total || app.own().len() < sent[j] {
-            assert!(
-                Instant::now() < deadline,
-                "only {} of {total}",
-                app.received().len()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        eventually(&format!("{total} messages at app {j}"), LONG, async || {
+            let got = app.received().len();
+            if got >= total && app.own().len() >= sent[j] {
+                Ok(())
+            } else {
+                Err(format!("only {got}"))
+            }
+        })
+        .await;
         let got = app.received();
         assert_eq!(got.len(), total, "duplicates");
         for (i, uid) in uids.iter().enumerate() {
@@ -1567,8 +1559,7 @@ async fn three_dhis2_instances_stay_coherent_through_a_crash_and_a_sidecar_resta
     publish_all(&mut apps, &mut sent, None).await;
     // Every message either reached every application or was followed by a
     // flush hook call on that application's server.
-    let deadline = Instant::now() + LONG;
-    loop {
+    eventually("every message delivered or flushed", LONG, async || {
         let mut missing = Vec::new();
         for (j, app) in apps.iter().enumerate() {
             let got: std::collections::HashSet<String> = app.received().into_iter().collect();
@@ -1583,16 +1574,16 @@ async fn three_dhis2_instances_stay_coherent_through_a_crash_and_a_sidecar_resta
             }
         }
         if missing.is_empty() {
-            break;
+            Ok(())
+        } else {
+            Err(format!(
+                "{} uncovered:\n{}",
+                missing.len(),
+                missing.join("\n")
+            ))
         }
-        assert!(
-            Instant::now() < deadline,
-            "{} uncovered:\n{}",
-            missing.len(),
-            missing.join("\n")
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    })
+    .await;
     // And per origin, what each application got stays in order.
     for app in &apps {
         for (i, uid) in uids.iter().enumerate() {
@@ -1620,20 +1611,20 @@ async fn three_dhis2_instances_stay_coherent_through_a_crash_and_a_sidecar_resta
 /// Waits until `app` has acted on `want` (in that order, nothing else)
 /// from the instance `uid`.
 async fn wait_from(app: &Dhis2, uid: &str, want: &[String], what: &str) {
-    let deadline = Instant::now() + LONG;
-    loop {
+    let from = eventually(what, LONG, async || {
         let from: Vec<String> = app
             .received()
             .into_iter()
             .filter(|m| m.starts_with(uid))
             .collect();
         if from.len() >= want.len() {
-            assert_eq!(from, want, "{what}: in order, once each");
-            return;
+            Ok(from)
+        } else {
+            Err(format!("only {from:?}"))
         }
-        assert!(Instant::now() < deadline, "{what}: only {from:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    })
+    .await;
+    assert_eq!(from, want, "{what}: in order, once each");
 }
 
 /// The Lettuce of every DHIS 2 release line, wired as DHIS 2 wires it, on
@@ -1744,14 +1735,10 @@ async fn the_lettuce_of_every_dhis2_release_line_works_across_sidecars_and_a_res
             &format!("{version}: RESP2 from b"),
         )
         .await;
-        let deadline = Instant::now() + LONG;
-        while a.own().len() < 9 || b.own().len() < 9 {
-            assert!(
-                Instant::now() < deadline,
-                "{version}: own messages not delivered"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        wait_until(&format!("{version}: own messages delivered"), LONG, || {
+            a.own().len() >= 9 && b.own().len() >= 9
+        })
+        .await;
         assert_eq!(a.own(), from(0, 1..=9), "{version}: a's own, dropped");
         assert_eq!(b.own(), from(1, 1..=9), "{version}: b's own, dropped");
         // a's sidecar restarts; a publishes meanwhile, as DHIS 2 goes on
@@ -1775,14 +1762,11 @@ async fn the_lettuce_of_every_dhis2_release_line_works_across_sidecars_and_a_res
         .await;
         b.publish(9, 18).await;
         for (name, app) in [("a", &a), ("RESP2", &r2)] {
-            let deadline = Instant::now() + LONG;
-            while !app.received().contains(&dhis2_message(uids[1], 18)) {
-                assert!(
-                    Instant::now() < deadline,
-                    "{version}: {name} resubscribed but got nothing"
-                );
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
+            let last = dhis2_message(uids[1], 18);
+            wait_until(&format!("{version}: {name} to get {last}"), LONG, || {
+                app.received().contains(&last)
+            })
+            .await;
             for uid in &uids {
                 let ks: Vec<usize> = app
                     .received()
@@ -1851,11 +1835,9 @@ async fn a_subscriber_lost_beside_another_is_covered_by_the_hook() {
     m.wait_call_after(0, died).await;
     // ...and its return counts as a gap too, though a subscriber stayed.
     let wait_calls = async |n: u64| {
-        let deadline = Instant::now() + LONG;
-        while metric(&c.nodes[0], "cachecast_flush_hook_calls_total").await < n {
-            assert!(Instant::now() < deadline, "fewer than {n} calls");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        c.nodes[0]
+            .wait_metric("cachecast_flush_hook_calls_total", |v| v >= n)
+            .await
     };
     wait_calls(calls + 1).await;
     let back = Instant::now();
@@ -1877,25 +1859,21 @@ async fn a_redirect_is_not_a_cleared_cache() {
     let url = format!("http://{}/redirect", m.addr);
     let (c, port) = with_hook(&url, dir.path()).await;
     let _sub = subscribed(port, "c").await;
-    let deadline = Instant::now() + LONG;
-    loop {
-        let st = c.nodes[0].status().await;
-        let hook = &st["sidecar"]["flush_hook"];
-        if hook["failures"].as_u64() >= Some(1) {
-            assert_eq!(hook["pending"], true, "{hook}");
-            assert_eq!(hook["calls"], 0, "{hook}");
-            assert!(
-                hook["last_error"]
-                    .as_str()
-                    .unwrap_or("")
-                    .contains("redirect"),
-                "{hook}"
-            );
-            break;
-        }
-        assert!(Instant::now() < deadline, "{st}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let st = c.nodes[0]
+        .wait_status("a failed hook call", |st| {
+            st["sidecar"]["flush_hook"]["failures"].as_u64() >= Some(1)
+        })
+        .await;
+    let hook = &st["sidecar"]["flush_hook"];
+    assert_eq!(hook["pending"], true, "{hook}");
+    assert_eq!(hook["calls"], 0, "{hook}");
+    assert!(
+        hook["last_error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("redirect"),
+        "{hook}"
+    );
     assert!(
         c.nodes[0].log_text().contains("flush hook refused")
             || c.nodes[0].log_text().contains("flush hook call failed")
@@ -1954,11 +1932,11 @@ async fn fresh_subscriptions_in_a_loop_call_the_hook_at_a_bounded_rate_and_none_
     );
     // The last subscription is covered all the same, once the rate allows.
     m.wait_call_after(0, last).await;
-    let deadline = Instant::now() + LONG;
-    while c.nodes[0].status().await["sidecar"]["flush_hook"]["pending"] != false {
-        assert!(Instant::now() < deadline, "the hook stays owed");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    c.nodes[0]
+        .wait_status("nothing owed", |st| {
+            st["sidecar"]["flush_hook"]["pending"] == false
+        })
+        .await;
     // The rate is spent again; a flush from the API is not held back, and
     // covers the subscription held back meanwhile.
     let held = subscribed(port, "fresh-21").await;
@@ -1974,19 +1952,19 @@ async fn fresh_subscriptions_in_a_loop_call_the_hook_at_a_bounded_rate_and_none_
     // That it is not held to the rate is the unit test's to show (a
     // wall-clock bound here would flicker on a loaded machine); here it
     // must come, retries and all.
-    let deadline = asked + 3 * LONG;
-    while !m.calls_for(0).iter().any(|t| *t >= asked) {
-        if Instant::now() > deadline {
-            let log = c.nodes[0].log_text();
-            let tail: Vec<&str> = log.lines().rev().take(40).collect();
-            panic!(
-                "no hook call for the API's flush; status {}\nlog (last lines first):\n{}",
-                c.nodes[0].status().await["sidecar"]["flush_hook"],
-                tail.join("\n")
-            );
+    eventually("a hook call for the API's flush", 3 * LONG, async || {
+        if m.calls_for(0).iter().any(|t| *t >= asked) {
+            return Ok(());
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        let log = c.nodes[0].log_text();
+        let tail: Vec<&str> = log.lines().rev().take(40).collect();
+        Err(format!(
+            "status {}\nlog (last lines first):\n{}",
+            c.nodes[0].status().await["sidecar"]["flush_hook"],
+            tail.join("\n")
+        ))
+    })
+    .await;
     drop(held);
 }
 

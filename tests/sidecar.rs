@@ -9,8 +9,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::procs::{
-    Cluster, LONG, Sidecar, Sse, Subscription, client, free_port, metric, metrics_text,
+    Cluster, LONG, Sidecar, Sse, Subscription, client, free_port, into_closed_pipe, metric,
+    metrics_text,
 };
+use common::{eventually, wait_until};
 use serde_json::{Value, json};
 
 fn keys(evs: &[Sse]) -> Vec<String> {
@@ -144,22 +146,15 @@ async fn kill9_then_restart_shows_down_up_flush_and_replay() {
     // redials at once when node 2 reaches it); s2's opening flush covers
     // what came before it, and what came after arrives in order.
     let last = body["seqs"][1].as_u64().expect("seqs");
-    let deadline = tokio::time::Instant::now() + LONG;
-    loop {
-        let st = c.nodes[2].status().await;
-        let applied = st["peers"]
-            .as_array()
-            .and_then(|ps| ps.iter().find(|p| p["id"] == json!(c.nodes[0].id())))
-            .and_then(|p| p["applied"][1].as_u64());
-        if applied.is_some_and(|a| a >= last) {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "node 2 never applied the replay: {st}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    c.nodes[2]
+        .wait_status("node 2 to apply the replay", |st| {
+            st["peers"]
+                .as_array()
+                .and_then(|ps| ps.iter().find(|p| p["id"] == json!(c.nodes[0].id())))
+                .and_then(|p| p["applied"][1].as_u64())
+                .is_some_and(|a| a >= last)
+        })
+        .await;
     let evs2 = s2.wait_for("the opening flush", |e| !e.is_empty()).await;
     assert_eq!(evs2[0].event, "flush", "a new subscriber flushes first");
     let got = keys(&s2.events());
@@ -565,26 +560,24 @@ async fn webhook_gets_a_flush_first_then_batches() {
         )
         .await;
     }
-    let deadline = tokio::time::Instant::now() + LONG;
-    loop {
+    let got = eventually("50 keys at the webhook", LONG, async || {
         let got = received.lock().unwrap().clone();
-        let keys: Vec<&str> = got.iter().filter_map(|v| v["key"].as_str()).collect();
-        if keys.len() == 50 {
-            assert_eq!(
-                got[0]["type"], "flush",
-                "first delivery is a flush: {:?}",
-                got[0]
-            );
-            let want: Vec<String> = (0..50).map(|k| format!("k{k}")).collect();
-            assert_eq!(keys, want.iter().map(String::as_str).collect::<Vec<_>>());
-            break;
+        let keys = got.iter().filter(|v| v["key"].is_string()).count();
+        if keys >= 50 {
+            Ok(got)
+        } else {
+            Err(format!("{got:?}"))
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "webhook got {got:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    })
+    .await;
+    assert_eq!(
+        got[0]["type"], "flush",
+        "first delivery is a flush: {:?}",
+        got[0]
+    );
+    let keys: Vec<&str> = got.iter().filter_map(|v| v["key"].as_str()).collect();
+    let want: Vec<String> = (0..50).map(|k| format!("k{k}")).collect();
+    assert_eq!(keys, want.iter().map(String::as_str).collect::<Vec<_>>());
     // A webhook pointing nowhere is retried and counted; the node serves on.
     let mut c2 = Cluster::new(
         1,
@@ -594,15 +587,11 @@ async fn webhook_gets_a_flush_first_then_batches() {
         ),
     );
     c2.start_all().await;
-    let deadline = tokio::time::Instant::now() + LONG;
-    loop {
-        let st = c2.nodes[0].status().await;
-        if st["sidecar"]["webhook"]["failures"].as_u64().unwrap_or(0) >= 2 {
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "{st}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    c2.nodes[0]
+        .wait_status("two webhook failures", |st| {
+            st["sidecar"]["webhook"]["failures"].as_u64().unwrap_or(0) >= 2
+        })
+        .await;
     c2.nodes[0].wait_healthy().await;
     // The log says why, not only which URL: the cause is in the error's
     // sources.
@@ -791,32 +780,26 @@ async fn idle_connections_beyond_the_cap_starve_neither_the_api_nor_the_mesh() {
             std::future::pending::<()>().await;
         }));
     }
-    let deadline = tokio::time::Instant::now() + LONG;
-    while closed.load(std::sync::atomic::Ordering::SeqCst) < FLOOD - cap {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "only {} of {FLOOD} closed; cap {cap}",
-            closed.load(std::sync::atomic::Ordering::SeqCst)
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until(&format!("{FLOOD} - {cap} closed"), LONG, || {
+        closed.load(std::sync::atomic::Ordering::SeqCst) >= FLOOD - cap
+    })
+    .await;
 
     // With the API full, a peer still connects to the mesh port.
     c.nodes[1].spawn();
     c.nodes[1].wait_healthy().await;
-    let deadline = tokio::time::Instant::now() + LONG;
-    loop {
+    eventually("the peer to connect", LONG, async || {
         let st = c.nodes[1].status().await;
         if st["peers"][0]["connected"] == json!(true) {
-            break;
+            Ok(())
+        } else {
+            Err(format!(
+                "{st}\nlog of the flooded node:\n{}",
+                c.nodes[0].log_text()
+            ))
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the peer never connected: {st}\nlog of the flooded node:\n{}",
-            c.nodes[0].log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    })
+    .await;
     assert_eq!(
         closed.load(std::sync::atomic::Ordering::SeqCst),
         FLOOD - cap,
@@ -973,16 +956,17 @@ async fn during_a_graceful_stop_the_api_answers_503() {
     )
     .await;
     c.nodes[0].signal("TERM");
-    let deadline = tokio::time::Instant::now() + LONG;
-    let body = loop {
+    let body = eventually("a 503", LONG, async || {
         match client().get(c.nodes[0].url("/healthz")).send().await {
-            Ok(r) if r.status() == 503 => break r.json::<Value>().await.expect("JSON"),
-            Ok(r) => assert_eq!(r.status(), 200, "before the stop"),
+            Ok(r) if r.status() == 503 => Ok(r.json::<Value>().await.expect("JSON")),
+            Ok(r) => {
+                assert_eq!(r.status(), 200, "before the stop");
+                Err(r.status())
+            }
             Err(e) => panic!("refused during the stop: {e}"),
         }
-        assert!(tokio::time::Instant::now() < deadline, "never 503");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    };
+    })
+    .await;
     assert!(
         body["error"]
             .as_str()
@@ -1019,16 +1003,8 @@ async fn status_into_a_closed_pipe_ends_quietly() {
         if raw {
             cmd.arg("--json");
         }
-        let mut child = cmd
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn status");
-        // The reader goes away before anything is printed (`| head -0`).
-        drop(child.stdout.take());
-        let out = child.wait_with_output().expect("wait");
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(0), "json {raw}: {err}");
+        let (code, err) = into_closed_pipe(&mut cmd);
+        assert_eq!(code, Some(0), "json {raw}: {err}");
         assert!(err.is_empty(), "json {raw}: {err}");
     }
 }
@@ -1088,17 +1064,9 @@ async fn a_stalled_event_stream_is_counted_as_lagging_while_stalled() {
         assert_eq!(post(a, "/v1/invalidate", json!(items)).await.0, 202);
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let deadline = tokio::time::Instant::now() + LONG;
-    loop {
-        if metric(b, "cachecast_sse_lagged_total").await >= 1 {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "a client behind by far more than the ring is not counted"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    // A client behind by far more than the ring is counted.
+    b.wait_metric("cachecast_sse_lagged_total", |v| v >= 1)
+        .await;
     // Still connected, still stalled.
     assert_eq!(metric(b, "cachecast_sse_clients").await, 1);
     // It reads on, up to the `lagged` event, and is cut off before the

@@ -180,7 +180,7 @@ impl Demo {
                 _ => None,
             };
             if let Some(line) = line {
-                writeln!(self.out, "{}   {line}", self.board.elapsed())?;
+                self.note(line)?;
             }
         }
         self.printed = log.len();
@@ -189,6 +189,12 @@ impl Demo {
 
     fn say(&mut self, text: &str) -> anyhow::Result<()> {
         writeln!(self.out, "\n{} {text}", self.board.elapsed())?;
+        Ok(())
+    }
+
+    /// A line under the current scene, at the board's time.
+    fn note(&mut self, text: impl std::fmt::Display) -> anyhow::Result<()> {
+        writeln!(self.out, "{}   {text}", self.board.elapsed())?;
         Ok(())
     }
 
@@ -322,11 +328,9 @@ impl Demo {
         paced.sort_unstable();
         let (p50, p99, max) = (pct(&paced, 0.5), pct(&paced, 0.99), pct(&paced, 1.0));
         self.print_new(false)?;
-        writeln!(
-            self.out,
-            "{}   600 deliveries; one-way latency p50 {p50} µs, p99 {p99} µs, max {max} µs",
-            self.board.elapsed()
-        )?;
+        self.note(format_args!(
+            "600 deliveries; one-way latency p50 {p50} µs, p99 {p99} µs, max {max} µs"
+        ))?;
         Ok(paced)
     }
 
@@ -381,11 +385,9 @@ impl Demo {
             )?;
         }
         let queued = self.node(0)?.status().peers[1].queued;
-        writeln!(
-            self.out,
-            "{}   A holds {queued} invalidations for C in its replay buffer",
-            self.board.elapsed()
-        )?;
+        self.note(format_args!(
+            "A holds {queued} invalidations for C in its replay buffer"
+        ))?;
         self.say("C restarts (a new incarnation):")?;
         self.start_node(2, None).await?;
         self.wait_all_up().await?;
@@ -400,12 +402,10 @@ impl Demo {
         })
         .await?;
         self.print_new(true)?;
-        writeln!(
-            self.out,
-            "{}   C got what it missed by replay; A and B flushed, since C may have \
-             sent something just before it crashed that never arrived",
-            self.board.elapsed()
-        )?;
+        self.note(format_args!(
+            "C got what it missed by replay; A and B flushed, since C may have \
+             sent something just before it crashed that never arrived"
+        ))?;
         Ok(())
     }
 

@@ -251,53 +251,59 @@ fn mesh(out: &mut Out<'_>, st: &Status) -> fmt::Result {
     )?;
     let peers = &st.peers[..];
     type PeerFigure = fn(&PeerStatus) -> Option<u64>;
-    let gauges: [(&'static str, &str, PeerFigure); 5] = [
+    let (gauge, counter) = (MetricType::Gauge, MetricType::Counter);
+    let figures: [(MetricType, &'static str, &str, PeerFigure); 8] = [
         (
+            gauge,
             "cachecast_peer_up",
             "1 when both links with the peer are up.",
             |p| Some(u64::from(p.connected)),
         ),
         (
+            gauge,
             "cachecast_peer_outbound_up",
             "1 when our link to the peer is up.",
             |p| Some(u64::from(p.outbound)),
         ),
         (
+            gauge,
             "cachecast_peer_inbound_up",
             "1 when the peer's link to us is up.",
             |p| Some(u64::from(p.inbound)),
         ),
         (
+            gauge,
             "cachecast_peer_queued",
             "Our invalidations the peer has not acknowledged.",
             |p| Some(p.queued),
         ),
         (
+            gauge,
             "cachecast_peer_acked_seq",
             "Our last sequence number the peer acknowledged.",
             |p| Some(p.acked_seq),
         ),
-    ];
-    for (name, help, f) in gauges {
-        out.per_peer(MetricType::Gauge, name, help, peers, f)?;
-    }
-    let counters: [(&'static str, &str, PeerFigure); 3] = [
-        ("cachecast_peer_sent", "Items written to the peer.", |p| {
-            Some(p.sent)
-        }),
         (
+            counter,
+            "cachecast_peer_sent",
+            "Items written to the peer.",
+            |p| Some(p.sent),
+        ),
+        (
+            counter,
             "cachecast_peer_received",
             "Items applied from the peer.",
             |p| Some(p.received),
         ),
         (
+            counter,
             "cachecast_peer_reconnects",
             "Times our link to the peer was re-established.",
             |p| Some(p.reconnects),
         ),
     ];
-    for (name, help, f) in counters {
-        out.per_peer(MetricType::Counter, name, help, peers, f)?;
+    for (kind, name, help, f) in figures {
+        out.per_peer(kind, name, help, peers, f)?;
     }
     out.per_peer(
         MetricType::Gauge,

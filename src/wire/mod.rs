@@ -222,3 +222,12 @@ impl Message {
         }
     }
 }
+
+/// The unit tests' invalidation: `key` in cache `c`.
+#[cfg(test)]
+pub(crate) fn test_key(key: &str) -> Item {
+    Item::Key {
+        cache: Arc::from("c"),
+        key: Arc::from(key),
+    }
+}

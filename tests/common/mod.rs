@@ -233,6 +233,24 @@ impl Cluster {
         c
     }
 
+    /// Starts the reserved nodes with `from`'s link to `to` through a new
+    /// proxy, waits up to `limit` for the cluster to connect, and returns
+    /// the proxy.
+    pub async fn start_through_proxy(
+        &mut self,
+        listeners: Vec<TcpListener>,
+        (from, to): (usize, usize),
+        limit: Duration,
+    ) -> Proxy {
+        let proxy = Proxy::start(SocketAddr::from(([127, 0, 0, 1], self.ports[to]))).await;
+        self.via.insert((from, to), proxy.addr);
+        for (i, l) in listeners.into_iter().enumerate() {
+            self.start_node(i, Some(l)).await;
+        }
+        self.wait_connected(limit).await;
+        proxy
+    }
+
     /// Starts (or restarts) node `i`, on `listener` or on its port.
     pub async fn start_node(&mut self, i: usize, listener: Option<TcpListener>) -> &MeshHandle {
         match self.try_start_node(i, listener).await {
@@ -320,17 +338,41 @@ impl Cluster {
     }
 }
 
-/// Polls `cond` every 10 ms until it holds, or panics after `limit`
-/// naming `what`; returns how long it took (exact under paused time).
-pub async fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) -> Duration {
+/// The one polling helper: runs `probe` every 10 ms until it gives `Ok`,
+/// and returns what it gave; after `limit`, panics naming `what` and what
+/// the last probe said. For a wait on an event, not a sleep: the bound only
+/// says how long a broken run takes to fail.
+pub async fn eventually<T, E: std::fmt::Display>(
+    what: &str,
+    limit: Duration,
+    mut probe: impl AsyncFnMut() -> Result<T, E>,
+) -> T {
     let start = tokio::time::Instant::now();
-    while !cond() {
+    loop {
+        let last = match probe().await {
+            Ok(v) => return v,
+            Err(e) => e,
+        };
         assert!(
             start.elapsed() < limit,
-            "timed out after {limit:?} waiting for {what}"
+            "timed out after {limit:?} waiting for {what}: {last}"
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// [`eventually`] for a condition: polls `cond` until it holds; returns how
+/// long it took (exact under paused time).
+pub async fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) -> Duration {
+    let start = tokio::time::Instant::now();
+    eventually(
+        what,
+        limit,
+        async || {
+            if cond() { Ok(()) } else { Err("not yet") }
+        },
+    )
+    .await;
     start.elapsed()
 }
 

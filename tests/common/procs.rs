@@ -12,6 +12,8 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 
+use super::eventually;
+
 pub const LONG: Duration = Duration::from_secs(20);
 
 /// A loopback port for a sidecar to bind, chosen at random and checked
@@ -184,15 +186,32 @@ impl Sidecar {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// A GET of `path` on the API.
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        client().get(self.url(path)).send().await.expect(path)
+    }
+
     pub async fn status(&self) -> Value {
-        client()
-            .get(self.url("/v1/status"))
-            .send()
-            .await
-            .expect("status")
-            .json()
-            .await
-            .expect("json")
+        self.get("/v1/status").await.json().await.expect("json")
+    }
+
+    /// Waits until `/v1/status` satisfies `cond`, and returns it.
+    pub async fn wait_status(&self, what: &str, cond: impl Fn(&Value) -> bool) -> Value {
+        eventually(what, LONG, async || {
+            let st = self.status().await;
+            if cond(&st) { Ok(st) } else { Err(st) }
+        })
+        .await
+    }
+
+    /// Waits until the unlabelled metric `name` satisfies `cond`, and
+    /// returns its value.
+    pub async fn wait_metric(&self, name: &str, cond: impl Fn(u64) -> bool) -> u64 {
+        eventually(name, LONG, async || {
+            let v = metric(self, name).await;
+            if cond(v) { Ok(v) } else { Err(v) }
+        })
+        .await
     }
 }
 
@@ -283,36 +302,37 @@ impl Cluster {
     }
 
     pub async fn wait_connected(&self) {
-        let deadline = tokio::time::Instant::now() + LONG;
         for n in &self.nodes {
-            loop {
-                let st = n.status().await;
-                let all = st["peers"]
+            n.wait_status("every peer connected", |st| {
+                st["peers"]
                     .as_array()
-                    .is_some_and(|ps| ps.iter().all(|p| p["connected"] == json!(true)));
-                if all {
-                    break;
-                }
-                assert!(
-                    tokio::time::Instant::now() < deadline,
-                    "not connected: {st}"
-                );
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
+                    .is_some_and(|ps| ps.iter().all(|p| p["connected"] == json!(true)))
+            })
+            .await;
         }
     }
 }
 
 /// The node's `/metrics` text.
 pub async fn metrics_text(node: &Sidecar) -> String {
-    client()
-        .get(node.url("/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text")
+    node.get("/metrics").await.text().await.expect("text")
+}
+
+/// Runs `cmd` with its standard output a pipe whose reader is gone before
+/// anything is printed (as `| head -0`); returns its exit code and
+/// standard error.
+pub fn into_closed_pipe(cmd: &mut Command) -> (Option<i32>, String) {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    drop(child.stdout.take());
+    let out = child.wait_with_output().expect("wait");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 /// The value of an unlabelled metric.
@@ -388,18 +408,15 @@ impl Subscription {
     }
 
     pub async fn wait_for(&self, what: &str, pred: impl Fn(&[Sse]) -> bool) -> Vec<Sse> {
-        let deadline = tokio::time::Instant::now() + LONG;
-        loop {
+        eventually(what, LONG, async || {
             let evs = self.events();
             if pred(&evs) {
-                return evs;
+                Ok(evs)
+            } else {
+                Err(format!("got {evs:#?}"))
             }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "timed out waiting for {what}; got {evs:#?}"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        })
+        .await
     }
 }
 

@@ -275,13 +275,7 @@ fn event(origin: &PeerId, seq: u64, item: Item) -> Event {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn key(k: &str) -> Item {
-        Item::Key {
-            cache: Arc::from("c"),
-            key: Arc::from(k),
-        }
-    }
+    use crate::wire::test_key as key;
 
     fn origins() -> OriginRecord {
         OriginRecord::new(Arc::from("a:1"))

@@ -492,16 +492,9 @@ impl Taken {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wire::test_key as key;
     use crate::wire::{FrameCodec, Message};
-    use std::sync::Arc;
     use tokio_util::codec::Decoder;
-
-    fn key(k: &str) -> Item {
-        Item::Key {
-            cache: Arc::from("c"),
-            key: Arc::from(k),
-        }
-    }
 
     /// Decodes frames into (seq, item) pairs.
     fn sent(buf: &mut BytesMut) -> Vec<(u64, Item)> {
