@@ -11,6 +11,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use super::error::Refusal;
 use super::{
     Dir, Event, Fanout, OutLog, PeerId, PeerStats, Stats, Tuning, fanout, limits, lock, peer,
     transport,
@@ -326,26 +327,19 @@ impl Shared {
 
     /// A peer's incarnation, as its hello says (either direction): notices
     /// restarts (flushing when one was not clean) and duplicate identities.
-    pub(crate) fn peer_incarnation(&self, peer: usize, incarnation: u64) -> Result<(), String> {
+    pub(crate) fn peer_incarnation(&self, peer: usize, incarnation: u64) -> Result<(), Refusal> {
         let info = &self.peers[peer];
         let _turn = lock(&info.turn);
         let mut events = Vec::new();
         let r = lock(&info.state).hello(incarnation, &mut events);
         self.emit_all(peer, events, None);
         r.map_err(|d| {
-            let reason = format!(
-                "two running nodes answer as {}: incarnation {:016x}{} while {:016x} is connected; \
-                 check cluster.instance0 on each server (a restarted node is let in once its \
-                 previous run's links are gone, within seconds)",
-                info.id,
-                d.other,
-                if d.returning {
-                    " came back"
-                } else {
-                    " arrived"
-                },
-                d.current
-            );
+            let reason = Refusal::TwoRunning {
+                peer: info.id.to_string(),
+                other: d.other,
+                returning: d.returning,
+                current: d.current,
+            };
             // A restarted node is held back until its previous run's
             // links are gone, noticed within `dead_after` (plus a ping and
             // a retry); only a claim that outlasts that is two running
@@ -390,15 +384,14 @@ impl Shared {
     /// and was heard within two heartbeats (the real peer pings at least
     /// every [`Tuning::ping_every`]). `None` when it may take over: the
     /// link is down or has gone silent, as after a network failure.
-    pub(crate) fn live_inbound(&self, peer: usize, incarnation: u64) -> Option<String> {
+    pub(crate) fn live_inbound(&self, peer: usize, incarnation: u64) -> Option<Refusal> {
         let within = self.tuning.ping_every.saturating_mul(2);
         let ago =
             lock(&self.peers[peer].state).live_inbound(incarnation, within, Instant::now())?;
-        Some(format!(
-            "a live connection from {} (incarnation {incarnation:016x}) was heard {} ms ago; \
-             a second one claiming it is refused until that one falls silent",
-            self.peers[peer].id,
-            ago.as_millis()
-        ))
+        Some(Refusal::LiveConnection {
+            peer: self.peers[peer].id.to_string(),
+            incarnation,
+            ago_ms: ago.as_millis(),
+        })
     }
 }

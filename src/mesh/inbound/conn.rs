@@ -22,6 +22,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::auth;
 use crate::config::NodeAddr;
+use crate::mesh::error::{Refusal, Violation};
 use crate::mesh::handshake;
 use crate::mesh::io::Io;
 use crate::mesh::limits::{Admit, IpSlot, lookup};
@@ -339,7 +340,7 @@ pub(crate) async fn serve_io(
     if shared.admission.secret.is_none()
         && let Err(reason) = admit_incarnation(shared, peer, incarnation, proven)
     {
-        return reject(shared, &mut wr, Rejected::Handshake, &reason).await;
+        return reject(shared, &mut wr, Rejected::Handshake, &reason.to_string()).await;
     }
     let ours = hello_for(shared);
     let mut buf = BytesMut::new();
@@ -404,7 +405,7 @@ pub(crate) async fn serve_io(
             return reject(shared, &mut wr, Rejected::Auth, &e.to_string()).await;
         }
         if let Err(reason) = admit_incarnation(shared, peer, incarnation, proven) {
-            return reject(shared, &mut wr, Rejected::Handshake, &reason).await;
+            return reject(shared, &mut wr, Rejected::Handshake, &reason.to_string()).await;
         }
         // Proven: every frame from here on is tagged both ways (section 7.6
         // of the protocol), our position first.
@@ -451,6 +452,10 @@ pub(crate) async fn serve_io(
         &conn_token,
     )
     .await;
+    if reason.is_protocol_error() {
+        shared.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
+    }
+    let reason = reason.to_string();
     // Down before the socket closes: a peer that reconnects as soon as it
     // sees the close must not find this link still counted as live.
     if shared.set_inbound(peer, generation, false, &reason) {
@@ -469,7 +474,7 @@ fn admit_incarnation(
     peer: usize,
     incarnation: u64,
     proven: bool,
-) -> Result<(), String> {
+) -> Result<(), Refusal> {
     if !proven && let Some(reason) = shared.live_inbound(peer, incarnation) {
         return Err(reason);
     }
@@ -520,6 +525,45 @@ struct Established<'a> {
     sealer: Option<Sealer>,
 }
 
+/// Why an inbound connection ended.
+#[derive(Debug, thiserror::Error)]
+enum InboundEnd {
+    #[error("nothing heard for {0:?} (dead or half-open link)")]
+    Dead(Duration),
+    #[error("the peer shut down (goodbye)")]
+    Goodbye,
+    #[error("connection closed by the peer")]
+    Closed,
+    #[error("read failed: {0}")]
+    ReadFailed(std::io::Error),
+    #[error("bad frame: {0}")]
+    BadFrame(CodecError),
+    #[error("the peer refused us: {0}")]
+    RefusedUs(String),
+    #[error("{0}")]
+    Protocol(Violation),
+    /// The peer's new run is applied on its own connection.
+    #[error("superseded by a newer incarnation")]
+    NewerIncarnation,
+    #[error("superseded by a newer connection")]
+    NewerConnection,
+    #[error("reader ended")]
+    ReaderEnded,
+    #[error("the peer read nothing for {0:?}")]
+    Stalled(Duration),
+    #[error("write failed: {0}")]
+    WriteFailed(std::io::Error),
+    #[error("shutting down")]
+    ShuttingDown,
+}
+
+impl InboundEnd {
+    /// Whether the peer broke the protocol (counted as a protocol error).
+    fn is_protocol_error(&self) -> bool {
+        matches!(self, InboundEnd::BadFrame(_) | InboundEnd::Protocol(_))
+    }
+}
+
 /// Reads the peer's stream and applies it, while a second half writes
 /// acks and pongs; returns why it ended. `floor` is the seq our hello
 /// announced: the origin never sends it or anything below on this
@@ -531,7 +575,7 @@ async fn receive(
     mut floor: u64,
     conn: Established<'_>,
     conn_token: &CancellationToken,
-) -> String {
+) -> InboundEnd {
     let Established {
         reader,
         wr,
@@ -555,18 +599,13 @@ async fn receive(
             let next = tokio::select! {
                 biased;
                 next = reader.next() => next,
-                () = silence.expired() => {
-                    return format!("nothing heard for {dead_after:?} (dead or half-open link)");
-                }
+                () = silence.expired() => return InboundEnd::Dead(dead_after),
             };
             let msg = match next {
-                None if said_goodbye => return "the peer shut down (goodbye)".to_string(),
-                None => return "connection closed by the peer".to_string(),
-                Some(Err(CodecError::Io(e))) => return format!("read failed: {e}"),
-                Some(Err(e)) => {
-                    shared.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
-                    return format!("bad frame: {e}");
-                }
+                None if said_goodbye => return InboundEnd::Goodbye,
+                None => return InboundEnd::Closed,
+                Some(Err(CodecError::Io(e))) => return InboundEnd::ReadFailed(e),
+                Some(Err(e)) => return InboundEnd::BadFrame(e),
                 Some(Ok(m)) => m,
             };
             silence.heard();
@@ -580,11 +619,13 @@ async fn receive(
                 // Without secrets the dialer's refusal (after our hello)
                 // arrives once the handshake is done here.
                 (Message::Reject { reason }, false) => {
-                    return format!("the peer refused us: {reason}");
+                    return InboundEnd::RefusedUs(reason.clone());
                 }
                 (_, false) => {
-                    shared.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
-                    return format!("expected Resume, got {}", msg.kind());
+                    return InboundEnd::Protocol(Violation::Unexpected {
+                        expected: "Resume",
+                        got: msg.kind(),
+                    });
                 }
                 (_, true) => {}
             }
@@ -631,7 +672,7 @@ async fn receive(
                         r
                     };
                     if result.is_err() {
-                        return "superseded by a newer incarnation".to_string();
+                        return InboundEnd::NewerIncarnation;
                     }
                     debug!(items = n, "batch");
                 }
@@ -644,8 +685,7 @@ async fn receive(
                     info!(last_seq, "peer said goodbye");
                 }
                 other => {
-                    shared.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
-                    return format!("unexpected {} from the sending side", other.kind());
+                    return InboundEnd::Protocol(Violation::NotFromSender(other.kind()));
                 }
             }
         }
@@ -658,7 +698,7 @@ async fn receive(
         let mut ponged = 0u64;
         loop {
             if owed_rx.changed().await.is_err() {
-                return "reader ended".to_string();
+                return InboundEnd::ReaderEnded;
             }
             // Deliveries first: whatever else is ready to run (other
             // connections' batches) goes before this ack, which then
@@ -683,8 +723,8 @@ async fn receive(
             }
             // A peer that stops reading its acks is as dead as a silent one.
             match timeout(dead_after, wr.write_all(&buf)).await {
-                Err(_) => return format!("the peer read nothing for {dead_after:?}"),
-                Ok(Err(e)) => return format!("write failed: {e}"),
+                Err(_) => return InboundEnd::Stalled(dead_after),
+                Ok(Err(e)) => return InboundEnd::WriteFailed(e),
                 Ok(Ok(())) => {}
             }
             buf.clear();
@@ -700,9 +740,9 @@ async fn receive(
         w = write => w,
         _ = conn_token.cancelled() => {
             if shared.life.token.is_cancelled() {
-                "shutting down".to_string()
+                InboundEnd::ShuttingDown
             } else {
-                "superseded by a newer connection".to_string()
+                InboundEnd::NewerConnection
             }
         }
     }

@@ -8,16 +8,16 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use futures_util::StreamExt;
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
 use tokio::io::{AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::time::{Instant, sleep, sleep_until, timeout, timeout_at};
 use tokio_util::codec::{Encoder, FramedRead};
 use tracing::{Instrument, debug, info, info_span, warn};
 
+use super::redial::{Loudness, Redialer};
 use super::ring::{Filled, Taken};
 use crate::auth;
 use crate::mesh::LinkError;
+use crate::mesh::error::Violation;
 use crate::mesh::handshake;
 use crate::mesh::inbound::{hello_for, identity_matches, parse_identity};
 use crate::mesh::io::Io;
@@ -29,63 +29,12 @@ use crate::wire::{CodecError, Expect, FrameCodec, Hello, Message, Resume, Sealer
 /// items taken from the ring per write few.
 const WRITE_CHUNK: usize = 256 * 1024;
 
-/// Capped exponential backoff with ±20% jitter, so that nodes restarted
-/// together do not dial in lockstep.
-struct Backoff {
-    first: Duration,
-    cap: Duration,
-    failures: u32,
-    jitter: StdRng,
-}
-
-impl Backoff {
-    fn next(&mut self) -> Duration {
-        let base = self
-            .first
-            .saturating_mul(1u32 << self.failures.min(16))
-            .min(self.cap);
-        self.failures = self.failures.saturating_add(1);
-        base.mul_f64(self.jitter.random_range(0.8..1.2))
-    }
-}
-
-/// Logs a failure when it differs from the last one logged, or once a
-/// minute, so that a peer failing the same way on every attempt does not
-/// flood the log.
-#[derive(Default)]
-struct RepeatLog(Option<(String, Instant)>);
-
-impl RepeatLog {
-    /// Whether `text` is due for a log line (and noted as logged if so).
-    fn due(&mut self, text: &str) -> bool {
-        let due = match &self.0 {
-            Some((prev, at)) => prev != text || at.elapsed() > Duration::from_secs(60),
-            None => true,
-        };
-        if due {
-            self.0 = Some((text.to_string(), Instant::now()));
-        }
-        due
-    }
-}
-
 /// The link task for `peer`.
 pub(crate) async fn run(shared: Arc<Shared>, peer: usize) {
     let id = shared.peers[peer].id.clone();
     let span = info_span!("link", peer = %id);
     async move {
-        let jitter = match shared.tuning.jitter_seed {
-            // One sequence per link, whatever order the links draw in.
-            Some(seed) => StdRng::seed_from_u64(seed ^ (peer as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15)),
-            None => StdRng::from_os_rng(),
-        };
-        let mut backoff = Backoff {
-            first: shared.tuning.backoff_first,
-            cap: shared.tuning.backoff_cap,
-            failures: 0,
-            jitter,
-        };
-        let mut last_logged = RepeatLog::default();
+        let mut redialer = Redialer::new(&shared.tuning, peer);
         loop {
             // How often the peer had reached us when this attempt began.
             let reached = shared.peers[peer].reached.load(Ordering::Acquire);
@@ -105,7 +54,12 @@ pub(crate) async fn run(shared: Arc<Shared>, peer: usize) {
                         let mut out = lock(&shared.out);
                         out.peer_position(peer, resume.last_applied);
                         let resumed = out.connected(peer, resume, hello.incarnation);
-                        (resumed, out.acked(peer), out.queued(peer), out.incarnation())
+                        (
+                            resumed,
+                            out.acked(peer),
+                            out.queued(peer),
+                            out.incarnation(),
+                        )
                     };
                     if let Some(why) = resumed.divergence {
                         shared.stats.diverged.fetch_add(1, Ordering::Relaxed);
@@ -154,34 +108,21 @@ pub(crate) async fn run(shared: Arc<Shared>, peer: usize) {
                     let result =
                         session(&shared, peer, reader, writer, sealer, &acked_something).await;
                     lock(&shared.out).disconnected(peer);
-                    // Only a session that proved healthy starts the delays
-                    // again; one that fails right after the hellos (a
-                    // refusal, a peer that closes at once) counts as a
-                    // failed attempt, or it would be redialled at the first
-                    // delay forever.
-                    let healthy = acked_something.load(Ordering::Relaxed)
-                        || up_at.elapsed() >= shared.tuning.healthy_after;
-                    if healthy {
-                        backoff.failures = 0;
-                        last_logged = RepeatLog::default();
-                    }
+                    redialer
+                        .session_ended(up_at.elapsed(), acked_something.load(Ordering::Relaxed));
                     match result {
                         Ok(()) => {
                             shared.set_link(peer, Dir::Out, false, "shutting down");
                             return;
                         }
                         Err(e) => {
-                            // A reset or other I/O error is no protocol error.
-                            if matches!(e, LinkError::Protocol(_))
-                                || matches!(&e, LinkError::Codec(c) if !matches!(c, CodecError::Io(_)))
-                            {
+                            if e.is_protocol_error() {
                                 shared.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
                             }
                             let text = e.to_string();
-                            if last_logged.due(&text) {
-                                warn!(error = %text, "outbound link down");
-                            } else {
-                                debug!(error = %text, "outbound link down");
+                            match redialer.failure(&text, Instant::now()) {
+                                Loudness::Warn => warn!(error = %text, "outbound link down"),
+                                Loudness::Debug => debug!(error = %text, "outbound link down"),
                             }
                             lock(&shared.peers[peer].state).link.last_error = Some(text.clone());
                             shared.set_link(peer, Dir::Out, false, &text);
@@ -192,22 +133,21 @@ pub(crate) async fn run(shared: Arc<Shared>, peer: usize) {
                 Err(e) => {
                     let text = e.to_string();
                     lock(&shared.peers[peer].state).link.last_error = Some(text.clone());
-                    if last_logged.due(&text) {
-                        warn!(error = %text, "cannot reach peer; retrying");
-                    } else {
-                        debug!(error = %text, "cannot reach peer; retrying");
+                    match redialer.failure(&text, Instant::now()) {
+                        Loudness::Warn => warn!(error = %text, "cannot reach peer; retrying"),
+                        Loudness::Debug => debug!(error = %text, "cannot reach peer; retrying"),
                     }
                 }
             }
-            // The peer reached us (during the attempt, or while waiting):
-            // it is reachable now, so a wait would only delay its replay.
+            // The peer reached us during the attempt, or does while we
+            // wait: it is reachable now.
             let info = &shared.peers[peer];
             let redial = info.redial.notified();
-            if info.reached.load(Ordering::Acquire) != reached {
+            let delay = redialer.next_delay(info.reached.load(Ordering::Acquire) != reached);
+            if delay.is_zero() {
                 debug!("the peer connected to us: redialling at once");
                 continue;
             }
-            let delay = backoff.next();
             tokio::select! {
                 _ = sleep(delay) => {}
                 _ = redial => debug!("the peer connected to us: redialling at once"),
@@ -263,10 +203,11 @@ async fn connect(shared: &Shared, peer: usize) -> Result<Session, LinkError> {
         Message::Hello(h) => h,
         Message::Reject { reason } => return Err(LinkError::Rejected(reason)),
         other => {
-            return Err(LinkError::Protocol(format!(
-                "expected Hello, got {}",
-                other.kind()
-            )));
+            return Err(Violation::Unexpected {
+                expected: "Hello",
+                got: other.kind(),
+            }
+            .into());
         }
     };
     let checked = async {
@@ -276,10 +217,11 @@ async fn connect(shared: &Shared, peer: usize) -> Result<Session, LinkError> {
             None => false,
         };
         if !matches {
-            return Err(LinkError::Protocol(format!(
-                "dialed {} but the node there says it is {:?}; check both nodes' cluster.instance0",
-                info.addr, hello.node
-            )));
+            return Err(Violation::WrongNode {
+                dialed: info.addr.to_string(),
+                said: hello.node.clone(),
+            }
+            .into());
         }
         handshake::check_secrets(
             shared.admission.secret.is_some(),
@@ -299,10 +241,11 @@ async fn connect(shared: &Shared, peer: usize) -> Result<Session, LinkError> {
                 Message::Auth { mac } => mac,
                 Message::Reject { reason } => return Err(LinkError::Rejected(reason)),
                 other => {
-                    return Err(LinkError::Protocol(format!(
-                        "expected Auth, got {}",
-                        other.kind()
-                    )));
+                    return Err(Violation::Unexpected {
+                        expected: "Auth",
+                        got: other.kind(),
+                    }
+                    .into());
                 }
             };
             pair.check_proof(secret, &proof, &info.id)?;
@@ -311,9 +254,7 @@ async fn connect(shared: &Shared, peer: usize) -> Result<Session, LinkError> {
         // The acceptor's incarnation tells of a restart even before its own
         // stream reaches us (it may be unable to). Applied before our proof,
         // so that a refusal (a Reject, never tagged) precedes it.
-        shared
-            .peer_incarnation(peer, hello.incarnation)
-            .map_err(LinkError::Protocol)?;
+        shared.peer_incarnation(peer, hello.incarnation)?;
         Ok::<_, LinkError>(hellos.map(|(secret, pair)| (pair.proof(secret), secret)))
     }
     .await;
@@ -343,10 +284,11 @@ async fn connect(shared: &Shared, peer: usize) -> Result<Session, LinkError> {
         Message::Resume(r) => r,
         Message::Reject { reason } => return Err(LinkError::Rejected(reason)),
         other => {
-            return Err(LinkError::Protocol(format!(
-                "expected Resume, got {}",
-                other.kind()
-            )));
+            return Err(Violation::Unexpected {
+                expected: "Resume",
+                got: other.kind(),
+            }
+            .into());
         }
     };
     reader.decoder_mut().established();
@@ -363,7 +305,10 @@ async fn connect(shared: &Shared, peer: usize) -> Result<Session, LinkError> {
 /// that its log says more than "closed"); returns the error.
 async fn refuse(shared: &Shared, wr: &mut WriteHalf<Io>, e: LinkError) -> LinkError {
     {
-        if matches!(e, LinkError::Protocol(_) | LinkError::Handshake(_)) {
+        if matches!(
+            e,
+            LinkError::Protocol(_) | LinkError::Handshake(_) | LinkError::Refused(_)
+        ) {
             let reject = Message::Reject {
                 reason: format!("{} refuses: {e}", shared.me),
             };
@@ -520,9 +465,7 @@ async fn session(
             shared.heard(peer, Dir::Out);
             match msg {
                 Message::Ack(pos) => {
-                    let acked = lock(&shared.out)
-                        .ack(peer, pos)
-                        .map_err(LinkError::Protocol)?;
+                    let acked = lock(&shared.out).ack(peer, pos)?;
                     acked_something.store(true, Ordering::Relaxed);
                     {
                         let mut flying = lock(&in_flight);
@@ -544,10 +487,7 @@ async fn session(
                 Message::Pong => {}
                 Message::Reject { reason } => return Err(LinkError::Rejected(reason)),
                 other => {
-                    return Err(LinkError::Protocol(format!(
-                        "unexpected {} from the receiving side",
-                        other.kind()
-                    )));
+                    return Err(Violation::NotFromReceiver(other.kind()).into());
                 }
             }
         }
@@ -658,25 +598,5 @@ async fn session(
     tokio::select! {
         r = read => r,
         w = write => w,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_grows_to_the_cap_with_jitter() {
-        let mut b = Backoff {
-            first: Duration::from_millis(100),
-            cap: Duration::from_secs(5),
-            failures: 0,
-            jitter: StdRng::seed_from_u64(7),
-        };
-        let first = b.next();
-        assert!(first >= Duration::from_millis(80) && first <= Duration::from_millis(120));
-        let later: Vec<Duration> = (0..20).map(|_| b.next()).collect();
-        assert!(later.iter().all(|d| *d <= Duration::from_secs(6)));
-        assert!(later.last().is_some_and(|d| *d >= Duration::from_secs(4)));
     }
 }

@@ -1,8 +1,10 @@
 //! The sending side: the task per peer that dials it and writes this
-//! node's invalidations ([`link`]), and the synchronous replay ring with
-//! each peer's cursor ([`ring`]).
+//! node's invalidations ([`link`]), what it decides between sessions
+//! ([`redial`]), and the synchronous replay ring with each peer's cursor
+//! ([`ring`]).
 
 pub(crate) mod link;
+pub(crate) mod redial;
 pub(crate) mod ring;
 
 pub(crate) use ring::OutLog;

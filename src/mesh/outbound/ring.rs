@@ -11,6 +11,7 @@ use std::collections::VecDeque;
 
 use bytes::BytesMut;
 
+use crate::mesh::error::Violation;
 use crate::wire::{CodecError, Item, Position, Resume, Sealer, encode_batch_frame, fingerprint};
 
 /// Bytes of items after which a `Batch` frame is closed: small frames let
@@ -300,23 +301,22 @@ impl OutLog {
     }
 
     /// A cumulative ack from `peer`. Returns the peer's acked sequence
-    /// number, or an error text for an ack that cannot be right.
-    pub(crate) fn ack(&mut self, peer: usize, pos: Position) -> Result<u64, String> {
+    /// number, or why an ack cannot be right.
+    pub(crate) fn ack(&mut self, peer: usize, pos: Position) -> Result<u64, Violation> {
         if pos.incarnation != self.incarnation {
-            return Err(format!(
-                "ack for incarnation {:016x}, ours is {:016x}",
-                pos.incarnation, self.incarnation
-            ));
+            return Err(Violation::AckIncarnation {
+                got: pos.incarnation,
+                ours: self.incarnation,
+            });
         }
         // An ack may run ahead of what this connection wrote: the receiver
         // may have applied more from an older connection after its hello.
         // Only a number never assigned is wrong.
         if pos.seq > self.last_seq() {
-            return Err(format!(
-                "ack of seq {} beyond the last assigned ({})",
-                pos.seq,
-                self.last_seq()
-            ));
+            return Err(Violation::AckBeyondLast {
+                seq: pos.seq,
+                last: self.last_seq(),
+            });
         }
         let c = &mut self.peers[peer];
         c.acked = c.acked.max(pos.seq);
@@ -864,17 +864,24 @@ mod tests {
         let mut log = OutLog::new(7, 1, 100, usize::MAX);
         log.connected(0, nothing(), 1);
         log.push(key("a"));
-        assert!(
+        assert_eq!(
             log.ack(
                 0,
                 Position {
                     incarnation: 8,
                     seq: 1
                 }
-            )
-            .is_err()
+            ),
+            Err(Violation::AckIncarnation {
+                got: 8,
+                ours: log.incarnation
+            })
         );
-        assert!(log.ack(0, pos(&log, 2)).is_err(), "never assigned");
+        assert_eq!(
+            log.ack(0, pos(&log, 2)),
+            Err(Violation::AckBeyondLast { seq: 2, last: 1 }),
+            "never assigned"
+        );
         // Applied from an older connection: accepted, and not sent again.
         assert_eq!(log.ack(0, pos(&log, 1)), Ok(1));
         assert!(drain(&mut log, 0).is_empty());
