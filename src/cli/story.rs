@@ -24,22 +24,23 @@ struct Board {
     changed: Notify,
 }
 
+/// A lock whose holder panicked still guards consistent data here (each
+/// critical section is one push or lookup): it is taken anyway.
+fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 impl Board {
     fn record(&self, node: usize, event: &Event) {
         let latency = match event {
             Event::Invalidated { origin, seq, .. } | Event::CacheCleared { origin, seq, .. } => {
-                self.sent
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
+                locked(&self.sent)
                     .get(&(origin.to_string(), *seq))
                     .map(|t| t.elapsed())
             }
             _ => None,
         };
-        self.log
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push((node, event.clone(), latency));
+        locked(&self.log).push((node, event.clone(), latency));
         self.changed.notify_waiters();
     }
 
@@ -108,7 +109,7 @@ impl Demo {
         let h = self.node(i)?;
         // Record the time under the lock before sending, so the receiver's
         // callback always finds it.
-        let mut sent = self.board.sent.lock().unwrap_or_else(|e| e.into_inner());
+        let mut sent = locked(&self.board.sent);
         let seq = h.invalidate(cache, key)?;
         sent.insert((h.node().to_string(), seq), Instant::now());
         Ok(seq)
@@ -124,7 +125,7 @@ impl Demo {
         let deadline = tokio::time::Instant::now() + limit;
         loop {
             let notified = self.board.changed.notified();
-            if pred(&self.board.log.lock().unwrap_or_else(|e| e.into_inner())) {
+            if pred(&locked(&self.board.log)) {
                 return Ok(());
             }
             tokio::select! {
@@ -137,12 +138,7 @@ impl Demo {
 
     /// Prints the events logged since the last call, except the bulk ones.
     fn print_new(&mut self, verbose_invalidations: bool) -> anyhow::Result<()> {
-        let log = self
-            .board
-            .log
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
+        let log = locked(&self.board.log).clone();
         for (node, event, latency) in &log[self.printed..] {
             let at = NAMES[*node];
             let line = match event {
@@ -314,11 +310,7 @@ impl Demo {
             ) == 600
         })
         .await?;
-        let mut paced: Vec<u64> = self
-            .board
-            .log
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        let mut paced: Vec<u64> = locked(&self.board.log)
             .iter()
             .filter(
                 |(_, e, _)| matches!(e, Event::Invalidated { key, .. } if key.starts_with("paced-")),
@@ -337,12 +329,7 @@ impl Demo {
     /// Scene 3: 10,000 invalidations from each node at once.
     async fn burst(&mut self) -> anyhow::Result<()> {
         self.say("A burst: 10,000 invalidations from each node at once ...")?;
-        let before = self
-            .board
-            .log
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .len();
+        let before = locked(&self.board.log).len();
         let burst = Instant::now();
         for k in 0..10_000 {
             for i in 0..3 {
@@ -430,21 +417,15 @@ impl Demo {
 
     /// Flushes seen so far, at every node.
     fn flushes(&self) -> usize {
-        count(
-            &self.board.log.lock().unwrap_or_else(|e| e.into_inner()),
-            |_, e| matches!(e, Event::Flush { .. }),
-        )
+        count(&locked(&self.board.log), |_, e| {
+            matches!(e, Event::Flush { .. })
+        })
     }
 
     /// The figures, checked (a graceful restart must not flush), and the
     /// nodes stopped.
     async fn summary(mut self, paced: Vec<u64>, flushes_before: usize) -> anyhow::Result<()> {
-        let log = self
-            .board
-            .log
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
+        let log = locked(&self.board.log).clone();
         let flushes = count(&log, |_, e| matches!(e, Event::Flush { .. }));
         if flushes != flushes_before {
             anyhow::bail!("a graceful restart caused a flush");

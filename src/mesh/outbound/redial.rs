@@ -161,30 +161,24 @@ mod tests {
     fn a_repeated_failure_is_warned_of_once_a_minute() {
         let mut r = redialer();
         let t0 = Instant::now();
-        assert_eq!(r.failure("refused", t0), Loudness::Warn);
-        assert_eq!(
-            r.failure("refused", t0 + Duration::from_secs(30)),
-            Loudness::Debug
-        );
-        assert_eq!(
-            r.failure("reset", t0 + Duration::from_secs(31)),
-            Loudness::Warn,
-            "another failure"
-        );
-        assert_eq!(
-            r.failure("reset", t0 + Duration::from_secs(40)),
-            Loudness::Debug
-        );
-        assert_eq!(
-            r.failure("reset", t0 + Duration::from_secs(92)),
-            Loudness::Warn,
-            "a minute on"
-        );
+        for (text, at, want, why) in [
+            ("refused", 0, Loudness::Warn, "the first"),
+            (
+                "refused",
+                30,
+                Loudness::Debug,
+                "the same, within the minute",
+            ),
+            ("reset", 31, Loudness::Warn, "another failure"),
+            ("reset", 40, Loudness::Debug, "the same again"),
+            ("reset", 92, Loudness::Warn, "a minute on"),
+        ] {
+            let got = r.failure(text, t0 + Duration::from_secs(at));
+            assert_eq!(got, want, "{why}");
+        }
         // A healthy session forgets: its next failure is news.
         r.session_ended(Duration::from_secs(3), false);
-        assert_eq!(
-            r.failure("reset", t0 + Duration::from_secs(93)),
-            Loudness::Warn
-        );
+        let got = r.failure("reset", t0 + Duration::from_secs(93));
+        assert_eq!(got, Loudness::Warn);
     }
 }
