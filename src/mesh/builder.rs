@@ -134,7 +134,6 @@ impl MeshBuilder {
         } = self;
         let fanout =
             fanout.unwrap_or_else(|| Fanout::new(tuning.event_capacity, tuning.event_bytes));
-        let transport: Arc<dyn Transport> = transport.unwrap_or_else(|| Arc::new(transport::Tcp));
         if config.state_file == StateFile::Default {
             return Err(StartError::StateFileUnchosen);
         }
@@ -160,7 +159,10 @@ impl MeshBuilder {
                 .await
                 .map_err(state_err)?;
         }
-        let incoming = shared.transport.listen(&shared, listener).await?;
+        let incoming = shared
+            .transport
+            .listen(&shared.config.node, shared.config.bind, listener)
+            .await?;
         let local = match &incoming {
             inbound::Incoming::Tcp(l) => l.local_addr().ok(),
             #[cfg(feature = "test-util")]
@@ -222,7 +224,7 @@ pub(crate) fn build_shared(
     connect_via: HashMap<NodeAddr, SocketAddr>,
     callbacks: Vec<Callback>,
     fanout: Fanout,
-    transport: Arc<dyn Transport>,
+    transport: Option<Arc<dyn Transport>>,
 ) -> Result<Arc<Shared>, StartError> {
     if config.peers.len() >= crate::config::MAX_INSTANCES {
         return Err(StartError::TooManyPeers {
@@ -235,6 +237,7 @@ pub(crate) fn build_shared(
     if let Some(problem) = tls.as_ref().and_then(Tls::warning) {
         warn!("{problem}");
     }
+    let transport = transport.unwrap_or_else(|| Arc::new(transport::Tcp { tls: tls.clone() }));
     let incarnation: u64 = rand::random();
     let me: PeerId = Arc::from(config.node.to_string());
     let peers: Vec<PeerInfo> = config
@@ -332,14 +335,7 @@ pub fn fuzz_acceptor(input: &[u8]) {
         ..Tuning::default()
     };
     let fanout = Fanout::new(tuning.event_capacity, tuning.event_bytes);
-    let Ok(shared) = build_shared(
-        config,
-        tuning,
-        HashMap::new(),
-        Vec::new(),
-        fanout,
-        Arc::new(transport::Tcp),
-    ) else {
+    let Ok(shared) = build_shared(config, tuning, HashMap::new(), Vec::new(), fanout, None) else {
         return;
     };
     rt.block_on(async {

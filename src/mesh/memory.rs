@@ -23,27 +23,27 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use super::LinkError;
 use super::inbound::Incoming;
 use super::io::Io;
-use super::transport::{Dialing, Listening, Transport};
-use super::{PeerInfo, Shared};
+use super::transport::{Dialing, Listening, Target, Transport};
 use crate::config::NodeAddr;
 
 impl Transport for MemoryNetwork {
-    fn dial<'a>(&'a self, shared: &'a Shared, peer: &'a PeerInfo) -> Dialing<'a> {
+    fn dial<'a>(&'a self, target: Target<'a>) -> Dialing<'a> {
         Box::pin(async move {
             let s = self
-                .connect(
-                    &shared.config.node,
-                    &peer.addr,
-                    shared.tuning.connect_timeout,
-                )
+                .connect(target.from, target.to, target.connect_timeout)
                 .await
-                .map_err(|e| LinkError::Connect(format!("{}: {e}", peer.addr)))?;
-            Ok((Io::Memory(s), Instant::now() + shared.tuning.hello_timeout))
+                .map_err(|e| LinkError::Connect(format!("{}: {e}", target.to)))?;
+            Ok((Io::Memory(s), Instant::now() + target.hello_timeout))
         })
     }
 
-    fn listen<'a>(&'a self, shared: &'a Shared, _: Option<TcpListener>) -> Listening<'a> {
-        Box::pin(async move { Ok(Incoming::Memory(self.listen_as(&shared.config.node))) })
+    fn listen<'a>(
+        &'a self,
+        me: &'a NodeAddr,
+        _: SocketAddr,
+        _: Option<TcpListener>,
+    ) -> Listening<'a> {
+        Box::pin(async move { Ok(Incoming::Memory(self.listen_as(me))) })
     }
 }
 

@@ -21,6 +21,7 @@ use crate::mesh::error::Violation;
 use crate::mesh::handshake;
 use crate::mesh::inbound::{hello_for, identity_matches, parse_identity};
 use crate::mesh::io::Io;
+use crate::mesh::transport::Target;
 use crate::mesh::{Dir, Shared, Silence, lock};
 use crate::wire::{CodecError, Expect, FrameCodec, Hello, Message, Resume, Sealer};
 
@@ -183,7 +184,13 @@ async fn connect(shared: &Shared, peer: usize) -> Result<Session, LinkError> {
     // given up and made again at once (its SYN was lost, most likely).
     let redial = info.redial.notified();
     let (io, deadline) = tokio::select! {
-        r = shared.transport.dial(shared, info) => r?,
+        r = shared.transport.dial(Target {
+            from: &shared.config.node,
+            to: &info.addr,
+            via: info.dial,
+            connect_timeout: shared.tuning.connect_timeout,
+            hello_timeout: shared.tuning.hello_timeout,
+        }) => r?,
         _ = redial => return Err(LinkError::Redial),
     };
     let (rd, mut wr) = tokio::io::split(io);
