@@ -30,8 +30,8 @@ use crate::mesh::limits::{Admit, IpSlot, lookup};
 use crate::mesh::memory::MemoryStream;
 use crate::mesh::{Dir, Event, FlushReason, Rejected, Shared, Silence, lock};
 use crate::wire::{
-    CodecError, Expect, FrameCodec, Hello, MAGIC, Message, NONCE_LEN, PROTOCOL_VERSION, Position,
-    Sealer,
+    CodecError, Expect, FrameCodec, Hello, MAC_LEN, MAGIC, Message, NONCE_LEN, PROTOCOL_VERSION,
+    Position, Resume, Sealer,
 };
 
 /// Our hello. Positions travel in a `Resume` once the other side proved
@@ -302,46 +302,11 @@ pub(crate) async fn serve_io(
         return reject(shared, &mut wr, hs, &reason).await;
     };
     let id = shared.peers[peer].id.clone();
-    // Without TLS nothing proves an identity but where it comes from: one
-    // peer cannot speak for another.
-    if cert.is_none()
-        && let Some(ip) = source
-        && !shared.admission.allowlist.is_address_of(peer, ip)
-    {
-        let reason = format!("{ip} is not an address of {id}, the peer it claims to be");
-        return reject(shared, &mut wr, Rejected::NotAllowed, &reason).await;
-    }
-    if let Some(cert) = &cert
-        && !crate::tls::names(cert, &shared.peers[peer].addr.host)
-    {
-        let reason = format!(
-            "the peer's certificate does not name {}, the host it claims to be",
-            shared.peers[peer].addr.host
-        );
-        return reject(shared, &mut wr, Rejected::Tls, &reason).await;
-    }
-    if let Err(e) =
-        handshake::check_secrets(shared.admission.secret.is_some(), &hello, &shared.me, &id)
-    {
-        return reject(shared, &mut wr, Rejected::Auth, &e.to_string()).await;
-    }
-    // Nothing changes state before the peer has proven who it is: the
-    // reply position is only read here (before its incarnation applies:
-    // section 9.9 of the protocol), and sent once it proved itself.
-    let reply = lock(&shared.peers[peer].state).resume();
-    let incarnation = hello.incarnation;
-    // Proven by a secret or a certificate, a newer connection is the peer
-    // itself and takes over at once (section 2 of the protocol); without,
-    // it must not silence a link that is demonstrably alive.
-    let proven = shared.admission.secret.is_some() || cert.is_some();
-    // Without a secret no proof is to come: the claim is judged before our
-    // hello tells the claimant anything of the peer it claims to be (its
-    // incarnation and our position for it).
-    if shared.admission.secret.is_none()
-        && let Err(reason) = admit_incarnation(shared, peer, incarnation, proven)
-    {
-        return reject(shared, &mut wr, Rejected::Handshake, &reason.to_string()).await;
-    }
+    let Claim { reply, incarnation } =
+        match judge_claim(shared, peer, &hello, source, cert.as_ref()) {
+            Ok(claim) => claim,
+            Err((kind, reason)) => return reject(shared, &mut wr, kind, &reason).await,
+        };
     let ours = hello_for(shared);
     let mut buf = BytesMut::new();
     let mut codec = FrameCodec::new();
@@ -401,11 +366,8 @@ pub(crate) async fn serve_io(
                 .await;
             }
         };
-        if let Err(e) = hellos.check_proof(secret, &proof, &id) {
-            return reject(shared, &mut wr, Rejected::Auth, &e.to_string()).await;
-        }
-        if let Err(reason) = admit_incarnation(shared, peer, incarnation, proven) {
-            return reject(shared, &mut wr, Rejected::Handshake, &reason.to_string()).await;
+        if let Err((kind, reason)) = judge_proof(shared, peer, &hellos, secret, &proof) {
+            return reject(shared, &mut wr, kind, &reason).await;
         }
         // Proven: every frame from here on is tagged both ways (section 7.6
         // of the protocol), our position first.
@@ -464,6 +426,84 @@ pub(crate) async fn serve_io(
         debug!(peer = %id, "superseded inbound connection closed");
     }
     drop((reader, wr));
+}
+
+/// Where a hello's claim stands once the peer it names is known.
+#[derive(Debug)]
+struct Claim {
+    /// Our position for the peer, to be sent once it proved itself (or
+    /// with our hello, without a secret).
+    reply: Resume,
+    incarnation: u64,
+}
+
+/// The checks of a hello claiming to be `peer`, made before this node says
+/// anything but a refusal; `source` is the connection's source address
+/// (none for an in-memory pipe), `cert` the peer's TLS certificate. Sync,
+/// with no I/O: the driver sends what it decides.
+///
+/// Nothing changes state before the peer has proven who it is: with a
+/// secret, the reply position is only read here (before the peer's
+/// incarnation applies: section 9.9 of the protocol). Without one, no
+/// proof is to come, so the claim is judged here, before our hello tells
+/// the claimant anything of the peer it claims to be.
+fn judge_claim(
+    shared: &Shared,
+    peer: usize,
+    hello: &Hello,
+    source: Option<IpAddr>,
+    cert: Option<&CertificateDer<'static>>,
+) -> Result<Claim, (Rejected, String)> {
+    let id = &shared.peers[peer].id;
+    let host = &shared.peers[peer].addr.host;
+    // Without TLS nothing proves an identity but where it comes from: one
+    // peer cannot speak for another.
+    if cert.is_none()
+        && let Some(ip) = source
+        && !shared.admission.allowlist.is_address_of(peer, ip)
+    {
+        let reason = format!("{ip} is not an address of {id}, the peer it claims to be");
+        return Err((Rejected::NotAllowed, reason));
+    }
+    if let Some(cert) = cert
+        && !crate::tls::names(cert, host)
+    {
+        let reason =
+            format!("the peer's certificate does not name {host}, the host it claims to be");
+        return Err((Rejected::Tls, reason));
+    }
+    let secret = shared.admission.secret.is_some();
+    handshake::check_secrets(secret, hello, &shared.me, id)
+        .map_err(|e| (Rejected::Auth, e.to_string()))?;
+    let reply = lock(&shared.peers[peer].state).resume();
+    // Proven by a secret or a certificate, a newer connection is the peer
+    // itself and takes over at once (section 2 of the protocol); without,
+    // it must not silence a link that is demonstrably alive.
+    let proven = secret || cert.is_some();
+    if !secret {
+        admit_incarnation(shared, peer, hello.incarnation, proven)
+            .map_err(|r| (Rejected::Handshake, r.to_string()))?;
+    }
+    Ok(Claim {
+        reply,
+        incarnation: hello.incarnation,
+    })
+}
+
+/// The dialer's proof of the secret, checked; then its incarnation
+/// applies (it is the peer: it takes over at once).
+fn judge_proof(
+    shared: &Shared,
+    peer: usize,
+    hellos: &handshake::Hellos<'_>,
+    secret: &auth::Secret,
+    proof: &[u8; MAC_LEN],
+) -> Result<(), (Rejected, String)> {
+    hellos
+        .check_proof(secret, proof, &shared.peers[peer].id)
+        .map_err(|e| (Rejected::Auth, e.to_string()))?;
+    admit_incarnation(shared, peer, hellos.theirs.incarnation, true)
+        .map_err(|r| (Rejected::Handshake, r.to_string()))
 }
 
 /// Applies a proven (or, without a secret, admitted) peer's incarnation
@@ -745,5 +785,129 @@ async fn receive(
                 InboundEnd::NewerConnection
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+    use crate::config::{ClusterConfig, SecretSource};
+    use crate::mesh::{Fanout, Tuning, builder};
+
+    const SECRET: &str = "a-shared-secret-0123456789";
+
+    /// Node 127.0.0.1:1 with peer 0 at 127.0.0.1:2, and the secret if
+    /// asked; its allowlist resolved.
+    async fn node(secret: bool) -> Arc<Shared> {
+        let mut config = ClusterConfig::new(
+            NodeAddr::new("127.0.0.1", 1),
+            [NodeAddr::new("127.0.0.1", 2)],
+        );
+        config.secret = secret.then(|| SecretSource::Inline(SECRET.into()));
+        let tuning = Tuning::default();
+        let fanout = Fanout::new(tuning.event_capacity, tuning.event_bytes);
+        let shared =
+            builder::build_shared(config, tuning, HashMap::new(), Vec::new(), fanout, None)
+                .expect("shared");
+        shared.admission.allowlist.refresh().await;
+        shared
+    }
+
+    /// The peer's hello, as run `incarnation`.
+    fn theirs(incarnation: u64, auth: bool) -> Hello {
+        Hello {
+            magic: MAGIC,
+            version: PROTOCOL_VERSION,
+            node: "127.0.0.1:2".into(),
+            incarnation,
+            nonce: [7; NONCE_LEN],
+            last_applied: None,
+            auth,
+        }
+    }
+
+    /// The incarnation of peer 0 this node takes as current.
+    fn held(shared: &Shared) -> Option<u64> {
+        lock(&shared.peers[0].state)
+            .applied()
+            .map(|p| p.incarnation)
+    }
+
+    const LOOPBACK: Option<IpAddr> = Some(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST));
+
+    #[tokio::test]
+    async fn a_claim_from_another_address_or_without_the_secret_is_refused() {
+        let plain = node(false).await;
+        let elsewhere = Some("10.9.9.9".parse().expect("ip"));
+        let refused = judge_claim(&plain, 0, &theirs(5, false), elsewhere, None).expect_err("");
+        assert_eq!(refused.0, Rejected::NotAllowed, "{}", refused.1);
+        // It says it has a secret; this node has none: named, either side.
+        let refused = judge_claim(&plain, 0, &theirs(5, true), LOOPBACK, None).expect_err("");
+        assert_eq!(refused.0, Rejected::Auth, "{}", refused.1);
+        let with = node(true).await;
+        let refused = judge_claim(&with, 0, &theirs(5, false), LOOPBACK, None).expect_err("");
+        assert_eq!(refused.0, Rejected::Auth, "{}", refused.1);
+    }
+
+    /// With a secret, a claim changes nothing before its proof: the
+    /// position sent after the proof is the one held for the run we knew,
+    /// and the new run applies only once proven.
+    #[tokio::test]
+    async fn with_a_secret_nothing_changes_before_the_proof() {
+        let shared = node(true).await;
+        let secret = shared.admission.secret.as_ref().expect("secret");
+        shared.peer_incarnation(0, 5).expect("first run");
+        assert_eq!(held(&shared), Some(5));
+        let claim = judge_claim(&shared, 0, &theirs(6, true), LOOPBACK, None).expect("claim");
+        assert_eq!(claim.incarnation, 6);
+        assert_eq!(
+            claim.reply.last_applied.map(|p| p.incarnation),
+            Some(5),
+            "the position read, not reset"
+        );
+        assert_eq!(held(&shared), Some(5), "a claim alone changes nothing");
+        // A wrong proof: refused, and still nothing changed.
+        let claimant = theirs(6, true);
+        let ours = hello_for(&shared);
+        let acceptor = handshake::Hellos {
+            role: auth::Role::Acceptor,
+            ours: &ours,
+            theirs: &claimant,
+        };
+        let refused = judge_proof(&shared, 0, &acceptor, secret, &[0; MAC_LEN]).expect_err("");
+        assert_eq!(refused.0, Rejected::Auth, "{}", refused.1);
+        assert_eq!(held(&shared), Some(5));
+        // The dialer's real proof: its run applies.
+        let dialer = handshake::Hellos {
+            role: auth::Role::Dialer,
+            ours: &claimant,
+            theirs: &ours,
+        };
+        let proof = dialer.proof(secret);
+        judge_proof(&shared, 0, &acceptor, secret, &proof).expect("proven");
+        assert_eq!(held(&shared), Some(6), "the new run replaced the old");
+    }
+
+    /// Without a secret nothing is to come after the hello: an unproven
+    /// claim of the run whose link is alive is refused before our hello.
+    #[tokio::test]
+    async fn without_a_secret_a_live_links_run_cannot_be_claimed_again() {
+        let shared = node(false).await;
+        judge_claim(&shared, 0, &theirs(5, false), LOOPBACK, None).expect("first");
+        let generation = lock(&shared.peers[0].state).inbound_takes_over(
+            5,
+            CancellationToken::new(),
+            Instant::now(),
+        );
+        shared.set_inbound(0, generation, true, "");
+        let refused = judge_claim(&shared, 0, &theirs(5, false), LOOPBACK, None).expect_err("");
+        assert_eq!(refused.0, Rejected::Handshake);
+        assert!(refused.1.contains("a live connection"), "{}", refused.1);
+        // Another run while this one's link is up: two running nodes.
+        let refused = judge_claim(&shared, 0, &theirs(6, false), LOOPBACK, None).expect_err("");
+        assert_eq!(refused.0, Rejected::Handshake);
+        assert!(refused.1.contains("two running nodes"), "{}", refused.1);
     }
 }
