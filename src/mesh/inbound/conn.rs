@@ -20,9 +20,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
 
+use super::session::{FromSender, InboundEnd, SenderOrder};
 use crate::auth;
 use crate::config::NodeAddr;
-use crate::mesh::error::{Refusal, Violation};
+use crate::mesh::error::Refusal;
 use crate::mesh::handshake;
 use crate::mesh::io::Io;
 use crate::mesh::limits::{Admit, IpSlot, lookup};
@@ -565,45 +566,6 @@ struct Established<'a> {
     sealer: Option<Sealer>,
 }
 
-/// Why an inbound connection ended.
-#[derive(Debug, thiserror::Error)]
-enum InboundEnd {
-    #[error("nothing heard for {0:?} (dead or half-open link)")]
-    Dead(Duration),
-    #[error("the peer shut down (goodbye)")]
-    Goodbye,
-    #[error("connection closed by the peer")]
-    Closed,
-    #[error("read failed: {0}")]
-    ReadFailed(std::io::Error),
-    #[error("bad frame: {0}")]
-    BadFrame(CodecError),
-    #[error("the peer refused us: {0}")]
-    RefusedUs(String),
-    #[error("{0}")]
-    Protocol(Violation),
-    /// The peer's new run is applied on its own connection.
-    #[error("superseded by a newer incarnation")]
-    NewerIncarnation,
-    #[error("superseded by a newer connection")]
-    NewerConnection,
-    #[error("reader ended")]
-    ReaderEnded,
-    #[error("the peer read nothing for {0:?}")]
-    Stalled(Duration),
-    #[error("write failed: {0}")]
-    WriteFailed(std::io::Error),
-    #[error("shutting down")]
-    ShuttingDown,
-}
-
-impl InboundEnd {
-    /// Whether the peer broke the protocol (counted as a protocol error).
-    fn is_protocol_error(&self) -> bool {
-        matches!(self, InboundEnd::BadFrame(_) | InboundEnd::Protocol(_))
-    }
-}
-
 /// Reads the peer's stream and applies it, while a second half writes
 /// acks and pongs; returns why it ended. `floor` is the seq our hello
 /// announced: the origin never sends it or anything below on this
@@ -631,9 +593,7 @@ async fn receive(
     };
     let dead_after = shared.tuning.dead_after;
     let read = async {
-        let mut said_goodbye = false;
-        // The dialer's first frame is its position for us (section 8).
-        let mut resumed = false;
+        let mut order = SenderOrder::default();
         let mut silence = Silence::new(dead_after);
         loop {
             let next = tokio::select! {
@@ -642,35 +602,19 @@ async fn receive(
                 () = silence.expired() => return InboundEnd::Dead(dead_after),
             };
             let msg = match next {
-                None if said_goodbye => return InboundEnd::Goodbye,
-                None => return InboundEnd::Closed,
+                None => return order.closed(),
                 Some(Err(CodecError::Io(e))) => return InboundEnd::ReadFailed(e),
                 Some(Err(e)) => return InboundEnd::BadFrame(e),
                 Some(Ok(m)) => m,
             };
             silence.heard();
             shared.heard(peer, Dir::In);
-            match (&msg, resumed) {
-                (Message::Resume(r), false) => {
+            match order.frame(msg) {
+                Err(end) => return end,
+                Ok(FromSender::Resume(r)) => {
                     lock(&shared.out).peer_position(peer, r.last_applied);
-                    resumed = true;
-                    continue;
                 }
-                // Without secrets the dialer's refusal (after our hello)
-                // arrives once the handshake is done here.
-                (Message::Reject { reason }, false) => {
-                    return InboundEnd::RefusedUs(reason.clone());
-                }
-                (_, false) => {
-                    return InboundEnd::Protocol(Violation::Unexpected {
-                        expected: "Resume",
-                        got: msg.kind(),
-                    });
-                }
-                (_, true) => {}
-            }
-            match msg {
-                Message::Batch(batch) => {
+                Ok(FromSender::Batch(batch)) => {
                     let n = batch.items.len() as u64;
                     let info = &shared.peers[peer];
                     // Room in the peer's queue to the application first,
@@ -716,16 +660,12 @@ async fn receive(
                     }
                     debug!(items = n, "batch");
                 }
-                Message::Ping => owed_tx.send_modify(|o| o.pongs += 1),
-                Message::Goodbye { last_seq } => {
+                Ok(FromSender::Ping) => owed_tx.send_modify(|o| o.pongs += 1),
+                Ok(FromSender::Goodbye { last_seq }) => {
                     lock(&shared.peers[peer].state)
                         .origin
                         .goodbye(incarnation, last_seq);
-                    said_goodbye = true;
                     info!(last_seq, "peer said goodbye");
-                }
-                other => {
-                    return InboundEnd::Protocol(Violation::NotFromSender(other.kind()));
                 }
             }
         }

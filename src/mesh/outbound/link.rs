@@ -1,7 +1,6 @@
 //! One task per peer: dials it, says hello, and writes this node's
 //! invalidations to it; reconnects with capped exponential backoff.
 
-use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -15,6 +14,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::redial::{Loudness, Redialer};
 use super::ring::{Filled, Taken};
+use super::session::{FromReceiver, InFlight, PingClock, from_receiver};
 use crate::auth;
 use crate::mesh::LinkError;
 use crate::mesh::error::Violation;
@@ -453,9 +453,9 @@ async fn session(
 ) -> Result<(), LinkError> {
     let info = &shared.peers[peer];
     let dead_after = shared.tuning.dead_after;
-    // (last seq of a write, when it was written), to time acks. Both halves
-    // run in this task and never hold it across an await.
-    let in_flight: Mutex<VecDeque<(u64, Instant)>> = Mutex::new(VecDeque::new());
+    // Writes to time acks by. Both halves run in this task and never hold
+    // it across an await.
+    let in_flight: Mutex<InFlight> = Mutex::new(InFlight::default());
     let read = async {
         let mut silence = Silence::new(dead_after);
         loop {
@@ -470,20 +470,12 @@ async fn session(
             };
             silence.heard();
             shared.heard(peer, Dir::Out);
-            match msg {
-                Message::Ack(pos) => {
+            match from_receiver(msg)? {
+                FromReceiver::Ack(pos) => {
                     let acked = lock(&shared.out).ack(peer, pos)?;
                     acked_something.store(true, Ordering::Relaxed);
-                    {
-                        let mut flying = lock(&in_flight);
-                        let now = Instant::now();
-                        while let Some(&(seq, at)) = flying.front() {
-                            if seq > acked {
-                                break;
-                            }
-                            info.stats.ack_latency.record(now - at);
-                            flying.pop_front();
-                        }
+                    for took in lock(&in_flight).acked(acked, Instant::now()) {
+                        info.stats.ack_latency.record(took);
                     }
                     info.acked.send_if_modified(|a| {
                         let changed = *a < acked;
@@ -491,11 +483,7 @@ async fn session(
                         changed
                     });
                 }
-                Message::Pong => {}
-                Message::Reject { reason } => return Err(LinkError::Rejected(reason)),
-                other => {
-                    return Err(Violation::NotFromReceiver(other.kind()).into());
-                }
+                FromReceiver::Pong => {}
             }
         }
     };
@@ -504,11 +492,10 @@ async fn session(
         // What is taken from the ring under its lock, encoded after it.
         let mut taken = Taken::default();
         let mut codec = FrameCodec::new();
-        let mut last_write = Instant::now();
+        let mut clock = PingClock::new(shared.tuning.ping_every, Instant::now());
         // Both kept across passes, so that an idle wait sets no timer and
         // registers no waiter per write.
-        let ping_every = shared.tuning.ping_every;
-        let ping = sleep_until(last_write + ping_every);
+        let ping = sleep_until(clock.next());
         tokio::pin!(ping);
         let cancelled = shared.life.token.cancelled();
         tokio::pin!(cancelled);
@@ -536,13 +523,9 @@ async fn session(
                 }
                 write_bounded(shared, &mut wr, &buf).await?;
                 buf.clear();
-                last_write = Instant::now();
-                let mut flying = lock(&in_flight);
-                // A sample per write is plenty; keep the queue bounded.
-                if flying.len() >= 1024 {
-                    flying.pop_front();
-                }
-                flying.push_back((last_written, last_write));
+                let now = Instant::now();
+                clock.wrote(now);
+                lock(&in_flight).wrote(last_written, now);
                 continue;
             }
             tokio::select! {
@@ -550,14 +533,14 @@ async fn session(
                 _ = &mut cancelled => break,
                 _ = info.notify.notified() => {}
                 _ = &mut ping => {
-                    // Due only if nothing was written since it was set.
-                    if Instant::now() >= last_write + ping_every {
+                    // Not due if something was written since it was set.
+                    if clock.due(Instant::now()) {
                         encode(&mut codec, sealer.as_mut(), &Message::Ping, &mut buf)?;
                         write_bounded(shared, &mut wr, &buf).await?;
                         buf.clear();
-                        last_write = Instant::now();
+                        clock.wrote(Instant::now());
                     }
-                    ping.as_mut().reset(last_write + ping_every);
+                    ping.as_mut().reset(clock.next());
                 }
             }
         }
