@@ -1160,36 +1160,6 @@ async fn bogus_acks_close_the_link_and_it_redials() {
     a.shutdown().await;
 }
 
-/// Shutdown while the link keeps being cut and redialled returns promptly
-/// (a node that is shutting down does not reconnect).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn shutdown_during_reconnect_storm_is_prompt() {
-    let (mut c, listeners) = Cluster::reserve(2).await;
-    c.tuning.backoff_first = Duration::from_millis(5);
-    c.tuning.backoff_cap = Duration::from_millis(20);
-    let proxy = Arc::new(c.start_through_proxy(listeners, (0, 1), SHORT).await);
-    let p = proxy.clone();
-    let cutter = tokio::spawn(async move {
-        loop {
-            p.cut();
-            tokio::time::sleep(Duration::from_millis(3)).await;
-        }
-    });
-    for k in 0..5000 {
-        c.h(0).invalidate("c", &k.to_string()).expect("send");
-    }
-    let started = Instant::now();
-    let done = tokio::time::timeout(
-        Duration::from_secs(4),
-        c.nodes[0].take().expect("A").shutdown(),
-    )
-    .await;
-    cutter.abort();
-    proxy.set(Mode::Forward);
-    assert!(done.is_ok(), "shutdown hung ({:?})", started.elapsed());
-    c.shutdown_all().await;
-}
-
 /// Ring overflow while a peer is stalled mid-replay: the small ring becomes
 /// one flush for that peer, the peer that keeps up gets no flush, and the
 /// stalled one has no silent gap once the link recovers.

@@ -558,3 +558,37 @@ async fn peer_restarting_mid_stream_gets_a_clean_stream() {
     a.shutdown().await;
     b2.shutdown().await;
 }
+
+/// Shutdown while the link keeps being cut and redialled returns within
+/// its deadline (a node that is shutting down does not reconnect).
+#[tokio::test(start_paused = true)]
+async fn shutdown_during_a_reconnect_storm_keeps_its_deadline() {
+    let net = MemoryNetwork::new();
+    let fast = Tuning {
+        backoff_first: Duration::from_millis(5),
+        backoff_cap: Duration::from_millis(20),
+        ..Tuning::default()
+    };
+    let (a, _) = node_tuned(&net, 0, 2, fast.clone()).await;
+    let (b, _) = node_tuned(&net, 1, 2, fast).await;
+    until("connected", LIMIT, || connected(&a) && connected(&b)).await;
+    let cutter = {
+        let net = net.clone();
+        tokio::spawn(async move {
+            loop {
+                net.cut(&addr(0), &addr(1));
+                tokio::time::sleep(Duration::from_millis(3)).await;
+            }
+        })
+    };
+    for k in 0..5000 {
+        a.invalidate("c", &k.to_string()).expect("send");
+    }
+    // Its drain waits for acks up to the shutdown deadline, then closes
+    // (its final write bounded by 1 s).
+    let bound = Tuning::default().shutdown_timeout + Duration::from_secs(1);
+    let done = tokio::time::timeout(bound, a.shutdown()).await;
+    cutter.abort();
+    assert!(done.is_ok(), "shutdown still running after {bound:?}");
+    b.shutdown().await;
+}
