@@ -4,7 +4,9 @@
 //! in which order, and what each refusal says lives here.
 
 use crate::auth::{self, Role, Secret};
-use crate::wire::{Hello, MAC_LEN, MAGIC, Opener, PROTOCOL_VERSION, Sealer};
+use crate::mesh::LinkError;
+use crate::mesh::error::Violation;
+use crate::wire::{Hello, MAC_LEN, MAGIC, Message, Opener, PROTOCOL_VERSION, Sealer};
 
 /// Why a handshake was refused. The text is the reason a Reject carries
 /// (and the log line), naming both nodes where the other side logs it.
@@ -54,6 +56,45 @@ pub(crate) fn check_secrets(
         (false, true) => Err(HandshakeError::SecretMissingHere { me, them }),
         _ => Ok(()),
     }
+}
+
+/// The other side's frame at a step of the handshake: the one awaited (as
+/// `take` finds it), its refusal, or anything else, which breaks the
+/// protocol.
+pub(crate) fn answer<T>(
+    msg: Message,
+    expected: &'static str,
+    take: impl FnOnce(Message) -> Option<T>,
+) -> Result<T, LinkError> {
+    match msg {
+        Message::Reject { reason } => Err(LinkError::Rejected(reason)),
+        other => {
+            let got = other.kind();
+            take(other).ok_or(LinkError::Protocol(Violation::Unexpected { expected, got }))
+        }
+    }
+}
+
+/// The dialer's checks of the acceptor's hello, in order: the magic and
+/// version, that the node at `dialed` says it is that node (`named`: as
+/// the caller resolved it), and that both sides have a secret or neither.
+pub(crate) fn judge_acceptor(
+    theirs: &Hello,
+    dialed: &str,
+    named: bool,
+    have_secret: bool,
+    me: &str,
+) -> Result<(), LinkError> {
+    check_hello(theirs)?;
+    if !named {
+        return Err(Violation::WrongNode {
+            dialed: dialed.to_string(),
+            said: theirs.node.clone(),
+        }
+        .into());
+    }
+    check_secrets(have_secret, theirs, me, dialed)?;
+    Ok(())
 }
 
 /// Both hellos, and who this side is in the handshake.
@@ -146,6 +187,54 @@ mod tests {
 
     fn secret(s: &str) -> Secret {
         Secret::new(s.as_bytes().to_vec()).expect("secret")
+    }
+
+    #[test]
+    fn an_answer_is_the_awaited_frame_or_a_refusal() {
+        let hello_of = |m: Message| match m {
+            Message::Hello(h) => Some(h),
+            _ => None,
+        };
+        let h = hello("b:2", false);
+        assert_eq!(
+            answer(Message::Hello(h.clone()), "Hello", hello_of).ok(),
+            Some(h)
+        );
+        assert!(matches!(
+            answer(Message::Reject { reason: "no".into() }, "Hello", hello_of),
+            Err(LinkError::Rejected(r)) if r == "no"
+        ));
+        assert!(matches!(
+            answer(Message::Ping, "Hello", hello_of),
+            Err(LinkError::Protocol(Violation::Unexpected {
+                expected: "Hello",
+                got: "Ping"
+            }))
+        ));
+    }
+
+    #[test]
+    fn the_dialer_checks_version_then_name_then_secrets() {
+        let mut old = hello("b:2", true);
+        old.version = 1;
+        // The version first, whatever else is wrong.
+        assert!(matches!(
+            judge_acceptor(&old, "b:2", false, false, "a:1"),
+            Err(LinkError::Handshake(HandshakeError::Version(1)))
+        ));
+        // Another node at the dialed address.
+        assert!(matches!(
+            judge_acceptor(&hello("c:3", true), "b:2", false, false, "a:1"),
+            Err(LinkError::Protocol(Violation::WrongNode { dialed, said })) if dialed == "b:2" && said == "c:3"
+        ));
+        // The node, with a secret where this side has none.
+        assert!(matches!(
+            judge_acceptor(&hello("b:2", true), "b:2", true, false, "a:1"),
+            Err(LinkError::Handshake(
+                HandshakeError::SecretMissingHere { .. }
+            ))
+        ));
+        assert!(judge_acceptor(&hello("b:2", true), "b:2", true, true, "a:1").is_ok());
     }
 
     #[test]

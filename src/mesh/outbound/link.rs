@@ -17,7 +17,6 @@ use super::ring::{Filled, Taken};
 use super::session::{FromReceiver, InFlight, PingClock, from_receiver};
 use crate::auth;
 use crate::mesh::LinkError;
-use crate::mesh::error::Violation;
 use crate::mesh::handshake;
 use crate::mesh::inbound::{hello_for, identity_matches, parse_identity};
 use crate::mesh::io::Io;
@@ -206,36 +205,19 @@ async fn connect(shared: &Shared, peer: usize) -> Result<Session, LinkError> {
         .await
         .map_err(|_| LinkError::HelloTimeout(hello_timeout))??;
     buf.clear();
-    let hello = match next_frame(&mut reader, deadline, hello_timeout).await? {
-        Message::Hello(h) => h,
-        Message::Reject { reason } => return Err(LinkError::Rejected(reason)),
-        other => {
-            return Err(Violation::Unexpected {
-                expected: "Hello",
-                got: other.kind(),
-            }
-            .into());
-        }
-    };
+    let frame = next_frame(&mut reader, deadline, hello_timeout).await?;
+    let hello = handshake::answer(frame, "Hello", |m| match m {
+        Message::Hello(h) => Some(h),
+        _ => None,
+    })?;
     let checked = async {
-        handshake::check_hello(&hello)?;
-        let matches = match parse_identity(&hello.node) {
+        // The name resolved here: the only I/O among the checks.
+        let named = match parse_identity(&hello.node) {
             Some(c) => identity_matches(&c, &info.addr).await,
             None => false,
         };
-        if !matches {
-            return Err(Violation::WrongNode {
-                dialed: info.addr.to_string(),
-                said: hello.node.clone(),
-            }
-            .into());
-        }
-        handshake::check_secrets(
-            shared.admission.secret.is_some(),
-            &hello,
-            &shared.me,
-            &info.id,
-        )?;
+        let secret = shared.admission.secret.is_some();
+        handshake::judge_acceptor(&hello, &info.id, named, secret, &shared.me)?;
         let mut hellos = None;
         if let Some(secret) = &shared.admission.secret {
             let pair = handshake::Hellos {
@@ -244,17 +226,11 @@ async fn connect(shared: &Shared, peer: usize) -> Result<Session, LinkError> {
                 theirs: &hello,
             };
             reader.decoder_mut().allow_next(Expect::AuthOrReject);
-            let proof = match next_frame(&mut reader, deadline, hello_timeout).await? {
-                Message::Auth { mac } => mac,
-                Message::Reject { reason } => return Err(LinkError::Rejected(reason)),
-                other => {
-                    return Err(Violation::Unexpected {
-                        expected: "Auth",
-                        got: other.kind(),
-                    }
-                    .into());
-                }
-            };
+            let frame = next_frame(&mut reader, deadline, hello_timeout).await?;
+            let proof = handshake::answer(frame, "Auth", |m| match m {
+                Message::Auth { mac } => Some(mac),
+                _ => None,
+            })?;
             pair.check_proof(secret, &proof, &info.id)?;
             hellos = Some((secret, pair));
         }
@@ -287,17 +263,11 @@ async fn connect(shared: &Shared, peer: usize) -> Result<Session, LinkError> {
         .map_err(|_| LinkError::HelloTimeout(hello_timeout))??;
     // Where to resume: said only once we proved ourselves.
     reader.decoder_mut().allow_next(Expect::ResumeOrReject);
-    let resume = match next_frame(&mut reader, deadline, hello_timeout).await? {
-        Message::Resume(r) => r,
-        Message::Reject { reason } => return Err(LinkError::Rejected(reason)),
-        other => {
-            return Err(Violation::Unexpected {
-                expected: "Resume",
-                got: other.kind(),
-            }
-            .into());
-        }
-    };
+    let frame = next_frame(&mut reader, deadline, hello_timeout).await?;
+    let resume = handshake::answer(frame, "Resume", |m| match m {
+        Message::Resume(r) => Some(r),
+        _ => None,
+    })?;
     reader.decoder_mut().established();
     Ok(Session {
         reader,
