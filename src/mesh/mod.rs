@@ -10,16 +10,32 @@
 //! No lock is held across an `.await`, and none while application code
 //! runs.
 //!
+//! The delivery logic is sans-IO: synchronous state and rules that take
+//! inputs (a hello, a frame, the time) and return decisions, unit-tested
+//! without sockets or clocks. The tasks only move bytes and timers between
+//! them. Per peer, that state is split where it is owned: what this node
+//! sent the peer is its cursor in the one replay ring (`outbound::ring`,
+//! under the ring's lock, since the items are held once for every peer),
+//! and what it applied from the peer, with the peer's links, is `peer`
+//! (under that peer's lock).
+//!
 //! Where each concept lives:
 //! - `builder` ([`Mesh`], [`MeshBuilder`]): options and start;
 //!   `handle` ([`MeshHandle`]): what the application calls; `fanout`
 //!   ([`Events`]): event streams; `event`: what the application is told;
-//!   `status`, `tuning`, `error`: what it reads and sets.
+//!   `status`, `tuning`, `error`: what it reads and sets (`error` holds
+//!   the typed reasons a link or session ends, and a refusal's).
 //! - `shared`: the state every task shares; `peer`: one peer's state
 //!   behind one lock (its origin record and links), synchronous.
-//! - `handshake`: the checks of both hellos, synchronous, for both sides;
-//!   `transport` and `io`: TCP, TLS and the in-memory network; `limits`:
-//!   admission; `state`: the state file; `metrics`: latency histograms.
+//! - `handshake`: the checks of both hellos, synchronous, for both sides
+//!   (the acceptor's judgement of a claim and a proof is in
+//!   `inbound::conn`: `judge_claim`, `judge_proof`); `outbound::session`
+//!   and `inbound::session`: the rules of a session (what each side may
+//!   send, in which order, pings, ack timing); `outbound::redial`: the
+//!   rules between sessions (backoff, which failures are logged).
+//! - `transport` and `io`: TCP, TLS and the in-memory network, dealing in
+//!   connections and addresses; `limits`: admission; `state`: the state
+//!   file; `metrics`: latency histograms.
 
 mod builder;
 mod error;
