@@ -142,6 +142,11 @@ impl axum::serve::Listener for ApiListener {
             };
             match self.stats.admit() {
                 Some(permit) => {
+                    // An event stream is many small writes: with Nagle's
+                    // algorithm each waits for the client's ack of the one
+                    // before, which a client that only reads delays by up
+                    // to 40 ms.
+                    let _ = stream.set_nodelay(true);
                     let conn = ApiConn::new(stream, permit, self.idle, self.stats.clone());
                     return (conn, remote);
                 }
