@@ -106,6 +106,7 @@ fn bench_json_has_mode_and_cpu_per_system() {
     let v: serde_json::Value = serde_json::from_str(out.trim()).expect("one JSON object");
     assert_eq!(v["mode"], "processes", "{v:#}");
     assert_eq!(v["raw_variant"], "blocking", "{v:#}");
+    assert_eq!(v["link_delay_us"], serde_json::Value::Null, "{v:#}");
     for system in ["cachecast", "raw_tcp"] {
         let s = &v["two_node"]["systems"][system];
         let p50 = s["latency_us"]["p50"].as_f64();
@@ -123,5 +124,41 @@ fn bench_json_has_mode_and_cpu_per_system() {
             s["cpu_percent_at_rate"].as_f64().is_some(),
             "{system}: {s:#}"
         );
+    }
+}
+
+/// The network model: with every byte between servers held 200 µs by the
+/// relay, no delivery can take less, and every invalidation still arrives.
+#[cfg(feature = "cli")]
+#[test]
+fn bench_link_delay_holds_every_crossing() {
+    let out = run_with(
+        "bench",
+        &[
+            "--json",
+            "--secs",
+            "0.3",
+            "--rate",
+            "1000",
+            "--nodes",
+            "2",
+            "--only",
+            "cachecast,raw",
+            "--workloads",
+            "latency",
+            "--no-memory",
+            "--link-delay",
+            "200us",
+        ],
+        Duration::from_secs(120),
+    );
+    let v: serde_json::Value = serde_json::from_str(out.trim()).expect("one JSON object");
+    assert_eq!(v["link_delay_us"].as_f64(), Some(200.0), "{v:#}");
+    for system in ["cachecast", "raw_tcp"] {
+        let s = &v["two_node"]["systems"][system];
+        // The histogram keeps 3 significant digits: 200 µs may read as
+        // 199.9.
+        let min = s["latency_us"]["min"].as_f64();
+        assert!(min.is_some_and(|m| m >= 199.0), "{system}: {s:#}");
     }
 }

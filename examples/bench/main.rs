@@ -51,10 +51,13 @@
 //! - `host.rs`: ports, the servers of the bench's own, child processes,
 //!   programs on the PATH (a missing redis-server or nats-server is reported
 //!   and its rows skipped: `examples/bench.sh` installs them), the machine;
-//! - `clock.rs`: the monotonic clock, stamps and pacing.
+//! - `clock.rs`: the monotonic clock, stamps and pacing;
+//! - `network.rs`: the network between servers (`--link-delay`), a relay
+//!   that holds every byte crossing from one server to another.
 
 mod clock;
 mod host;
+mod network;
 mod participant;
 mod report;
 mod stats;
@@ -137,6 +140,13 @@ struct Args {
     /// carries a tag (section 7.6 of the protocol), which shows its cost.
     #[arg(long)]
     secret: bool,
+    /// Models the network between servers: every byte from one server to
+    /// another (node to node, sidecar to sidecar, a client to the Redis or
+    /// NATS server, a host of its own) is held this long each way by a
+    /// relay (e.g. 100us; 0 runs the relay with no delay, to show its own
+    /// cost). Without it, servers talk over loopback directly.
+    #[arg(long, value_parser = network::parse_delay)]
+    link_delay: Option<Duration>,
     /// Internal: run one participant, described in JSON, over stdin/stdout.
     #[arg(long, hide = true)]
     node: Option<String>,
@@ -215,6 +225,7 @@ async fn bench(args: Args) -> anyhow::Result<()> {
         raw: args.raw,
         runtime: args.runtime,
         secret: args.secret,
+        link_delay: args.link_delay,
         runs: AtomicU64::new(0),
         bin: std::sync::OnceLock::new(),
     };
@@ -261,6 +272,7 @@ async fn bench(args: Args) -> anyhow::Result<()> {
             "raw_variant": arg_name(args.raw),
             "node_runtime": arg_name(args.runtime),
             "secret": args.secret,
+            "link_delay_us": args.link_delay.map(|d| d.as_secs_f64() * 1e6),
             "systems": size_json(5)["systems"],
             "two_node": size_json(2),
             "sidecar_idle_rss_kib": sidecar,
@@ -282,6 +294,13 @@ async fn bench(args: Args) -> anyhow::Result<()> {
         "latency: {} invalidations/s for {} s; throughput: {} s flat out; delivered/s = deliveries at all receivers / time from the first send to the last delivery",
         args.rate, args.secs, args.secs
     );
+    match args.link_delay {
+        Some(d) => println!(
+            "network: every byte between servers held {} µs each way by a relay (a client's Redis or NATS server is a host of its own)",
+            d.as_secs_f64() * 1e6
+        ),
+        None => println!("network: none (servers talk over loopback directly)"),
+    }
     let mode = if sep {
         "each node a process"
     } else {
@@ -365,6 +384,7 @@ struct Ctx {
     raw: RawVariant,
     runtime: NodeRuntime,
     secret: bool,
+    link_delay: Option<Duration>,
     runs: AtomicU64,
     /// The `cachecast` binary, built once when first needed.
     bin: std::sync::OnceLock<PathBuf>,
@@ -390,17 +410,54 @@ async fn run(
     workload: Workload,
     separate: bool,
 ) -> anyhow::Result<RunResult> {
-    let ports = match system {
-        System::Redis | System::Nats => Vec::new(),
-        _ => free_ports(n)?,
-    };
-    // The application's path: one sidecar process per server, each
-    // serving the Redis protocol on `ports[i]`.
-    let sidecars = match system {
-        System::Resp | System::Http => {
-            Some(sidecar::Cluster::start(&ctx.sidecar_bin()?, &ports, buffer).await?)
+    // The wire between servers, when modelled: relays, dropped (no
+    // longer accepting) at the end of the run.
+    let mut net = network::Network::default();
+    // Where each server's node (or sidecar) is reached from the others,
+    // and where it listens: a relay between the two when the network is
+    // modelled, else one port.
+    let mut mesh = || -> anyhow::Result<(Vec<u16>, Vec<u16>)> {
+        let reached = free_ports(n)?;
+        let Some(delay) = ctx.link_delay else {
+            return Ok((reached.clone(), reached));
+        };
+        let binds = free_ports(n)?;
+        for (&r, &b) in reached.iter().zip(&binds) {
+            net.relay(r, b, delay)?;
         }
-        _ => None,
+        Ok((reached, binds))
+    };
+    let (mut ports, mut binds) = (Vec::new(), Vec::new());
+    let mut sidecars = None;
+    match system {
+        System::Redis | System::Nats => {}
+        System::Cachecast | System::Raw => (ports, binds) = mesh()?,
+        // The application's path: one sidecar process per server, each
+        // serving the Redis protocol on `ports[i]` (on its server: no
+        // relay), the sidecars peering across the network.
+        System::Resp | System::Http => {
+            let (reached, listen) = mesh()?;
+            ports = free_ports(n)?;
+            let bin = ctx.sidecar_bin()?;
+            sidecars =
+                Some(sidecar::Cluster::start(&bin, &ports, &reached, &listen, buffer).await?);
+        }
+    }
+    // The Redis and NATS servers are hosts of their own: every client
+    // reaches them across the network.
+    let mut server_port = |port: u16| -> anyhow::Result<u16> {
+        match ctx.link_delay {
+            Some(delay) => net.relay(0, port, delay),
+            None => Ok(port),
+        }
+    };
+    let redis_port = match (&ctx.redis, system) {
+        (Some(r), System::Redis) => server_port(r.port)?,
+        _ => 0,
+    };
+    let nats_port = match (&ctx.nats, system) {
+        (Some(r), System::Nats) => server_port(r.port)?,
+        _ => 0,
     };
     // HTTP clients talk to the sidecars' APIs.
     let ports = match &sidecars {
@@ -417,8 +474,9 @@ async fn run(
         system,
         index,
         ports: ports.clone(),
-        redis_port: ctx.redis.as_ref().map_or(0, |r| r.port),
-        nats_port: ctx.nats.as_ref().map_or(0, |r| r.port),
+        binds: binds.clone(),
+        redis_port,
+        nats_port,
         channel: channel.clone(),
         raw: ctx.raw,
         runtime: ctx.runtime,
@@ -522,5 +580,6 @@ async fn run(
         p.finish().await;
     }
     drop(sidecars);
+    drop(net);
     result
 }

@@ -43,6 +43,11 @@ pub(crate) struct NodeSpec {
     /// (index 0 unused); resp: every node's sidecar's Redis-protocol port;
     /// Redis: unused.
     pub(crate) ports: Vec<u16>,
+    /// cachecast and raw: where each node listens; its entry in `ports`
+    /// is where the others reach it, a relay between when the network is
+    /// modelled (`--link-delay`), else the same port.
+    #[serde(default)]
+    pub(crate) binds: Vec<u16>,
     /// The Redis and NATS servers' ports, and the channel (subject) of
     /// this run.
     pub(crate) redis_port: u16,

@@ -210,6 +210,11 @@ impl Figures {
         (!h.is_empty()).then(|| h.max() as f64 / 1000.0)
     }
 
+    pub(crate) fn min_us(&self) -> Option<f64> {
+        let h = &self.latency.as_ref()?.latency;
+        (!h.is_empty()).then(|| h.min() as f64 / 1000.0)
+    }
+
     pub(crate) fn cpu_us_per_delivery(&self) -> Option<f64> {
         self.latency.as_ref()?.cpu_us_per_delivery()
     }
@@ -230,6 +235,7 @@ impl Figures {
         let t = self.throughput.as_ref();
         json!({
             "latency_us": {
+                "min": self.min_us(),
                 "p50": self.pct(0.5),
                 "p99": self.pct(0.99),
                 "p999": self.pct(0.999),

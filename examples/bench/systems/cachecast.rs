@@ -27,7 +27,9 @@ pub(super) async fn setup(spec: &NodeSpec) -> anyhow::Result<Node> {
         .filter(|(i, _)| *i != spec.index)
         .map(|(_, p)| addr(*p));
     let mut config = ClusterConfig::new(addr(me), peers);
-    config.bind = SocketAddr::from(([127, 0, 0, 1], me));
+    // Its identity is `me`, where the others reach it; it listens at its
+    // bind port (behind a relay when the network is modelled).
+    config.bind = SocketAddr::from(([127, 0, 0, 1], spec.binds[spec.index]));
     if let Some(buffer) = spec.buffer {
         config.buffer = buffer;
     }

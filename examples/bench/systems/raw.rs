@@ -48,7 +48,7 @@ pub(super) async fn setup(spec: &NodeSpec) -> anyhow::Result<Node> {
             }),
         ));
     }
-    let listener = std::net::TcpListener::bind(("127.0.0.1", spec.ports[spec.index]))?;
+    let listener = std::net::TcpListener::bind(("127.0.0.1", spec.binds[spec.index]))?;
     let r = rec.clone();
     let busy = spec.raw == RawVariant::Busy;
     // The receiving socket, kept to unblock the thread at stop.

@@ -28,7 +28,7 @@ pub(super) async fn setup(spec: &NodeSpec) -> anyhow::Result<Node> {
             }),
         ));
     }
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", spec.ports[spec.index])).await?;
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", spec.binds[spec.index])).await?;
     let r = rec.clone();
     let task = tokio::spawn(async move {
         let Ok((mut sock, _)) = listener.accept().await else {

@@ -3,7 +3,9 @@
 //! path) each through its own sidecar's Redis-protocol endpoint.
 
 use anyhow::Context;
-use futures_util::StreamExt;
+use futures_util::future::BoxFuture;
+use futures_util::stream::FuturesUnordered;
+use futures_util::{FutureExt, StreamExt};
 
 use crate::clock;
 use crate::host::{self, Daemon, free_ports};
@@ -24,7 +26,13 @@ fn client(spec: &NodeSpec) -> anyhow::Result<redis::Client> {
         System::Resp => spec.ports[spec.index],
         _ => spec.redis_port,
     };
-    Ok(redis::Client::open(format!("redis://127.0.0.1:{port}/"))?)
+    // TCP_NODELAY, as every other client here has it (the redis crate's
+    // default is off): with Nagle's algorithm a PUBLISH may wait for the
+    // ack of the one before.
+    let info =
+        redis::IntoConnectionInfo::into_connection_info(format!("redis://127.0.0.1:{port}/"))?
+            .set_tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true));
+    Ok(redis::Client::open(info)?)
 }
 
 pub(super) async fn setup(spec: &NodeSpec) -> anyhow::Result<Node> {
@@ -37,6 +45,7 @@ pub(super) async fn setup(spec: &NodeSpec) -> anyhow::Result<Node> {
             Origin::Redis(RedisOrigin {
                 con,
                 channel: spec.channel.clone(),
+                pending: FuturesUnordered::new(),
             }),
         ));
     }
@@ -56,15 +65,30 @@ pub(super) async fn setup(spec: &NodeSpec) -> anyhow::Result<Node> {
 pub(crate) struct RedisOrigin {
     con: redis::aio::MultiplexedConnection,
     channel: String,
+    /// PUBLISHes sent and not yet answered: the origin does not wait for
+    /// one reply before the next command, as an application's client
+    /// (Lettuce's async API) does not, and as a round trip to a server on
+    /// another host (`--link-delay`) would otherwise cap the rate.
+    pending: FuturesUnordered<BoxFuture<'static, redis::RedisResult<i64>>>,
 }
 
 impl RedisOrigin {
     pub(crate) async fn one(&mut self, stamp: u64) -> anyhow::Result<()> {
-        redis::cmd("PUBLISH")
-            .arg(&self.channel)
-            .arg(&payload(stamp)[..])
-            .query_async::<i64>(&mut self.con)
-            .await?;
+        let mut con = self.con.clone();
+        let mut cmd = redis::cmd("PUBLISH");
+        cmd.arg(&self.channel).arg(&payload(stamp)[..]);
+        let mut publish: BoxFuture<'static, _> =
+            Box::pin(async move { cmd.query_async::<i64>(&mut con).await });
+        // Polled once here, so that commands leave in the order sent.
+        if let std::task::Poll::Ready(r) = futures_util::poll!(&mut publish) {
+            r?;
+        } else {
+            self.pending.push(publish);
+        }
+        // The answers that came meanwhile, each checked.
+        while let Some(Some(r)) = self.pending.next().now_or_never() {
+            r?;
+        }
         Ok(())
     }
 

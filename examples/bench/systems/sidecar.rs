@@ -122,7 +122,9 @@ pub(crate) async fn idle_rss(bin: &Path) -> anyhow::Result<Vec<(u64, u64)>> {
 }
 
 /// `n` sidecars peering with each other, each serving the Redis
-/// protocol on its port of `resp`; stopped (SIGTERM) on drop.
+/// protocol on its port of `resp`, reached by the others at its port of
+/// `mesh` and listening at its port of `binds` (a relay between when the
+/// network is modelled); stopped (SIGTERM) on drop.
 pub(crate) struct Cluster {
     children: Vec<Guard>,
     /// Each sidecar's HTTP API port.
@@ -134,21 +136,23 @@ impl Cluster {
     pub(crate) async fn start(
         bin: &Path,
         resp: &[u16],
+        mesh: &[u16],
+        binds: &[u16],
         buffer: Option<usize>,
     ) -> anyhow::Result<Cluster> {
         let n = resp.len();
         let dir = tempfile::tempdir()?;
-        let p = free_ports(2 * n)?;
-        let (mesh, api) = p.split_at(n);
+        let api = free_ports(n)?;
+        let api = &api[..];
         let mut children = Vec::new();
         for i in 0..n {
             let mut text = format!(
                 "cluster.instance0.hostname = 127.0.0.1\n\
                  cluster.instance0.cache.port = {}\n\
-                 cachecast.bind = 127.0.0.1\n\
+                 cachecast.bind = 127.0.0.1:{}\n\
                  cachecast.api.port = {}\n\
                  cachecast.resp.port = {}\n",
-                mesh[i], api[i], resp[i]
+                mesh[i], binds[i], api[i], resp[i]
             );
             for (k, j) in (1..).zip((0..n).filter(|&j| j != i)) {
                 text.push_str(&format!(
