@@ -76,13 +76,11 @@ impl Secret {
     }
 
     fn from_file(path: &Path) -> Result<Self, SecretError> {
-        let bytes = read_private(path).map_err(|e| match e {
-            PrivateFile::Read(source) => SecretError::Read {
-                path: path.display().to_string(),
-                source,
-            },
-            PrivateFile::WorldReadable => SecretError::WorldReadable(path.display().to_string()),
-        })?;
+        let bytes = read_private_as(
+            path,
+            |path, source| SecretError::Read { path, source },
+            SecretError::WorldReadable,
+        )?;
         // The bytes as they are, whitespace around them trimmed: a binary
         // secret keeps every byte.
         Secret::new(bytes.trim_ascii().to_vec())
@@ -95,6 +93,21 @@ pub(crate) enum PrivateFile {
     Read(std::io::Error),
     /// Every user of the machine can read it.
     WorldReadable,
+}
+
+/// [`read_private`], its failure told in the caller's own error: `read`
+/// for a file that could not be read, `world` for one every user can read
+/// (each given the path as shown).
+pub(crate) fn read_private_as<E>(
+    path: &Path,
+    read: impl FnOnce(String, std::io::Error) -> E,
+    world: impl FnOnce(String) -> E,
+) -> Result<Vec<u8>, E> {
+    let shown = || path.display().to_string();
+    read_private(path).map_err(|e| match e {
+        PrivateFile::Read(source) => read(shown(), source),
+        PrivateFile::WorldReadable => world(shown()),
+    })
 }
 
 /// Reads a file of secrets (the shared secret, the flush hook's

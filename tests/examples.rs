@@ -82,28 +82,31 @@ fn embed_cache_never_serves_the_stale_name() {
     );
 }
 
+/// The JSON of a short bench run of 2 node processes, cachecast and the
+/// raw floor only (no servers to install), with `extra` arguments.
+#[cfg(feature = "cli")]
+fn bench_json(extra: &[&str]) -> serde_json::Value {
+    let mut args = vec![
+        "--json",
+        "--secs",
+        "0.3",
+        "--nodes",
+        "2",
+        "--only",
+        "cachecast,raw",
+        "--no-memory",
+    ];
+    args.extend_from_slice(extra);
+    let out = run_with("bench", &args, Duration::from_secs(120));
+    serde_json::from_str(out.trim()).expect("one JSON object")
+}
+
 /// The benchmark's JSON, from a short run of node processes (no servers:
 /// cachecast and the raw floor only).
 #[cfg(feature = "cli")]
 #[test]
 fn bench_json_has_mode_and_cpu_per_system() {
-    let out = run_with(
-        "bench",
-        &[
-            "--json",
-            "--secs",
-            "0.3",
-            "--rate",
-            "2000",
-            "--nodes",
-            "2",
-            "--only",
-            "cachecast,raw",
-            "--no-memory",
-        ],
-        Duration::from_secs(120),
-    );
-    let v: serde_json::Value = serde_json::from_str(out.trim()).expect("one JSON object");
+    let v = bench_json(&["--rate", "2000"]);
     assert_eq!(v["mode"], "processes", "{v:#}");
     assert_eq!(v["raw_variant"], "blocking", "{v:#}");
     assert_eq!(v["link_delay_us"], serde_json::Value::Null, "{v:#}");
@@ -132,27 +135,14 @@ fn bench_json_has_mode_and_cpu_per_system() {
 #[cfg(feature = "cli")]
 #[test]
 fn bench_link_delay_holds_every_crossing() {
-    let out = run_with(
-        "bench",
-        &[
-            "--json",
-            "--secs",
-            "0.3",
-            "--rate",
-            "1000",
-            "--nodes",
-            "2",
-            "--only",
-            "cachecast,raw",
-            "--workloads",
-            "latency",
-            "--no-memory",
-            "--link-delay",
-            "200us",
-        ],
-        Duration::from_secs(120),
-    );
-    let v: serde_json::Value = serde_json::from_str(out.trim()).expect("one JSON object");
+    let v = bench_json(&[
+        "--rate",
+        "1000",
+        "--workloads",
+        "latency",
+        "--link-delay",
+        "200us",
+    ]);
     assert_eq!(v["link_delay_us"].as_f64(), Some(200.0), "{v:#}");
     for system in ["cachecast", "raw_tcp"] {
         let s = &v["two_node"]["systems"][system];

@@ -447,20 +447,32 @@ async fn double_crash_restart_flushes_and_recovers() {
     b.shutdown().await;
 }
 
+/// A (node 0, its state file `node0.state` in the returned directory) and
+/// B connected, and "before" from A applied at B.
+async fn a_with_a_state_file_then_b() -> (
+    tempfile::TempDir,
+    MemoryNetwork,
+    MeshHandle,
+    (MeshHandle, Recorder),
+) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let net = MemoryNetwork::new();
+    let (a, _) = node_at(&net, 0, 2, Some(&dir.path().join("node0.state"))).await;
+    let (b, rb) = node(&net, 1, 2).await;
+    until("connected", LIMIT, || connected(&a) && connected(&b)).await;
+    a.invalidate("c", "before").expect("send");
+    rb.wait_for("before", LIMIT, |e| has_key(e, "before")).await;
+    (dir, net, a, (b, rb))
+}
+
 /// With a state file, a crash followed by a restart costs a peer that saw
 /// the crashed run one flush (for the new run without a goodbye), not a
 /// second one for the opening flush, which is only for peers that never
 /// saw that run.
 #[tokio::test(start_paused = true)]
 async fn a_crash_costs_one_flush_with_a_state_file_too() {
-    let dir = tempfile::tempdir().expect("tempdir");
+    let (dir, net, a, (b, rb)) = a_with_a_state_file_then_b().await;
     let state = dir.path().join("node0.state");
-    let net = MemoryNetwork::new();
-    let (a, _) = node_at(&net, 0, 2, Some(&state)).await;
-    let (b, rb) = node(&net, 1, 2).await;
-    until("connected", LIMIT, || connected(&a) && connected(&b)).await;
-    a.invalidate("c", "before").expect("send");
-    rb.wait_for("before", LIMIT, |e| has_key(e, "before")).await;
     a.abort().await;
     let (a2, _) = node_at(&net, 0, 2, Some(&state)).await;
     a2.invalidate("c", "after").expect("send");
@@ -483,14 +495,8 @@ async fn a_crash_costs_one_flush_with_a_state_file_too() {
 /// every peer (or A1's invalidation got through).
 #[tokio::test(start_paused = true)]
 async fn a_fully_unseen_run_is_covered_by_a_flush_thanks_to_the_state_file() {
-    let dir = tempfile::tempdir().expect("tempdir");
+    let (dir, net, a0, (b, rb)) = a_with_a_state_file_then_b().await;
     let state = dir.path().join("node0.state");
-    let net = MemoryNetwork::new();
-    let (a0, _) = node_at(&net, 0, 2, Some(&state)).await;
-    let (b, rb) = node(&net, 1, 2).await;
-    until("connected", LIMIT, || connected(&a0) && connected(&b)).await;
-    a0.invalidate("c", "before").expect("send");
-    rb.wait_for("before", LIMIT, |e| has_key(e, "before")).await;
     a0.shutdown().await;
     // A1: cannot reach B, and B cannot reach it.
     net.partition(&addr(0), &addr(1));

@@ -2,7 +2,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -10,8 +10,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use super::{
-    Counters, Event, EventCounters, Events, InvalidateError, PeerId, PeerStatus, Shared, Status,
-    WaitOutcome, lock, state,
+    Event, Events, InvalidateError, PeerId, PeerStatus, Shared, Status, WaitOutcome, lock, state,
 };
 use crate::wire::Item;
 
@@ -268,8 +267,6 @@ impl MeshHandle {
                 }
             })
             .collect();
-        let c = &s.stats;
-        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
         Status {
             node: s.me.clone(),
             incarnation: self.incarnation(),
@@ -278,31 +275,7 @@ impl MeshHandle {
             buffer_capacity: s.config.buffer,
             buffer_overflows: overflows,
             peers,
-            counters: Counters {
-                originated: get(&c.originated),
-                sent: get(&c.sent),
-                received: get(&c.received),
-                flushes_received: get(&c.flushes_received),
-                gap_flushes_sent: get(&c.gap_flushes_sent),
-                replayed: get(&c.replayed),
-                reconnects: get(&c.reconnects),
-                rejected_connections: get(&c.rejected_connections),
-                rejected_not_allowed: get(&c.rejected_not_allowed),
-                rejected_handshake: get(&c.rejected_handshake),
-                rejected_auth: get(&c.rejected_auth),
-                rejected_tls: get(&c.rejected_tls),
-                rejected_limit: get(&c.rejected_limit),
-                protocol_errors: get(&c.protocol_errors),
-                diverged: get(&c.diverged),
-                event_backlogs: get(&c.event_backlogs),
-                events: EventCounters {
-                    invalidated: get(&c.ev_invalidated),
-                    cache_cleared: get(&c.ev_cache_cleared),
-                    flush: get(&c.flushes_received),
-                    peer_up: get(&c.ev_peer_up),
-                    peer_down: get(&c.ev_peer_down),
-                },
-            },
+            counters: s.stats.snapshot(),
         }
     }
 

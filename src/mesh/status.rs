@@ -1,6 +1,6 @@
 //! What a node reports about itself: counters, peers, outcomes of waits.
 
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use serde::Serialize;
@@ -54,6 +54,46 @@ pub(crate) struct Stats {
     pub(crate) ev_cache_cleared: AtomicU64,
     pub(crate) ev_peer_up: AtomicU64,
     pub(crate) ev_peer_down: AtomicU64,
+}
+
+impl Stats {
+    /// The counters as of now (each read on its own: a snapshot, not a
+    /// consistent cut).
+    pub(crate) fn snapshot(&self) -> Counters {
+        // The fields that keep their name from `Stats` to `Counters`.
+        macro_rules! read {
+            ($($field:ident),* $(,)?) => {
+                Counters {
+                    $($field: self.$field.load(Ordering::Relaxed),)*
+                    events: EventCounters {
+                        invalidated: self.ev_invalidated.load(Ordering::Relaxed),
+                        cache_cleared: self.ev_cache_cleared.load(Ordering::Relaxed),
+                        flush: self.flushes_received.load(Ordering::Relaxed),
+                        peer_up: self.ev_peer_up.load(Ordering::Relaxed),
+                        peer_down: self.ev_peer_down.load(Ordering::Relaxed),
+                    },
+                }
+            };
+        }
+        read!(
+            originated,
+            sent,
+            received,
+            flushes_received,
+            gap_flushes_sent,
+            replayed,
+            reconnects,
+            rejected_connections,
+            rejected_not_allowed,
+            rejected_handshake,
+            rejected_auth,
+            rejected_tls,
+            rejected_limit,
+            protocol_errors,
+            diverged,
+            event_backlogs,
+        )
+    }
 }
 
 /// Per-peer counters.

@@ -225,21 +225,31 @@ impl ApiConn {
         ))
     }
 
+    /// What a read or write of the socket gave: progress (`moved` says
+    /// whether bytes did) postpones the idle deadline; waiting is bounded
+    /// by it.
+    fn after<T>(
+        &mut self,
+        r: Poll<io::Result<T>>,
+        moved: impl FnOnce(&T) -> bool,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<T>> {
+        match r {
+            Poll::Ready(Ok(v)) if moved(&v) => {
+                self.last_progress = Instant::now();
+                Poll::Ready(Ok(v))
+            }
+            Poll::Pending => self.poll_idle(cx).map(Err),
+            ready => ready,
+        }
+    }
+
     fn wrote(
         &mut self,
         r: Poll<io::Result<usize>>,
         cx: &mut Context<'_>,
     ) -> Poll<io::Result<usize>> {
-        match r {
-            Poll::Ready(Ok(n)) => {
-                if n > 0 {
-                    self.last_progress = Instant::now();
-                }
-                Poll::Ready(Ok(n))
-            }
-            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-            Poll::Pending => self.poll_idle(cx).map(Err),
-        }
+        self.after(r, |&n| n > 0, cx)
     }
 }
 
@@ -251,16 +261,9 @@ impl AsyncRead for ApiConn {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         let before = buf.filled().len();
-        match Pin::new(&mut this.stream).poll_read(cx, buf) {
-            Poll::Ready(Ok(())) => {
-                if buf.filled().len() > before {
-                    this.last_progress = Instant::now();
-                }
-                Poll::Ready(Ok(()))
-            }
-            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-            Poll::Pending => this.poll_idle(cx).map(Err),
-        }
+        let r = Pin::new(&mut this.stream).poll_read(cx, buf);
+        let after = buf.filled().len();
+        this.after(r, |()| after > before, cx)
     }
 }
 

@@ -71,23 +71,19 @@ pub enum CredentialsError {
 /// Reads `user:password` from a file that only its owner may read (the
 /// same rules as the secret file); white space around it is trimmed.
 pub fn load_credentials(path: &Path) -> Result<(String, String), CredentialsError> {
-    let shown = path.display().to_string();
-    let bytes = crate::auth::read_private(path).map_err(|e| match e {
-        crate::auth::PrivateFile::Read(source) => CredentialsError::Read {
-            path: shown.clone(),
-            source,
-        },
-        crate::auth::PrivateFile::WorldReadable => CredentialsError::WorldReadable(shown.clone()),
-    })?;
-    let Ok(text) = String::from_utf8(bytes) else {
-        return Err(CredentialsError::Malformed(shown));
-    };
+    let bytes = crate::auth::read_private_as(
+        path,
+        |path, source| CredentialsError::Read { path, source },
+        CredentialsError::WorldReadable,
+    )?;
+    let text = String::from_utf8(bytes).unwrap_or_default();
     let text = text.trim();
     match text.split_once(':') {
         Some((user, pass)) if !user.is_empty() && !text.contains('\n') => {
             Ok((user.to_string(), pass.to_string()))
         }
-        _ => Err(CredentialsError::Malformed(shown)),
+        // Not UTF-8 (read as empty), or not one `user:password` line.
+        _ => Err(CredentialsError::Malformed(path.display().to_string())),
     }
 }
 

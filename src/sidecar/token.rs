@@ -62,13 +62,11 @@ impl ApiToken {
     /// (the rules of the secret file); white space around it is trimmed.
     pub fn load(path: &Path) -> Result<Self, TokenError> {
         let shown = path.display().to_string();
-        let bytes = crate::auth::read_private(path).map_err(|e| match e {
-            crate::auth::PrivateFile::Read(source) => TokenError::Read {
-                path: shown.clone(),
-                source,
-            },
-            crate::auth::PrivateFile::WorldReadable => TokenError::WorldReadable(shown.clone()),
-        })?;
+        let bytes = crate::auth::read_private_as(
+            path,
+            |path, source| TokenError::Read { path, source },
+            TokenError::WorldReadable,
+        )?;
         let token = bytes.trim_ascii();
         if !token.iter().all(|b| b.is_ascii_graphic()) {
             return Err(TokenError::Malformed(shown));
