@@ -491,9 +491,16 @@ async fn pump(
             Some(rx) => rx.recv().await.ok(),
             None => std::future::pending().await,
         };
+    // A cut comes first, whatever else is ready: a cut while stalled must
+    // lose what the stall held, not forward it once the mode is Forward
+    // again (the test cuts, then sets Forward at once).
     loop {
+        if cut.has_changed().unwrap_or(true) {
+            return;
+        }
         if mode.load(Ordering::SeqCst) == Mode::Stall as u8 {
             tokio::select! {
+                biased;
                 _ = cut.changed() => return,
                 Some(bytes) = injected(&mut inject) => {
                     if to.write_all(&bytes).await.is_err() {
@@ -507,8 +514,9 @@ async fn pump(
         // A close is held back while stalled too: a silent link stays
         // open at the far end, as a crash across a network leaves it.
         let n = tokio::select! {
-            r = from.read(&mut buf) => r.unwrap_or(0),
+            biased;
             _ = cut.changed() => return,
+            r = from.read(&mut buf) => r.unwrap_or(0),
             Some(bytes) = injected(&mut inject) => {
                 if to.write_all(&bytes).await.is_err() {
                     return;
@@ -519,6 +527,7 @@ async fn pump(
         // Stalled while this read waited: what it got is held too.
         while mode.load(Ordering::SeqCst) == Mode::Stall as u8 {
             tokio::select! {
+                biased;
                 _ = cut.changed() => return,
                 Some(bytes) = injected(&mut inject) => {
                     if to.write_all(&bytes).await.is_err() {
@@ -528,7 +537,7 @@ async fn pump(
                 _ = tokio::time::sleep(Duration::from_millis(5)) => {}
             }
         }
-        if n == 0 {
+        if n == 0 || cut.has_changed().unwrap_or(true) {
             return;
         }
         let mut data = &buf[..n];
