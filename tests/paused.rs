@@ -29,10 +29,21 @@ async fn node(net: &MemoryNetwork, i: u16, n: u16) -> (MeshHandle, Recorder) {
 
 /// Starts node `i` of `n` on `net`, with `tuning`.
 async fn node_tuned(net: &MemoryNetwork, i: u16, n: u16, tuning: Tuning) -> (MeshHandle, Recorder) {
+    start(net, i, n, tuning, StateFile::Off).await
+}
+
+/// Starts node `i` of `n` on `net`, with `tuning` and `state`.
+async fn start(
+    net: &MemoryNetwork,
+    i: u16,
+    n: u16,
+    tuning: Tuning,
+    state: StateFile,
+) -> (MeshHandle, Recorder) {
     let peers = (0..n).filter(|&j| j != i).map(addr);
     let (rec, cb) = Recorder::new();
     let h = Mesh::builder(ClusterConfig::new(addr(i), peers))
-        .state_file(StateFile::Off)
+        .state_file(state)
         .tuning(tuning)
         .network(net.clone())
         .on_event(cb)
@@ -340,6 +351,13 @@ async fn a_peer_that_fails_each_session_at_once_is_redialled_ever_more_slowly() 
 // Crashes, restarts and identities (moved here from the wall-clock tests)
 // ---------------------------------------------------------------------------
 
+/// Shuts the nodes down, one after the other.
+async fn stop(nodes: impl IntoIterator<Item = MeshHandle>) {
+    for h in nodes {
+        h.shutdown().await;
+    }
+}
+
 /// Starts node `i` of `n` on `net` with a state file at `state` (none when
 /// `None`), production timers.
 async fn node_at(
@@ -348,20 +366,12 @@ async fn node_at(
     n: u16,
     state: Option<&std::path::Path>,
 ) -> (MeshHandle, Recorder) {
-    let peers = (0..n).filter(|&j| j != i).map(addr);
-    let (rec, cb) = Recorder::new();
-    let h = Mesh::builder(ClusterConfig::new(addr(i), peers))
-        .state_file(state.map_or(StateFile::Off, |p| StateFile::At(p.to_path_buf())))
-        .tuning(Tuning {
-            event_capacity: 1 << 16,
-            ..Tuning::default()
-        })
-        .network(net.clone())
-        .on_event(cb)
-        .start()
-        .await
-        .expect("start");
-    (h, rec)
+    let tuning = Tuning {
+        event_capacity: 1 << 16,
+        ..Tuning::default()
+    };
+    let state = state.map_or(StateFile::Off, |p| StateFile::At(p.to_path_buf()));
+    start(net, i, n, tuning, state).await
 }
 
 fn has_key(evs: &[Event], k: &str) -> bool {
@@ -443,8 +453,7 @@ async fn double_crash_restart_flushes_and_recovers() {
         restart_flush(&evs[after_a0..at_a2], &id),
         "a crash without goodbye costs a flush for A between a0 and a2: {evs:?}"
     );
-    a2.shutdown().await;
-    b.shutdown().await;
+    stop([a2, b]).await;
 }
 
 /// A (node 0, its state file `node0.state` in the returned directory) and
@@ -484,8 +493,7 @@ async fn a_crash_costs_one_flush_with_a_state_file_too() {
         .collect();
     assert_eq!(flushes.len(), 1, "{flushes:?}");
     assert!(restart_flush(&flushes, &addr(0).to_string()), "{flushes:?}");
-    a2.shutdown().await;
-    b.shutdown().await;
+    stop([a2, b]).await;
 }
 
 /// A0 shuts down cleanly (a goodbye, everything applied at B). A1 starts
@@ -524,8 +532,7 @@ async fn a_fully_unseen_run_is_covered_by_a_flush_thanks_to_the_state_file() {
         covered,
         "silent loss: A1's invalidation \"lost\" never reached B and B got no flush: {evs:?}"
     );
-    a2.shutdown().await;
-    b.shutdown().await;
+    stop([a2, b]).await;
 }
 
 /// The peer crashes and restarts while the origin streams to it: the new
@@ -561,8 +568,7 @@ async fn peer_restarting_mid_stream_gets_a_clean_stream() {
         "not contiguous after the first: {:?}..",
         &seqs[..seqs.len().min(20)]
     );
-    a.shutdown().await;
-    b2.shutdown().await;
+    stop([a, b2]).await;
 }
 
 /// Shutdown while the link keeps being cut and redialled returns within

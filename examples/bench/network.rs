@@ -181,27 +181,22 @@ impl Network {
     }
 }
 
-/// Parses a delay: a number with `us` (or `µs`), `ms` or `s`; a bare
-/// number is microseconds.
+/// Parses a delay: microseconds (`100us`, `100µs`), or what `?wait=`
+/// takes (`2ms`, `1s`; a bare number is milliseconds); at most 10 s.
 pub(crate) fn parse_delay(s: &str) -> Result<Duration, String> {
     let s = s.trim();
-    let (num, unit) = match s.find(|c: char| !(c.is_ascii_digit() || c == '.')) {
-        Some(i) => s.split_at(i),
-        None => (s, "us"),
+    let d = match s.strip_suffix("us").or_else(|| s.strip_suffix("µs")) {
+        Some(us) => us
+            .trim()
+            .parse::<u64>()
+            .map(Duration::from_micros)
+            .map_err(|_| format!("{s:?}: whole microseconds, e.g. 100us"))?,
+        None => cachecast::sidecar::parse_duration(s)?,
     };
-    let v: f64 = num
-        .parse()
-        .map_err(|_| format!("{s:?}: a number and a unit (us, ms, s), e.g. 100us"))?;
-    let secs = match unit.trim() {
-        "us" | "µs" => v / 1e6,
-        "ms" => v / 1e3,
-        "s" => v,
-        other => return Err(format!("{s:?}: unknown unit {other:?} (us, ms, s)")),
-    };
-    if !(0.0..=10.0).contains(&secs) {
-        return Err(format!("{s:?}: between 0 and 10 s"));
+    if d > Duration::from_secs(10) {
+        return Err(format!("{s:?}: at most 10 s"));
     }
-    Ok(Duration::from_secs_f64(secs))
+    Ok(d)
 }
 
 #[cfg(test)]
@@ -211,10 +206,11 @@ mod tests {
     #[test]
     fn delays_parse_with_units() {
         assert_eq!(parse_delay("100us"), Ok(Duration::from_micros(100)));
-        assert_eq!(parse_delay("500"), Ok(Duration::from_micros(500)));
+        assert_eq!(parse_delay("100µs"), Ok(Duration::from_micros(100)));
         assert_eq!(parse_delay("0"), Ok(Duration::ZERO));
         assert_eq!(parse_delay("1.5ms"), Ok(Duration::from_micros(1500)));
         assert!(parse_delay("5 parsecs").is_err());
         assert!(parse_delay("-1us").is_err());
+        assert!(parse_delay("11s").is_err());
     }
 }

@@ -267,9 +267,7 @@ impl Cluster {
     ) -> Result<(), cachecast::mesh::StartError> {
         let listener = match listener {
             Some(l) => l,
-            None => TcpListener::bind(("127.0.0.1", self.ports[i]))
-                .await
-                .expect("rebind"),
+            None => rebind(self.ports[i]).await,
         };
         let (recorder, callback) = Recorder::new();
         let mut b = Mesh::builder(self.config(i))
@@ -337,6 +335,28 @@ impl Cluster {
         }
     }
 }
+
+/// Listens on `port` again, for a node restarted on its port. The port
+/// was free a moment ago, but the system may hand it to another socket
+/// meanwhile (an outgoing connection's source port, on a machine this
+/// busy): tried again for a while, then a failure that says so.
+pub async fn rebind(port: u16) -> TcpListener {
+    let start = tokio::time::Instant::now();
+    loop {
+        match TcpListener::bind(("127.0.0.1", port)).await {
+            Ok(l) => return l,
+            Err(e)
+                if e.kind() == std::io::ErrorKind::AddrInUse && start.elapsed() < LONG_REBIND =>
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("rebind 127.0.0.1:{port} after {:?}: {e}", start.elapsed()),
+        }
+    }
+}
+
+/// How long [`rebind`] waits for a port to be free again.
+const LONG_REBIND: Duration = Duration::from_secs(10);
 
 /// The one polling helper: runs `probe` every 10 ms until it gives `Ok`,
 /// and returns what it gave; after `limit`, panics naming `what` and what
