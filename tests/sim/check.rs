@@ -405,7 +405,10 @@ fn after(start: Duration, span: Duration, blackouts: &[(Duration, Duration)]) ->
     }
 }
 
-/// For each origin, when the receiver saw it up: (up, down) pairs.
+/// For each origin, when the receiver saw it up: (up, down) pairs. A
+/// stream that lagged lost the up and down events among what it missed,
+/// and the mesh does not say them again: from its `Lagged` flush on, the
+/// receiver is taken to know of no origin up until it reads one.
 fn up_intervals(
     log: &[Entry],
     seen: &[(usize, &Event)],
@@ -426,6 +429,16 @@ fn up_intervals(
                     && let Some(up) = since[o].take()
                 {
                     out[o].push((up, log[i].at));
+                }
+            }
+            Event::Flush {
+                reason: FlushReason::Lagged { .. },
+                ..
+            } => {
+                for (o, up) in since.iter_mut().enumerate() {
+                    if let Some(up) = up.take() {
+                        out[o].push((up, log[i].at));
+                    }
                 }
             }
             _ => {}
