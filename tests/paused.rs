@@ -69,6 +69,13 @@ async fn pair() -> (
     (net, a, b)
 }
 
+/// Shuts the nodes down, one after the other.
+async fn stop(nodes: impl IntoIterator<Item = MeshHandle>) {
+    for h in nodes {
+        h.shutdown().await;
+    }
+}
+
 fn connected(h: &MeshHandle) -> bool {
     h.status().peers.iter().all(|p| p.connected)
 }
@@ -85,8 +92,7 @@ async fn an_idle_link_stays_up_on_heartbeats_alone() {
     assert!(connected(&a) && connected(&b));
     assert_eq!((downs(&ra), downs(&rb)), (0, 0));
     assert_eq!(a.status().counters.reconnects, 0);
-    a.shutdown().await;
-    b.shutdown().await;
+    stop([a, b]).await;
 }
 
 #[tokio::test(start_paused = true)]
@@ -107,8 +113,7 @@ async fn a_silent_partition_is_noticed_within_the_dead_peer_timeout() {
         took >= t.dead_after - t.ping_every && took <= t.dead_after + Duration::from_millis(100),
         "noticed after {took:?}"
     );
-    a.shutdown().await;
-    b.shutdown().await;
+    stop([a, b]).await;
 }
 
 #[tokio::test(start_paused = true)]
@@ -141,8 +146,7 @@ async fn a_one_way_drop_loses_nothing_and_recovery_is_bounded() {
     // All 1,000 were unacknowledged when the link came back.
     let replayed = a.status().counters.replayed;
     assert!(replayed >= 1000, "replayed counts items: {replayed}");
-    a.shutdown().await;
-    b.shutdown().await;
+    stop([a, b]).await;
 }
 
 #[tokio::test(start_paused = true)]
@@ -169,8 +173,7 @@ async fn cuts_in_a_stream_lose_nothing() {
     let (missing, flushes) = check_no_silent_gap(&rb.events(), &addr(0).to_string(), total);
     assert_eq!((missing, flushes), (0, 0));
     assert_eq!(a.status().counters.reconnects, 10, "each cut did cut");
-    a.shutdown().await;
-    b.shutdown().await;
+    stop([a, b]).await;
 }
 
 #[tokio::test(start_paused = true)]
@@ -230,8 +233,7 @@ async fn an_inbound_link_cuts_the_outbound_backoff_short() {
         rb.seqs_from(&addr(0).to_string()).last() == Some(&10)
     })
     .await;
-    a.shutdown().await;
-    b.shutdown().await;
+    stop([a, b]).await;
 }
 
 /// A peer that starts while this node waits out a long backoff is
@@ -257,8 +259,7 @@ async fn a_peer_that_starts_late_is_connected_at_once() {
         "connected after {took:?}"
     );
     assert_eq!(rb.count(|e| matches!(e, Event::PeerUp { .. })), 1);
-    a.shutdown().await;
-    b.shutdown().await;
+    stop([a, b]).await;
 }
 
 /// DESIGN §4: `invalidate_and_wait(timeout)` "resolves when every
@@ -288,8 +289,7 @@ async fn invalidate_and_wait_does_not_wait_for_peers_that_are_down() {
     assert_eq!(out.not_acked, vec![PeerId::from(addr(2).to_string())]);
     // The ack is delayed by at most `ack_delay` (1 ms) to cover more.
     assert!(took <= Duration::from_millis(10), "took {took:?}");
-    a.shutdown().await;
-    b.shutdown().await;
+    stop([a, b]).await;
 }
 
 /// A peer that completes the hellos and fails each session at once is
@@ -350,13 +350,6 @@ async fn a_peer_that_fails_each_session_at_once_is_redialled_ever_more_slowly() 
 // ---------------------------------------------------------------------------
 // Crashes, restarts and identities (moved here from the wall-clock tests)
 // ---------------------------------------------------------------------------
-
-/// Shuts the nodes down, one after the other.
-async fn stop(nodes: impl IntoIterator<Item = MeshHandle>) {
-    for h in nodes {
-        h.shutdown().await;
-    }
-}
 
 /// Starts node `i` of `n` on `net` with a state file at `state` (none when
 /// `None`), production timers.

@@ -477,12 +477,12 @@ fn judge_claim(
     handshake::check_secrets(secret, hello, &shared.me, id)
         .map_err(|e| (Rejected::Auth, e.to_string()))?;
     let reply = lock(&shared.peers[peer].state).resume();
-    // Proven by a secret or a certificate, a newer connection is the peer
-    // itself and takes over at once (section 2 of the protocol); without,
-    // it must not silence a link that is demonstrably alive.
-    let proven = secret || cert.is_some();
+    // Proven by a certificate, a newer connection is the peer itself and
+    // takes over at once (section 2 of the protocol); without, it must not
+    // silence a link that is demonstrably alive. (With a secret, the proof
+    // is still to come: `judge_proof`.)
     if !secret {
-        admit_incarnation(shared, peer, hello.incarnation, proven)
+        admit_incarnation(shared, peer, hello.incarnation, cert.is_some())
             .map_err(|r| (Rejected::Handshake, r.to_string()))?;
     }
     Ok(Claim {

@@ -444,9 +444,9 @@ async fn session(
                 FromReceiver::Ack(pos) => {
                     let acked = lock(&shared.out).ack(peer, pos)?;
                     acked_something.store(true, Ordering::Relaxed);
-                    for took in lock(&in_flight).acked(acked, Instant::now()) {
+                    lock(&in_flight).acked(acked, Instant::now(), |took| {
                         info.stats.ack_latency.record(took);
-                    }
+                    });
                     info.acked.send_if_modified(|a| {
                         let changed = *a < acked;
                         *a = (*a).max(acked);

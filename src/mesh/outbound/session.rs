@@ -80,18 +80,17 @@ impl InFlight {
         self.0.push_back((last_seq, at));
     }
 
-    /// Everything up to `acked` was acknowledged at `now`: the time each
-    /// write it covers took, oldest first.
-    pub(crate) fn acked(&mut self, acked: u64, now: Instant) -> Vec<Duration> {
-        let mut took = Vec::new();
+    /// Everything up to `acked` was acknowledged at `now`: `took` is given
+    /// the time each write it covers took, oldest first (on every ack, so
+    /// nothing is allocated for them).
+    pub(crate) fn acked(&mut self, acked: u64, now: Instant, mut took: impl FnMut(Duration)) {
         while let Some(&(seq, at)) = self.0.front() {
             if seq > acked {
                 break;
             }
-            took.push(now.saturating_duration_since(at));
+            took(now.saturating_duration_since(at));
             self.0.pop_front();
         }
-        took
     }
 }
 
@@ -145,24 +144,29 @@ mod tests {
         let t0 = Instant::now();
         let ms = Duration::from_millis;
         let mut f = InFlight::default();
+        let acked = |f: &mut InFlight, seq: u64, at: Instant| {
+            let mut took = Vec::new();
+            f.acked(seq, at, |d| took.push(d));
+            took
+        };
         f.wrote(10, t0);
         f.wrote(20, t0 + ms(5));
         f.wrote(30, t0 + ms(9));
         assert_eq!(
-            f.acked(9, t0 + ms(20)),
+            acked(&mut f, 9, t0 + ms(20)),
             Vec::<Duration>::new(),
             "none covered"
         );
-        assert_eq!(f.acked(25, t0 + ms(20)), vec![ms(20), ms(15)]);
-        assert_eq!(f.acked(30, t0 + ms(30)), vec![ms(21)]);
+        assert_eq!(acked(&mut f, 25, t0 + ms(20)), vec![ms(20), ms(15)]);
+        assert_eq!(acked(&mut f, 30, t0 + ms(30)), vec![ms(21)]);
         assert_eq!(
-            f.acked(99, t0 + ms(40)),
+            acked(&mut f, 99, t0 + ms(40)),
             Vec::<Duration>::new(),
             "each once"
         );
         for seq in 0..5_000 {
             f.wrote(seq, t0);
         }
-        assert_eq!(f.acked(u64::MAX, t0).len(), InFlight::MAX);
+        assert_eq!(acked(&mut f, u64::MAX, t0).len(), InFlight::MAX);
     }
 }
