@@ -127,6 +127,18 @@ fn bench_json_has_mode_and_cpu_per_system() {
             s["cpu_percent_at_rate"].as_f64().is_some(),
             "{system}: {s:#}"
         );
+        // Every delivery woke the receiver's thread, or shared a wake-up
+        // with others: a figure above none, and not a count of the whole
+        // machine's switches. No server side: neither has a server.
+        let wakeups = s["wakeups_per_delivery"]
+            .as_f64()
+            .expect("wakeups_per_delivery");
+        assert!(wakeups > 0.0 && wakeups < 100.0, "{system}: {s:#}");
+        assert!(
+            s["server_wakeups_per_delivery"].is_null(),
+            "{system}: {s:#}"
+        );
+        assert!(s["server_cpu_us_per_delivery"].is_null(), "{system}: {s:#}");
     }
 }
 

@@ -137,7 +137,23 @@ pub(crate) fn machine() -> String {
         })
         .unwrap_or(0);
     format!(
-        "{model}, {cores} cores, {:.1} GiB RAM",
-        mem_kib as f64 / 1024.0 / 1024.0
+        "{model}, {cores} cores, {:.1} GiB RAM{}",
+        mem_kib as f64 / 1024.0 / 1024.0,
+        idle_driver()
     )
+}
+
+/// How an idle CPU waits, when the kernel says: in a virtual machine a
+/// wake-up onto an idle vCPU costs a halt exit unless the guest polls
+/// first (`haltpoll`), which shapes every latency here (see "What the
+/// tails are made of" in docs/performance.md).
+fn idle_driver() -> String {
+    let read = |p: &str| std::fs::read_to_string(p).ok().map(|s| s.trim().to_owned());
+    let Some(driver) = read("/sys/devices/system/cpu/cpuidle/current_driver") else {
+        return String::new();
+    };
+    match read("/sys/module/haltpoll/parameters/guest_halt_poll_ns") {
+        Some(ns) if driver == "haltpoll" => format!(", cpuidle {driver} (guest_halt_poll_ns {ns})"),
+        _ => format!(", cpuidle {driver}"),
+    }
 }

@@ -19,7 +19,11 @@
 //!   receivers count deliveries until the last one arrives;
 //! - CPU: user plus system time of every process a system needs (nodes,
 //!   its server or its sidecars) over each run, from /proc/PID/stat, per
-//!   delivered invalidation and in percent of a core;
+//!   delivered invalidation and in percent of a core, and the server
+//!   side's share (the Redis or NATS server, or the sidecars);
+//! - wake-ups: voluntary context switches of the same processes (every
+//!   thread's, from /proc/PID/task/*/status) per delivered invalidation,
+//!   and the server side's: each is a thread that slept and was woken;
 //! - memory: the largest peak RSS (VmHWM) among the processes of a system
 //!   during its throughput run (with `--in-process`, a second, shorter
 //!   throughput run spawns them), the servers included; and the idle RSS
@@ -53,7 +57,10 @@
 //!   and its rows skipped: `examples/bench.sh` installs them), the machine;
 //! - `clock.rs`: the monotonic clock, stamps and pacing;
 //! - `network.rs`: the network between servers (`--link-delay`), a relay
-//!   that holds every byte crossing from one server to another.
+//!   that holds every byte crossing from one server to another;
+//! - `wakeup-delays.sh`: runs the bench under `perf sched` and prints how
+//!   long each node's and sidecar's threads waited for a CPU once woken,
+//!   and how often onto an idle one (where the tails come from).
 
 mod clock;
 mod host;
@@ -79,7 +86,7 @@ use crate::participant::{NodeRuntime, NodeSpec, Peer, Workload, participant};
 use crate::report::{Results, arg_name, print_table, targets};
 use crate::stats::{
     Figures, RunResult, cpu_ticks, hist_from_text, new_hist, proc_status_kib, reset_peak_rss,
-    ticks_per_sec,
+    ticks_per_sec, wakeups,
 };
 use crate::systems::raw::RawVariant;
 use crate::systems::{System, sidecar};
@@ -147,6 +154,11 @@ struct Args {
     /// cost). Without it, servers talk over loopback directly.
     #[arg(long, value_parser = network::parse_delay)]
     link_delay: Option<Duration>,
+    /// How long a cachecast library node gathers acks before writing one
+    /// (`Tuning::ack_delay`; default 1ms; 0 acks every batch at once): to
+    /// show what coalesced acks do to the tail.
+    #[arg(long, value_parser = network::parse_delay)]
+    ack_delay: Option<Duration>,
     /// Internal: run one participant, described in JSON, over stdin/stdout.
     #[arg(long, hide = true)]
     node: Option<String>,
@@ -226,6 +238,7 @@ async fn bench(args: Args) -> anyhow::Result<()> {
         runtime: args.runtime,
         secret: args.secret,
         link_delay: args.link_delay,
+        ack_delay: args.ack_delay,
         runs: AtomicU64::new(0),
         bin: std::sync::OnceLock::new(),
     };
@@ -272,6 +285,7 @@ async fn bench(args: Args) -> anyhow::Result<()> {
             "raw_variant": arg_name(args.raw),
             "node_runtime": arg_name(args.runtime),
             "secret": args.secret,
+            "ack_delay_us": args.ack_delay.map(|d| d.as_micros() as u64),
             "link_delay_us": args.link_delay.map(|d| d.as_secs_f64() * 1e6),
             "systems": size_json(5)["systems"],
             "two_node": size_json(2),
@@ -300,6 +314,12 @@ async fn bench(args: Args) -> anyhow::Result<()> {
             d.as_secs_f64() * 1e6
         ),
         None => println!("network: none (servers talk over loopback directly)"),
+    }
+    if let Some(d) = args.ack_delay {
+        println!(
+            "cachecast library nodes' ack delay: {} µs (default 1000)",
+            d.as_micros()
+        );
     }
     let mode = if sep {
         "each node a process"
@@ -385,6 +405,7 @@ struct Ctx {
     runtime: NodeRuntime,
     secret: bool,
     link_delay: Option<Duration>,
+    ack_delay: Option<Duration>,
     runs: AtomicU64,
     /// The `cachecast` binary, built once when first needed.
     bin: std::sync::OnceLock<PathBuf>,
@@ -483,6 +504,7 @@ async fn run(
         workload,
         buffer,
         secret: ctx.secret,
+        ack_delay_us: ctx.ack_delay.map(|d| d.as_micros() as u64),
     };
     // Receivers first, so that they listen before the origin dials.
     let mut peers = Vec::new();
@@ -508,6 +530,14 @@ async fn run(
         // CPU is counted per process: in one process the driver's own
         // work would be counted with the nodes'.
         let cpu_start = (separate).then(|| cpu_ticks(&pids)).flatten();
+        let server: Vec<u32> = server_pid
+            .into_iter()
+            .chain(sidecars.iter().flat_map(|s| s.pids()))
+            .collect();
+        let wake_start = separate.then(|| (wakeups(&pids), wakeups(&server)));
+        let server_cpu_start = (separate && !server.is_empty())
+            .then(|| cpu_ticks(&server))
+            .flatten();
         let wall_start = clock::now_ns();
         for p in &mut peers {
             p.send("start").await?;
@@ -541,6 +571,18 @@ async fn run(
             hist_from_text(f.next().context("histogram")?, &mut latency)?;
         }
         let cpu_end = cpu_start.and_then(|_| cpu_ticks(&pids));
+        let wake = |start: Option<u64>, pids: &[u32]| match (start, wakeups(pids)) {
+            (Some(a), Some(b)) if !pids.is_empty() => Some(b.saturating_sub(a)),
+            _ => None,
+        };
+        let server_cpu_secs = match (server_cpu_start, cpu_ticks(&server)) {
+            (Some(a), Some(b)) => Some(b.saturating_sub(a) as f64 / ticks_per_sec()),
+            _ => None,
+        };
+        let (wakeups, server_wakeups) = match wake_start {
+            Some((all, srv)) => (wake(all, &pids), wake(srv, &server)),
+            None => (None, None),
+        };
         let cpu_wall_secs = (clock::now_ns() - wall_start) as f64 / 1e9;
         let cpu_secs = match (cpu_start, cpu_end) {
             (Some(a), Some(b)) => Some(b.saturating_sub(a) as f64 / ticks_per_sec()),
@@ -573,6 +615,9 @@ async fn run(
             peak_rss_kib,
             cpu_secs,
             cpu_wall_secs,
+            wakeups,
+            server_wakeups,
+            server_cpu_secs,
         })
     }
     .await;

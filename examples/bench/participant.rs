@@ -63,6 +63,10 @@ pub(crate) struct NodeSpec {
     /// cachecast nodes share a secret (tagged frames).
     #[serde(default)]
     pub(crate) secret: bool,
+    /// cachecast nodes' ack delay (`Tuning::ack_delay`), if not the
+    /// default, in microseconds.
+    #[serde(default)]
+    pub(crate) ack_delay_us: Option<u64>,
 }
 
 /// The Tokio runtime of each node process (every system's alike).

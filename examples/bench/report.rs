@@ -49,14 +49,21 @@ fn better(low: bool, a: Option<f64>, b: Option<f64>) -> Option<f64> {
 type Metric = fn(&Figures) -> Option<f64>;
 
 /// The rows of every table, and whether lower is better.
-fn rows() -> [(&'static str, bool, Metric); 10] {
+fn rows() -> [(&'static str, bool, Metric); 13] {
     [
         ("latency p50 (µs)", true, |f| f.pct(0.5)),
         ("latency p99 (µs)", true, |f| f.pct(0.99)),
         ("latency p99.9 (µs)", true, |f| f.pct(0.999)),
         ("latency max (µs)", true, |f| f.max_us()),
         ("CPU µs / delivery (a)", true, |f| f.cpu_us_per_delivery()),
+        ("  of the server side (a)", true, |f| f.server_cpu_at_rate()),
         ("CPU % of a core (a)", true, |f| f.cpu_percent_at_rate()),
+        ("wake-ups / delivery (a)", true, |f| {
+            f.wakeups_at_rate(false)
+        }),
+        ("  of the server side (a)", true, |f| {
+            f.wakeups_at_rate(true)
+        }),
         ("originated/s", false, |f| {
             f.throughput.as_ref().map(|t| t.originated_per_s())
         }),
@@ -136,7 +143,9 @@ pub(crate) fn print_table(results: &Results, sizes: &[usize], mode: &str) {
     println!();
     println!(
         "(a) at the paced rate, (b) flat out; CPU: user+system time of every process a system needs \
-         (nodes, and its server or sidecars); cc/broker: against the better of Redis and NATS"
+         (nodes, and its server or sidecars); \
+         of the server side: the Redis or NATS server, or the sidecars, alone; wake-ups: voluntary \
+         context switches; cc/broker: against the better of Redis and NATS"
     );
 }
 

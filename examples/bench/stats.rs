@@ -135,6 +135,26 @@ pub(crate) fn cpu_ticks(pids: &[u32]) -> Option<u64> {
     })
 }
 
+/// Voluntary context switches of these processes (every thread's): a
+/// thread that blocks (in `epoll_wait`, `read`, a futex) and is woken
+/// again counts one, so this is the wake-ups the processes needed. `None`
+/// when one of them is gone.
+pub(crate) fn wakeups(pids: &[u32]) -> Option<u64> {
+    pids.iter().try_fold(0u64, |sum, pid| {
+        let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+        let mut n = 0;
+        for task in tasks.flatten() {
+            let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+            n += status
+                .lines()
+                .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+        Some(sum + n)
+    })
+}
+
 /// Clock ticks per second (`getconf CLK_TCK`).
 pub(crate) fn ticks_per_sec() -> f64 {
     // SAFETY: sysconf takes a plain integer and touches no memory of
@@ -167,6 +187,13 @@ pub(crate) struct RunResult {
     /// receiver's report, and that span (separate processes only).
     pub(crate) cpu_secs: Option<f64>,
     pub(crate) cpu_wall_secs: f64,
+    /// Wake-ups over the same span (see [`wakeups`]): of every process
+    /// the system needs, and of its server side alone (the Redis or NATS
+    /// server, or the sidecars; none for the library and the floor).
+    pub(crate) wakeups: Option<u64>,
+    pub(crate) server_wakeups: Option<u64>,
+    /// The server side's share of `cpu_secs`.
+    pub(crate) server_cpu_secs: Option<f64>,
 }
 
 impl RunResult {
@@ -182,6 +209,23 @@ impl RunResult {
     pub(crate) fn cpu_us_per_delivery(&self) -> Option<f64> {
         let cpu = self.cpu_secs?;
         (self.delivered > 0).then(|| cpu * 1e6 / self.delivered as f64)
+    }
+
+    /// The server side's CPU microseconds per delivered invalidation.
+    pub(crate) fn server_cpu_us_per_delivery(&self) -> Option<f64> {
+        let cpu = self.server_cpu_secs?;
+        (self.delivered > 0).then(|| cpu * 1e6 / self.delivered as f64)
+    }
+
+    /// Wake-ups per delivered invalidation, of every process and of the
+    /// server side.
+    pub(crate) fn wakeups_per_delivery(&self, server: bool) -> Option<f64> {
+        let w = if server {
+            self.server_wakeups
+        } else {
+            self.wakeups
+        }?;
+        (self.delivered > 0).then(|| w as f64 / self.delivered as f64)
     }
 
     /// CPU time over the run's span, in percent of one core.
@@ -219,6 +263,14 @@ impl Figures {
         self.latency.as_ref()?.cpu_us_per_delivery()
     }
 
+    pub(crate) fn server_cpu_at_rate(&self) -> Option<f64> {
+        self.latency.as_ref()?.server_cpu_us_per_delivery()
+    }
+
+    pub(crate) fn wakeups_at_rate(&self, server: bool) -> Option<f64> {
+        self.latency.as_ref()?.wakeups_per_delivery(server)
+    }
+
     pub(crate) fn cpu_percent_at_rate(&self) -> Option<f64> {
         self.latency.as_ref()?.cpu_percent()
     }
@@ -248,6 +300,9 @@ impl Figures {
             "peak_rss_kib": self.peak_rss_kib,
             "cpu_us_per_delivery": self.cpu_us_per_delivery(),
             "cpu_percent_at_rate": self.cpu_percent_at_rate(),
+            "server_cpu_us_per_delivery": self.server_cpu_at_rate(),
+            "wakeups_per_delivery": self.wakeups_at_rate(false),
+            "server_wakeups_per_delivery": self.wakeups_at_rate(true),
             "cpu_us_per_delivery_flat_out": self.cpu_us_flat_out(),
         })
     }

@@ -43,7 +43,12 @@ pub(super) async fn setup(spec: &NodeSpec) -> anyhow::Result<Node> {
     let buffer = config.buffer as u64;
     let rec = Recorder::new(spec.workload);
     let r = rec.clone();
+    let mut tuning = cachecast::mesh::Tuning::default();
+    if let Some(us) = spec.ack_delay_us {
+        tuning.ack_delay = Duration::from_micros(us);
+    }
     let mesh = Mesh::builder(config)
+        .tuning(tuning)
         .on_event(move |e| match e {
             Event::Invalidated { key, .. } => r.record(key.as_bytes()),
             Event::Flush { .. } => {
