@@ -1,11 +1,15 @@
 //! Who is subscribed to what on this sidecar, and each connection's bounded
 //! output queue.
 //!
-//! Messages reach a subscriber through its [`Outbox`]: the broker appends
-//! encoded frames and never waits; the connection's writer drains them. A
-//! subscriber that does not read is disconnected once its queue passes the
-//! output limit (as Redis's `client-output-buffer-limit pubsub` does), and
-//! that counts as a gap for the flush hook.
+//! Messages reach a subscriber through its [`Outbox`]: the broker hands it
+//! encoded frames and never waits. Output goes straight to the socket when
+//! nothing is queued before it and the socket takes it whole, so a message
+//! from a peer reaches its subscriber in the task that read it, with no
+//! hand-off to the connection's task; only what would block is queued, for
+//! the connection's writer to drain. A subscriber that does not read is
+//! disconnected once its queue passes the output limit (as Redis's
+//! `client-output-buffer-limit pubsub` does), and that counts as a gap for
+//! the flush hook.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -13,6 +17,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
+use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
@@ -52,7 +57,18 @@ struct Queue {
     bytes: usize,
     over_soft_since: Option<Instant>,
     closed: Option<Closed>,
+    /// The connection's socket, written to directly while nothing is
+    /// queued (dropped when the outbox closes: the writer keeps its own).
+    socket: Option<Arc<OwnedWriteHalf>>,
+    /// When output last went to the socket directly.
+    last_direct: Option<Instant>,
 }
+
+/// Output that follows a direct write this closely is queued for the
+/// writer instead: a burst (a batch from a peer, a pipeline of commands)
+/// then leaves in one write, waking the client once, where a write each
+/// would cost a system call and a wake-up per message.
+const BURST_GAP: Duration = Duration::from_micros(50);
 
 /// One connection's output: replies and messages, in order.
 pub struct Outbox {
@@ -81,6 +97,13 @@ impl Default for Outbox {
 }
 
 impl Outbox {
+    /// An outbox that writes to `socket` directly while nothing is queued.
+    pub fn new(socket: Arc<OwnedWriteHalf>) -> Self {
+        let outbox = Outbox::default();
+        lock(&outbox.queue).socket = Some(socket);
+        outbox
+    }
+
     /// Switches the encoding of messages (`HELLO`, `RESET`).
     pub fn set_resp3(&self, on: bool) {
         self.resp3.store(on, Ordering::Relaxed);
@@ -91,19 +114,39 @@ impl Outbox {
         self.resp3.load(Ordering::Relaxed)
     }
 
-    /// Appends output. Returns false when the outbox is closed, or closes
-    /// it now because the client is too far behind.
-    pub fn push(&self, bytes: Bytes) -> bool {
+    /// Appends output: written at once if nothing waits before it and the
+    /// socket takes it, queued otherwise. Returns false when the outbox is
+    /// closed, or closes it now because the client is too far behind.
+    pub fn push(&self, mut bytes: Bytes) -> bool {
         if bytes.is_empty() {
             return true;
         }
-        let mut q = lock(&self.queue);
+        let mut guard = lock(&self.queue);
+        // Fields borrowed apart (the socket while noting the time).
+        let q = &mut *guard;
         if q.closed.is_some() {
             return false;
         }
+        let now = Instant::now();
+        // `bytes` counts what the writer took and has not written yet too:
+        // at zero, nothing can be written before this.
+        if q.bytes == 0
+            && q.last_direct
+                .is_none_or(|t| now.duration_since(t) >= BURST_GAP)
+            && let Some(socket) = &q.socket
+        {
+            q.last_direct = Some(now);
+            // An error is left to the writer, which meets it again and
+            // ends the connection.
+            if let Ok(n) = socket.try_write(&bytes) {
+                if n == bytes.len() {
+                    return true;
+                }
+                let _ = bytes.split_to(n);
+            }
+        }
         q.bytes += bytes.len();
         q.chunks.push_back(bytes);
-        let now = Instant::now();
         let slow = if q.bytes > OUTPUT_HARD_LIMIT {
             true
         } else if q.bytes > OUTPUT_SOFT_LIMIT {
@@ -117,9 +160,10 @@ impl Outbox {
             q.closed = Some(Closed::Slow);
             q.chunks.clear();
             q.bytes = 0;
+            q.socket = None;
             self.cut.cancel();
         }
-        drop(q);
+        drop(guard);
         self.ready.notify_one();
         !slow
     }
@@ -153,6 +197,7 @@ impl Outbox {
     pub fn close(&self) {
         let mut q = lock(&self.queue);
         q.closed.get_or_insert(Closed::Ending);
+        q.socket = None;
         drop(q);
         self.ready.notify_one();
     }
@@ -534,6 +579,94 @@ mod tests {
         }
         assert!(n * message.len() >= OUTPUT_HARD_LIMIT);
         assert_eq!(out.take(), (vec![], Some(Closed::Slow)));
+    }
+
+    /// An outbox on one end of a loopback connection, and the other end.
+    async fn socket_outbox() -> (Arc<Outbox>, tokio::net::TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (client, accepted) =
+            tokio::join!(tokio::net::TcpStream::connect(addr), listener.accept());
+        let (_rd, wr) = client.expect("connect").into_split();
+        let (peer, _) = accepted.expect("accept");
+        (Arc::new(Outbox::new(Arc::new(wr))), peer)
+    }
+
+    /// No timeout around it: under paused time a timer would fire while
+    /// the runtime waits for the socket. The bytes were written before
+    /// this reads them.
+    async fn read_exactly(peer: &mut tokio::net::TcpStream, n: usize) -> Vec<u8> {
+        use tokio::io::AsyncReadExt;
+        let mut got = vec![0; n];
+        peer.read_exact(&mut got).await.expect("read");
+        got
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn output_goes_straight_to_the_socket_and_a_burst_is_queued_whole() {
+        let (out, mut peer) = socket_outbox().await;
+        // Nothing queued: written at once, nothing for the writer.
+        assert!(out.push(Bytes::from_static(b"one ")));
+        assert_eq!(out.queued(), 0);
+        assert_eq!(read_exactly(&mut peer, 4).await, b"one ");
+        // Right behind it (paused time: no time passed): queued, so that
+        // the rest of a burst leaves in one write.
+        assert!(out.push(Bytes::from_static(b"two ")));
+        assert!(out.push(Bytes::from_static(b"three ")));
+        assert_eq!(out.queued(), 10);
+        let (chunks, closed) = out.take();
+        assert_eq!(chunks.concat(), b"two three ");
+        assert_eq!(closed, None);
+        // Taken but not yet written: what follows waits behind it, even
+        // after the gap.
+        tokio::time::advance(BURST_GAP).await;
+        assert!(out.push(Bytes::from_static(b"four ")));
+        assert_eq!(out.queued(), 15);
+        out.written(10);
+        assert_eq!(out.take().0.concat(), b"four ");
+        out.written(5);
+        // Nothing left and the gap passed: straight to the socket again.
+        tokio::time::advance(BURST_GAP).await;
+        assert!(out.push(Bytes::from_static(b"five")));
+        assert_eq!(out.queued(), 0);
+        assert_eq!(read_exactly(&mut peer, 4).await, b"five");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn what_the_socket_does_not_take_is_queued_in_order() {
+        let (out, mut peer) = socket_outbox().await;
+        // The peer reads nothing: the socket's buffers fill, and the rest
+        // of the first write that does not fit is queued behind it.
+        let chunk = Bytes::from(vec![b'a'; 1024 * 1024]);
+        let mut pushed = 0;
+        while out.queued() == 0 {
+            tokio::time::advance(BURST_GAP).await;
+            assert!(out.push(chunk.clone()));
+            pushed += chunk.len();
+            assert!(pushed < 64 * 1024 * 1024, "the socket never filled");
+        }
+        let held = out.queued();
+        assert!(held > 0 && held <= chunk.len());
+        tokio::time::advance(BURST_GAP).await;
+        assert!(out.push(Bytes::from_static(b"last")));
+        assert_eq!(out.queued(), held + 4);
+        // Everything arrives once the writer drains the queue, in order.
+        let writer = {
+            let out = out.clone();
+            async move {
+                let (chunks, _) = out.take();
+                let all = chunks.concat();
+                let socket = lock(&out.queue).socket.clone().expect("socket");
+                super::super::write_all(&socket, &all).await.expect("write");
+                out.written(all.len());
+            }
+        };
+        let (got, ()) = tokio::join!(read_exactly(&mut peer, pushed + 4), writer);
+        assert!(got[..pushed].iter().all(|&b| b == b'a'));
+        assert_eq!(&got[pushed..], b"last");
+        assert_eq!(out.queued(), 0);
     }
 
     impl Outbox {

@@ -26,7 +26,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::{BufMut, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
+use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -221,7 +222,6 @@ async fn connection(
 ) {
     let _ = stream.set_nodelay(true);
     let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
-    let outbox = Arc::new(Outbox::default());
     let laddr = stream.local_addr().unwrap_or(remote);
     let me = clients::Client::new(id, remote, laddr, {
         use std::os::fd::AsRawFd;
@@ -236,8 +236,10 @@ async fn connection(
         }
     }
     let _registered = Registered(&shared, id);
+    let (mut rd, wr) = stream.into_split();
+    let wr = Arc::new(wr);
+    let outbox = Arc::new(Outbox::new(wr.clone()));
     let mut session = Session::new(me.clone(), outbox.clone(), shared.clone());
-    let (mut rd, mut wr) = stream.into_split();
     debug!(client = id, %remote, "Redis-protocol client connected");
 
     let writer = async {
@@ -263,7 +265,7 @@ async fn connection(
                 all.freeze()
             };
             let result = tokio::select! {
-                r = wr.write_all(&all) => r,
+                r = write_all(&wr, &all) => r,
                 // Cut off while blocked on a client that does not read.
                 () = outbox.cut.cancelled() => return Closed::Slow,
             };
@@ -374,11 +376,28 @@ async fn connection(
         // CLIENT KILL from another connection.
         () = me.kill.cancelled() => {}
     }
+    // The outbox lets go of the socket, which closes with this task.
+    outbox.close();
     // Whatever ended the connection without the client's asking (the
     // writer failed, it was cut off, the sidecar stops): a gap for its
     // subscriptions. Nothing is left after QUIT or an ended reader.
     session.end();
     debug!(client = id, "Redis-protocol client disconnected");
+}
+
+/// Writes all of `buf` to a socket that the outbox also writes to
+/// directly (never while this runs: it only does with nothing queued or
+/// being written).
+async fn write_all(socket: &OwnedWriteHalf, mut buf: &[u8]) -> std::io::Result<()> {
+    while !buf.is_empty() {
+        match socket.try_write(buf) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => buf = &buf[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => socket.writable().await?,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// Binds the endpoint's addresses. An address of a family the machine
