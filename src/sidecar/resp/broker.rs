@@ -657,10 +657,12 @@ mod tests {
             let out = out.clone();
             async move {
                 let (chunks, _) = out.take();
-                let all = chunks.concat();
+                let n = chunks.iter().map(|c| c.len()).sum();
                 let socket = lock(&out.queue).socket.clone().expect("socket");
-                super::super::write_all(&socket, &all).await.expect("write");
-                out.written(all.len());
+                super::super::write_chunks(&socket, &chunks)
+                    .await
+                    .expect("write");
+                out.written(n);
             }
         };
         let (got, ()) = tokio::join!(read_exactly(&mut peer, pushed + 4), writer);

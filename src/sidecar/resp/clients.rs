@@ -24,7 +24,7 @@ pub struct View {
     /// The protocol version (2 or 3).
     pub resp: u8,
     /// The last command's full name (`client|list`), `NULL` before any.
-    pub cmd: Option<String>,
+    pub cmd: Option<std::borrow::Cow<'static, str>>,
     /// When it last sent a command.
     pub last: Option<Instant>,
     /// `CLIENT SETINFO`.

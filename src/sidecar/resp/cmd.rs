@@ -3,6 +3,7 @@
 //! of checks (unknown command, arity, authentication, subscribed context),
 //! because clients branch on them.
 
+use std::borrow::Cow;
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -561,19 +562,22 @@ impl Session {
 
     /// Runs one command; also returns the full name of a known one, for
     /// `CLIENT LIST`'s `cmd=`.
-    fn run(&mut self, out: &mut BytesMut, args: &[Bytes]) -> (After, Option<String>) {
+    fn run(&mut self, out: &mut BytesMut, args: &[Bytes]) -> (After, Option<Cow<'static, str>>) {
         let Some(first) = args.first() else {
             return (After::Continue, None);
         };
         self.shared.stats.commands.fetch_add(1, Ordering::Relaxed);
-        let lower = first.to_ascii_lowercase();
         // QUIT comes before every check, as in Redis.
-        if lower == b"quit" {
+        if first.eq_ignore_ascii_case(b"quit") {
             self.reply(out).simple("OK");
-            return (After::Close, Some("quit".to_string()));
+            return (After::Close, Some(Cow::Borrowed("quit")));
         }
         let mut r = self.reply(out);
-        let Some(spec) = COMMANDS.iter().find(|c| c.name.as_bytes() == lower) else {
+        // Compared without a lowercased copy: this runs for every PUBLISH.
+        let Some(spec) = COMMANDS
+            .iter()
+            .find(|c| c.name.as_bytes().eq_ignore_ascii_case(first))
+        else {
             r.error(&format!(
                 "ERR unknown command '{}', with args beginning with: {}",
                 clip(first, 128),
@@ -581,13 +585,16 @@ impl Session {
             ));
             return (After::Continue, None);
         };
-        let mut full = spec.name.to_string();
+        let mut full = Cow::Borrowed(spec.name);
         let mut arity = spec.arity;
         if !spec.subs.is_empty() && args.len() >= 2 {
-            let sub = args[1].to_ascii_lowercase();
-            match spec.subs.iter().find(|s| s.name.as_bytes() == sub) {
+            match spec
+                .subs
+                .iter()
+                .find(|s| s.name.as_bytes().eq_ignore_ascii_case(&args[1]))
+            {
                 Some(s) => {
-                    full = format!("{}|{}", spec.name, s.name);
+                    full = Cow::Owned(format!("{}|{}", spec.name, s.name));
                     arity = s.arity;
                 }
                 None => {
@@ -824,7 +831,7 @@ impl Session {
             b"id" => r.int(self.id as i64),
             b"info" => {
                 // The line shows this command as the last one, as Redis's.
-                self.me.view().cmd = Some("client|info".to_string());
+                self.me.view().cmd = Some(Cow::Borrowed("client|info"));
                 let line = self.me.line(Instant::now().into_std()) + "\n";
                 r.verbatim(line.as_bytes());
             }
@@ -871,7 +878,7 @@ impl Session {
 
     /// `CLIENT LIST [TYPE type | ID id...]`, as Redis 7.2's clientCommand.
     fn client_list(&mut self, mut r: Reply<'_>, args: &[Bytes]) {
-        self.me.view().cmd = Some("client|list".to_string());
+        self.me.view().cmd = Some(Cow::Borrowed("client|list"));
         let now = Instant::now().into_std();
         let all = self.shared.clients.all();
         let chosen: Vec<_> = if args.len() == 4 && args[2].eq_ignore_ascii_case(b"type") {
