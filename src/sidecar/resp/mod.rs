@@ -239,6 +239,16 @@ async fn connection(
     let (mut rd, wr) = stream.into_split();
     let wr = Arc::new(wr);
     let outbox = Arc::new(Outbox::new(wr.clone()));
+    // However this task ends (an unwind included), the outbox lets go of
+    // the socket, which then closes with the task: the broker may hold the
+    // outbox longer, and the client must see its connection end.
+    struct LetGo(Arc<Outbox>);
+    impl Drop for LetGo {
+        fn drop(&mut self) {
+            self.0.close();
+        }
+    }
+    let _let_go = LetGo(outbox.clone());
     let mut session = Session::new(me.clone(), outbox.clone(), shared.clone());
     debug!(client = id, %remote, "Redis-protocol client connected");
 
@@ -367,8 +377,6 @@ async fn connection(
         // CLIENT KILL from another connection.
         () = me.kill.cancelled() => {}
     }
-    // The outbox lets go of the socket, which closes with this task.
-    outbox.close();
     // Whatever ended the connection without the client's asking (the
     // writer failed, it was cut off, the sidecar stops): a gap for its
     // subscriptions. Nothing is left after QUIT or an ended reader.
