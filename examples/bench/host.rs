@@ -145,8 +145,8 @@ pub(crate) fn machine() -> String {
 
 /// How an idle CPU waits, when the kernel says: in a virtual machine a
 /// wake-up onto an idle vCPU costs a halt exit unless the guest polls
-/// first (`haltpoll`), which shapes every latency here (see "What the
-/// tails are made of" in docs/performance.md).
+/// first (`haltpoll`), which shapes every latency here (see "Wake-ups"
+/// in docs/performance.md).
 fn idle_driver() -> String {
     let read = |p: &str| std::fs::read_to_string(p).ok().map(|s| s.trim().to_owned());
     let Some(driver) = read("/sys/devices/system/cpu/cpuidle/current_driver") else {
