@@ -85,8 +85,7 @@ use crate::host::{Daemon, free_ports, machine};
 use crate::participant::{NodeRuntime, NodeSpec, Peer, Workload, participant};
 use crate::report::{Results, arg_name, print_table, targets};
 use crate::stats::{
-    Figures, RunResult, cpu_ticks, hist_from_text, new_hist, proc_status_kib, reset_peak_rss,
-    ticks_per_sec, wakeups,
+    Figures, RunResult, Usage, hist_from_text, new_hist, proc_status_kib, reset_peak_rss,
 };
 use crate::systems::raw::RawVariant;
 use crate::systems::{System, sidecar};
@@ -519,25 +518,19 @@ async fn run(
                 bail!("unexpected {line:?}");
             }
         }
-        let mut pids: Vec<u32> = peers.iter().filter_map(|p| p.pid()).collect();
-        pids.extend(server_pid);
-        if let Some(s) = &sidecars {
-            pids.extend(s.pids());
-        }
-        for &pid in &pids {
-            reset_peak_rss(pid);
-        }
-        // CPU is counted per process: in one process the driver's own
-        // work would be counted with the nodes'.
-        let cpu_start = (separate).then(|| cpu_ticks(&pids)).flatten();
+        // The server side: the Redis or NATS server, or the sidecars.
         let server: Vec<u32> = server_pid
             .into_iter()
             .chain(sidecars.iter().flat_map(|s| s.pids()))
             .collect();
-        let wake_start = separate.then(|| (wakeups(&pids), wakeups(&server)));
-        let server_cpu_start = (separate && !server.is_empty())
-            .then(|| cpu_ticks(&server))
-            .flatten();
+        let mut pids: Vec<u32> = peers.iter().filter_map(|p| p.pid()).collect();
+        pids.extend(&server);
+        for &pid in &pids {
+            reset_peak_rss(pid);
+        }
+        // CPU and wake-ups are counted per process: in one process the
+        // driver's own work would be counted with the nodes'.
+        let start = separate.then(|| (Usage::now(&pids), Usage::now(&server)));
         let wall_start = clock::now_ns();
         for p in &mut peers {
             p.send("start").await?;
@@ -570,24 +563,11 @@ async fn run(
             last = last.max(num()?);
             hist_from_text(f.next().context("histogram")?, &mut latency)?;
         }
-        let cpu_end = cpu_start.and_then(|_| cpu_ticks(&pids));
-        let wake = |start: Option<u64>, pids: &[u32]| match (start, wakeups(pids)) {
-            (Some(a), Some(b)) if !pids.is_empty() => Some(b.saturating_sub(a)),
-            _ => None,
-        };
-        let server_cpu_secs = match (server_cpu_start, cpu_ticks(&server)) {
-            (Some(a), Some(b)) => Some(b.saturating_sub(a) as f64 / ticks_per_sec()),
-            _ => None,
-        };
-        let (wakeups, server_wakeups) = match wake_start {
-            Some((all, srv)) => (wake(all, &pids), wake(srv, &server)),
+        let (used, server_used) = match start {
+            Some((all, srv)) => (Usage::since(all, &pids), Usage::since(srv, &server)),
             None => (None, None),
         };
         let cpu_wall_secs = (clock::now_ns() - wall_start) as f64 / 1e9;
-        let cpu_secs = match (cpu_start, cpu_end) {
-            (Some(a), Some(b)) => Some(b.saturating_sub(a) as f64 / ticks_per_sec()),
-            _ => None,
-        };
         let peak_rss_kib = pids
             .iter()
             .filter_map(|&p| proc_status_kib(p, "VmHWM"))
@@ -613,11 +593,9 @@ async fn run(
             delivery_secs: (last.max(t1) - t0) as f64 / 1e9,
             flushes,
             peak_rss_kib,
-            cpu_secs,
             cpu_wall_secs,
-            wakeups,
-            server_wakeups,
-            server_cpu_secs,
+            used,
+            server_used,
         })
     }
     .await;

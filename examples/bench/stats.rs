@@ -123,7 +123,7 @@ pub(crate) fn proc_status_kib(pid: u32, field: &str) -> Option<u64> {
 /// User plus system CPU time of these processes (all their threads), in
 /// clock ticks: fields 14 and 15 of /proc/PID/stat. `None` when one of
 /// them is gone.
-pub(crate) fn cpu_ticks(pids: &[u32]) -> Option<u64> {
+fn cpu_ticks(pids: &[u32]) -> Option<u64> {
     pids.iter().try_fold(0u64, |sum, pid| {
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
         // The command name, field 2, may hold spaces: count after its ')'.
@@ -139,7 +139,7 @@ pub(crate) fn cpu_ticks(pids: &[u32]) -> Option<u64> {
 /// thread that blocks (in `epoll_wait`, `read`, a futex) and is woken
 /// again counts one, so this is the wake-ups the processes needed. `None`
 /// when one of them is gone.
-pub(crate) fn wakeups(pids: &[u32]) -> Option<u64> {
+fn wakeups(pids: &[u32]) -> Option<u64> {
     pids.iter().try_fold(0u64, |sum, pid| {
         let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
         let mut n = 0;
@@ -155,8 +155,39 @@ pub(crate) fn wakeups(pids: &[u32]) -> Option<u64> {
     })
 }
 
+/// What a set of processes used, read at one instant or (from
+/// [`Usage::since`]) over a span: CPU time and wake-ups.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Usage {
+    pub(crate) cpu_secs: f64,
+    pub(crate) wakeups: u64,
+}
+
+impl Usage {
+    /// What these processes have used so far; `None` for no process, or
+    /// when one of them is gone.
+    pub(crate) fn now(pids: &[u32]) -> Option<Usage> {
+        if pids.is_empty() {
+            return None;
+        }
+        Some(Usage {
+            cpu_secs: cpu_ticks(pids)? as f64 / ticks_per_sec(),
+            wakeups: wakeups(pids)?,
+        })
+    }
+
+    /// What these processes used since `start` (read by [`Usage::now`]).
+    pub(crate) fn since(start: Option<Usage>, pids: &[u32]) -> Option<Usage> {
+        let (start, end) = (start?, Usage::now(pids)?);
+        Some(Usage {
+            cpu_secs: (end.cpu_secs - start.cpu_secs).max(0.0),
+            wakeups: end.wakeups.saturating_sub(start.wakeups),
+        })
+    }
+}
+
 /// Clock ticks per second (`getconf CLK_TCK`).
-pub(crate) fn ticks_per_sec() -> f64 {
+fn ticks_per_sec() -> f64 {
     // SAFETY: sysconf takes a plain integer and touches no memory of
     // ours; _SC_CLK_TCK is a valid name (an unknown one would give -1,
     // handled below).
@@ -182,18 +213,14 @@ pub(crate) struct RunResult {
     /// Largest VmHWM among the node processes (separate processes only),
     /// and the Redis server's.
     pub(crate) peak_rss_kib: Option<u64>,
-    /// User plus system CPU time of every process the system needs (its
-    /// nodes, and its server or sidecars), from `start` to the last
-    /// receiver's report, and that span (separate processes only).
-    pub(crate) cpu_secs: Option<f64>,
+    /// The span from `start` to the last receiver's report.
     pub(crate) cpu_wall_secs: f64,
-    /// Wake-ups over the same span (see [`wakeups`]): of every process
-    /// the system needs, and of its server side alone (the Redis or NATS
-    /// server, or the sidecars; none for the library and the floor).
-    pub(crate) wakeups: Option<u64>,
-    pub(crate) server_wakeups: Option<u64>,
-    /// The server side's share of `cpu_secs`.
-    pub(crate) server_cpu_secs: Option<f64>,
+    /// User plus system CPU time and wake-ups over that span (separate
+    /// processes only): of every process the system needs (its nodes, and
+    /// its server or sidecars), and of its server side alone (the Redis or
+    /// NATS server, or the sidecars; none for the library and the floor).
+    pub(crate) used: Option<Usage>,
+    pub(crate) server_used: Option<Usage>,
 }
 
 impl RunResult {
@@ -205,32 +232,31 @@ impl RunResult {
         self.delivered as f64 / self.delivery_secs
     }
 
-    /// CPU microseconds per delivered invalidation.
-    pub(crate) fn cpu_us_per_delivery(&self) -> Option<f64> {
-        let cpu = self.cpu_secs?;
-        (self.delivered > 0).then(|| cpu * 1e6 / self.delivered as f64)
+    /// What every process (or the server side alone) used.
+    fn usage(&self, server: bool) -> Option<Usage> {
+        if server { self.server_used } else { self.used }
     }
 
-    /// The server side's CPU microseconds per delivered invalidation.
-    pub(crate) fn server_cpu_us_per_delivery(&self) -> Option<f64> {
-        let cpu = self.server_cpu_secs?;
-        (self.delivered > 0).then(|| cpu * 1e6 / self.delivered as f64)
+    /// `total` per delivered invalidation.
+    fn per_delivery(&self, total: f64) -> Option<f64> {
+        (self.delivered > 0).then(|| total / self.delivered as f64)
     }
 
-    /// Wake-ups per delivered invalidation, of every process and of the
+    /// CPU microseconds per delivered invalidation, of every process or of
+    /// the server side.
+    pub(crate) fn cpu_us_per_delivery(&self, server: bool) -> Option<f64> {
+        self.per_delivery(self.usage(server)?.cpu_secs * 1e6)
+    }
+
+    /// Wake-ups per delivered invalidation, of every process or of the
     /// server side.
     pub(crate) fn wakeups_per_delivery(&self, server: bool) -> Option<f64> {
-        let w = if server {
-            self.server_wakeups
-        } else {
-            self.wakeups
-        }?;
-        (self.delivered > 0).then(|| w as f64 / self.delivered as f64)
+        self.per_delivery(self.usage(server)?.wakeups as f64)
     }
 
     /// CPU time over the run's span, in percent of one core.
     pub(crate) fn cpu_percent(&self) -> Option<f64> {
-        let cpu = self.cpu_secs?;
+        let cpu = self.used?.cpu_secs;
         (self.cpu_wall_secs > 0.0).then(|| cpu * 100.0 / self.cpu_wall_secs)
     }
 }
@@ -260,11 +286,11 @@ impl Figures {
     }
 
     pub(crate) fn cpu_us_per_delivery(&self) -> Option<f64> {
-        self.latency.as_ref()?.cpu_us_per_delivery()
+        self.latency.as_ref()?.cpu_us_per_delivery(false)
     }
 
     pub(crate) fn server_cpu_at_rate(&self) -> Option<f64> {
-        self.latency.as_ref()?.server_cpu_us_per_delivery()
+        self.latency.as_ref()?.cpu_us_per_delivery(true)
     }
 
     pub(crate) fn wakeups_at_rate(&self, server: bool) -> Option<f64> {
@@ -276,7 +302,7 @@ impl Figures {
     }
 
     pub(crate) fn cpu_us_flat_out(&self) -> Option<f64> {
-        self.throughput.as_ref()?.cpu_us_per_delivery()
+        self.throughput.as_ref()?.cpu_us_per_delivery(false)
     }
 
     pub(crate) fn delivered_per_s(&self) -> Option<f64> {
